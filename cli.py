@@ -1,0 +1,39 @@
+"""``dvprobe``: a thin typer CLI over the dvtorch / probing Python API.
+
+Each area registers its own commands (``register(app)`` in the modules below), so this
+file only assembles them; the work happens in importable functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="dvprobe",
+    help="Probe DeepVariant's Inception-v3 in PyTorch: convert, extract activations, "
+    "cluster, annotate and report.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+COMMAND_MODULES = (
+    "dvtorch.commands",  # convert, verify, layers
+    "weights.commands",  # weights list / fetch
+    "probing.commands_extract",  # extract
+    "probing.commands_analysis",  # reduce, cluster, apply
+    "probing.commands_annotate",  # annotate, enrich, report, show
+    "probing.commands_sim",  # simulate, make-examples, demo
+)
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

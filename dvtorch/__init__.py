@@ -1,0 +1,1 @@
+"""dvtorch: DeepVariant Inception-v3 in PyTorch."""

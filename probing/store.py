@@ -1,0 +1,403 @@
+"""STORE: one directory that carries examples' metadata, layer activations and analysis runs.
+
+Like scanpy's AnnData, one object flows through extract -> reduce/cluster -> annotate ->
+enrich -> report, and rows always line up: row i of ``obs``, of every ``layer()`` and of
+every run is the same example, in input order.
+
+Layout (no pickle anywhere except UMAP models, which are hash-checked; see ``runs``)::
+
+    STORE/
+      store.json                 metadata + commit journal (n_committed, obs parts)
+      obs.parquet                example metadata (written when extraction completes)
+      obs/part-NNNNNNNN.parquet  per-commit obs parts while extraction runs / after a crash
+      layers/<name>.bin          raw row-major [n, dim] arrays (dtype in store.json): np.memmap
+      annotations.parquet        columns added by ``dvprobe annotate`` (same rows as obs)
+      runs/<run>/run.json        analysis run: parameters, backend, model hashes
+      runs/<run>/obs.parquet     per-example results (cluster labels ...)
+      runs/<run>/arrays.npz      coordinates and fitted models as plain arrays
+
+Crash safety: ``StoreWriter.append`` writes the layer rows and the obs part first, then
+atomically replaces ``store.json`` with the new ``n_committed``. Anything beyond the last
+commit is truncated away when the writer is reopened, so a crash loses at most the batch in
+flight and never duplicates rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+FORMAT = "dvprobe-store"
+FORMAT_VERSION = 1
+_META = "store.json"
+
+
+class StoreError(RuntimeError):
+    """A STORE is missing, inconsistent or used in a way its contents do not allow."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new file, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one captured layer is stored: row width, dtype and how it was pooled."""
+
+    name: str
+    dim: int
+    dtype: str = "float32"
+    pool: str | None = "max"
+    map_shape: tuple[int, ...] | None = None  # the layer's [H, W, C] before pooling
+
+    def to_json(self) -> dict:
+        return {
+            "dim": int(self.dim),
+            "dtype": self.dtype,
+            "pool": self.pool,
+            "map_shape": list(self.map_shape) if self.map_shape else None,
+        }
+
+    @classmethod
+    def from_json(cls, name: str, d: Mapping) -> LayerSpec:
+        ms = d.get("map_shape")
+        return cls(name, int(d["dim"]), d.get("dtype", "float32"), d.get("pool"),
+                   tuple(ms) if ms else None)
+
+
+@dataclass
+class Run:
+    """One analysis result: parameters, per-example columns and arrays (coords, models)."""
+
+    name: str
+    meta: dict
+    obs: pd.DataFrame
+    arrays: dict[str, np.ndarray]
+    path: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def file_bytes(self, key: str) -> bytes:
+        """Bytes of an auxiliary file, checked against the sha256 recorded when it was saved."""
+        rec = self.meta.get("files", {}).get(key)
+        if rec is None:
+            raise StoreError(f"run {self.name!r} has no file {key!r}")
+        data = (self.path / rec["path"]).read_bytes()
+        if sha256_bytes(data) != rec["sha256"]:
+            raise StoreError(
+                f"run {self.name!r}: {rec['path']} does not match the sha256 recorded at save "
+                "time; refusing to load it (it may have been modified)"
+            )
+        return data
+
+
+class Store:
+    """Read side of a STORE. Use :func:`open_store`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / _META
+        if not meta_path.is_file():
+            raise StoreError(f"{self.path}: not a dvprobe STORE (no {_META})")
+        self.meta: dict = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise StoreError(f"{meta_path}: format is {self.meta.get('format')!r}, not {FORMAT!r}")
+        self._obs: pd.DataFrame | None = None
+
+    # -- rows ---------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return int(self.meta.get("n_committed", 0))
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete", False))
+
+    def _base_obs(self) -> pd.DataFrame:
+        single = self.path / "obs.parquet"
+        if single.is_file():
+            df = pd.read_parquet(single)
+        else:
+            parts = [self.path / "obs" / p for p in self.meta.get("obs_parts", [])]
+            df = (pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+                  if parts else pd.DataFrame())
+        if len(df) != self.n:
+            raise StoreError(f"{self.path}: obs has {len(df)} rows but {self.n} are committed")
+        return df.reset_index(drop=True)
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        """Per-example metadata (+ annotation columns), one row per example in input order."""
+        if self._obs is None:
+            df = self._base_obs()
+            ann = self.path / "annotations.parquet"
+            if ann.is_file():
+                a = pd.read_parquet(ann)
+                if len(a) != len(df):
+                    raise StoreError(f"{ann}: {len(a)} rows, obs has {len(df)}")
+                df = pd.concat([df, a.drop(columns=[c for c in a.columns if c in df.columns])],
+                               axis=1)
+            self._obs = df
+        return self._obs
+
+    def add_obs(self, columns: pd.DataFrame | Mapping[str, Any], overwrite: bool = True) -> None:
+        """Add or replace annotation columns (row-aligned with ``obs``). Written atomically."""
+        new = pd.DataFrame(columns).reset_index(drop=True)
+        if len(new) != self.n:
+            raise StoreError(f"add_obs: {len(new)} rows given, the STORE has {self.n}")
+        base_cols = set(self._base_obs().columns)
+        clash = base_cols.intersection(new.columns)
+        if clash:
+            raise StoreError(f"add_obs: {sorted(clash)} are extraction columns and are read-only")
+        ann_path = self.path / "annotations.parquet"
+        ann = pd.read_parquet(ann_path) if ann_path.is_file() else pd.DataFrame(index=range(self.n))
+        for c in new.columns:
+            if c in ann.columns and not overwrite:
+                raise StoreError(f"add_obs: column {c!r} exists (pass overwrite=True)")
+            ann[c] = new[c].to_numpy()
+        _write_parquet_atomic(ann, ann_path)
+        self._obs = None
+
+    # -- layers -------------------------------------------------------------------------
+    @property
+    def layer_specs(self) -> dict[str, LayerSpec]:
+        return {k: LayerSpec.from_json(k, v) for k, v in self.meta.get("layers", {}).items()}
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.meta.get("layers", {}))
+
+    def layer(self, name: str, mmap: bool = True) -> np.ndarray:
+        """Activations of ``name`` as ``[n, dim]`` in obs order (memory-mapped, read-only)."""
+        specs = self.layer_specs
+        if name not in specs:
+            raise StoreError(f"{self.path}: no layer {name!r}; it holds {sorted(specs)}")
+        spec = specs[name]
+        path = self.path / "layers" / f"{name}.bin"
+        shape = (self.n, spec.dim)
+        if self.n == 0:
+            return np.zeros(shape, dtype=spec.dtype)
+        arr = np.memmap(path, dtype=spec.dtype, mode="r", shape=shape)
+        return arr if mmap else np.array(arr)
+
+    # -- runs ---------------------------------------------------------------------------
+    @property
+    def runs(self) -> list[str]:
+        d = self.path / "runs"
+        return sorted(p.name for p in d.iterdir() if (p / "run.json").is_file()) if d.is_dir() else []
+
+    def save_run(
+        self,
+        name: str,
+        *,
+        meta: Mapping[str, Any],
+        obs: pd.DataFrame | None = None,
+        arrays: Mapping[str, np.ndarray] | None = None,
+        files: Mapping[str, bytes] | None = None,
+    ) -> Run:
+        """Write (or replace) run ``name`` atomically: a crash leaves the old run or the new one.
+
+        ``files`` are opaque blobs (e.g. a pickled UMAP model): their sha256 is recorded in
+        run.json and checked by :meth:`Run.file_bytes` before anyone loads them.
+        """
+        if not name or "/" in name or name.startswith("."):
+            raise StoreError(f"invalid run name {name!r}")
+        if obs is not None and len(obs) != self.n:
+            raise StoreError(f"run {name!r}: obs has {len(obs)} rows, the STORE has {self.n}")
+        runs_dir = self.path / "runs"
+        runs_dir.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=runs_dir))
+        try:
+            meta = dict(meta)
+            if obs is not None:
+                obs.reset_index(drop=True).to_parquet(tmp / "obs.parquet", index=False)
+            if arrays:
+                np.savez(tmp / "arrays.npz", **{k: np.asarray(v) for k, v in arrays.items()})
+            recs = {}
+            for key, data in (files or {}).items():
+                fname = f"{key}.bin"
+                (tmp / fname).write_bytes(data)
+                recs[key] = {"path": fname, "sha256": sha256_bytes(data)}
+            meta["files"] = recs
+            meta["name"] = name
+            (tmp / "run.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+            final = runs_dir / name
+            old = None
+            if final.exists():
+                old = runs_dir / f".{name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.load_run(name)
+
+    def load_run(self, name: str) -> Run:
+        p = self.path / "runs" / name
+        if not (p / "run.json").is_file():
+            raise StoreError(f"{self.path}: no run {name!r}; runs: {self.runs}")
+        meta = json.loads((p / "run.json").read_text())
+        obs = pd.read_parquet(p / "obs.parquet") if (p / "obs.parquet").is_file() else pd.DataFrame()
+        arrays: dict[str, np.ndarray] = {}
+        if (p / "arrays.npz").is_file():
+            with np.load(p / "arrays.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        return Run(name, meta, obs, arrays, p)
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "partial"
+        return f"Store({str(self.path)!r}, n={self.n}, {state}, layers={self.layers}, runs={self.runs})"
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open a STORE written by ``dvprobe extract`` (complete, or partial after a crash)."""
+    return Store(path)
+
+
+class StoreWriter:
+    """Append-only, crash-safe writer used by extraction.
+
+    ``StoreWriter.open(path, meta, layers)`` creates a STORE or reopens one for resuming (the
+    fingerprint in ``meta['inputs']`` must match, so a resumed run cannot mix two inputs).
+    """
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = path
+        self.meta = meta
+        self.specs = {k: LayerSpec.from_json(k, v) for k, v in meta["layers"].items()}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, meta: Mapping[str, Any],
+             layers: list[LayerSpec], *, overwrite: bool = False) -> StoreWriter:
+        path = Path(path)
+        meta_path = path / _META
+        if meta_path.is_file() and overwrite:
+            shutil.rmtree(path)
+        if meta_path.is_file():
+            old = json.loads(meta_path.read_text())
+            for key in ("inputs", "layers"):
+                want = json.loads(json.dumps(meta.get(key) if key != "layers"
+                                             else {s.name: s.to_json() for s in layers}))
+                if old.get(key) != want:
+                    raise StoreError(
+                        f"{path} already holds a different extraction ({key} differ); "
+                        "pass --overwrite to replace it or choose another --out"
+                    )
+            w = cls(path, old)
+            w._truncate_to_commit()
+            return w
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path} exists and is not a STORE; refusing to write into it")
+        (path / "layers").mkdir(parents=True, exist_ok=True)
+        (path / "obs").mkdir(exist_ok=True)
+        full = dict(meta)
+        full.update(format=FORMAT, format_version=FORMAT_VERSION, n_committed=0, obs_parts=[],
+                    complete=False, layers={s.name: s.to_json() for s in layers})
+        for s in layers:
+            (path / "layers" / f"{s.name}.bin").touch()
+        atomic_write_json(meta_path, full)
+        return cls(path, full)
+
+    @property
+    def n_committed(self) -> int:
+        return int(self.meta["n_committed"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    def _truncate_to_commit(self) -> None:
+        n = self.n_committed
+        for s in self.specs.values():
+            f = self.path / "layers" / f"{s.name}.bin"
+            rowbytes = s.dim * np.dtype(s.dtype).itemsize
+            with open(f, "ab") as fh:
+                fh.truncate(n * rowbytes)
+        keep = set(self.meta["obs_parts"])
+        for p in (self.path / "obs").glob("*.parquet"):
+            if p.name not in keep:
+                p.unlink()
+
+    def append(self, obs: pd.DataFrame, layers: Mapping[str, np.ndarray]) -> None:
+        """Commit one batch: its obs rows and one row per example for every layer."""
+        if self.complete:
+            raise StoreError(f"{self.path} is complete; nothing can be appended")
+        k = len(obs)
+        if set(layers) != set(self.specs):
+            raise StoreError(f"append: layers {sorted(layers)} != {sorted(self.specs)}")
+        n = self.n_committed
+        for name, arr in layers.items():
+            s = self.specs[name]
+            a = np.ascontiguousarray(arr, dtype=s.dtype)
+            if a.shape != (k, s.dim):
+                raise StoreError(f"append: {name} has shape {a.shape}, expected {(k, s.dim)}")
+            with open(self.path / "layers" / f"{name}.bin", "r+b") as fh:
+                fh.seek(n * s.dim * a.itemsize)
+                fh.write(a.tobytes())
+                fh.flush()
+                os.fsync(fh.fileno())
+        part = f"part-{len(self.meta['obs_parts']):08d}.parquet"
+        _write_parquet_atomic(obs.reset_index(drop=True), self.path / "obs" / part)
+        meta = dict(self.meta)
+        meta["obs_parts"] = [*self.meta["obs_parts"], part]
+        meta["n_committed"] = n + k
+        atomic_write_json(self.path / _META, meta)
+        self.meta = meta
+
+    def update_meta(self, **fields: Any) -> None:
+        meta = dict(self.meta)
+        meta.update(fields)
+        atomic_write_json(self.path / _META, meta)
+        self.meta = meta
+
+    def finalize(self, **fields: Any) -> Store:
+        """Compact obs parts into obs.parquet and mark the STORE complete."""
+        parts = [self.path / "obs" / p for p in self.meta["obs_parts"]]
+        df = (pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+              if parts else pd.DataFrame())
+        _write_parquet_atomic(df, self.path / "obs.parquet")
+        self.update_meta(complete=True, obs_parts=[], **fields)
+        shutil.rmtree(self.path / "obs", ignore_errors=True)
+        return Store(self.path)
