@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+import click
 import typer
 
 app = typer.Typer(
@@ -32,7 +33,19 @@ for _module in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    from dvtorch.errors import DvprobeError
+
+    try:
+        app(standalone_mode=False)
+    except DvprobeError as exc:
+        typer.secho(f"dvprobe: error: {exc}", err=True, fg=typer.colors.RED)
+        raise SystemExit(2) from None
+    except click.exceptions.Abort:
+        typer.echo("Aborted.", err=True)
+        raise SystemExit(130) from None
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
 
 
 if __name__ == "__main__":

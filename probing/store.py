@@ -37,12 +37,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dvtorch.errors import DvprobeError
+
 FORMAT = "dvprobe-store"
 FORMAT_VERSION = 1
 _META = "store.json"
 
 
-class StoreError(RuntimeError):
+class StoreError(DvprobeError):
     """A STORE is missing, inconsistent or used in a way its contents do not allow."""
 
 
