@@ -36,7 +36,7 @@ def main() -> None:
     from dvtorch.errors import DvprobeError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except DvprobeError as exc:
         typer.secho(f"dvprobe: error: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(2) from None
@@ -46,6 +46,8 @@ def main() -> None:
     except click.exceptions.ClickException as exc:
         exc.show()
         raise SystemExit(exc.exit_code) from None
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":
