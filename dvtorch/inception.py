@@ -1,0 +1,357 @@
+"""DeepVariant's Inception-v3 as a native PyTorch module, named like the Keras graph.
+
+DeepVariant builds ``tf.keras.applications.InceptionV3(include_top=False, weights=None,
+input_shape=(H, W, C), pooling='avg')`` followed by ``Dropout(0.2)`` and
+``Dense(3, softmax, name='classification')``. This module reproduces that topology
+exactly so that converted weights give the same numbers, and names every submodule after
+the layer a *fresh* Keras session would create (``conv2d``, ``conv2d_1`` ... ``conv2d_93``,
+``mixed0`` ... ``mixed10``) so that probing results can be read next to the DeepVariant
+blog post and Keras code.
+
+Layout decisions:
+
+* The forward pass takes **NHWC** float32 like DeepVariant; ``x.permute(0, 3, 1, 2)`` is an
+  NCHW view with channels-last strides (zero copy), which is also the fastest memory format
+  for oneDNN / cuDNN convolutions.
+* Keras ``conv2d_bn`` = Conv2D (no bias) -> BatchNormalization(scale=False, eps=1e-3) ->
+  ReLU. The state dict keeps BN unfused (``beta``, ``running_mean``, ``running_var``) so it
+  maps 1:1 to Keras variables; :func:`fuse_batchnorm` folds it into the conv for inference.
+* Branch average pools are 3x3 / stride 1 / 'same' and TF leaves the padding out of the
+  average, hence ``count_include_pad=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_EPS = 1e-3  # Keras BatchNormalization default epsilon (DeepVariant keeps it).
+
+
+class ScaleFreeBatchNorm(nn.Module):
+    """Inference BatchNorm without gamma (Keras ``scale=False``): ``(x - mean) / sqrt(var + eps) + beta``.
+
+    A dedicated module (instead of ``nn.BatchNorm2d`` with a frozen weight) keeps the state
+    dict honest: exactly the three Keras variables, nothing that would need inventing on
+    import.
+    """
+
+    def __init__(self, channels: int, eps: float = BN_EPS):
+        super().__init__()
+        self.eps = eps
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, None, self.beta,
+                            False, 0.0, self.eps)
+
+
+def _same_padding(kernel: tuple[int, int]) -> tuple[int, int]:
+    """TF 'same' padding for stride 1 and odd kernels: symmetric ``k // 2`` on each side."""
+    for k in kernel:
+        if k % 2 != 1:
+            raise ValueError(f"'same' padding is only symmetric for odd kernels, got {kernel}")
+    return kernel[0] // 2, kernel[1] // 2
+
+
+class ConvBN(nn.Module):
+    """Keras ``conv2d_bn``: Conv2D (bias-free) -> BatchNorm(scale=False) -> ReLU.
+
+    The module's output is the Keras ``activation_N`` tensor. After
+    :func:`fuse_batchnorm` the conv carries a bias and ``bn`` becomes ``nn.Identity``.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int],
+                 stride: int = 1, padding: str = "same"):
+        super().__init__()
+        if padding == "same":
+            if stride != 1:
+                raise ValueError("Inception-v3 only uses 'same' padding with stride 1")
+            pad = _same_padding(kernel)
+        elif padding == "valid":
+            pad = (0, 0)
+        else:
+            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=pad, bias=False)
+        self.bn: nn.Module = ScaleFreeBatchNorm(cout)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_same(x: torch.Tensor) -> torch.Tensor:
+    """Keras ``AveragePooling2D((3, 3), strides=1, padding='same')``: padding not averaged."""
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+def _max_pool_valid(x: torch.Tensor) -> torch.Tensor:
+    """Keras ``MaxPooling2D((3, 3), strides=(2, 2))`` ('valid')."""
+    return F.max_pool2d(x, 3, stride=2)
+
+
+class _Namer:
+    """Hands out Keras auto names in creation order (``conv2d``, ``conv2d_1``, ...)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, base: str) -> str:
+        i = self.counts.get(base, 0)
+        self.counts[base] = i + 1
+        return base if i == 0 else f"{base}_{i}"
+
+
+class _Block(nn.Module):
+    """A mixed block: children are ConvBN modules registered under their Keras names.
+
+    ``conv(...)`` registers the next Keras-named conv block in creation order and returns
+    its name; ``forward`` of each subclass looks children up by those recorded names.
+    """
+
+    def __init__(self, namer: _Namer):
+        super().__init__()
+        self._namer = namer
+
+    def conv(self, cin: int, cout: int, kernel: tuple[int, int], stride: int = 1,
+             padding: str = "same") -> ConvBN:
+        name = self._namer("conv2d")
+        block = ConvBN(cin, cout, kernel, stride, padding)
+        self.add_module(name, block)
+        return block
+
+
+class InceptionA(_Block):
+    """mixed0-2 (35x35 grid in ImageNet): 1x1, 5x5, double 3x3 and avg-pool branches."""
+
+    def __init__(self, namer: _Namer, cin: int, pool_features: int):
+        super().__init__(namer)
+        self.b1 = [self.conv(cin, 64, (1, 1))]
+        self.b5 = [self.conv(cin, 48, (1, 1)), self.conv(48, 64, (5, 5))]
+        self.b3 = [self.conv(cin, 64, (1, 1)), self.conv(64, 96, (3, 3)),
+                   self.conv(96, 96, (3, 3))]
+        self.bp = [self.conv(cin, pool_features, (1, 1))]
+        self.out_channels = 64 + 64 + 96 + pool_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_seq(self.b1, x), _seq(self.b5, x), _seq(self.b3, x),
+                          _seq(self.bp, _avg_pool_same(x))], 1)
+
+
+class InceptionB(_Block):
+    """mixed3: grid reduction with a strided 3x3, a strided double 3x3 and a max pool."""
+
+    def __init__(self, namer: _Namer, cin: int):
+        super().__init__(namer)
+        self.b3 = [self.conv(cin, 384, (3, 3), 2, "valid")]
+        self.b3d = [self.conv(cin, 64, (1, 1)), self.conv(64, 96, (3, 3)),
+                    self.conv(96, 96, (3, 3), 2, "valid")]
+        self.out_channels = 384 + 96 + cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_seq(self.b3, x), _seq(self.b3d, x), _max_pool_valid(x)], 1)
+
+
+class InceptionC(_Block):
+    """mixed4-7: factorised 7x7 branches (1x7 / 7x1) with ``c7`` inner channels."""
+
+    def __init__(self, namer: _Namer, cin: int, c7: int):
+        super().__init__(namer)
+        self.b1 = [self.conv(cin, 192, (1, 1))]
+        self.b7 = [self.conv(cin, c7, (1, 1)), self.conv(c7, c7, (1, 7)),
+                   self.conv(c7, 192, (7, 1))]
+        self.b7d = [self.conv(cin, c7, (1, 1)), self.conv(c7, c7, (7, 1)),
+                    self.conv(c7, c7, (1, 7)), self.conv(c7, c7, (7, 1)),
+                    self.conv(c7, 192, (1, 7))]
+        self.bp = [self.conv(cin, 192, (1, 1))]
+        self.out_channels = 768
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_seq(self.b1, x), _seq(self.b7, x), _seq(self.b7d, x),
+                          _seq(self.bp, _avg_pool_same(x))], 1)
+
+
+class InceptionD(_Block):
+    """mixed8: grid reduction (strided 3x3 after 1x1; strided 3x3 after 7x7) + max pool."""
+
+    def __init__(self, namer: _Namer, cin: int):
+        super().__init__(namer)
+        self.b3 = [self.conv(cin, 192, (1, 1)), self.conv(192, 320, (3, 3), 2, "valid")]
+        self.b7 = [self.conv(cin, 192, (1, 1)), self.conv(192, 192, (1, 7)),
+                   self.conv(192, 192, (7, 1)), self.conv(192, 192, (3, 3), 2, "valid")]
+        self.out_channels = 320 + 192 + cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_seq(self.b3, x), _seq(self.b7, x), _max_pool_valid(x)], 1)
+
+
+class InceptionE(_Block):
+    """mixed9-10: expanded 1x3 / 3x1 branches.
+
+    Keras names the inner 3x3 concat ``mixed9_<i>`` (i = 0 in mixed9, 1 in mixed10) and
+    leaves the double-3x3 concat as an auto-named ``concatenate[_N]``; both are exposed as
+    identity modules so that hooks can capture them.
+    """
+
+    def __init__(self, namer: _Namer, cin: int, index: int):
+        super().__init__(namer)
+        self.b1 = [self.conv(cin, 320, (1, 1))]
+        self.b3 = [self.conv(cin, 384, (1, 1))]
+        # Lists, not attributes: assigning a module attribute would register it twice.
+        self.b3_split = [self.conv(384, 384, (1, 3)), self.conv(384, 384, (3, 1))]
+        self._cat3 = f"mixed9_{index}"
+        self.add_module(self._cat3, nn.Identity())
+        self.b3d = [self.conv(cin, 448, (1, 1)), self.conv(448, 384, (3, 3))]
+        self.b3d_split = [self.conv(384, 384, (1, 3)), self.conv(384, 384, (3, 1))]
+        self._cat3d = namer("concatenate")
+        self.add_module(self._cat3d, nn.Identity())
+        self.bp = [self.conv(cin, 192, (1, 1))]
+        self.out_channels = 320 + 768 + 768 + 192
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b3 = _seq(self.b3, x)
+        b3 = getattr(self, self._cat3)(torch.cat([c(b3) for c in self.b3_split], 1))
+        b3d = _seq(self.b3d, x)
+        b3d = getattr(self, self._cat3d)(torch.cat([c(b3d) for c in self.b3d_split], 1))
+        return torch.cat([_seq(self.b1, x), b3, b3d, _seq(self.bp, _avg_pool_same(x))], 1)
+
+
+def _seq(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for b in blocks:
+        x = b(x)
+    return x
+
+
+class _MaxPool(nn.Module):
+    """Keras ``max_pooling2d``: 3x3, stride 2, 'valid'. A module so that it can be hooked."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _max_pool_valid(x)
+
+
+class _GlobalAvgPool(nn.Module):
+    """Keras ``pooling='avg'`` (GlobalAveragePooling2D): the 2048-d embedding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class _Softmax(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Softmax in float32 like DeepVariant's float32 head, even under bf16 autocast.
+        return torch.softmax(x.float(), dim=-1)
+
+
+class DeepVariantInceptionV3(nn.Module):
+    """DeepVariant's Inception-v3 classifier; NHWC float input, softmax ``[N, num_classes]``.
+
+    ``input_shape`` is (H, W, C) as in DeepVariant's example_info.json. Inputs must be
+    preprocessed already (``(uint8 - 128) / 128``, see :func:`dvtorch.bundle.preprocess`),
+    exactly like DeepVariant's call_variants does outside the SavedModel.
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int] = (100, 221, 7), num_classes: int = 3):
+        super().__init__()
+        h, w, c = (int(v) for v in input_shape)
+        if h < 75 or w < 75 or c < 1:
+            # Keras InceptionV3 requires >= 75x75 (below that a reduction yields 0 pixels).
+            raise ValueError(f"input_shape must be at least 75x75xC, got {input_shape}")
+        self.input_shape = (h, w, c)
+        self.num_classes = num_classes
+        namer = _Namer()
+
+        def stem(name_cin_cout: tuple[int, int], kernel, stride=1, padding="same"):
+            self.add_module(namer("conv2d"), ConvBN(*name_cin_cout, kernel, stride, padding))
+
+        stem((c, 32), (3, 3), 2, "valid")
+        stem((32, 32), (3, 3), 1, "valid")
+        stem((32, 64), (3, 3))
+        self.add_module(namer("max_pooling2d"), _MaxPool())
+        stem((64, 80), (1, 1), 1, "valid")
+        stem((80, 192), (3, 3), 1, "valid")
+        self.add_module(namer("max_pooling2d"), _MaxPool())
+
+        self.mixed0 = InceptionA(namer, 192, 32)
+        self.mixed1 = InceptionA(namer, 256, 64)
+        self.mixed2 = InceptionA(namer, 288, 64)
+        self.mixed3 = InceptionB(namer, 288)
+        self.mixed4 = InceptionC(namer, 768, 128)
+        self.mixed5 = InceptionC(namer, 768, 160)
+        self.mixed6 = InceptionC(namer, 768, 160)
+        self.mixed7 = InceptionC(namer, 768, 192)
+        self.mixed8 = InceptionD(namer, 768)
+        self.mixed9 = InceptionE(namer, 1280, 0)
+        self.mixed10 = InceptionE(namer, 2048, 1)
+        self.avg_pool = _GlobalAvgPool()
+        self.dense = nn.Linear(2048, num_classes)
+        self.logits = nn.Identity()
+        self.classification = _Softmax()
+        # Drop the helper namer (plain Python state must not leak into deepcopy/pickle).
+        for m in self.modules():
+            if isinstance(m, _Block):
+                del m._namer
+
+    _STEM = ("conv2d", "conv2d_1", "conv2d_2", "max_pooling2d",
+             "conv2d_3", "conv2d_4", "max_pooling2d_1")
+    _MIXED = tuple(f"mixed{i}" for i in range(11))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"expected NHWC input [N, {', '.join(map(str, self.input_shape))}], "
+                f"got {list(x.shape)}"
+            )
+        x = x.permute(0, 3, 1, 2)  # NCHW view, channels-last strides: no copy.
+        for name in self._STEM + self._MIXED:
+            x = getattr(self, name)(x)
+        return self.classification(self.logits(self.dense(self.avg_pool(x))))
+
+    def conv_blocks(self) -> Iterator[tuple[str, ConvBN]]:
+        """``(keras_name, block)`` for the 94 conv blocks in Keras creation order."""
+        blocks = [(n.rsplit(".", 1)[-1], m) for n, m in self.named_modules()
+                  if isinstance(m, ConvBN)]
+        return iter(sorted(blocks, key=lambda nb: _keras_index(nb[0])))
+
+
+def _keras_index(name: str) -> int:
+    """``conv2d`` -> 0, ``conv2d_7`` -> 7 (a fresh session's creation order)."""
+    _, _, suffix = name.partition("_")
+    return int(suffix) if suffix else 0
+
+
+def conv_block_names() -> list[str]:
+    """The 94 conv block names in creation order (``conv2d``, ``conv2d_1`` ... ``conv2d_93``)."""
+    return ["conv2d"] + [f"conv2d_{i}" for i in range(1, 94)]
+
+
+@torch.no_grad()
+def fuse_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every ScaleFreeBatchNorm into its conv in place (inference only), return model.
+
+    ``w' = w / sqrt(var + eps)`` per output channel and ``b' = beta - mean / sqrt(var + eps)``;
+    mathematically identical, one kernel less per block. The fused model's state dict no
+    longer matches the Keras variables, which is why bundles store the unfused form.
+    """
+    for block in model.modules():
+        if isinstance(block, ConvBN) and isinstance(block.bn, ScaleFreeBatchNorm):
+            bn = block.bn
+            inv = torch.rsqrt(bn.running_var.double() + bn.eps)
+            w = block.conv.weight
+            w_new = (w.double() * inv.view(-1, 1, 1, 1)).to(w.dtype)
+            bias = (bn.beta.double() - bn.running_mean.double() * inv).to(w.dtype)
+            block.conv.weight = nn.Parameter(w_new.contiguous(memory_format=_fmt(w)),
+                                             requires_grad=False)
+            block.conv.bias = nn.Parameter(bias, requires_grad=False)
+            block.bn = nn.Identity()
+    return model
+
+
+def _fmt(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

@@ -1,0 +1,151 @@
+"""Layer names of :class:`DeepVariantInceptionV3` and their output shapes.
+
+Users (and the blog post) speak of Keras layer names: ``mixed5``, ``conv2d_40``,
+``mixed9_0``. Inside the module some of these live nested (``mixed5.conv2d_40``), so every
+lookup goes through :func:`resolve`, the one place that knows the mapping.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dvtorch.errors import DvprobeError
+from dvtorch.inception import ConvBN, DeepVariantInceptionV3
+
+STEM_NAMES: tuple[str, ...] = ("conv2d", "conv2d_1", "conv2d_2", "max_pooling2d",
+                               "conv2d_3", "conv2d_4", "max_pooling2d_1")
+MIXED_NAMES: tuple[str, ...] = tuple(f"mixed{i}" for i in range(11))
+
+#: The layers most probing work uses, in forward order (inner concats of mixed9/mixed10
+#: listed after the blocks that contain them). Every conv block is also addressable, see
+#: :func:`all_layer_names`.
+LAYER_NAMES: list[str] = [*STEM_NAMES, *MIXED_NAMES, "mixed9_0", "mixed9_1",
+                          "avg_pool", "logits", "classification"]
+
+
+class UnknownLayerError(DvprobeError, KeyError):
+    """A layer name that the model does not have (message lists close names)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message with quotes.
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One capturable layer: its Keras name, output map ``(H, W, C)`` and channel count.
+
+    Vector layers (``avg_pool``, ``logits``, ``classification``) have ``shape_hwc = (C,)``.
+    """
+
+    name: str
+    shape_hwc: tuple[int, ...]
+    channels: int
+
+    @property
+    def flat_dim(self) -> int:
+        """Width of a ``pool="flatten"`` row."""
+        n = 1
+        for s in self.shape_hwc:
+            n *= s
+        return n
+
+
+def _name_index(model: nn.Module) -> dict[str, nn.Module]:
+    """Map each Keras-style leaf name (last path component) to its module.
+
+    Nested blocks register children under globally unique Keras names, so the last path
+    component is unique; a duplicate would be a construction bug, hence the assert.
+    """
+    index: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in index and index[leaf] is not module:
+            # Internal child names (conv, bn, relu) repeat; only expose unique ones.
+            index[leaf] = None  # type: ignore[assignment]
+        else:
+            index.setdefault(leaf, module)
+    return {k: v for k, v in index.items() if v is not None}
+
+
+def all_layer_names(model: DeepVariantInceptionV3) -> list[str]:
+    """Every capturable name in forward order: stem, each block's convs then its concat(s).
+
+    Forward order (not alphabetical) so that listings read top-to-bottom like the network.
+    """
+    names: list[str] = list(STEM_NAMES)
+    for mixed in MIXED_NAMES:
+        block = getattr(model, mixed)
+        inner = [n for n, m in block.named_children()
+                 if isinstance(m, (ConvBN, nn.Identity))]
+        names.extend(inner)
+        names.append(mixed)
+    names.extend(["avg_pool", "logits", "classification"])
+    return names
+
+
+def resolve(model: nn.Module, name: str) -> nn.Module:
+    """The submodule whose forward output is the Keras layer ``name``.
+
+    Raises :class:`UnknownLayerError` listing close matches, so a typo such as
+    ``mixed_5`` gets "did you mean mixed5" instead of a bare KeyError.
+    """
+    index = _name_index(model)
+    module = index.get(name)
+    if module is None or name in ("conv", "bn", "relu", "dense"):
+        valid = [n for n in index if n not in ("conv", "bn", "relu")]
+        close = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownLayerError(
+            f"unknown layer {name!r}{hint} (known: stem convs/pools, conv2d_1..conv2d_93, "
+            f"{', '.join(LAYER_NAMES[7:])})"
+        )
+    return module
+
+
+def layer_info(model: DeepVariantInceptionV3,
+               input_shape: tuple[int, int, int] | None = None,
+               names: list[str] | None = None) -> list[LayerInfo]:
+    """Output shape of each layer in ``names`` (default :data:`LAYER_NAMES`).
+
+    Runs one forward on a meta-device copy of the input (no memory, no compute) with
+    hooks on the requested modules, so the answer always matches the real topology for any
+    input size the model accepts.
+    """
+    shape = tuple(input_shape) if input_shape is not None else model.input_shape
+    if tuple(shape) != tuple(model.input_shape):
+        raise ValueError(f"model was built for input {model.input_shape}, asked about {shape}")
+    names = list(names) if names is not None else list(LAYER_NAMES)
+    for n in names:
+        resolve(model, n)  # fail on unknown names before building anything
+    shapes: dict[str, tuple[int, ...]] = {}
+    meta_model = _meta_clone(model)
+    handles = []
+    try:
+        for n in names:
+            def hook(_m, _inp, out, n=n):
+                shapes[n] = tuple(out.shape[1:])
+            handles.append(resolve(meta_model, n).register_forward_hook(hook))
+        with torch.no_grad():
+            meta_model(torch.empty((1, *shape), device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for n in names:
+        s = shapes[n]
+        hwc = (s[1], s[2], s[0]) if len(s) == 3 else s
+        out.append(LayerInfo(n, tuple(int(v) for v in hwc), int(hwc[-1])))
+    return out
+
+
+def _meta_clone(model: DeepVariantInceptionV3) -> DeepVariantInceptionV3:
+    """Same topology on the meta device: shape inference without touching real weights."""
+    with torch.device("meta"):
+        clone = DeepVariantInceptionV3(model.input_shape, model.num_classes)
+    return clone.eval()
