@@ -1,0 +1,426 @@
+"""DeepVariant checkpoint / SavedModel / ONNX → dvprobe BUNDLE, with parity checked before writing.
+
+Pipeline (one direction only, every step checked):
+
+1. locate the source and its ``example_info.json`` (shape and channel list: DeepVariant never
+   stores them in the weights, and H×W cannot be recovered from a fully convolutional net);
+2. TF sources: rebuild DeepVariant's Keras model in the checkpoint's layout and restore it
+   strictly (:mod:`dvtorch.keras_dv`), then export ONNX with ``tf2onnx.convert.from_keras``
+   (clean node names such as ``…/mixed5/concat``; opset 17);
+3. ONNX → native PyTorch state dict (:func:`dvtorch.onnx_import.state_dict_from_onnx`);
+4. parity at the softmax and every ``mixedN`` (max and mean pooled) between TF, onnxruntime,
+   the native model and an onnx2torch witness (:mod:`dvtorch.verify`); failure writes nothing;
+5. :func:`dvtorch.bundle.save_bundle` with provenance (sha256 of every source file, tool
+   versions, the parity report). The final directory appears atomically: a failed convert
+   leaves nothing at OUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dvtorch.errors import ConversionError
+
+Progress = Callable[[str], None]
+SourceKind = str  # "checkpoint" | "savedmodel" | "onnx"
+
+EXAMPLE_INFO = "example_info.json"
+_CONVERTER_PACKAGES = (
+    "tensorflow",
+    "tf_keras",
+    "tf2onnx",
+    "onnx",
+    "onnxruntime",
+    "onnx2torch",
+    "torch",
+)
+
+
+@dataclass
+class Source:
+    """A located model source and the files that define it (hashed into the bundle)."""
+
+    kind: SourceKind
+    path: Path  # checkpoint prefix, SavedModel dir or .onnx file
+    files: list[Path]
+
+
+@dataclass
+class ExampleInfo:
+    """Shape [H, W, C], channel enum list and DeepVariant version (from JSON or flags)."""
+
+    shape: tuple[int, int, int]
+    channels: list[int] | None
+    version: str | None
+    path: Path | None  # None when it came from --shape/--channels
+
+
+# --------------------------------------------------------------------------- locating sources
+
+
+def locate_source(source: str | Path) -> Source:
+    """Classify ``source`` and list its files, with an error that says what is missing."""
+    path = Path(source)
+    if path.suffix == ".index" and not path.is_dir():
+        path = path.with_suffix("")  # accept "…ckpt.index" for the prefix
+    if path.is_file() and path.suffix == ".onnx":
+        return Source("onnx", path, [path])
+    if path.is_dir():
+        if (path / "saved_model.pb").is_file():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            if not (path / "variables" / "variables.index").is_file():
+                raise ConversionError(
+                    f"{path}: SavedModel has no variables/variables.index; the download is "
+                    "incomplete"
+                )
+            return Source("savedmodel", path, files)
+        raise ConversionError(
+            f"{path}: not a model directory (no saved_model.pb); pass a SavedModel directory, "
+            "a checkpoint prefix (…/deepvariant.wgs.ckpt) or an .onnx file"
+        )
+    index = Path(f"{path}.index")
+    if index.is_file():
+        data = sorted(index.parent.glob(f"{path.name}.data-*-of-*"))
+        if not data:
+            raise ConversionError(
+                f"{path}: checkpoint data file {path}.data-00000-of-00001 is missing (only "
+                f"{index.name} found); download it next to the .index"
+            )
+        total = int(data[0].name.rsplit("-of-", 1)[1])
+        expected = [Path(f"{path}.data-{i:05d}-of-{total:05d}") for i in range(total)]
+        absent = [p for p in expected if not p.is_file()]
+        if absent:
+            raise ConversionError(f"{path}: checkpoint data file {absent[0]} is missing")
+        return Source("checkpoint", path, [index, *expected])
+    if path.is_file():
+        raise ConversionError(
+            f"{path}: unrecognised model file; expected a checkpoint prefix (with .index and "
+            ".data-00000-of-00001 beside it), a SavedModel directory or an .onnx file"
+        )
+    raise ConversionError(f"{path}: no such checkpoint prefix, SavedModel directory or .onnx file")
+
+
+def _parse_ints(text: str | Sequence[int] | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    if isinstance(text, str):
+        try:
+            return [int(v) for v in text.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ConversionError(
+                f"--{what} must be comma-separated integers, got {text!r}"
+            ) from None
+    return [int(v) for v in text]
+
+
+def read_example_info(path: Path) -> ExampleInfo:
+    """Parse DeepVariant's ``example_info.json`` (formats reference §3)."""
+    try:
+        data = json.loads(path.read_text())
+        shape = tuple(int(v) for v in data["shape"])
+        channels = [int(v) for v in data["channels"]]
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: example_info.json not found") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConversionError(
+            f"{path}: not a DeepVariant example_info.json (needs 'shape' [H,W,C] and "
+            f"'channels'; {type(exc).__name__}: {exc})"
+        ) from None
+    if len(shape) != 3:
+        raise ConversionError(f"{path}: 'shape' must be [H, W, C], got {list(shape)}")
+    if len(channels) != shape[2]:
+        raise ConversionError(f"{path}: lists {len(channels)} channels but shape has C={shape[2]}")
+    return ExampleInfo(shape, channels, data.get("version"), path)  # type: ignore[arg-type]
+
+
+def resolve_example_info(
+    src: Source,
+    example_info: str | Path | None,
+    shape: str | Sequence[int] | None,
+    channels: str | Sequence[int] | None,
+    graph_shape: tuple[int | None, int | None, int | None] | None = None,
+) -> ExampleInfo:
+    """Pick shape/channels from flags, an explicit JSON, the JSON beside the source, or the graph.
+
+    Flags win over files so a user can override a wrong json; a channel list whose length
+    disagrees with C is always an error.
+    """
+    info: ExampleInfo | None = None
+    if example_info is not None:
+        info = read_example_info(Path(example_info))
+    else:
+        beside = (
+            src.path / EXAMPLE_INFO if src.kind == "savedmodel" else src.path.parent / EXAMPLE_INFO
+        )
+        if beside.is_file():
+            info = read_example_info(beside)
+    flag_shape = _parse_ints(shape, "shape")
+    flag_channels = _parse_ints(channels, "channels")
+    if flag_shape is not None and len(flag_shape) != 3:
+        raise ConversionError(f"--shape must be H,W,C (three integers), got {shape!r}")
+
+    final_shape = tuple(flag_shape) if flag_shape else (info.shape if info else None)
+    if final_shape is None and graph_shape is not None and all(graph_shape):
+        final_shape = graph_shape
+    final_channels = (
+        flag_channels if flag_channels is not None else (info.channels if info else None)
+    )
+    if final_shape is None or final_channels is None:
+        looked = (
+            f"{src.path / EXAMPLE_INFO}"
+            if src.kind == "savedmodel"
+            else f"{src.path.parent / EXAMPLE_INFO}"
+        )
+        raise ConversionError(
+            f"{src.path}: missing example_info.json (looked for {looked}); pass "
+            "--example-info FILE, or both --shape H,W,C and --channels c1,c2,… "
+            "(e.g. --shape 100,221,7 --channels 1,2,3,4,5,6,19)"
+        )
+    if len(final_channels) != final_shape[2]:
+        raise ConversionError(
+            f"{src.path}: channel list has {len(final_channels)} entries but the shape says "
+            f"C={final_shape[2]}; make --channels and --shape agree"
+        )
+    version = info.version if info else None
+    used_path = info.path if info and (flag_shape is None or flag_channels is None) else None
+    return ExampleInfo(tuple(int(v) for v in final_shape), list(final_channels), version, used_path)  # type: ignore[arg-type]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed (checkpoints are ~90 MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converter_versions() -> dict[str, str | None]:
+    """Versions of every tool in the chain, recorded for provenance."""
+    out: dict[str, str | None] = {}
+    for pkg in _CONVERTER_PACKAGES:
+        dist = {"tensorflow": "tensorflow-cpu", "tf_keras": "tf-keras"}.get(pkg, pkg)
+        version = None
+        for name in (dist, pkg):
+            try:
+                version = importlib.metadata.version(name)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        if version is None and pkg == "tensorflow":
+            try:
+                version = importlib.metadata.version("tensorflow")
+            except importlib.metadata.PackageNotFoundError:
+                version = None
+        out[pkg] = version
+    return out
+
+
+# --------------------------------------------------------------------------- ONNX handling
+
+
+def load_onnx(path: Path) -> Any:
+    """Read and check an ONNX file; a truncated or garbage file gives a ConversionError."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # DecodeError, ValidationError, ...
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConversionError(
+            f"{path}: corrupt or invalid ONNX file ({type(exc).__name__}: {first[:200]}); "
+            "re-export it or convert from the checkpoint/SavedModel instead"
+        ) from None
+    if not model.graph.node:
+        raise ConversionError(f"{path}: ONNX file has an empty graph")
+    return model
+
+
+def onnx_input_shape(model: Any) -> tuple[int | None, int | None, int | None]:
+    """(H, W, C) of the single NHWC graph input; None for symbolic dimensions."""
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ConversionError(
+            f"ONNX graph has {len(inputs)} inputs; a DeepVariant classifier has exactly one (NHWC image)"
+        )
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise ConversionError(
+            f"ONNX input {inputs[0].name!r} has rank {len(dims)}, expected NHWC rank 4"
+        )
+    return tuple(
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:]
+    )  # type: ignore[return-value]
+
+
+def keras_to_onnx(model: Any, input_shape: tuple[int, int, int], opset: int) -> Any:
+    """Export the rebuilt Keras model with tf2onnx (batch dimension left dynamic)."""
+    tf = __import__("dvtorch.keras_dv", fromlist=["import_tf"]).import_tf()
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, *input_shape), tf.float32, name="image"),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    return proto
+
+
+# --------------------------------------------------------------------------- main entry point
+
+
+def _say(progress: Progress | None, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+def convert(
+    source: str | Path,
+    out: str | Path,
+    *,
+    example_info: str | Path | None = None,
+    shape: str | Sequence[int] | None = None,
+    channels: str | Sequence[int] | None = None,
+    opset: int = 17,
+    check_parity: bool = True,
+    parity_batch: int = 8,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Path:
+    """Convert a DeepVariant model to a dvprobe BUNDLE at ``out`` and return its path.
+
+    ``source`` is a checkpoint prefix, a SavedModel directory or an ``.onnx`` file. With
+    ``check_parity`` (default) the bundle is written only if TF (when the source is TF),
+    onnxruntime, the native model and onnx2torch agree to relative 1e-4 at the softmax and at
+    every mixedN under max and mean pooling; the report is stored in ``bundle.json``.
+    """
+    from dvtorch import verify as verify_mod
+    from dvtorch.bundle import save_bundle
+    from dvtorch.onnx_import import state_dict_from_onnx
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out}: already exists; pass --overwrite to replace it")
+    src = locate_source(source)
+    t0 = time.time()
+
+    keras_model = None
+    if src.kind == "onnx":
+        _say(progress, f"reading ONNX {src.path}")
+        proto = load_onnx(src.path)
+        graph_shape = onnx_input_shape(proto)
+        info = resolve_example_info(src, example_info, shape, channels, graph_shape)
+        for have, want, axis in zip(graph_shape, info.shape, "HWC", strict=True):
+            if have is not None and have != want:
+                raise ConversionError(
+                    f"{src.path}: ONNX input has {axis}={have} but example_info/--shape says "
+                    f"{axis}={want}" + (" channels" if axis == "C" else "")
+                )
+    else:
+        info = resolve_example_info(src, example_info, shape, channels)
+        from dvtorch import keras_dv
+
+        keras_dv.import_tf()
+        import tf_keras
+
+        tf_keras.backend.clear_session()  # deterministic Keras layer names → ONNX node names
+        _say(progress, f"restoring {src.kind} {src.path} (TensorFlow)")
+        if src.kind == "checkpoint":
+            keras_model, layout = keras_dv.load_checkpoint(src.path, info.shape)
+        else:
+            keras_model, layout = keras_dv.load_savedmodel(src.path, info.shape)
+        _say(
+            progress,
+            f"restored {keras_dv.EXPECTED_NUM_VARIABLES}/{keras_dv.EXPECTED_NUM_VARIABLES} "
+            f"variables ({layout.layout} layout); exporting ONNX opset {opset} with tf2onnx",
+        )
+        proto = keras_to_onnx(keras_model, info.shape, opset)
+
+    _say(progress, "importing ONNX weights into the native PyTorch model")
+    state_dict = state_dict_from_onnx(proto)
+    onnx_bytes = proto.SerializeToString()
+
+    files = list(src.files)
+    if info.path is not None and info.path not in files:
+        files.append(info.path)
+    _say(progress, f"hashing {len(files)} source files")
+    hashes = {_rel(f, src): sha256_file(f) for f in files}
+
+    parity: dict[str, Any] | None = None
+    if check_parity:
+        _say(progress, f"checking parity on {parity_batch} random pileups (softmax + mixed0..10)")
+        report = verify_mod.parity_for_conversion(
+            state_dict=state_dict,
+            onnx_bytes=onnx_bytes,
+            input_shape=info.shape,
+            keras_model=keras_model,
+            savedmodel=src.path if src.kind == "savedmodel" else None,
+            batch=parity_batch,
+            seed=seed,
+        )
+        parity = report.to_dict()
+        if not report.passed:
+            from dvtorch.errors import ParityError
+
+            raise ParityError(
+                f"{src.path}: conversion rejected, nothing written: {report.failure_summary()}"
+            )
+        _say(progress, f"parity ok: {report.summary_line()}")
+
+    meta = {
+        "source": {"kind": src.kind, "path": str(src.path.resolve()), "files": hashes},
+        "deepvariant_version": info.version,
+        "input_shape": list(info.shape),
+        "channels": info.channels,
+        "opset": _onnx_opset(proto) if src.kind == "onnx" else opset,
+        "converters": converter_versions(),
+        "parity": parity,
+        "untrained": False,
+    }
+    _write_atomically(
+        out, overwrite, lambda target: save_bundle(target, state_dict, meta, onnx_bytes=onnx_bytes)
+    )
+    _say(progress, f"wrote {out} in {time.time() - t0:.0f}s")
+    return out
+
+
+def _onnx_opset(proto: Any) -> int | None:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return None
+
+
+def _rel(path: Path, src: Source) -> str:
+    """File name as stored in bundle.json: relative to the SavedModel dir / checkpoint dir."""
+    base = src.path if src.kind == "savedmodel" else src.path.parent
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _write_atomically(out: Path, overwrite: bool, write: Callable[[Path], Any]) -> None:
+    """Write into a staging sibling, then rename; on any failure OUT is left untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    target = staging / "bundle"
+    try:
+        write(target)
+        if out.exists():
+            if not overwrite:
+                raise ConversionError(f"{out}: appeared while converting; pass --overwrite")
+            old = staging / "old"
+            out.rename(old)
+        target.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,319 @@
+"""DeepVariant's Keras (Keras 2 / ``tf_keras``) Inception-v3, rebuilt exactly as DeepVariant builds it.
+
+Why rebuild instead of loading the SavedModel graph: tf2onnx gives clean, named graphs
+(``…/mixed5/concat``) from a Keras model, and a rebuilt model lets us restore a *training
+checkpoint* (which has no graph at all). The cost is that the restore must be checked
+strictly: TF's object-graph restore silently skips variables it cannot map, so
+:func:`restore_weights` verifies every variable by value after restoring.
+
+Two layouts exist in the wild (see docs/architecture.md and the formats reference §5):
+
+* **nested** – ``keras_modeling.inceptionv3`` calls the ``InceptionV3`` backbone *as a layer*,
+  so checkpoint keys are ``layer_with_weights-0/layer_with_weights-N/...`` (backbone) and
+  ``layer_with_weights-1/...`` (the Dense head);
+* **flat** – backbone layers live directly in the outer model: ``layer_with_weights-N/...``
+  with the Dense head at ``layer_with_weights-188``.
+
+Keys may additionally be rooted at ``model/`` (``tf.train.Checkpoint(model=m)``, how
+DeepVariant's train.py writes them) or at the model itself (``model.save_weights`` and the
+``variables/`` checkpoint inside a SavedModel).
+
+TensorFlow is imported lazily: it is the optional ``convert`` extra and the probing runtime
+never needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from dvtorch.errors import ConversionError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import tf_keras
+
+Layout = Literal["nested", "flat"]
+
+#: Intermediate layers exposed for parity, in network order (all Keras ``Concatenate`` outputs).
+MIXED_LAYERS: tuple[str, ...] = tuple(f"mixed{i}" for i in range(11))
+#: Number of trainable + non-trainable variables of the DeepVariant model: 94 conv kernels,
+#: 94 BN x (beta, moving_mean, moving_variance), Dense kernel + bias.
+EXPECTED_NUM_VARIABLES = 94 + 94 * 3 + 2
+DROPOUT_RATE = 0.2
+NUM_CLASSES = 3
+
+_VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+_FIRST_KERNEL = {
+    "nested": "layer_with_weights-0/layer_with_weights-0/kernel",
+    "flat": "layer_with_weights-0/kernel",
+}
+
+
+def import_tf() -> Any:
+    """Import TensorFlow quietly, or raise a ConversionError telling how to install it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules:
+        # Importing torchvision *after* TensorFlow segfaults (TF 2.21 + torch 2.x wheels,
+        # clashing bundled libraries); onnx2torch imports torchvision, so load it first.
+        for name in ("torch", "torchvision"):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+    try:
+        import tensorflow as tf
+        import tf_keras  # noqa: F401  (DeepVariant models are Keras 2 models)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ConversionError(
+            f"TensorFlow side not installed ({exc.name} missing): "
+            "install the extra with `pip install 'dvprobe[convert]'`"
+        ) from None
+    return tf
+
+
+def _keras() -> Any:
+    import_tf()
+    import tf_keras
+
+    return tf_keras
+
+
+def build_model(input_shape: tuple[int, int, int], layout: Layout = "nested") -> tf_keras.Model:
+    """Build DeepVariant's classifier the way ``keras_modeling.inceptionv3`` does.
+
+    InceptionV3 backbone (no top, ``pooling='avg'``, random init) → Dropout(0.2) →
+    Dense(3, softmax, float32) named ``classification``. L2 regularisers are omitted: they add
+    training losses only and own no variables, so checkpoints are identical.
+    """
+    keras = _keras()
+    import tensorflow as tf
+
+    h, w, c = (int(v) for v in input_shape)
+    backbone = keras.applications.InceptionV3(
+        include_top=False, weights=None, input_shape=(h, w, c), pooling="avg"
+    )
+    if layout == "nested":
+        hid = backbone(backbone.input)
+    elif layout == "flat":
+        hid = backbone.output
+    else:
+        raise ValueError(f"layout must be 'nested' or 'flat', not {layout!r}")
+    hid = keras.layers.Dropout(DROPOUT_RATE)(hid)
+    out = keras.layers.Dense(
+        NUM_CLASSES, activation="softmax", dtype=tf.float32, name="classification"
+    )(hid)
+    model = keras.Model(inputs=backbone.input, outputs=out, name="inceptionv3")
+    model.dv_layout = layout  # remembered for layer_model()
+    return model
+
+
+def backbone_of(model: tf_keras.Model) -> tf_keras.Model:
+    """The sub-model that owns ``mixed0``…``mixed10`` (the backbone when nested, else ``model``)."""
+    for layer in model.layers:
+        if layer.__class__.__name__ == "Functional" and any(
+            sub.name == "mixed0" for sub in layer.layers
+        ):
+            return layer
+    return model
+
+
+def layer_model(model: tf_keras.Model) -> tf_keras.Model:
+    """A Keras model with the same weights returning ``{mixed0..mixed10, classification}``.
+
+    Works for both layouts because the nested model is built on the backbone's own input.
+    """
+    keras = _keras()
+    body = backbone_of(model)
+    outputs = {name: body.get_layer(name).output for name in MIXED_LAYERS}
+    outputs["classification"] = model.output
+    return keras.Model(inputs=model.input, outputs=outputs, name="inceptionv3_layers")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class CheckpointLayout:
+    """How a checkpoint's keys are organised."""
+
+    layout: Layout
+    root: str  # "model/" for tf.train.Checkpoint(model=m), "" for save_weights / SavedModel
+    num_channels: int
+    variables: dict[str, tuple[int, ...]] = field(repr=False)  # model keys (root stripped)
+
+
+def inspect_checkpoint(prefix: str | Path) -> CheckpointLayout:
+    """Detect layout and key root from ``tf.train.list_variables`` (no model needed)."""
+    tf = import_tf()
+    try:
+        listed = tf.train.list_variables(str(prefix))
+    except Exception as exc:  # tf raises NotFoundError / DataLossError / ...
+        raise ConversionError(
+            f"{prefix}: cannot read TensorFlow checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    names = {name: tuple(shape) for name, shape in listed}
+    for root in ("model/", ""):
+        for layout in ("nested", "flat"):
+            key = root + _FIRST_KERNEL[layout] + _VALUE_SUFFIX
+            if key in names:
+                shape = names[key]
+                model_vars = {
+                    n[len(root) :]: s
+                    for n, s in names.items()
+                    if n.startswith(root + "layer_with_weights-") and "OPTIMIZER_SLOT" not in n
+                }
+                return CheckpointLayout(layout, root, int(shape[2]), model_vars)
+    sample = ", ".join(sorted(names)[:3])
+    raise ConversionError(
+        f"{prefix}: not a DeepVariant Inception-v3 checkpoint (no "
+        f"'layer_with_weights-0/…/kernel' variable; first keys: {sample})"
+    )
+
+
+def restore_weights(model: tf_keras.Model, prefix: str | Path, info: CheckpointLayout) -> int:
+    """Restore ``prefix`` into ``model`` and prove that every variable was mapped.
+
+    Checks, in order: TF's own ``assert_existing_objects_matched``; the checkpoint holds
+    exactly :data:`EXPECTED_NUM_VARIABLES` model variables; and, by writing the restored model
+    back out with the same key scheme, that every checkpoint key exists in the model and
+    carries the identical value (so a partial match or a wrong mapping cannot pass).
+    Returns the number of verified variables.
+    """
+    tf = import_tf()
+    if len(model.weights) != EXPECTED_NUM_VARIABLES:
+        raise ConversionError(
+            f"internal: rebuilt model has {len(model.weights)} variables, "
+            f"expected {EXPECTED_NUM_VARIABLES}"
+        )
+    if len(info.variables) != EXPECTED_NUM_VARIABLES:
+        raise ConversionError(
+            f"{prefix}: checkpoint holds {len(info.variables)} model variables, a DeepVariant "
+            f"Inception-v3 has {EXPECTED_NUM_VARIABLES}; this is not a DeepVariant model "
+            "(or a different architecture)"
+        )
+    ckpt = (
+        tf.train.Checkpoint(model=model)
+        if info.root == "model/"
+        else tf.train.Checkpoint(root=model)
+    )
+    try:
+        status = ckpt.read(str(prefix))
+        status.assert_existing_objects_matched()
+        status.expect_partial()  # optimizer slots, save_counter, EMA copies are not ours
+    except (AssertionError, ValueError, tf.errors.OpError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConversionError(
+            f"{prefix}: checkpoint does not match DeepVariant's {info.layout} Inception-v3 "
+            f"({first})"
+        ) from None
+
+    # Independent value check: write the restored model with the same key scheme and compare.
+    reader = tf.train.load_checkpoint(str(prefix))
+    with tempfile.TemporaryDirectory(prefix="dvprobe-ckcheck-") as tmp:
+        written = tf.train.Checkpoint(model=model).write(os.path.join(tmp, "check"))
+        back = tf.train.load_checkpoint(written)
+        back_keys = {
+            k[len("model/") :]
+            for k in back.get_variable_to_shape_map()
+            if k.startswith("model/layer_with_weights-")
+        }
+        missing = sorted(set(info.variables) - back_keys)
+        extra = sorted(back_keys - set(info.variables))
+        if missing or extra:
+            raise ConversionError(
+                f"{prefix}: {len(missing)} checkpoint variables have no place in the "
+                f"{info.layout} model and {len(extra)} model variables are not in the "
+                f"checkpoint (e.g. {(missing or extra)[0]})"
+            )
+        for key in info.variables:
+            src = reader.get_tensor(info.root + key)
+            got = back.get_tensor("model/" + key)
+            if src.shape != got.shape or not np.array_equal(src, got):
+                raise ConversionError(f"{prefix}: variable {key} was not restored faithfully")
+    return len(info.variables)
+
+
+def load_checkpoint(
+    prefix: str | Path, input_shape: tuple[int, int, int]
+) -> tuple[tf_keras.Model, CheckpointLayout]:
+    """Rebuild the model in the checkpoint's layout and restore it strictly."""
+    info = inspect_checkpoint(prefix)
+    if info.num_channels != int(input_shape[2]):
+        raise ConversionError(
+            f"{prefix}: the checkpoint's first convolution takes {info.num_channels} channels "
+            f"but example_info/--shape says {int(input_shape[2])}; fix example_info.json or "
+            "--shape/--channels"
+        )
+    model = build_model(input_shape, info.layout)
+    restore_weights(model, prefix, info)
+    return model, info
+
+
+def load_savedmodel(
+    directory: str | Path, input_shape: tuple[int, int, int]
+) -> tuple[tf_keras.Model, CheckpointLayout]:
+    """Rebuild a SavedModel's Keras model from its ``variables/variables`` checkpoint."""
+    return load_checkpoint(Path(directory) / "variables" / "variables", input_shape)
+
+
+def savedmodel_predict(directory: str | Path, x: np.ndarray) -> np.ndarray:
+    """Run the SavedModel's own ``serving_default`` graph (independent of our rebuild).
+
+    DeepVariant's call_variants reads the ``classification`` output of this signature.
+    """
+    tf = import_tf()
+    loaded = tf.saved_model.load(str(directory))
+    fn = loaded.signatures["serving_default"]
+    (arg_name,) = fn.structured_input_signature[1].keys()
+    out = fn(**{arg_name: tf.constant(x, dtype=tf.float32)})
+    key = "classification" if "classification" in out else next(iter(out))
+    return out[key].numpy()
+
+
+# --------------------------------------------------------------------------- test helpers
+
+
+def randomize_all_weights(model: tf_keras.Model, seed: int) -> None:
+    """Give *every* variable a distinct random value, BN statistics included.
+
+    Default Keras init leaves beta = moving_mean = 0 and moving_variance = 1, so a converter
+    that drops or swaps BN statistics would still match; randomising all of them (variance
+    strictly positive) makes any mapping error visible. Scales keep activations O(1) through
+    94 layers so the softmax stays unsaturated and errors are not hidden by saturation.
+    """
+    rng = np.random.default_rng(seed)
+    for var in model.weights:
+        name = var.name.split("/")[-1].split(":")[0]
+        shape = tuple(var.shape)
+        if name == "kernel" and len(shape) == 4:
+            fan_in = shape[0] * shape[1] * shape[2]
+            value = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+        elif name == "kernel":
+            value = rng.normal(0.0, 3.0 / np.sqrt(shape[0]), shape)
+        elif name == "bias":
+            value = rng.normal(0.0, 0.5, shape)
+        elif name == "beta":
+            value = rng.normal(0.0, 0.3, shape)
+        elif name == "moving_mean":
+            value = rng.normal(0.1, 0.2, shape)
+        elif name == "moving_variance":
+            value = rng.uniform(0.5, 2.0, shape)
+        else:  # pragma: no cover - the DeepVariant model has no other variable kinds
+            raise ValueError(f"unexpected variable {var.name}")
+        var.assign(value.astype(np.float32))
+
+
+_CONV_NAME = re.compile(r"^conv2d(_\d+)?$")
+
+
+def conv_layer_names(model: tf_keras.Model) -> list[str]:
+    """Keras names of the 94 convolutions (handy for tests and diagnostics)."""
+    return [layer.name for layer in backbone_of(model).layers if _CONV_NAME.match(layer.name)]
