@@ -1,0 +1,280 @@
+"""TFRecord framing, CRCs, gzip handling, atomic writing and shard-spec expansion."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import google_crc32c
+import pytest
+
+from dvtorch.errors import ExampleFormatError
+from probing.tfrecord import (
+    ReadStats,
+    TFRecordWriter,
+    count_records,
+    expand_spec,
+    is_gzip,
+    iter_records,
+    masked_crc32c,
+    shard_name,
+    unmask_crc32c,
+    write_records,
+)
+
+PAYLOADS = [b"alpha", b"", b"x" * 70_000, bytes(range(256)) * 3, b"omega"]
+
+
+def _offsets(payloads: list[bytes]) -> list[int]:
+    """Byte offset of each record in an uncompressed TFRecord file."""
+    out, pos = [], 0
+    for p in payloads:
+        out.append(pos)
+        pos += 16 + len(p)
+    return out
+
+
+# ---- CRC -------------------------------------------------------------------------------
+
+
+def test_masked_crc_matches_definition_and_known_vector():
+    # CRC-32C check value of "123456789" is 0xE3069283 (Castagnoli).
+    assert google_crc32c.value(b"123456789") == 0xE3069283
+    crc = 0xE3069283
+    expected = ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+    assert masked_crc32c(b"123456789") == expected
+    assert unmask_crc32c(expected) == crc
+
+
+def test_framing_bytes_are_exact(tmp_path: Path):
+    f = tmp_path / "one.tfrecord"
+    write_records(f, [b"hello"])
+    raw = f.read_bytes()
+    length = struct.pack("<Q", 5)
+    assert raw[:8] == length
+    assert struct.unpack("<I", raw[8:12])[0] == masked_crc32c(length)
+    assert raw[12:17] == b"hello"
+    assert struct.unpack("<I", raw[17:21])[0] == masked_crc32c(b"hello")
+    assert len(raw) == 21
+
+
+# ---- round trips, gzip detection ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "compress", "gz"),
+    [
+        ("a.tfrecord", None, False),
+        ("a.tfrecord.gz", None, True),
+        ("gzip_without_suffix.tfrecord", True, True),
+        ("plain_with_gz_suffix.gz", False, False),
+    ],
+)
+def test_roundtrip_and_gzip_detected_by_magic(tmp_path: Path, name, compress, gz):
+    f = tmp_path / name
+    assert write_records(f, PAYLOADS, compress=compress) == len(PAYLOADS)
+    assert is_gzip(f) is gz
+    assert list(iter_records(f)) == list(enumerate(PAYLOADS))
+    assert count_records(f) == len(PAYLOADS)
+
+
+def test_multi_member_gzip(tmp_path: Path):
+    a, b = tmp_path / "a.tfrecord", tmp_path / "b.tfrecord"
+    write_records(a, PAYLOADS[:2], compress=False)
+    write_records(b, PAYLOADS[2:], compress=False)
+    joined = tmp_path / "joined.gz"
+    joined.write_bytes(gzip.compress(a.read_bytes()) + gzip.compress(b.read_bytes()))
+    assert [p for _, p in iter_records(joined)] == PAYLOADS
+
+
+def test_start_skips_records_but_keeps_indices(tmp_path: Path):
+    f = tmp_path / "s.tfrecord.gz"
+    write_records(f, PAYLOADS)
+    assert [i for i, _ in iter_records(f, start=3)] == [3, 4]
+    assert list(iter_records(f, start=99)) == []
+
+
+def test_gzip_with_zero_records_is_valid_and_empty(tmp_path: Path):
+    f = tmp_path / "none.tfrecord.gz"
+    write_records(f, [])
+    assert f.stat().st_size > 0
+    assert list(iter_records(f)) == []
+
+
+# ---- corruption ----------------------------------------------------------------------------
+
+
+def test_flipped_payload_byte_is_a_crc_error(tmp_path: Path):
+    f = tmp_path / "c.tfrecord"
+    write_records(f, PAYLOADS)
+    raw = bytearray(f.read_bytes())
+    raw[_offsets(PAYLOADS)[2] + 12 + 100] ^= 0x01
+    f.write_bytes(bytes(raw))
+    it = iter_records(f)
+    assert [i for i, _ in (next(it), next(it))] == [0, 1]
+    with pytest.raises(ExampleFormatError) as ei:
+        next(it)
+    assert ei.value.record == 2
+    assert "CRC" in str(ei.value) and str(f) in str(ei.value)
+
+
+def test_skip_corrupt_counts_and_continues(tmp_path: Path):
+    f = tmp_path / "c.tfrecord"
+    write_records(f, PAYLOADS)
+    raw = bytearray(f.read_bytes())
+    for rec in (0, 3):
+        raw[_offsets(PAYLOADS)[rec] + 12] ^= 0xFF  # first payload byte
+    f.write_bytes(bytes(raw))
+    stats = ReadStats()
+    got = list(iter_records(f, skip_corrupt=True, stats=stats))
+    assert [i for i, _ in got] == [1, 2, 4]
+    assert [p for _, p in got] == [PAYLOADS[1], PAYLOADS[2], PAYLOADS[4]]
+    assert stats.corrupt_skipped == 2 and stats.records == 3 and stats.files == 1
+    assert [(r, "CRC" in why) for _, r, why in stats.skipped] == [(0, True), (3, True)]
+
+
+def test_corrupt_length_cannot_be_skipped(tmp_path: Path):
+    f = tmp_path / "c.tfrecord"
+    write_records(f, PAYLOADS)
+    raw = bytearray(f.read_bytes())
+    raw[_offsets(PAYLOADS)[1]] ^= 0x04  # length field of record 1
+    f.write_bytes(bytes(raw))
+    it = iter_records(f, skip_corrupt=True)
+    assert next(it)[0] == 0
+    with pytest.raises(ExampleFormatError, match=r"length CRC.*cannot") as ei:
+        next(it)
+    assert ei.value.record == 1
+
+
+@pytest.mark.parametrize("cut", [5, 12 + 3, 16 + 5 + 12 + 2])
+def test_truncated_plain_record(tmp_path: Path, cut):
+    f = tmp_path / "t.tfrecord"
+    write_records(f, PAYLOADS[:2])
+    raw = f.read_bytes()
+    f.write_bytes(raw[: len(raw) - cut])
+    with pytest.raises(ExampleFormatError, match="truncated"):
+        list(iter_records(f))
+
+
+def test_truncated_gzip(tmp_path: Path):
+    f = tmp_path / "t.tfrecord.gz"
+    write_records(f, [bytes(range(256)) * 400 for _ in range(4)])
+    raw = f.read_bytes()
+    f.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ExampleFormatError, match="truncated") as ei:
+        list(iter_records(f))
+    assert str(f) in str(ei.value)
+
+
+def test_gzip_trailer_damage_is_corrupt(tmp_path: Path):
+    f = tmp_path / "t.tfrecord.gz"
+    write_records(f, PAYLOADS)
+    raw = bytearray(f.read_bytes())
+    raw[-6] ^= 0xFF  # inside the gzip CRC32 trailer
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ExampleFormatError, match="(?i)corrupt|CRC"):
+        list(iter_records(f))
+
+
+def test_empty_and_missing_files(tmp_path: Path):
+    f = tmp_path / "empty.tfrecord.gz"
+    f.write_bytes(b"")
+    with pytest.raises(ExampleFormatError, match="empty"):
+        list(iter_records(f))
+    with pytest.raises(ExampleFormatError, match="cannot open"):
+        list(iter_records(tmp_path / "nope.gz"))
+
+
+def test_not_a_tfrecord_file(tmp_path: Path):
+    f = tmp_path / "notes.txt"
+    f.write_text("this is a text file, not TFRecords\n" * 3)
+    with pytest.raises(ExampleFormatError, match="CRC"):
+        list(iter_records(f))
+
+
+# ---- writer ----------------------------------------------------------------------------
+
+
+def test_writer_is_atomic(tmp_path: Path):
+    f = tmp_path / "out.tfrecord.gz"
+    with pytest.raises(RuntimeError), TFRecordWriter(f) as w:
+        w.write(b"partial")
+        raise RuntimeError("boom")
+    assert not f.exists()
+    assert list(tmp_path.iterdir()) == []
+    with TFRecordWriter(f) as w:
+        w.write(b"x")
+        assert not f.exists()  # only visible after close
+    assert f.exists() and [p for _, p in iter_records(f)] == [b"x"]
+    with pytest.raises(ValueError, match="closed"):
+        w.write(b"y")
+
+
+def test_writer_output_is_deterministic(tmp_path: Path):
+    a, b = tmp_path / "a.gz", tmp_path / "b.gz"
+    write_records(a, PAYLOADS)
+    write_records(b, PAYLOADS)
+    assert a.read_bytes() == b.read_bytes()
+
+
+# ---- shard specs -----------------------------------------------------------------------
+
+
+def _touch_shards(d: Path, base: str, n: int, suffix: str = ".gz", skip=()) -> list[Path]:
+    out = []
+    for i in range(n):
+        p = d / shard_name(base, i, n, suffix)
+        if i not in skip:
+            write_records(p, [str(i).encode()])
+        out.append(p)
+    return out
+
+
+def test_shard_name_padding():
+    assert shard_name("x.tfrecord", 3, 16, ".gz") == "x.tfrecord-00003-of-00016.gz"
+    assert shard_name("x", 7, 123456) == "x-000007-of-123456"
+
+
+def test_expand_sharded_spec(tmp_path: Path):
+    shards = _touch_shards(tmp_path, "ex.tfrecord", 12)
+    got = expand_spec(f"{tmp_path}/ex.tfrecord@12.gz")
+    assert got == shards
+    # An explicit shard name means just that file.
+    assert expand_spec(str(shards[3])) == [shards[3]]
+
+
+def test_expand_sharded_spec_lists_missing(tmp_path: Path):
+    _touch_shards(tmp_path, "ex.tfrecord", 16, skip=(3, 11))
+    with pytest.raises(ExampleFormatError, match=r"2 of 16 shards missing \(indices 3, 11\)") as ei:
+        expand_spec(f"{tmp_path}/ex.tfrecord@16.gz")
+    assert "ex.tfrecord-00003-of-00016.gz" in str(ei.value)
+    with pytest.raises(ExampleFormatError, match="positive"):
+        expand_spec(f"{tmp_path}/ex.tfrecord@0.gz")
+
+
+def test_expand_glob_sorted_by_index_and_skips_side_files(tmp_path: Path):
+    shards = _touch_shards(tmp_path, "ex.tfrecord", 3)
+    (tmp_path / (shards[0].name + ".example_info.json")).write_text("{}")
+    got = expand_spec(f"{tmp_path}/ex.tfrecord-*")
+    assert got == shards
+    with pytest.raises(ExampleFormatError, match="matches no files"):
+        expand_spec(f"{tmp_path}/nothing-*.gz")
+
+
+def test_expand_comma_list_keeps_order_and_dedupes(tmp_path: Path):
+    a = _touch_shards(tmp_path, "a", 2)
+    b = tmp_path / "b.tfrecord.gz"
+    write_records(b, [b"b"])
+    got = expand_spec(f"{b}, {tmp_path}/a@2.gz,{a[0]}")
+    assert got == [b, a[0], a[1]]
+    assert expand_spec([b, a[1]]) == [b, a[1]]
+
+
+def test_expand_errors(tmp_path: Path):
+    with pytest.raises(ExampleFormatError, match="no such file"):
+        expand_spec(tmp_path / "missing.gz")
+    with pytest.raises(ExampleFormatError, match="directory"):
+        expand_spec(tmp_path)
+    with pytest.raises(ExampleFormatError, match="empty"):
+        expand_spec(" , ")
