@@ -374,6 +374,7 @@ def _shard_sort_key(p: Path) -> tuple:
 
 
 def _expand_one(part: str) -> list[Path]:
+    part = os.path.expanduser(part)
     m = _SHARD_SPEC.match(part)
     if m and not _GLOB_CHARS.search(part):
         n = int(m.group("n"))
@@ -394,13 +395,13 @@ def _expand_one(part: str) -> list[Path]:
     if _GLOB_CHARS.search(part):
         hits = [
             Path(h)
-            for h in _glob.glob(os.path.expanduser(part))
+            for h in _glob.glob(part)
             if os.path.isfile(h) and not h.endswith(_SIDE_FILE_SUFFIXES)
         ]
         if not hits:
             raise ExampleFormatError(part, None, "glob pattern matches no files")
         return sorted(hits, key=_shard_sort_key)
-    p = Path(os.path.expanduser(part))
+    p = Path(part)
     if p.is_dir():
         raise ExampleFormatError(
             part, None, "is a directory; give a file, a glob or a sharded spec like name@16.gz"

@@ -119,6 +119,16 @@ def test_flipped_payload_byte_is_a_crc_error(tmp_path: Path):
     assert "CRC" in str(ei.value) and str(f) in str(ei.value)
 
 
+def test_flipped_stored_crc_is_a_crc_error(tmp_path: Path):
+    f = tmp_path / "c.tfrecord"
+    write_records(f, PAYLOADS[:1])
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0x80  # the stored payload CRC itself
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ExampleFormatError, match="payload CRC mismatch"):
+        list(iter_records(f))
+
+
 def test_skip_corrupt_counts_and_continues(tmp_path: Path):
     f = tmp_path / "c.tfrecord"
     write_records(f, PAYLOADS)
