@@ -534,11 +534,12 @@ def check_example_info(
     info: dict,
     *,
     shape: Sequence[int],
-    channels: Sequence[int],
+    channels: Sequence[int] | None,
     what: str = "model",
 ) -> None:
     """Raise :class:`ExampleFormatError` unless the examples' shape and channel list equal
-    the ``what``'s (normally the model's), saying exactly what differs.
+    the ``what``'s (normally the model's), saying exactly what differs. ``channels=None``
+    means the other side does not know its channel list: only the shape is compared.
 
     Strict on purpose: DeepVariant's call_variants only warns here, but a model fed
     channels in the wrong order gives confident nonsense, which for probing is worse than
@@ -548,20 +549,20 @@ def check_example_info(
     ex_shape = [int(s) for s in info["shape"]]
     ex_ch = [int(c) for c in info["channels"]]
     want_shape = [int(s) for s in shape]
-    want_ch = [int(c) for c in channels]
+    want_ch = None if channels is None else [int(c) for c in channels]
     problems: list[str] = []
     if ex_shape != want_shape:
         dims = [
             f"{name} {a} vs {b}"
             for name, a, b in zip(
-                ("height", "width", "channels"), ex_shape, want_shape, strict=True
+                ("height", "width", "channels"), ex_shape, want_shape, strict=False
             )
             if a != b
         ]
         problems.append(
             f"examples have shape {ex_shape} but the {what} expects {want_shape} ({'; '.join(dims)})"
         )
-    if ex_ch != want_ch:
+    if want_ch is not None and ex_ch != want_ch:
         msg = (
             f"channel list differs: examples {_fmt_channels(ex_ch)} vs "
             f"{what} {_fmt_channels(want_ch)}"

@@ -405,6 +405,9 @@ def test_check_example_info_messages():
     assert "width 221 vs 199" in msg and "channels 7 vs 9" in msg
     assert "missing in examples: [7 haplotype, 9 diff_channels_alternate_allele_1" in msg
     assert "not used by the model: [19 insert_size]" in msg
+    check_example_info(info, shape=(100, 221, 7), channels=None)  # channels unknown: shape only
+    with pytest.raises(ExampleFormatError, match="width 221 vs 199"):
+        check_example_info(info, shape=(100, 199, 7), channels=None)
     swapped = [2, 1, 3, 4, 5, 6, 19]
     with pytest.raises(ExampleFormatError, match="same channels, different order"):
         check_example_info(info, shape=(100, 221, 7), channels=swapped, what="bundle")
