@@ -26,8 +26,9 @@ def _pair(text: str, what: str) -> tuple[float, float]:
 def simulate_cmd(
     out: Path = typer.Option(..., "--out", help="Output directory (created)."),
     seed: int = typer.Option(0, help="Random seed; same seed -> same data."),
-    length: int = typer.Option(400_000, help="Total reference length in bp (split 3:2 over "
-                               "two contigs)."),
+    length: int = typer.Option(
+        400_000, help="Total reference length in bp (split 3:2 over two contigs)."
+    ),
     contigs: str = typer.Option("chr20,chr21", help="Comma-separated contig names."),
     coverage: float = typer.Option(30.0, help="Mean sequencing depth."),
     read_length: int = typer.Option(150, help="Read length of each mate."),
@@ -38,8 +39,9 @@ def simulate_cmd(
     line_length: int = typer.Option(6000, help="LINE consensus length."),
     line_divergence: str = typer.Option("0.02,0.10", help="Copy divergence range lo,hi."),
     young_fraction: float = typer.Option(0.3, help="Fraction of near-identical young copies."),
-    segdup_length: int = typer.Option(8000, help="Reference segmental duplication length "
-                                      "(0: none)."),
+    segdup_length: int = typer.Option(
+        8000, help="Reference segmental duplication length (0: none)."
+    ),
     cnv_length: int = typer.Option(20_000, help="Sample copy-number gain length (0: none)."),
     n_homopolymers: int = typer.Option(30, help="Planted homopolymers."),
     n_strs: int = typer.Option(40, help="Planted short tandem repeats."),
@@ -55,21 +57,39 @@ def simulate_cmd(
     from probing.simulate import simulate
 
     files = simulate(
-        out, seed=seed, length=length, contigs=tuple(c for c in contigs.split(",") if c),
-        coverage=coverage, read_length=read_length, insert_mean=insert_mean,
-        insert_sd=insert_sd, n_line_families=n_line_families, line_copies=line_copies,
-        line_length=line_length, line_divergence=_pair(line_divergence, "line-divergence"),
-        young_fraction=young_fraction, segdup_length=segdup_length, cnv_length=cnv_length,
-        n_homopolymers=n_homopolymers, n_strs=n_strs, n_low_complexity=n_low_complexity,
-        snv_rate=snv_rate, indel_rate=indel_rate, n_mosaic=n_mosaic,
-        mosaic_vaf=_pair(mosaic_vaf, "mosaic-vaf"), progress=not quiet)
+        out,
+        seed=seed,
+        length=length,
+        contigs=tuple(c for c in contigs.split(",") if c),
+        coverage=coverage,
+        read_length=read_length,
+        insert_mean=insert_mean,
+        insert_sd=insert_sd,
+        n_line_families=n_line_families,
+        line_copies=line_copies,
+        line_length=line_length,
+        line_divergence=_pair(line_divergence, "line-divergence"),
+        young_fraction=young_fraction,
+        segdup_length=segdup_length,
+        cnv_length=cnv_length,
+        n_homopolymers=n_homopolymers,
+        n_strs=n_strs,
+        n_low_complexity=n_low_complexity,
+        snv_rate=snv_rate,
+        indel_rate=indel_rate,
+        n_mosaic=n_mosaic,
+        mosaic_vaf=_pair(mosaic_vaf, "mosaic-vaf"),
+        progress=not quiet,
+    )
     import json
 
     counts = json.loads(files["manifest"].read_text())["counts"]
-    typer.echo(f"simulated {counts['reads']} reads ({counts['misplaced_reads']} misplaced in "
-               f"repeats), {counts['germline_variants']} germline variants, "
-               f"{counts['mosaic_snvs']} mosaic SNVs, {counts['line_copies']} LINE copies "
-               f"-> {out}")
+    typer.echo(
+        f"simulated {counts['reads']} reads ({counts['misplaced_reads']} misplaced in "
+        f"repeats), {counts['germline_variants']} germline variants, "
+        f"{counts['mosaic_snvs']} mosaic SNVs, {counts['line_copies']} LINE copies "
+        f"-> {out}"
+    )
     for role, p in files.items():
         typer.echo(f"  {role:15s} {p}")
 
@@ -77,34 +97,54 @@ def simulate_cmd(
 def make_examples_cmd(
     ref: Path = typer.Option(..., "--ref", help="Reference FASTA (with .fai)."),
     reads: Path = typer.Option(..., "--reads", help="Indexed, coordinate-sorted BAM/CRAM."),
-    out: str = typer.Option(..., "--out", help="Output file or sharded spec, e.g. "
-                            "examples.tfrecord@4.gz."),
-    sites: Path | None = typer.Option(None, "--sites", help="VCF: make examples for these "
-                                      "variants; BED: find candidates inside these regions."),
-    candidates: bool = typer.Option(False, "--candidates", help="Find candidates over the "
-                                    "whole BAM."),
-    truth: list[Path] = typer.Option([], "--truth", help="Truth VCF(s) for labels "
-                                     "(repeatable: germline + mosaic)."),
-    shards: int | None = typer.Option(None, "--shards", help="Number of shards (or use "
-                                      "name@N.gz)."),
+    out: str = typer.Option(
+        ..., "--out", help="Output file or sharded spec, e.g. examples.tfrecord@4.gz."
+    ),
+    sites: Path | None = typer.Option(
+        None,
+        "--sites",
+        help="VCF: make examples for these variants; BED: find candidates inside these regions.",
+    ),
+    candidates: bool = typer.Option(
+        False, "--candidates", help="Find candidates over the whole BAM."
+    ),
+    truth: list[Path] = typer.Option(
+        [], "--truth", help="Truth VCF(s) for labels (repeatable: germline + mosaic)."
+    ),
+    shards: int | None = typer.Option(
+        None, "--shards", help="Number of shards (or use name@N.gz)."
+    ),
     width: int = typer.Option(221, help="Pileup width (odd)."),
     height: int = typer.Option(100, help="Pileup height (5 reference rows + reads)."),
     min_count: int = typer.Option(2, help="Candidates: min reads carrying the allele."),
     min_fraction: float = typer.Option(0.05, help="Candidates: min allele fraction."),
-    ref_sites_fraction: float = typer.Option(0.0, help="Candidates: fraction of other "
-                                             "covered positions emitted as hom-ref examples."),
-    no_het_alt_images: bool = typer.Option(False, "--no-het-alt-images", help="Multi-allelic: "
-                                           "only single-alt examples."),
+    ref_sites_fraction: float = typer.Option(
+        0.0, help="Candidates: fraction of other covered positions emitted as hom-ref examples."
+    ),
+    no_het_alt_images: bool = typer.Option(
+        False, "--no-het-alt-images", help="Multi-allelic: only single-alt examples."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Encode DeepVariant-format pileup examples (100x221x7 WGS channels) with pysam."""
     from probing.make_examples import make_examples
 
     res = make_examples(
-        ref, reads, out, sites=sites, candidates=candidates, truth=truth or None,
-        shards=shards, width=width, height=height, min_count=min_count,
-        min_fraction=min_fraction, ref_sites_fraction=ref_sites_fraction,
-        het_alt_images=not no_het_alt_images, progress=not quiet)
+        ref,
+        reads,
+        out,
+        sites=sites,
+        candidates=candidates,
+        truth=truth or None,
+        shards=shards,
+        width=width,
+        height=height,
+        min_count=min_count,
+        min_fraction=min_fraction,
+        ref_sites_fraction=ref_sites_fraction,
+        het_alt_images=not no_het_alt_images,
+        progress=not quiet,
+    )
     typer.echo(res.summary())
 
 

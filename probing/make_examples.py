@@ -144,8 +144,9 @@ def _open_fasta(path: str | Path) -> pysam.FastaFile:
     try:
         return pysam.FastaFile(str(path))
     except (OSError, ValueError) as exc:
-        raise MakeExamplesError(f"{path}: cannot open reference FASTA ({exc}); it needs a "
-                                "samtools faidx .fai index") from None
+        raise MakeExamplesError(
+            f"{path}: cannot open reference FASTA ({exc}); it needs a samtools faidx .fai index"
+        ) from None
 
 
 def _open_bam(path: str | Path) -> pysam.AlignmentFile:
@@ -176,16 +177,23 @@ def load_sites(path: str | Path, contigs: dict[str, int]) -> list[Site]:
             if rec.chrom not in contigs:
                 raise MakeExamplesError(
                     f"{path}, record {i} ({rec.chrom}:{rec.pos}): contig {rec.chrom!r} is not "
-                    "in the BAM/reference")
+                    "in the BAM/reference"
+                )
             alts = tuple(a for a in (rec.alts or ()) if not a.startswith("<") and a != "*")
             if not alts:
                 continue
             if not re.fullmatch(r"[ACGTNacgtn]+", rec.ref) or any(
-                    not re.fullmatch(r"[ACGTNacgtn]+", a) for a in alts):
-                raise MakeExamplesError(f"{path}, record {i} ({rec.chrom}:{rec.pos}): "
-                                        f"unsupported alleles {rec.ref}>{','.join(alts)}")
-            sites.append(Site(rec.chrom, rec.start, rec.stop, rec.ref.upper(),
-                              tuple(a.upper() for a in alts)))
+                not re.fullmatch(r"[ACGTNacgtn]+", a) for a in alts
+            ):
+                raise MakeExamplesError(
+                    f"{path}, record {i} ({rec.chrom}:{rec.pos}): "
+                    f"unsupported alleles {rec.ref}>{','.join(alts)}"
+                )
+            sites.append(
+                Site(
+                    rec.chrom, rec.start, rec.stop, rec.ref.upper(), tuple(a.upper() for a in alts)
+                )
+            )
     return sites
 
 
@@ -201,8 +209,9 @@ def _load_bed(path: Path, contigs: dict[str, int]) -> list[tuple[str, int, int]]
             try:
                 chrom, s, e = f[0], int(f[1]), int(f[2])
             except (IndexError, ValueError):
-                raise MakeExamplesError(f"{path}, line {i + 1}: not a BED line: {line[:60]!r}"
-                                        ) from None
+                raise MakeExamplesError(
+                    f"{path}, line {i + 1}: not a BED line: {line[:60]!r}"
+                ) from None
             if chrom not in contigs:
                 raise MakeExamplesError(f"{path}, line {i + 1}: contig {chrom!r} not in BAM")
             if not 0 <= s < e <= contigs[chrom]:
@@ -229,9 +238,11 @@ class TruthLabeler:
                     gt = sample.get("GT") if "GT" in sample else None
                     if gt is None:
                         raise MakeExamplesError(
-                            f"{path}, record {i} ({rec.chrom}:{rec.pos}): no GT field")
+                            f"{path}, record {i} ({rec.chrom}:{rec.pos}): no GT field"
+                        )
                     self.records.setdefault((rec.chrom, rec.start), []).append(
-                        (rec.ref.upper(), tuple(a.upper() for a in (rec.alts or ())), gt))
+                        (rec.ref.upper(), tuple(a.upper() for a in (rec.alts or ())), gt)
+                    )
 
     def label(self, site: Site, subset: Sequence[int]) -> int:
         """How many of the truth GT's alleles are among ``site.alts[subset]`` (0, 1 or 2)."""
@@ -277,17 +288,28 @@ def find_candidates(
     covered non-candidate positions is added as ``refsite`` sites.
     """
     ref = fasta.fetch(chrom, start, end).upper()
-    counts = np.array(bam.count_coverage(
-        chrom, start, end, quality_threshold=min_baseq,
-        read_callback=lambda r: _usable(r, min_mapq)), dtype=np.int64)  # [4, L] A C G T
+    counts = np.array(
+        bam.count_coverage(
+            chrom,
+            start,
+            end,
+            quality_threshold=min_baseq,
+            read_callback=lambda r: _usable(r, min_mapq),
+        ),
+        dtype=np.int64,
+    )  # [4, L] A C G T
     depth = counts.sum(axis=0)
     ref_codes = np.frombuffer(ref.encode(), dtype=np.uint8)
     alleles: dict[int, dict[tuple[str, str], int]] = {}
     # SNVs.
     bases = "ACGT"
     for k, b in enumerate(bases):
-        ok = ((counts[k] >= min_count) & (counts[k] >= min_fraction * np.maximum(depth, 1))
-              & (ref_codes != ord(b)) & (ref_codes != ord("N")))
+        ok = (
+            (counts[k] >= min_count)
+            & (counts[k] >= min_fraction * np.maximum(depth, 1))
+            & (ref_codes != ord(b))
+            & (ref_codes != ord("N"))
+        )
         for p in np.flatnonzero(ok).tolist():
             alleles.setdefault(start + p, {})[(ref[p], b)] = int(counts[k, p])
     # Indels.
@@ -345,8 +367,11 @@ def find_candidates(
             rb = ref[p]
             other = [k for k in range(4) if bases[k] != rb]
             c_other = counts[other, p]
-            alt = bases[other[int(np.argmax(c_other))]] if c_other.max() > 0 else \
-                bases[other[int(rng.integers(0, 3))]]
+            alt = (
+                bases[other[int(np.argmax(c_other))]]
+                if c_other.max() > 0
+                else bases[other[int(rng.integers(0, 3))]]
+            )
             sites.append(Site(chrom, start + p, start + p + 1, rb, (alt,), "refsite"))
         sites.sort(key=lambda s: (s.start, s.source))
     return sites
@@ -385,8 +410,9 @@ class PileupEncoder:
             raise MakeExamplesError(f"--height must exceed {C.REF_ROWS}, got {self.height}")
         bad = [c for c in self.channels if c not in SUPPORTED_CHANNELS]
         if bad:
-            raise MakeExamplesError(f"channels {bad} not supported; this encoder writes "
-                                    f"{list(SUPPORTED_CHANNELS)}")
+            raise MakeExamplesError(
+                f"channels {bad} not supported; this encoder writes {list(SUPPORTED_CHANNELS)}"
+            )
         if not self.contig_lengths:
             self.contig_lengths = dict(zip(self.bam.references, self.bam.lengths, strict=True))
         self._sel = [_CH[c] for c in self.channels]
@@ -442,19 +468,21 @@ class PileupEncoder:
             return None
         return "".join(parts).upper()
 
-    def _encode_read(self, read: pysam.AlignedSegment, ref: np.ndarray, wstart: int
-                     ) -> np.ndarray:
+    def _encode_read(self, read: pysam.AlignedSegment, ref: np.ndarray, wstart: int) -> np.ndarray:
         W = self.width
         px = np.zeros((W, 7), dtype=np.uint8)
         seq = np.frombuffer((read.query_sequence or "").encode(), dtype=np.uint8)
         bq = np.asarray(read.query_qualities, dtype=np.int64)
-        bq_px = (C.MAX_PIXEL * np.minimum(bq, C.BASE_QUALITY_CAP) // C.BASE_QUALITY_CAP
-                 ).astype(np.uint8)
-        mq_px = C.MAX_PIXEL * min(read.mapping_quality, C.MAPPING_QUALITY_CAP) \
-            // C.MAPPING_QUALITY_CAP
+        bq_px = (C.MAX_PIXEL * np.minimum(bq, C.BASE_QUALITY_CAP) // C.BASE_QUALITY_CAP).astype(
+            np.uint8
+        )
+        mq_px = (
+            C.MAX_PIXEL * min(read.mapping_quality, C.MAPPING_QUALITY_CAP) // C.MAPPING_QUALITY_CAP
+        )
         strand = C.NEGATIVE_STRAND if read.is_reverse else C.POSITIVE_STRAND
-        ins_px = C.MAX_PIXEL * min(abs(read.template_length), C.INSERT_SIZE_CAP) \
-            // C.INSERT_SIZE_CAP
+        ins_px = (
+            C.MAX_PIXEL * min(abs(read.template_length), C.INSERT_SIZE_CAP) // C.INSERT_SIZE_CAP
+        )
         q, r = 0, read.reference_start
         last_aligned_col: int | None = None  # column of the previous aligned base
         for op, n in read.cigartuples or ():
@@ -469,8 +497,9 @@ class PileupEncoder:
                     px[lo:hi, _CH[3]] = mq_px
                     px[lo:hi, _CH[4]] = strand
                     px[lo:hi, _CH[5]] = C.NOT_SUPPORTING
-                    px[lo:hi, _CH[6]] = np.where(_UPPER[rb] == ref[lo:hi], C.MATCHES_REF,
-                                                 C.DIFFERS_FROM_REF)
+                    px[lo:hi, _CH[6]] = np.where(
+                        _UPPER[rb] == ref[lo:hi], C.MATCHES_REF, C.DIFFERS_FROM_REF
+                    )
                     px[lo:hi, _CH[19]] = ins_px
                 last_aligned_col = c1 - 1
                 q += n
@@ -499,8 +528,11 @@ class PileupEncoder:
         hi = min(self.contig_lengths[site.chrom], site.end + READ_OVERLAP_BUFFER)
         usable: list[pysam.AlignedSegment] = []
         for read in self.bam.fetch(site.chrom, lo, hi):
-            if not _usable(read, self.min_mapq) or not read.cigartuples \
-                    or read.query_qualities is None:  # no BQ ('*'): cannot be encoded
+            if (
+                not _usable(read, self.min_mapq)
+                or not read.cigartuples
+                or read.query_qualities is None
+            ):  # no BQ ('*'): cannot be encoded
                 continue
             if read.reference_end is None or read.reference_end <= lo or read.reference_start >= hi:
                 continue
@@ -510,8 +542,7 @@ class PileupEncoder:
             usable.append(read)
         cap = self.height - C.REF_ROWS
         if len(usable) > cap:
-            rng = np.random.default_rng(
-                [self.seed, zlib.crc32(site.chrom.encode()), site.start])
+            rng = np.random.default_rng([self.seed, zlib.crc32(site.chrom.encode()), site.start])
             keep = sorted(rng.permutation(len(usable))[:cap].tolist())
             usable = [usable[i] for i in keep]
         rows = []
@@ -523,13 +554,21 @@ class PileupEncoder:
                     idx = -1
                 elif allele in site.alts:
                     idx = site.alts.index(allele)
-            rows.append(_Row(read.reference_start, read.query_name or "", read.is_read2,
-                             self._encode_read(read, ref, wstart), idx))
+            rows.append(
+                _Row(
+                    read.reference_start,
+                    read.query_name or "",
+                    read.is_read2,
+                    self._encode_read(read, ref, wstart),
+                    idx,
+                )
+            )
         rows.sort(key=lambda x: (x.start, x.name, x.read2))
         return rows
 
-    def encode_site(self, site: Site, het_alt_images: bool = True
-                    ) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    def encode_site(
+        self, site: Site, het_alt_images: bool = True
+    ) -> list[tuple[tuple[int, ...], np.ndarray]]:
         """One ``(alt subset, image [H, W, len(channels)])`` per alt subset of ``site``."""
         if site.chrom not in self.contig_lengths:
             raise MakeExamplesError(f"site {site.chrom}:{site.start + 1}: contig not in BAM")
@@ -585,8 +624,7 @@ def _shard_paths(out: str | Path, shards: int | None) -> list[Path]:
             raise MakeExamplesError(f"{s}: shard count after '@' must be positive")
         if shards is not None and shards != n:
             raise MakeExamplesError(f"{s}: spec says {n} shards but --shards {shards}")
-        return [Path(shard_name(m.group("base"), i, n, m.group("suffix") or ""))
-                for i in range(n)]
+        return [Path(shard_name(m.group("base"), i, n, m.group("suffix") or "")) for i in range(n)]
     n = shards or 1
     if n == 1:
         return [Path(s)]
@@ -609,8 +647,10 @@ class MakeExamplesResult:
     def summary(self) -> str:
         lab = ", ".join(f"{k}:{v}" for k, v in sorted(self.labels.items())) or "none"
         src = ", ".join(f"{k} {v}" for k, v in sorted(self.by_source.items()))
-        return (f"{self.n_examples} examples from {self.n_sites} sites ({src}) in "
-                f"{len(self.shards)} shard(s) {self.spec}; labels {lab}")
+        return (
+            f"{self.n_examples} examples from {self.n_sites} sites ({src}) in "
+            f"{len(self.shards)} shard(s) {self.spec}; labels {lab}"
+        )
 
 
 def make_examples(
@@ -646,15 +686,17 @@ def make_examples(
         if c not in fasta.references:
             raise MakeExamplesError(f"{ref}: contig {c!r} of {reads} missing from the FASTA")
         if fasta.get_reference_length(c) != n:
-            raise MakeExamplesError(f"{ref}: contig {c!r} has length "
-                                    f"{fasta.get_reference_length(c)} but {n} in {reads}")
+            raise MakeExamplesError(
+                f"{ref}: contig {c!r} has length {fasta.get_reference_length(c)} but {n} in {reads}"
+            )
     if sites is None and not candidates:
         raise MakeExamplesError("give --sites VCF|BED or --candidates")
     if sites is not None and candidates and _is_vcf(Path(sites)):
         raise MakeExamplesError("--sites VCF and --candidates are exclusive")
     if not 0 <= ref_sites_fraction <= 1 or not 0 < min_fraction <= 1 or min_count < 1:
-        raise MakeExamplesError("need 0 <= ref_sites_fraction <= 1, 0 < min_fraction <= 1, "
-                                "min_count >= 1")
+        raise MakeExamplesError(
+            "need 0 <= ref_sites_fraction <= 1, 0 < min_fraction <= 1, min_count >= 1"
+        )
     rng = np.random.default_rng(seed)
     site_list: list[Site]
     if sites is not None and _is_vcf(Path(sites)):
@@ -669,18 +711,38 @@ def make_examples(
         site_list = []
         for chrom, s, e in tqdm(regs, desc="candidates", unit="region", disable=not progress):
             for cs in range(s, e, 1_000_000):
-                site_list.extend(find_candidates(
-                    bam, fasta, chrom, cs, min(e, cs + 1_000_000), min_count=min_count,
-                    min_fraction=min_fraction, min_mapq=min_mapq, min_baseq=min_baseq,
-                    ref_sites_fraction=ref_sites_fraction, rng=rng))
+                site_list.extend(
+                    find_candidates(
+                        bam,
+                        fasta,
+                        chrom,
+                        cs,
+                        min(e, cs + 1_000_000),
+                        min_count=min_count,
+                        min_fraction=min_fraction,
+                        min_mapq=min_mapq,
+                        min_baseq=min_baseq,
+                        ref_sites_fraction=ref_sites_fraction,
+                        rng=rng,
+                    )
+                )
     if not site_list:
         raise MakeExamplesError(f"{sites or reads}: no sites to make examples for")
-    truth_paths = [] if truth is None else ([truth] if isinstance(truth, (str, Path))
-                                            else list(truth))
+    truth_paths = (
+        [] if truth is None else ([truth] if isinstance(truth, (str, Path)) else list(truth))
+    )
     labeler = TruthLabeler(truth_paths) if truth_paths else None
-    enc = PileupEncoder(fasta, bam, width=width, height=height, channels=tuple(channels),
-                        min_mapq=min_mapq, min_baseq=min_baseq, seed=seed,
-                        contig_lengths=contigs)
+    enc = PileupEncoder(
+        fasta,
+        bam,
+        width=width,
+        height=height,
+        channels=tuple(channels),
+        min_mapq=min_mapq,
+        min_baseq=min_baseq,
+        seed=seed,
+        contig_lengths=contigs,
+    )
     paths = _shard_paths(out, shards)
     n = len(paths)
     bounds = [round(i * len(site_list) / n) for i in range(n + 1)]
@@ -699,10 +761,20 @@ def make_examples(
                     label = labeler.label(site, subset) if labeler else None
                     if label is not None:
                         labels[label] += 1
-                    w.write(encode_example(
-                        img, chrom=site.chrom, start=site.start, end=site.end, ref=site.ref,
-                        alts=site.alts, alt_allele_indices=subset, label=label,
-                        variant_type=vt, sequencing_type=1))
+                    w.write(
+                        encode_example(
+                            img,
+                            chrom=site.chrom,
+                            start=site.start,
+                            end=site.end,
+                            ref=site.ref,
+                            alts=site.alts,
+                            alt_allele_indices=subset,
+                            label=label,
+                            variant_type=vt,
+                            sequencing_type=1,
+                        )
+                    )
                     n_examples += 1
                 bar.update(1)
         for w in writers:
@@ -716,7 +788,13 @@ def make_examples(
     shape = (height, width, len(channels))
     for p in paths:
         infos.append(write_example_info(p, shape, list(channels), EXAMPLE_INFO_VERSION))
-    spec = str(out) if _SHARD_SPEC.match(str(out)) or n == 1 else \
-        f"{str(out)[:-3]}@{n}.gz" if str(out).endswith(".gz") else f"{out}@{n}"
-    return MakeExamplesResult(paths, infos, len(site_list), n_examples, dict(labels),
-                              dict(by_source), spec)
+    spec = (
+        str(out)
+        if _SHARD_SPEC.match(str(out)) or n == 1
+        else f"{str(out)[:-3]}@{n}.gz"
+        if str(out).endswith(".gz")
+        else f"{out}@{n}"
+    )
+    return MakeExamplesResult(
+        paths, infos, len(site_list), n_examples, dict(labels), dict(by_source), spec
+    )

@@ -252,8 +252,17 @@ def _build_genome(
             chrom, start = layout.place(seq.size, what="segmental duplication")
             seqs[chrom][start : start + seq.size] = seq if strand == "+" else _revcomp(seq)
             copies.append(
-                _Copy(name, k, chrom, start, start + seq.size, strand, 0, segdup_length,
-                      segdup_divergence if k else 0.0)
+                _Copy(
+                    name,
+                    k,
+                    chrom,
+                    start,
+                    start + seq.size,
+                    strand,
+                    0,
+                    segdup_length,
+                    segdup_divergence if k else 0.0,
+                )
             )
 
     cnv = []
@@ -277,15 +286,33 @@ def _build_genome(
         n = u * reps
         chrom, s = layout.place(n, margin=30, what="short tandem repeat")
         seqs[chrom][s : s + n] = np.tile(unit, reps)
-        low.append((chrom, s, s + n, f"({_decode(unit)})n", "Simple_repeat", "Simple_repeat",
-                    _decode(unit)))
+        low.append(
+            (
+                chrom,
+                s,
+                s + n,
+                f"({_decode(unit)})n",
+                "Simple_repeat",
+                "Simple_repeat",
+                _decode(unit),
+            )
+        )
     for _ in range(n_low_complexity):
         n = int(rng.integers(30, 101))
         pair = rng.choice(4, size=2, replace=False)
         chrom, s = layout.place(n, margin=30, what="low-complexity stretch")
         seqs[chrom][s : s + n] = pair[(rng.random(n) < 0.5).astype(int)]
-        low.append((chrom, s, s + n, f"{_decode(np.sort(pair))}-rich", "Low_complexity",
-                    "Low_complexity", None))
+        low.append(
+            (
+                chrom,
+                s,
+                s + n,
+                f"{_decode(np.sort(pair))}-rich",
+                "Low_complexity",
+                "Low_complexity",
+                None,
+            )
+        )
     return seqs, layout, copies, consensus, cnv, low
 
 
@@ -299,8 +326,11 @@ def _cons_matrix(seqs: dict[str, np.ndarray], copies: list[_Copy], length: int) 
 
 
 def _low_mappability(
-    seqs: dict[str, np.ndarray], families: dict[str, list[_Copy]], cons_len: dict[str, int],
-    kmer: int = 100, max_mm: int = 2,
+    seqs: dict[str, np.ndarray],
+    families: dict[str, list[_Copy]],
+    cons_len: dict[str, int],
+    kmer: int = 100,
+    max_mm: int = 2,
 ) -> list[tuple[str, int, int]]:
     """Genome intervals covered by a ``kmer``-mer with a <= ``max_mm``-mismatch hit in another
     copy of the same family (GIAB ``nonunique_l100_m2`` in spirit, substitutions only)."""
@@ -393,8 +423,9 @@ def _plant_variants(
                 others = [b for b in "ACGT" if b != ref]
                 rng.shuffle(others)
                 alts = others[:2] if multi else others[:1]
-                variants.append(_Variant(chrom, p, ref, alts, gt_for(multi),
-                                         "multi" if multi else "snv"))
+                variants.append(
+                    _Variant(chrom, p, ref, alts, gt_for(multi), "multi" if multi else "snv")
+                )
             else:
                 k = int(min(rng.geometric(0.45), 10))
                 if rng.random() < 0.5:
@@ -425,14 +456,17 @@ def _plant_variants(
             continue
         ref = _decode(seqs[chrom][p : p + 1])
         alt = [b for b in "ACGT" if b != ref][int(rng.integers(0, 3))]
-        mosaics.append(_Mosaic(chrom, p, ref, alt, float(rng.uniform(*mosaic_vaf)),
-                               int(rng.integers(0, 2))))
+        mosaics.append(
+            _Mosaic(chrom, p, ref, alt, float(rng.uniform(*mosaic_vaf)), int(rng.integers(0, 2)))
+        )
         taken[chrom].append(p)
     mosaics.sort(key=lambda m: (names.index(m.chrom), m.pos))
     return variants, mosaics
 
 
-def _haplotype(seq: np.ndarray, variants: list[_Variant], hap: int) -> tuple[np.ndarray, np.ndarray]:
+def _haplotype(
+    seq: np.ndarray, variants: list[_Variant], hap: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(haplotype bases, reference position of each base; -1 for inserted bases)."""
     seq_parts: list[np.ndarray] = []
     map_parts: list[np.ndarray] = []
@@ -541,8 +575,11 @@ def _generate_reads(
             hseq, hmap = _haplotype(seqs[chrom], cv, hap)
             starts_list, flen_list = [], []
             n_frag = int(rng.poisson(coverage / 2 * hseq.size / (2 * rl)))
-            flen = np.clip(np.rint(rng.normal(insert_mean, insert_sd, n_frag)), rl,
-                           min(3 * insert_mean, hseq.size - 1)).astype(np.int64)
+            flen = np.clip(
+                np.rint(rng.normal(insert_mean, insert_sd, n_frag)),
+                rl,
+                min(3 * insert_mean, hseq.size - 1),
+            ).astype(np.int64)
             starts_list.append((rng.random(n_frag) * (hseq.size - flen)).astype(np.int64))
             flen_list.append(flen)
             if hap == 0:  # the extra copy of a CN gain sits on haplotype 0
@@ -551,8 +588,9 @@ def _generate_reads(
                         continue
                     hs, he = np.searchsorted(hmap, [s, e])
                     m = int(rng.poisson(coverage / 2 * (he - hs) / (2 * rl)))
-                    fl = np.clip(np.rint(rng.normal(insert_mean, insert_sd, m)), rl,
-                                 he - hs - 1).astype(np.int64)
+                    fl = np.clip(
+                        np.rint(rng.normal(insert_mean, insert_sd, m)), rl, he - hs - 1
+                    ).astype(np.int64)
                     starts_list.append(hs + (rng.random(m) * (he - hs - fl)).astype(np.int64))
                     flen_list.append(fl)
             fs = np.concatenate(starts_list)
@@ -611,13 +649,30 @@ def _generate_reads(
         start[i] = s
         end[i] = int(rp[rp >= 0].max()) + 1
         cigars[i] = ops
-    return _Reads(chrom_arr, start, end, seq, qual, reverse, simple, cigars,
-                  np.full(n, 60, dtype=np.int16), np.zeros(n, dtype=bool), hap_arr,
-                  start.copy(), chrom_arr.copy())
+    return _Reads(
+        chrom_arr,
+        start,
+        end,
+        seq,
+        qual,
+        reverse,
+        simple,
+        cigars,
+        np.full(n, 60, dtype=np.int16),
+        np.zeros(n, dtype=bool),
+        hap_arr,
+        start.copy(),
+        chrom_arr.copy(),
+    )
 
 
-def _multimap(rng: np.random.Generator, reads: _Reads, seqs: dict[str, np.ndarray],
-              copies: list[_Copy], cons_len: dict[str, int]) -> None:
+def _multimap(
+    rng: np.random.Generator,
+    reads: _Reads,
+    seqs: dict[str, np.ndarray],
+    copies: list[_Copy],
+    cons_len: dict[str, int],
+) -> None:
     """Place pairs inside repeat copies at their best-matching copy and set MAPQ (see module
     docstring). Mutates ``reads`` in place."""
     names = list(seqs)
@@ -629,8 +684,9 @@ def _multimap(rng: np.random.Generator, reads: _Reads, seqs: dict[str, np.ndarra
     copy_of = np.full(reads.start.size, -1, dtype=np.int64)
     for gi, c in enumerate(copies):
         ci = names.index(c.chrom)
-        inside = ((reads.chrom == ci) & (reads.start >= c.start) & (reads.end <= c.end)
-                  & reads.simple)
+        inside = (
+            (reads.chrom == ci) & (reads.start >= c.start) & (reads.end <= c.end) & reads.simple
+        )
         copy_of[inside] = gi
     gidx = {id(c): gi for gi, c in enumerate(copies)}
     for fam, cps in fams.items():
@@ -647,8 +703,11 @@ def _multimap(rng: np.random.Generator, reads: _Reads, seqs: dict[str, np.ndarra
         c_gs = np.array([c.start for c in cps])
         c_ge = np.array([c.end for c in cps])
         minus = c_strand[k_of]
-        cstart = np.where(minus, c_cs[k_of] + (c_ge[k_of] - reads.end[rows]),
-                          c_cs[k_of] + (reads.start[rows] - c_gs[k_of]))
+        cstart = np.where(
+            minus,
+            c_cs[k_of] + (c_ge[k_of] - reads.end[rows]),
+            c_cs[k_of] + (reads.start[rows] - c_gs[k_of]),
+        )
         rseq = reads.seq[rows]
         rcons = np.where(minus[:, None], _revcomp(rseq), rseq)
         cols = cstart[:, None] + np.arange(rl)
@@ -677,8 +736,11 @@ def _multimap(rng: np.random.Generator, reads: _Reads, seqs: dict[str, np.ndarra
         second = others.min(axis=0)
         delta = second - own
         score1 = rl - 5.0 * own
-        mapq = np.where(np.isinf(second), 60.0,
-                        30.0 * (1.0 - (rl - 5.0 * second) / np.maximum(score1, 1.0)) * math.log(rl))
+        mapq = np.where(
+            np.isinf(second),
+            60.0,
+            30.0 * (1.0 - (rl - 5.0 * second) / np.maximum(score1, 1.0)) * math.log(rl),
+        )
         mapq = np.where(delta <= 0, 0.0, mapq)
         reads.mapq[rows] = np.clip(np.rint(mapq), 0, 60).astype(np.int16)
         # Move the misplaced mates.
@@ -730,23 +792,30 @@ def _write_bam(path: Path, reads: _Reads, seqs: dict[str, np.ndarray], progress:
     mate = np.arange(n) ^ 1
     tlen_abs = np.maximum(reads.end, reads.end[mate]) - np.minimum(reads.start, reads.start[mate])
     is_left = (reads.start < reads.start[mate]) | (
-        (reads.start == reads.start[mate]) & (np.arange(n) % 2 == 0))
+        (reads.start == reads.start[mate]) & (np.arange(n) % 2 == 0)
+    )
     same_chrom = reads.chrom == reads.chrom[mate]
     tlen = np.where(same_chrom, np.where(is_left, tlen_abs, -tlen_abs), 0)
     fwd_left = np.where(is_left, ~reads.reverse, ~reads.reverse[mate])
     proper = same_chrom & (reads.reverse != reads.reverse[mate]) & fwd_left & (tlen_abs <= 1000)
     read1 = np.random.default_rng(0).random(n // 2) < 0.5  # which mate is R1 (deterministic)
     first = np.where(np.arange(n) % 2 == 0, read1.repeat(2), ~read1.repeat(2))
-    flag = (1 | np.where(proper, 2, 0) | np.where(reads.reverse, 16, 0)
-            | np.where(reads.reverse[mate], 32, 0) | np.where(first, 64, 128))
+    flag = (
+        1
+        | np.where(proper, 2, 0)
+        | np.where(reads.reverse, 16, 0)
+        | np.where(reads.reverse[mate], 32, 0)
+        | np.where(first, 64, 128)
+    )
     order = np.lexsort((np.arange(n), reads.start, reads.chrom))
     order = order[keep[order]]
     rl = reads.seq.shape[1]
     ascii_seq = _ALPHABET[reads.seq]
     written = 0
     with pysam.AlignmentFile(str(path), "wb", header=header) as out:
-        for i in tqdm(order.tolist(), desc="write BAM", unit="read", disable=not progress,
-                      mininterval=1.0):
+        for i in tqdm(
+            order.tolist(), desc="write BAM", unit="read", disable=not progress, mininterval=1.0
+        ):
             a = pysam.AlignedSegment(out.header)
             a.query_name = f"sim{i // 2:08d}"
             a.flag = int(flag[i])
@@ -776,12 +845,17 @@ def _vcf_header(seqs: dict[str, np.ndarray], mosaic: bool) -> pysam.VariantHeade
     h.add_line('##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">')
     h.add_line('##INFO=<ID=KIND,Number=1,Type=String,Description="Planted variant kind">')
     if mosaic:
-        h.add_line('##INFO=<ID=VAF,Number=A,Type=Float,Description="Planted variant allele '
-                   'fraction (fraction of all reads carrying the alt)">')
-        h.add_line('##INFO=<ID=HAP,Number=1,Type=Integer,Description="Haplotype carrying '
-                   'the mosaic allele (0/1)">')
-        h.add_line('##INFO=<ID=MOSAIC,Number=0,Type=Flag,Description="Mosaic (post-zygotic) '
-                   'variant">')
+        h.add_line(
+            '##INFO=<ID=VAF,Number=A,Type=Float,Description="Planted variant allele '
+            'fraction (fraction of all reads carrying the alt)">'
+        )
+        h.add_line(
+            '##INFO=<ID=HAP,Number=1,Type=Integer,Description="Haplotype carrying '
+            'the mosaic allele (0/1)">'
+        )
+        h.add_line(
+            '##INFO=<ID=MOSAIC,Number=0,Type=Flag,Description="Mosaic (post-zygotic) variant">'
+        )
     h.add_sample(SAMPLE)
     return h
 
@@ -792,16 +866,22 @@ def _write_vcf(path_gz: Path, seqs: dict[str, np.ndarray], records: list, mosaic
     with pysam.VariantFile(str(plain), "w", header=hdr) as vf:
         for r in records:
             if mosaic:
-                rec = vf.new_record(contig=r.chrom, start=r.pos, stop=r.pos + 1,
-                                    alleles=(r.ref, r.alt), id=f"mosaic_{r.chrom}_{r.pos + 1}")
+                rec = vf.new_record(
+                    contig=r.chrom,
+                    start=r.pos,
+                    stop=r.pos + 1,
+                    alleles=(r.ref, r.alt),
+                    id=f"mosaic_{r.chrom}_{r.pos + 1}",
+                )
                 rec.info["VAF"] = (round(r.vaf, 4),)
                 rec.info["HAP"] = r.hap
                 rec.info["MOSAIC"] = True
                 rec.info["KIND"] = "mosaic_snv"
                 rec.samples[SAMPLE]["GT"] = (0, 1)
             else:
-                rec = vf.new_record(contig=r.chrom, start=r.pos, stop=r.pos + len(r.ref),
-                                    alleles=(r.ref, *r.alts))
+                rec = vf.new_record(
+                    contig=r.chrom, start=r.pos, stop=r.pos + len(r.ref), alleles=(r.ref, *r.alts)
+                )
                 rec.info["KIND"] = r.kind
                 rec.samples[SAMPLE]["GT"] = r.gt
                 rec.samples[SAMPLE].phased = True
@@ -824,8 +904,13 @@ def _write_bed(path: Path, rows: list[tuple], order: list[str], merge: bool = Fa
             fh.write("\t".join(str(x) for x in r) + "\n")
 
 
-def _write_rmsk(path: Path, copies: list[_Copy], low: list, cons_len: dict[str, int],
-                seqs: dict[str, np.ndarray]) -> None:
+def _write_rmsk(
+    path: Path,
+    copies: list[_Copy],
+    low: list,
+    cons_len: dict[str, int],
+    seqs: dict[str, np.ndarray],
+) -> None:
     """UCSC rmsk.txt (17 tab-separated columns, no header, 0-based half-open)."""
     order = list(seqs)
     rows = []
@@ -837,8 +922,19 @@ def _write_rmsk(path: Path, copies: list[_Copy], low: list, cons_len: dict[str, 
             rep = (c.cons_start + 1, c.cons_end, -(L - c.cons_end))
         else:
             rep = (-(L - c.cons_end), c.cons_end, c.cons_start + 1)
-        rows.append((c.chrom, c.start, c.end, c.strand, c.family, "LINE", "L1", rep,
-                     int(c.divergence * 1000)))
+        rows.append(
+            (
+                c.chrom,
+                c.start,
+                c.end,
+                c.strand,
+                c.family,
+                "LINE",
+                "L1",
+                rep,
+                int(c.divergence * 1000),
+            )
+        )
     for chrom, s, e, name, cls, fam, _unit in low:
         rows.append((chrom, s, e, "+", name, cls, fam, (1, e - s, 0), 0))
     rows.sort(key=lambda r: (order.index(r[0]), r[1]))
@@ -846,8 +942,25 @@ def _write_rmsk(path: Path, copies: list[_Copy], low: list, cons_len: dict[str, 
         for k, (chrom, s, e, strand, name, cls, fam, rep, mdiv) in enumerate(rows):
             left = -(seqs[chrom].size - e)
             sw = max(1, int((e - s) * (1 - mdiv / 1000) * 2))
-            cols = [_ucsc_bin(s, e), sw, mdiv, 0, 0, chrom, s, e, left, strand, name, cls, fam,
-                    rep[0], rep[1], rep[2], k + 1]
+            cols = [
+                _ucsc_bin(s, e),
+                sw,
+                mdiv,
+                0,
+                0,
+                chrom,
+                s,
+                e,
+                left,
+                strand,
+                name,
+                cls,
+                fam,
+                rep[0],
+                rep[1],
+                rep[2],
+                k + 1,
+            ]
             fh.write("\t".join(str(x) for x in cols) + "\n")
 
 
@@ -899,8 +1012,11 @@ def simulate(
         raise SimulationError(f"contig names must be unique and non-empty, got {contigs!r}")
     if coverage <= 0 or read_length < 30 or insert_mean < read_length:
         raise SimulationError("need coverage > 0, read_length >= 30, insert_mean >= read_length")
-    for name, (lo, hi) in (("line_divergence", line_divergence), ("mosaic_vaf", mosaic_vaf),
-                           ("young_divergence", young_divergence)):
+    for name, (lo, hi) in (
+        ("line_divergence", line_divergence),
+        ("mosaic_vaf", mosaic_vaf),
+        ("young_divergence", young_divergence),
+    ):
         if not (0 <= lo <= hi < 0.5):
             raise SimulationError(f"{name} must be 0 <= lo <= hi < 0.5, got {(lo, hi)}")
     if line_length < 2000 and n_line_families > 0:
@@ -916,20 +1032,48 @@ def simulate(
     lengths = dict(zip(contigs, sizes, strict=True))
 
     seqs, layout, copies, consensus, cnv, low = _build_genome(
-        rng, lengths, n_line_families=n_line_families, line_copies=line_copies,
-        line_length=line_length, line_divergence=line_divergence,
-        young_fraction=young_fraction, young_divergence=young_divergence,
-        segdup_length=segdup_length, segdup_divergence=segdup_divergence,
-        cnv_length=cnv_length, n_homopolymers=n_homopolymers, n_strs=n_strs,
-        n_low_complexity=n_low_complexity)
+        rng,
+        lengths,
+        n_line_families=n_line_families,
+        line_copies=line_copies,
+        line_length=line_length,
+        line_divergence=line_divergence,
+        young_fraction=young_fraction,
+        young_divergence=young_divergence,
+        segdup_length=segdup_length,
+        segdup_divergence=segdup_divergence,
+        cnv_length=cnv_length,
+        n_homopolymers=n_homopolymers,
+        n_strs=n_strs,
+        n_low_complexity=n_low_complexity,
+    )
     cons_len = {k: int(v.size) for k, v in consensus.items()}
     variants, mosaics = _plant_variants(
-        rng, seqs, layout, low, cnv, copies, snv_rate=snv_rate, indel_rate=indel_rate,
-        hom_fraction=hom_fraction, multiallelic_fraction=multiallelic_fraction,
-        str_indel_fraction=str_indel_fraction, n_mosaic=n_mosaic, mosaic_vaf=mosaic_vaf)
-    reads = _generate_reads(rng, seqs, variants, mosaics, cnv, coverage=coverage,
-                            read_length=read_length, insert_mean=insert_mean,
-                            insert_sd=insert_sd)
+        rng,
+        seqs,
+        layout,
+        low,
+        cnv,
+        copies,
+        snv_rate=snv_rate,
+        indel_rate=indel_rate,
+        hom_fraction=hom_fraction,
+        multiallelic_fraction=multiallelic_fraction,
+        str_indel_fraction=str_indel_fraction,
+        n_mosaic=n_mosaic,
+        mosaic_vaf=mosaic_vaf,
+    )
+    reads = _generate_reads(
+        rng,
+        seqs,
+        variants,
+        mosaics,
+        cnv,
+        coverage=coverage,
+        read_length=read_length,
+        insert_mean=insert_mean,
+        insert_sd=insert_sd,
+    )
     _multimap(rng, reads, seqs, copies, cons_len)
 
     files = {
@@ -954,14 +1098,26 @@ def simulate(
     fams: dict[str, list[_Copy]] = {}
     for c in copies:
         fams.setdefault(c.family, []).append(c)
-    _write_bed(files["lowmappability"], _low_mappability(seqs, fams, cons_len), order,
-               merge=True)
-    _write_bed(files["segdup"], [(c.chrom, c.start, c.end, f"{c.family}_{c.index}")
-                                 for c in copies if c.family.startswith("SegDup")], order)
+    _write_bed(files["lowmappability"], _low_mappability(seqs, fams, cons_len), order, merge=True)
+    _write_bed(
+        files["segdup"],
+        [
+            (c.chrom, c.start, c.end, f"{c.family}_{c.index}")
+            for c in copies
+            if c.family.startswith("SegDup")
+        ],
+        order,
+    )
     _write_bed(files["lowcomplexity"], [(c, s, e, n) for c, s, e, n, *_ in low], order)
-    _write_bed(files["line_bed"], [(c.chrom, c.start, c.end, f"{c.family}#{c.index}", 0,
-                                    c.strand) for c in copies if c.family.startswith("L1")],
-               order)
+    _write_bed(
+        files["line_bed"],
+        [
+            (c.chrom, c.start, c.end, f"{c.family}#{c.index}", 0, c.strand)
+            for c in copies
+            if c.family.startswith("L1")
+        ],
+        order,
+    )
     _write_bed(files["cnv_gain"], [(c, s, e, "CN3") for c, s, e in cnv], order)
 
     kinds: dict[str, int] = {}
@@ -984,15 +1140,28 @@ def simulate(
             "low_complexity": len(low),
         },
         "repeat_copies": [
-            {"family": c.family, "copy": c.index, "chrom": c.chrom, "start": c.start,
-             "end": c.end, "strand": c.strand, "cons_start": c.cons_start,
-             "cons_end": c.cons_end, "divergence": round(c.divergence, 5), "parent": c.parent}
+            {
+                "family": c.family,
+                "copy": c.index,
+                "chrom": c.chrom,
+                "start": c.start,
+                "end": c.end,
+                "strand": c.strand,
+                "cons_start": c.cons_start,
+                "cons_end": c.cons_end,
+                "divergence": round(c.divergence, 5),
+                "parent": c.parent,
+            }
             for c in copies
         ],
         "cnv_gain": [{"chrom": c, "start": s, "end": e, "copy_number": 3} for c, s, e in cnv],
         "concepts": {
-            "line": "rmsk", "segdup": "segdup", "lowmappability": "lowmappability",
-            "lowcomplexity": "lowcomplexity", "cnv_gain": "cnv_gain", "mosaic": "mosaic_vcf",
+            "line": "rmsk",
+            "segdup": "segdup",
+            "lowmappability": "lowmappability",
+            "lowcomplexity": "lowcomplexity",
+            "cnv_gain": "cnv_gain",
+            "mosaic": "mosaic_vcf",
             "germline": "truth_vcf",
         },
     }
