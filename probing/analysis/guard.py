@@ -1,0 +1,71 @@
+"""Scale guard: refuse fits that cannot fit in RAM and warn about slow ones, *before* starting.
+
+The memory estimate is ``rows x features x 4 bytes x factor``; the factor counts the copies a
+method makes (input + normalised copy + centred/working copies). It is deliberately coarse:
+its job is to turn a 20-minute swap death into a one-line message naming the alternative
+(``--fit-sample N``: fit on N rows, then apply the fitted models to all rows; or
+``--backend cuml``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from probing.analysis.errors import ScaleError
+
+log = logging.getLogger("dvprobe.analysis")
+
+# Copies of the [n, d] float32 fit matrix each method holds at its peak.
+MEMORY_FACTOR = {"pca": 3.0, "kmeans": 3.0, "hkmeans": 3.5, "spectral": 3.5, "hspectral": 4.0,
+                 "umap": 5.0, "multilayer": 4.0}
+# Rows above which a CPU fit is slow enough to deserve a warning up front.
+CPU_SLOW_ROWS = {"umap": 150_000, "spectral": 500_000, "hspectral": 500_000}
+
+
+def available_memory() -> int:
+    """Bytes of RAM available now (psutil if installed, else /proc/meminfo, else sysconf)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def estimate_bytes(n: int, d: int, method: str) -> int:
+    return int(n * d * 4 * MEMORY_FACTOR.get(method, 3.0))
+
+
+def check_scale(n_fit: int, d: int, method: str, backend: str, *,
+                available: int | None = None, fraction: float = 0.8) -> list[str]:
+    """Raise :class:`ScaleError` if the fit would not fit in RAM; return warnings logged.
+
+    ``n_fit`` rows of ``d`` float32 features will be fitted with ``method`` on ``backend``.
+    """
+    avail = available_memory() if available is None else available
+    need = estimate_bytes(n_fit, d, method)
+    if need > fraction * avail:
+        per_row = max(1, estimate_bytes(1, d, method))
+        fit_n = max(1000, int(fraction * avail // per_row) // 1000 * 1000)
+        raise ScaleError(
+            f"{method} on {n_fit:,} rows x {d} features needs ~{need / 2**30:.1f} GiB, "
+            f"{avail / 2**30:.1f} GiB is available: use --fit-sample {fit_n} (fit on a "
+            "random subset, then apply the fitted models to every row), fewer/narrower "
+            "layers, or --backend cuml on a GPU machine")
+    warns = []
+    slow = CPU_SLOW_ROWS.get(method)
+    if backend != "cuml" and slow is not None and n_fit > slow:
+        warns.append(f"{method} on {n_fit:,} rows on the CPU can take tens of minutes; "
+                     f"--fit-sample {slow // 1000 * 1000} or --backend cuml is much faster")
+    for w in warns:
+        log.warning(w)
+    return warns
