@@ -402,6 +402,8 @@ class PileupEncoder:
     min_baseq: int = C.MIN_BASE_QUALITY
     seed: int = SUBSAMPLE_SEED
     contig_lengths: dict[str, int] = field(default_factory=dict)
+    block_size: int = 50_000
+    _cache: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.width % 2 != 1 or self.width < 3:
@@ -523,19 +525,40 @@ class PileupEncoder:
                 last_aligned_col = None
         return px
 
+    def _overlapping(self, chrom: str, lo: int, hi: int) -> list[pysam.AlignedSegment]:
+        """Filter-passing reads overlapping ``[lo, hi)``, in file (start) order.
+
+        Reads are fetched once per ``block_size`` block and cached: one ``fetch`` per site
+        costs ~5 ms at 30x because htslib's 16 kb linear index makes every query scan
+        thousands of earlier reads, while a block fetch amortises that over all its sites.
+        """
+        c = self._cache
+        if c is None or c[0] != chrom or not (c[1] <= lo and hi <= c[2]):
+            blo = lo
+            bhi = min(self.contig_lengths[chrom], max(hi, lo + self.block_size))
+            reads = [
+                r
+                for r in self.bam.fetch(chrom, blo, bhi)
+                if _usable(r, self.min_mapq)
+                and r.cigartuples
+                and r.query_qualities is not None  # no BQ ('*'): cannot be encoded
+                and r.reference_end is not None
+            ]
+            starts = np.array([r.reference_start for r in reads], dtype=np.int64)
+            ends = np.array([r.reference_end for r in reads], dtype=np.int64)
+            span = int((ends - starts).max()) if reads else 0
+            c = self._cache = (chrom, blo, bhi, reads, starts, ends, span)
+        _, _, _, reads, starts, ends, span = c
+        i0 = int(np.searchsorted(starts, lo - span, side="left"))
+        i1 = int(np.searchsorted(starts, hi, side="left"))
+        sel = np.flatnonzero(ends[i0:i1] > lo) + i0
+        return [reads[i] for i in sel.tolist()]
+
     def _rows(self, site: Site, ref: np.ndarray, wstart: int) -> list[_Row]:
         lo = max(0, site.start - READ_OVERLAP_BUFFER)
         hi = min(self.contig_lengths[site.chrom], site.end + READ_OVERLAP_BUFFER)
         usable: list[pysam.AlignedSegment] = []
-        for read in self.bam.fetch(site.chrom, lo, hi):
-            if (
-                not _usable(read, self.min_mapq)
-                or not read.cigartuples
-                or read.query_qualities is None
-            ):  # no BQ ('*'): cannot be encoded
-                continue
-            if read.reference_end is None or read.reference_end <= lo or read.reference_start >= hi:
-                continue
+        for read in self._overlapping(site.chrom, lo, hi):
             qpos = _query_pos_at(read, site.start)
             if qpos is not None and read.query_qualities[qpos] < self.min_baseq:
                 continue
@@ -673,11 +696,15 @@ def make_examples(
     min_mapq: int = C.MIN_MAPPING_QUALITY,
     min_baseq: int = C.MIN_BASE_QUALITY,
     seed: int = SUBSAMPLE_SEED,
+    compress_level: int = 1,
     progress: bool = True,
 ) -> MakeExamplesResult:
     """Write DeepVariant-format examples for ``sites`` (VCF: those variants; BED: candidate
     discovery inside the regions) or, with ``candidates=True``, for candidates found over
     the whole BAM. ``out`` is a file or a sharded spec ``name.tfrecord@N.gz``.
+
+    ``compress_level`` is the gzip level: 1 by default because level 6 spends ~5 ms per
+    150 kB pileup (4x level 1) for files only ~30 % smaller; any level reads the same.
     """
     fasta = _open_fasta(ref)
     bam = _open_bam(reads)
@@ -751,7 +778,7 @@ def make_examples(
     infos: list[Path] = []
     n_examples = 0
     bar = tqdm(total=len(site_list), desc="make examples", unit="site", disable=not progress)
-    writers = [TFRecordWriter(p) for p in paths]
+    writers = [TFRecordWriter(p, level=compress_level) for p in paths]
     try:
         for k, w in enumerate(writers):
             for site in site_list[bounds[k] : bounds[k + 1]]:
