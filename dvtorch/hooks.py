@@ -38,23 +38,29 @@ def pool_activation(t: torch.Tensor, pool: str | None) -> torch.Tensor:
     * ``None``: the NHWC map ``[N, H, W, C]``
 
     Vector outputs (``avg_pool``, ``logits``, ``classification``) are returned unchanged by
-    every mode: there is nothing to pool.
+    every mode: there is nothing to pool. bfloat16/float16 results are returned as float32.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if t.dim() == 2:
-        return t
+        return _as_float32(t)
     if t.dim() != 4:
         raise ValueError(f"expected a [N, C, H, W] or [N, C] activation, got {list(t.shape)}")
     if pool == "max":
-        return t.amax(dim=(2, 3))
+        return _as_float32(t.amax(dim=(2, 3)))
     if pool == "mean":
         # Accumulate in float32 so that bf16 maps are averaged without extra rounding.
-        return t.mean(dim=(2, 3), dtype=torch.float32).to(t.dtype)
+        return t.mean(dim=(2, 3), dtype=torch.float32)
     nhwc = t.permute(0, 2, 3, 1)
     if pool == "flatten":
-        return nhwc.reshape(t.shape[0], -1)
-    return nhwc.contiguous()
+        return _as_float32(nhwc.reshape(t.shape[0], -1))
+    return _as_float32(nhwc.contiguous())
+
+
+def _as_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision captures become float32: numpy has no bfloat16, and the stored rows
+    of a bf16 model should not need a dtype special case downstream."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def _select(model: nn.Module, names: Names) -> list[str]:
