@@ -359,3 +359,54 @@ def test_user_errors(hand, tmp_path):
         make_examples(fa, bam, tmp_path / "x.gz", sites=bad, progress=False)
     with pytest.raises(MakeExamplesError, match="width"):
         make_examples(fa, bam, tmp_path / "x.gz", candidates=True, width=220, progress=False)
+
+
+def test_block_cache_matches_fresh_fetch(hand):
+    fa, bam, _ = hand
+    sites = [
+        Site("c1", p, p + 1, REF[p], ("T" if REF[p] != "T" else "A",))
+        for p in (SITE, 150, 205, MULTI, 310)
+    ]
+    big = _encoder(hand)
+    tiny = PileupEncoder(pysam.FastaFile(str(fa)), pysam.AlignmentFile(str(bam)), block_size=1)
+    for s in sites:
+        ((_, a),) = big.encode_site(s)
+        ((_, b),) = tiny.encode_site(s)
+        assert (a == b).all(), s
+
+
+def test_cli_commands(hand, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from dvtorch.errors import DvprobeError
+    from probing.commands_sim import register
+
+    app = typer.Typer()
+    register(app)
+    fa, bam, _ = hand
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        [
+            "make-examples",
+            "--ref",
+            str(fa),
+            "--reads",
+            str(bam),
+            "--candidates",
+            "--out",
+            str(tmp_path / "e@2.gz"),
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "in 2 shard(s)" in res.output
+    assert len(list(read_examples(str(tmp_path / "e@2.gz")))) >= 3
+    res = runner.invoke(
+        app,
+        ["make-examples", "--ref", str(fa), "--reads", str(bam), "--out", str(tmp_path / "x.gz")],
+    )
+    assert isinstance(res.exception, DvprobeError)
+    res = runner.invoke(app, ["simulate", "--out", str(tmp_path / "s"), "--mosaic-vaf", "x"])
+    assert isinstance(res.exception, DvprobeError) and "mosaic-vaf" in str(res.exception)
