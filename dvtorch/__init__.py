@@ -13,10 +13,18 @@ The TensorFlow side (checkpoint / SavedModel -> BUNDLE) lives in ``dvtorch.conve
 needs the optional ``convert`` extra; nothing imported here needs TensorFlow.
 """
 
-from dvtorch.bundle import load, preprocess, reference_bundle, save_bundle
-from dvtorch.hooks import capture
-from dvtorch.inception import DeepVariantInceptionV3, fuse_batchnorm, optimize_for_inference
-from dvtorch.layers import LAYER_NAMES, LayerInfo, all_layer_names, layer_info, resolve
+# Lazy exports: ``dvtorch.errors`` is imported by torch-free code (STORE reading), which
+# must not pay for importing torch through this package's __init__.
+_EXPORTS = {
+    "load": "dvtorch.bundle", "preprocess": "dvtorch.bundle",
+    "reference_bundle": "dvtorch.bundle", "save_bundle": "dvtorch.bundle",
+    "capture": "dvtorch.hooks",
+    "DeepVariantInceptionV3": "dvtorch.inception", "fuse_batchnorm": "dvtorch.inception",
+    "optimize_for_inference": "dvtorch.inception",
+    "LAYER_NAMES": "dvtorch.layers", "LayerInfo": "dvtorch.layers",
+    "all_layer_names": "dvtorch.layers", "layer_info": "dvtorch.layers",
+    "resolve": "dvtorch.layers",
+}
 
 __all__ = [
     "DeepVariantInceptionV3",
@@ -33,3 +41,11 @@ __all__ = [
     "resolve",
     "save_bundle",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dvtorch' has no attribute {name!r}")
