@@ -25,11 +25,12 @@ never needs it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 import re
 import sys
-import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -141,50 +142,110 @@ def layer_model(model: tf_keras.Model) -> tf_keras.Model:
 
 @dataclass
 class CheckpointLayout:
-    """How a checkpoint's keys are organised."""
+    """How a checkpoint's object graph is organised."""
 
     layout: Layout
     root: str  # "model/" for tf.train.Checkpoint(model=m), "" for save_weights / SavedModel
     num_channels: int
-    variables: dict[str, tuple[int, ...]] = field(repr=False)  # model keys (root stripped)
+    variables: dict[str, tuple[int, ...]] = field(repr=False)  # checkpoint key -> shape
+
+
+def _read_object_graph(reader: Any, prefix: str | Path) -> Any:
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    if not reader.has_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"):
+        raise ConversionError(
+            f"{prefix}: a TF1 name-based checkpoint (no object graph); DeepVariant 1.6+ "
+            "checkpoints are TF2 object-based — this is not one of them"
+        )
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    return graph
+
+
+def _child(graph: Any, node: int | None, name: str) -> int | None:
+    if node is None:
+        return None
+    return next((c.node_id for c in graph.nodes[node].children if c.local_name == name), None)
+
+
+def _variable_key(graph: Any, node: int | None) -> str | None:
+    if node is None:
+        return None
+    return next(
+        (a.checkpoint_key for a in graph.nodes[node].attributes if a.name == "VARIABLE_VALUE"),
+        None,
+    )
 
 
 def inspect_checkpoint(prefix: str | Path) -> CheckpointLayout:
-    """Detect layout and key root from ``tf.train.list_variables`` (no model needed)."""
+    """Detect layout, root and channel count from the checkpoint's object graph.
+
+    Keys alone are not enough: TF names each variable by the *first* path found, so a
+    nested model saved with ``tf.saved_model.save`` stores backbone weights as
+    ``variables/N`` while ``Checkpoint(model=m)`` stores the same ones as
+    ``model/layer_with_weights-0/layer_with_weights-N/...``. The object graph has both.
+    """
     tf = import_tf()
     try:
-        listed = tf.train.list_variables(str(prefix))
+        reader = tf.train.load_checkpoint(str(prefix))
     except Exception as exc:  # tf raises NotFoundError / DataLossError / ...
         raise ConversionError(
             f"{prefix}: cannot read TensorFlow checkpoint ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
-    names = {name: tuple(shape) for name, shape in listed}
-    for root in ("model/", ""):
-        for layout in ("nested", "flat"):
-            key = root + _FIRST_KERNEL[layout] + _VALUE_SUFFIX
-            if key in names:
-                shape = names[key]
-                model_vars = {
-                    n[len(root) :]: s
-                    for n, s in names.items()
-                    if n.startswith(root + "layer_with_weights-") and "OPTIMIZER_SLOT" not in n
-                }
-                return CheckpointLayout(layout, root, int(shape[2]), model_vars)
-    sample = ", ".join(sorted(names)[:3])
+    graph = _read_object_graph(reader, prefix)
+    shapes = reader.get_variable_to_shape_map()
+    for root, model_node in (("model/", _child(graph, 0, "model")), ("", 0)):
+        first = _child(graph, model_node, "layer_with_weights-0")
+        for layout, kernel_node in (
+            ("nested", _child(graph, _child(graph, first, "layer_with_weights-0"), "kernel")),
+            ("flat", _child(graph, first, "kernel")),
+        ):
+            key = _variable_key(graph, kernel_node)
+            if key is None or len(shapes.get(key, ())) != 4:
+                continue
+            # Every variable reachable from the model node (optimizer slots hang off the
+            # optimizer, a sibling, and are not reached).
+            keys: set[str] = set()
+            seen, stack = set(), [model_node]
+            while stack:
+                node = stack.pop()
+                if node in seen:
+                    continue
+                seen.add(node)
+                if (k := _variable_key(graph, node)) is not None:
+                    keys.add(k)
+                stack.extend(c.node_id for c in graph.nodes[node].children)
+            return CheckpointLayout(
+                layout,  # type: ignore[arg-type]
+                root,
+                int(shapes[key][2]),
+                {k: tuple(shapes[k]) for k in sorted(keys)},
+            )
+    sample = ", ".join(sorted(shapes)[:3])
     raise ConversionError(
         f"{prefix}: not a DeepVariant Inception-v3 checkpoint (no "
-        f"'layer_with_weights-0/…/kernel' variable; first keys: {sample})"
+        f"'layer_with_weights-0/…/kernel' convolution in its object graph; first keys: {sample})"
+    )
+
+
+def _fingerprints(arrays: list[np.ndarray]) -> Counter[tuple[Any, ...]]:
+    return Counter(
+        (a.shape, str(a.dtype), hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest())
+        for a in arrays
     )
 
 
 def restore_weights(model: tf_keras.Model, prefix: str | Path, info: CheckpointLayout) -> int:
     """Restore ``prefix`` into ``model`` and prove that every variable was mapped.
 
-    Checks, in order: TF's own ``assert_existing_objects_matched``; the checkpoint holds
-    exactly :data:`EXPECTED_NUM_VARIABLES` model variables; and, by writing the restored model
-    back out with the same key scheme, that every checkpoint key exists in the model and
-    carries the identical value (so a partial match or a wrong mapping cannot pass).
+    Checks, in order: the checkpoint holds exactly :data:`EXPECTED_NUM_VARIABLES` model
+    variables; TF's own ``assert_existing_objects_matched``; then, independently of TF's
+    bookkeeping, that the model's 378 values after restore are exactly the checkpoint's 378
+    values (as a multiset of byte-identical tensors) — a variable left at its initial value
+    or restored from the wrong tensor cannot pass. Positions are then proven by parity
+    (and, for SavedModels, against the SavedModel's own serving graph).
     Returns the number of verified variables.
     """
     tf = import_tf()
@@ -215,29 +276,15 @@ def restore_weights(model: tf_keras.Model, prefix: str | Path, info: CheckpointL
             f"({first})"
         ) from None
 
-    # Independent value check: write the restored model with the same key scheme and compare.
     reader = tf.train.load_checkpoint(str(prefix))
-    with tempfile.TemporaryDirectory(prefix="dvprobe-ckcheck-") as tmp:
-        written = tf.train.Checkpoint(model=model).write(os.path.join(tmp, "check"))
-        back = tf.train.load_checkpoint(written)
-        back_keys = {
-            k[len("model/") :]
-            for k in back.get_variable_to_shape_map()
-            if k.startswith("model/layer_with_weights-")
-        }
-        missing = sorted(set(info.variables) - back_keys)
-        extra = sorted(back_keys - set(info.variables))
-        if missing or extra:
-            raise ConversionError(
-                f"{prefix}: {len(missing)} checkpoint variables have no place in the "
-                f"{info.layout} model and {len(extra)} model variables are not in the "
-                f"checkpoint (e.g. {(missing or extra)[0]})"
-            )
-        for key in info.variables:
-            src = reader.get_tensor(info.root + key)
-            got = back.get_tensor("model/" + key)
-            if src.shape != got.shape or not np.array_equal(src, got):
-                raise ConversionError(f"{prefix}: variable {key} was not restored faithfully")
+    source = _fingerprints([reader.get_tensor(k) for k in info.variables])
+    restored = _fingerprints([w.numpy() for w in model.weights])
+    if source != restored:
+        unmatched = sum((source - restored).values())
+        raise ConversionError(
+            f"{prefix}: {unmatched} of {EXPECTED_NUM_VARIABLES} checkpoint variables were not "
+            "restored faithfully into the rebuilt model"
+        )
     return len(info.variables)
 
 

@@ -79,6 +79,15 @@ class ParityReport:
         d["worst"] = {c: self.worst(c) for c in self.candidates}
         return d
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ParityReport:
+        """Inverse of :meth:`to_dict` (e.g. the report stored in ``bundle.json``)."""
+        fields = {
+            k: data[k] for k in ("reference", "candidates", "tolerance_rel", "batch", "inputs")
+        }
+        rows = [ParityRow(**row) for row in data["rows"]]
+        return cls(rows=rows, skipped=dict(data.get("skipped") or {}), **fields)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
@@ -318,22 +327,15 @@ def random_pileups(shape: Sequence[int], batch: int, seed: int) -> np.ndarray:
 
 
 def example_pileups(spec: str, shape: Sequence[int], batch: int) -> np.ndarray:
-    """First ``batch`` images of a DeepVariant examples spec (needs probing.examples)."""
+    """First ``batch`` images of a DeepVariant examples spec (shape checked by the reader)."""
     if importlib.util.find_spec("probing.examples") is None:
         raise BundleError("reading --examples needs probing.examples, which is not installed")
     from probing.examples import read_examples
 
-    images = []
-    for ex in read_examples(spec):
-        img = np.asarray(getattr(ex, "image"), dtype=np.uint8)  # noqa: B009
-        if tuple(img.shape) != tuple(shape):
-            raise BundleError(
-                f"{spec}: example image shape {list(img.shape)} differs from the bundle's "
-                f"input_shape {list(shape)}"
-            )
-        images.append(img)
-        if len(images) == batch:
-            break
+    images = [
+        np.array(ex.image, dtype=np.uint8)
+        for ex in read_examples(spec, limit=batch, expected_shape=tuple(shape))
+    ]
     if not images:
         raise BundleError(f"{spec}: no examples found")
     return np.stack(images)
