@@ -1,0 +1,255 @@
+"""Specification of the native DeepVariant Inception-v3, its layer names and bundles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dvtorch import bundle as bundle_mod
+from dvtorch.bundle import load, preprocess, reference_bundle, save_bundle
+from dvtorch.errors import BundleError
+from dvtorch.hooks import capture
+from dvtorch.inception import (
+    DeepVariantInceptionV3,
+    _avg_pool_same,
+    conv_block_names,
+    fuse_batchnorm,
+    optimize_for_inference,
+)
+from dvtorch.layers import LAYER_NAMES, UnknownLayerError, all_layer_names, layer_info, resolve
+
+torch.set_num_threads(2)
+SMALL = (75, 80, 7)  # smallest size Keras' InceptionV3 accepts: keeps CPU tests fast
+
+
+def _randomise_bn(model: DeepVariantInceptionV3, seed: int = 0) -> DeepVariantInceptionV3:
+    """Non-trivial BN statistics, so that folding them is actually exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, block in model.conv_blocks():
+            n = block.bn.beta.shape[0]
+            block.bn.beta.copy_(torch.randn(n, generator=g) * 0.2)
+            block.bn.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            block.bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ref_bundle(tmp_path_factory):
+    return reference_bundle(tmp_path_factory.mktemp("ref") / "bundle", seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory):
+    return reference_bundle(tmp_path_factory.mktemp("small") / "bundle", seed=3, input_shape=SMALL)
+
+
+def test_spatial_sizes_and_channels_of_every_named_layer_for_100x221():
+    model = DeepVariantInceptionV3((100, 221, 7))
+    info = {li.name: li for li in layer_info(model)}
+    assert [li for li in LAYER_NAMES if li not in info] == []
+    assert info["max_pooling2d"].shape_hwc == (23, 53, 64)
+    for i in range(3):
+        assert info[f"mixed{i}"].shape_hwc[:2] == (10, 25)
+    for i in range(3, 8):
+        assert info[f"mixed{i}"].shape_hwc == (4, 12, 768)
+    for i in range(8, 11):
+        assert info[f"mixed{i}"].shape_hwc[:2] == (1, 5)
+    assert [info[f"mixed{i}"].channels for i in range(11)] == [
+        256,
+        288,
+        288,
+        768,
+        768,
+        768,
+        768,
+        768,
+        1280,
+        2048,
+        2048,
+    ]
+    assert info["mixed9_0"].shape_hwc == (1, 5, 768)
+    assert info["avg_pool"].shape_hwc == (2048,)
+    assert info["classification"].shape_hwc == (3,)
+    assert info["mixed5"].flat_dim == 4 * 12 * 768
+
+
+def test_conv_blocks_carry_keras_creation_order_names():
+    model = DeepVariantInceptionV3()
+    assert [n for n, _ in model.conv_blocks()] == conv_block_names()
+    assert len(conv_block_names()) == 94
+    # Spot checks against keras applications/inception_v3.py creation order:
+    assert resolve(model, "conv2d_5").conv.kernel_size == (1, 1)  # mixed0 1x1 branch
+    assert resolve(model, "conv2d_7").conv.kernel_size == (5, 5)  # mixed0 5x5 branch
+    assert resolve(model, "conv2d_26").conv.stride == (2, 2)  # mixed3 strided 3x3
+    assert resolve(model, "conv2d_32").conv.kernel_size == (1, 7)  # mixed4 7x7 branch
+    assert resolve(model, "conv2d_93").conv.out_channels == 192  # mixed10 pool branch
+    assert resolve(model, "mixed9_1") is model.mixed10.mixed9_1  # Keras names it so
+    names = all_layer_names(model)
+    assert len(names) == len(set(names))
+    assert names.index("conv2d_11") < names.index("mixed0") < names.index("conv2d_12")
+
+
+def test_state_dict_is_keras_shaped_bn_unfused():
+    sd = DeepVariantInceptionV3().state_dict()
+    assert len(sd) == 94 * 4 + 2  # kernel + (beta, moving mean, moving var) per block + dense
+    assert sd["conv2d.conv.weight"].shape == (32, 7, 3, 3)
+    assert set(k.rsplit(".", 1)[1] for k in sd if ".bn." in k) == {
+        "beta",
+        "running_mean",
+        "running_var",
+    }
+    assert sd["dense.weight"].shape == (3, 2048)
+
+
+def test_unknown_layer_names_get_suggestions():
+    with pytest.raises(UnknownLayerError, match="did you mean mixed5"):
+        resolve(DeepVariantInceptionV3(SMALL), "mixed_5")
+
+
+def test_forward_takes_nhwc_and_returns_probabilities():
+    model = DeepVariantInceptionV3(SMALL).eval()
+    with torch.no_grad():
+        p = model(torch.randn(2, *SMALL))
+    assert p.shape == (2, 3)
+    torch.testing.assert_close(p.sum(1), torch.ones(2))
+    with pytest.raises(ValueError, match="NHWC"):
+        model(torch.randn(2, SMALL[2], SMALL[0], SMALL[1]))
+
+
+def test_branch_average_pool_excludes_padding_like_tensorflow():
+    x = torch.arange(1.0, 10.0).view(1, 1, 3, 3)
+    y = _avg_pool_same(x)
+    assert y[0, 0, 0, 0].item() == pytest.approx((1 + 2 + 4 + 5) / 4)  # not /9
+    assert y[0, 0, 1, 1].item() == pytest.approx(5.0)
+    assert y[0, 0, 0, 1].item() == pytest.approx((1 + 2 + 3 + 4 + 5 + 6) / 6)
+
+
+def test_batchnorm_folding_is_equivalent():
+    model = _randomise_bn(DeepVariantInceptionV3(SMALL))
+    x = torch.randn(3, *SMALL)
+    with torch.no_grad(), capture(model, ["mixed5", "avg_pool"], pool=None) as ref:
+        p_ref = model(x)
+    ref = dict(ref)
+    fuse_batchnorm(model)
+    assert not any(".bn." in k for k in model.state_dict())
+    with torch.no_grad(), capture(model, ["mixed5", "avg_pool"], pool=None) as got:
+        p = model(x)
+    for k in ("mixed5", "avg_pool"):
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_optimized_inference_matches_eager_and_keeps_hooks():
+    model = _randomise_bn(DeepVariantInceptionV3(SMALL), seed=1)
+    x = torch.randn(4, *SMALL)
+    with torch.no_grad(), capture(model, ["conv2d_40", "mixed7"], pool="mean") as ref:
+        p_ref = model(x)
+    ref = dict(ref)
+    optimize_for_inference(model, batch_size=2)  # packed for 2; other sizes must still work
+    with torch.inference_mode(), capture(model, ["conv2d_40", "mixed7"], pool="mean") as got:
+        p = model(x)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_preprocess_matches_deepvariant_scaling():
+    img = np.array([0, 128, 255], np.uint8).reshape(1, 1, 3, 1)
+    out = preprocess(img)
+    assert out.dtype == torch.float32 and out.shape == (1, 1, 3, 1)
+    assert out.flatten().tolist() == [-1.0, 0.0, 0.9921875]
+    assert preprocess(torch.zeros(4, 5, 2, dtype=torch.uint8)).shape == (1, 4, 5, 2)
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess(np.zeros((1, 2, 2, 1), np.float32))
+
+
+def test_reference_bundle_round_trip_and_metadata(ref_bundle):
+    meta = json.loads((ref_bundle / "bundle.json").read_text())
+    assert meta["untrained"] is True and meta["format"] == "dvprobe-bundle"
+    assert meta["input_shape"] == [100, 221, 7] and meta["channels"] == [1, 2, 3, 4, 5, 6, 19]
+    model = load(ref_bundle)
+    assert not model.training and model.bundle_meta["files"] == meta["files"]
+    raw = load(ref_bundle, fuse_bn=False)
+    x = preprocess(
+        torch.randint(
+            0, 256, (4, 100, 221, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        )
+    )
+    with torch.inference_mode(), capture(model, ["mixed5", "logits"], pool=None) as got:
+        p = model(x)
+    with torch.inference_mode(), capture(raw, ["mixed5", "logits"], pool=None) as ref:
+        raw(x)
+    # Float32 itself is accurate to ~2e-6 (mixed5) / 5e-6 (logits) on the reference model
+    # (measured against float64); fusion only reorders float32 rounding.
+    for name, tol in (("mixed5", 1e-4), ("logits", 1e-4)):
+        err = (got[name] - ref[name]).abs().max() / ref[name].abs().max()
+        assert err.item() < tol, (name, err.item())
+    # Calibrated BN statistics: the untrained model still responds to its input.
+    assert p.std(0).max() > 1e-3
+
+
+def test_bf16_embeddings_agree_with_float32(ref_bundle):
+    fp32, bf16 = load(ref_bundle), load(ref_bundle, dtype=torch.bfloat16)
+    x = preprocess(
+        torch.randint(
+            0, 256, (8, 100, 221, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+        )
+    )
+    with torch.inference_mode(), capture(fp32, "mixed5") as a:
+        fp32(x)
+    with torch.inference_mode(), capture(bf16, "mixed5") as b:
+        p = bf16(x)
+    assert p.dtype == torch.float32 and b["mixed5"].dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(a["mixed5"], b["mixed5"], dim=1)
+    assert cos.min().item() >= 0.999
+
+
+def test_reference_bundle_is_deterministic_by_seed(small_bundle, tmp_path):
+    again = reference_bundle(tmp_path / "again", seed=3, input_shape=SMALL)
+    other = reference_bundle(tmp_path / "other", seed=4, input_shape=SMALL)
+    files = lambda p: json.loads((p / "bundle.json").read_text())["files"]  # noqa: E731
+    assert files(again) == files(small_bundle)
+    assert files(other) != files(small_bundle)
+
+
+def test_bundle_errors_name_the_file_and_the_problem(small_bundle, tmp_path):
+    import shutil
+
+    broken = tmp_path / "b1"
+    shutil.copytree(small_bundle, broken)
+    (broken / "weights.safetensors").unlink()
+    with pytest.raises(BundleError, match="weights.safetensors: missing"):
+        load(broken)
+
+    tampered = tmp_path / "b2"
+    shutil.copytree(small_bundle, tampered)
+    data = bytearray((tampered / "weights.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tampered / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        load(tampered)
+
+    with pytest.raises(BundleError, match="no bundle.json"):
+        load(tmp_path)
+    with pytest.raises(BundleError, match="already exists"):
+        reference_bundle(small_bundle, seed=3, input_shape=SMALL)
+
+
+def test_save_bundle_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    sd = DeepVariantInceptionV3(SMALL).state_dict()
+    meta = {"input_shape": list(SMALL), "channels": [1, 2, 3, 4, 5, 6, 19]}
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bundle_mod, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_bundle(tmp_path / "out", sd, meta)
+    assert list(tmp_path.iterdir()) == []
+
+    with pytest.raises(BundleError, match="missing"):
+        save_bundle(tmp_path / "out", {k: v for k, v in sd.items() if "conv2d_7." not in k}, meta)
