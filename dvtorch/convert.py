@@ -205,23 +205,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def converter_versions() -> dict[str, str | None]:
-    """Versions of every tool in the chain, recorded for provenance."""
+    """Versions of every tool in the chain, recorded for provenance (None = not installed)."""
+    dists = {
+        "tensorflow": ("tensorflow-cpu", "tensorflow"),
+        "tf_keras": ("tf-keras", "tf_keras"),
+    }
     out: dict[str, str | None] = {}
     for pkg in _CONVERTER_PACKAGES:
-        dist = {"tensorflow": "tensorflow-cpu", "tf_keras": "tf-keras"}.get(pkg, pkg)
-        version = None
-        for name in (dist, pkg):
+        out[pkg] = None
+        for dist in dists.get(pkg, (pkg,)):
             try:
-                version = importlib.metadata.version(name)
+                out[pkg] = importlib.metadata.version(dist)
                 break
             except importlib.metadata.PackageNotFoundError:
                 continue
-        if version is None and pkg == "tensorflow":
-            try:
-                version = importlib.metadata.version("tensorflow")
-            except importlib.metadata.PackageNotFoundError:
-                version = None
-        out[pkg] = version
     return out
 
 
@@ -266,7 +263,9 @@ def onnx_input_shape(model: Any) -> tuple[int | None, int | None, int | None]:
 
 def keras_to_onnx(model: Any, input_shape: tuple[int, int, int], opset: int) -> Any:
     """Export the rebuilt Keras model with tf2onnx (batch dimension left dynamic)."""
-    tf = __import__("dvtorch.keras_dv", fromlist=["import_tf"]).import_tf()
+    from dvtorch.keras_dv import import_tf
+
+    tf = import_tf()
     import tf2onnx
 
     spec = (tf.TensorSpec((None, *input_shape), tf.float32, name="image"),)
@@ -421,6 +420,12 @@ def _write_atomically(out: Path, overwrite: bool, write: Callable[[Path], Any]) 
                 raise ConversionError(f"{out}: appeared while converting; pass --overwrite")
             old = staging / "old"
             out.rename(old)
-        target.rename(out)
+            try:
+                target.rename(out)
+            except OSError:
+                old.rename(out)  # put the previous bundle back before reporting
+                raise
+        else:
+            target.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

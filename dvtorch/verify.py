@@ -7,8 +7,9 @@ Backends (each maps NHWC float input to ``{layer: array}``; mixedN as NHWC maps)
 * ``savedmodel-signature`` – for SavedModel sources, the SavedModel's own ``serving_default``
   graph (softmax only), an independent check that the rebuild matches what DeepVariant runs;
 * ``onnxruntime`` – the bundle's ONNX, with mixed0..10 exposed as extra graph outputs;
-* ``torch`` – the native :class:`dvtorch.inception.DeepVariantInceptionV3` (what probing uses),
-  activations read through :func:`dvtorch.hooks.capture`;
+* ``torch`` – the native :class:`dvtorch.inception.DeepVariantInceptionV3` as ``dvtorch.load``
+  serves it to probing (BN folded, oneDNN-fused), activations read through
+  :func:`dvtorch.hooks.capture`; ``torch-unfused`` – the same weights exactly as stored;
 * ``onnx2torch`` – the same ONNX turned into torch by onnx2torch, an independent witness for
   the native port.
 
@@ -23,6 +24,7 @@ why intermediate layers are compared numerically.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from collections.abc import Callable, Sequence
@@ -126,10 +128,11 @@ class ParityReport:
             + [f"{c} rel" for c in self.candidates]
         )
         index = {(r.candidate, r.layer, r.pool): r for r in self.rows}
-        keys = []
-        for r in self.rows:
-            if (r.layer, r.pool) not in keys:
-                keys.append((r.layer, r.pool))
+        order = {name: i for i, name in enumerate([*MIXED_LAYERS, SOFTMAX])}
+        keys = sorted(
+            {(r.layer, r.pool) for r in self.rows},
+            key=lambda k: (order.get(k[0], len(order)), k[1]),
+        )
         lines = [head]
         for layer, pool in keys:
             cells = [layer, pool]
@@ -398,10 +401,13 @@ def parity_for_conversion(
     seed: int,
 ) -> ParityReport:
     """Parity during ``convert`` (before anything is written), from in-memory artefacts."""
-    from dvtorch.inception import DeepVariantInceptionV3
+    from dvtorch.inception import DeepVariantInceptionV3, optimize_for_inference
 
-    native = DeepVariantInceptionV3(input_shape)
-    native.load_state_dict(state_dict, strict=True)
+    # Two native variants: "torch" as dvtorch.load() serves it (BN folded, oneDNN fusion),
+    # "torch-unfused" exactly as weights.safetensors stores it.
+    unfused = DeepVariantInceptionV3(input_shape)
+    unfused.load_state_dict(state_dict, strict=True)
+    native = optimize_for_inference(copy.deepcopy(unfused))
     backends: dict[str, Backend] = {}
     skipped: dict[str, str] = {}
     if keras_model is not None:
@@ -410,6 +416,7 @@ def parity_for_conversion(
             backends["savedmodel-signature"] = savedmodel_signature_backend(savedmodel)
     backends["onnxruntime"] = ort_backend(onnx_bytes)
     backends["torch"] = torch_backend(native)
+    backends["torch-unfused"] = torch_backend(unfused.eval())
     _witness(onnx_bytes, backends, skipped)
     reference = "tensorflow" if keras_model is not None else "onnxruntime"
     x = preprocess_np(random_pileups(input_shape, batch, seed))
@@ -478,6 +485,7 @@ def verify(
         onnx_bytes = b""
         skipped["onnxruntime"] = f"{onnx_path} absent (reference bundle)"
     backends["torch"] = torch_backend(model)
+    backends["torch-unfused"] = torch_backend(dvtorch.load(bundle, device="cpu", fuse_bn=False))
     if onnx_bytes:
         _witness(onnx_bytes, backends, skipped)
 

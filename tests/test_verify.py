@@ -1,0 +1,174 @@
+"""``verify`` / ``dvprobe verify``: parity of a BUNDLE against its source and runtimes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dvtorch.errors import ParityError
+
+
+def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``dvprobe`` exactly as the console script does; returns (exit code, out, err)."""
+    try:
+        import cli
+    except ImportError as exc:  # cli.py is not ours; report instead of failing on it
+        pytest.skip(f"cli.py cannot be imported ({exc}); commands are tested via CliRunner")
+    monkeypatch.setattr("sys.argv", ["dvprobe", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _invoke(*args: str):
+    """Our commands on a bare typer app (independent of the other areas' registrations)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from dvtorch.commands import register
+
+    app = typer.Typer()
+    register(app)
+    return CliRunner().invoke(app, list(args))
+
+
+def _corrupt_copy(bundle: Path, dest: Path) -> Path:
+    """Copy ``bundle`` and swap one BN's running_mean with its beta (a classic import bug)."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(bundle, dest)
+    weights = load_file(str(dest / "weights.safetensors"))
+    key = next(k for k in weights if k.endswith("running_mean") and "mixed2" in k)
+    beta = key.replace("running_mean", "beta")
+    assert not np.array_equal(weights[key], weights[beta])
+    weights[key], weights[beta] = weights[beta].copy(), weights[key].copy()
+    save_file(weights, str(dest / "weights.safetensors"))
+    # Keep bundle.json consistent, as a buggy converter would: the sha256 check must not be
+    # what catches this, parity must.
+    meta = json.loads((dest / "bundle.json").read_text())
+    digest = hashlib.sha256((dest / "weights.safetensors").read_bytes()).hexdigest()
+    meta["files"]["weights.safetensors"] = digest
+    (dest / "bundle.json").write_text(json.dumps(meta))
+    return dest
+
+
+@pytest.mark.tf
+def test_verify_against_tf_source(ckpt_bundle: Path) -> None:
+    from dvtorch.verify import verify
+
+    report = verify(ckpt_bundle, batch=4, seed=7)
+    print("\nverify (fresh inputs, seed 7):\n" + report.table())
+    assert report.reference == "tensorflow"
+    assert {"onnxruntime", "torch", "onnx2torch"} <= set(report.candidates)
+    assert report.passed
+    worst = max(r.rel for r in report.rows)
+    assert 0.0 < worst <= 1e-4  # exactly 0 would mean we compared a backend with itself
+    d = json.loads(report.to_json())
+    assert d["passed"] and d["reference"] == "tensorflow" and len(d["rows"]) == len(report.rows)
+
+
+@pytest.mark.tf
+def test_verify_without_source_uses_onnxruntime(ckpt_bundle: Path, tmp_path: Path) -> None:
+    """If the source is gone, ORT becomes the reference and the reason is reported."""
+    from dvtorch.verify import verify
+
+    report = verify(ckpt_bundle, batch=2, source=tmp_path / "moved.ckpt")
+    assert report.reference == "onnxruntime"
+    assert "no longer exists" in report.skipped["tensorflow"]
+    assert report.passed
+
+
+@pytest.mark.tf
+def test_verify_detects_swapped_bn_stats(ckpt_bundle: Path, tmp_path: Path) -> None:
+    from dvtorch.verify import verify
+
+    bad = _corrupt_copy(ckpt_bundle, tmp_path / "bad")
+    with pytest.raises(ParityError, match="exceed relative") as exc:
+        verify(bad, batch=2, source=tmp_path / "gone.ckpt")
+    assert "torch" in str(exc.value)
+    report = verify(bad, batch=2, source=tmp_path / "gone.ckpt", check=False)
+    failed = {(r.candidate, r.layer) for r in report.rows if not r.passed}
+    # The error starts at mixed2 and propagates; earlier layers still agree.
+    for cand in ("torch", "torch-unfused"):
+        assert (cand, "mixed2") in failed and (cand, "mixed1") not in failed
+    assert not any(c == "onnx2torch" for c, _ in failed)  # the ONNX itself is intact
+
+
+@pytest.mark.tf
+def test_commands_verify_and_layers(ckpt_bundle: Path, tmp_path: Path) -> None:
+    gone = str(tmp_path / "gone.ckpt")
+    result = _invoke("verify", str(ckpt_bundle), "--batch", "2", "--source", gone)
+    assert result.exit_code == 0, result.output
+    assert "mixed5" in result.output and "PASS" in result.output
+    result = _invoke("verify", str(ckpt_bundle), "--json", "--batch", "2", "--source", gone)
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["passed"] is True
+    bad = _corrupt_copy(ckpt_bundle, tmp_path / "bad")
+    result = _invoke("verify", str(bad), "--batch", "2", "--source", gone)
+    assert result.exit_code != 0 and isinstance(result.exception, ParityError)
+    assert "FAIL" in result.stdout  # the table is printed before the error
+    result = _invoke("layers", str(ckpt_bundle))
+    assert result.exit_code == 0 and "mixed10" in result.stdout
+
+
+@pytest.mark.tf
+def test_cli_verify_exit_codes(ckpt_bundle: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    gone = str(tmp_path / "gone.ckpt")  # skip TF here: the TF path is covered above
+    code, out, _ = _run_cli(
+        monkeypatch, capsys, "verify", str(ckpt_bundle), "--batch", "2", "--source", gone
+    )
+    assert code == 0, out
+    assert "mixed5" in out and "PASS" in out
+
+    code, out, _ = _run_cli(
+        monkeypatch, capsys, "verify", str(ckpt_bundle), "--json", "--batch", "2", "--source", gone
+    )
+    assert code == 0
+    assert json.loads(out)["passed"] is True
+
+    bad = _corrupt_copy(ckpt_bundle, tmp_path / "bad")
+    code, out, err = _run_cli(
+        monkeypatch, capsys, "verify", str(bad), "--batch", "2", "--source", gone
+    )
+    assert code == 2
+    assert "FAIL" in out  # the table is printed before the error
+    assert err.strip().count("\n") == 0 and "exceed relative" in err
+
+
+@pytest.mark.tf
+def test_cli_layers(ckpt_bundle: Path, monkeypatch, capsys) -> None:
+    code, out, _ = _run_cli(monkeypatch, capsys, "layers", str(ckpt_bundle))
+    assert code == 0
+    lines = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
+    assert lines["mixed5"] == ["4x12x768", "768"]
+    assert lines["mixed0"] == ["10x25x256", "256"]
+    assert lines["classification"][-1] == "3"
+
+
+def test_report_table_and_json_roundtrip() -> None:
+    """The report is built from real comparisons; a single bad value flips it to FAIL."""
+    from dvtorch.verify import ParityReport, compare
+
+    rng = np.random.default_rng(0)
+    ref = {f"mixed{i}": rng.normal(size=(2, 3, 4, 5)) for i in range(11)}
+    ref["classification"] = rng.dirichlet(np.ones(3), size=2)
+    near = {k: v * (1 + 1e-7) for k, v in ref.items()}
+    far = {k: v.copy() for k, v in ref.items()}
+    far["mixed3"][0, 1, 1, 1] += 1.0
+    report = compare({"tf": ref, "near": near, "far": far}, "tf", batch=2, inputs="unit")
+    assert [r.passed for r in report.rows if r.candidate == "near"] == [True] * 23
+    bad = [(r.layer, r.pool) for r in report.rows if not r.passed]
+    assert ("mixed3", "max") in bad or ("mixed3", "mean") in bad
+    assert all(layer == "mixed3" for layer, _ in bad)
+    assert not report.passed and "FAIL" in report.table()
+    again = ParityReport.from_dict(json.loads(report.to_json()))
+    assert again.rows == report.rows and again.passed is False
