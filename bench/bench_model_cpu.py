@@ -1,0 +1,133 @@
+"""CPU throughput of the native model vs onnxruntime on the same weights.
+
+    OMP_NUM_THREADS=2 python bench/bench_model_cpu.py --batch-size 32 --threads 2 --iters 5
+
+Builds the seeded reference weights (``dvtorch.bundle.random_state_dict``: calibrated BN
+statistics, so activations look like a working network's rather than collapsing), exports
+them to ONNX for onnxruntime (``--onnx PATH`` to time a tf2onnx export instead; weights are
+then imported from it with ``state_dict_from_onnx``), and times, interleaved round by round
+so that machine noise hits every variant alike:
+
+* ``ort_fp32``      onnxruntime CPU, float32, ``--threads`` intra-op threads
+* ``eager_fp32``    native model as stored (BN unfused, no oneDNN fusion)
+* ``native_fp32``   ``optimize_for_inference``: BN folded, channels-last, fused conv+ReLU
+* ``native_bf16``   the same in bfloat16 (``dvtorch.load(..., dtype=torch.bfloat16)``)
+
+Prints median examples/s, ratios to onnxruntime, and the cosine similarity of bf16 vs
+fp32 max-pooled mixed5 embeddings (the blog's probing layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from dvtorch.bundle import preprocess, random_state_dict
+from dvtorch.hooks import capture
+from dvtorch.inception import DeepVariantInceptionV3, fuse_batchnorm, optimize_for_inference
+from dvtorch.onnx_import import state_dict_from_onnx
+
+SHAPE = (100, 221, 7)
+
+
+def export_onnx(sd: dict[str, torch.Tensor]) -> bytes:
+    """ONNX of the BN-folded native model (TorchScript exporter, opset 17), NHWC input.
+
+    Same graph shape as tf2onnx emits for DeepVariant: one NHWC->NCHW transpose, Conv with
+    folded BN, Relu, pools with count_include_pad=0, Concat, mean, Gemm, Softmax.
+    """
+    model = DeepVariantInceptionV3(SHAPE)
+    model.load_state_dict(sd)
+    fuse_batchnorm(model.eval())
+    buf = io.BytesIO()
+    torch.onnx.export(model, (torch.zeros(1, *SHAPE),), buf, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["classification"],
+                      dynamic_axes={"input": {0: "n"}, "classification": {0: "n"}})
+    return buf.getvalue()
+
+
+def native(sd: dict[str, torch.Tensor], mode: str, batch: int) -> DeepVariantInceptionV3:
+    model = DeepVariantInceptionV3(SHAPE)
+    model.load_state_dict(sd)
+    model.eval()
+    if mode == "eager_fp32":
+        return model
+    dtype = torch.bfloat16 if mode == "native_bf16" else None
+    return optimize_for_inference(model, dtype=dtype, batch_size=batch)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5, help="timed rounds (after one warm-up)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--onnx", help="time this tf2onnx export instead of the seeded model")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.onnx:
+        onnx_bytes = Path(args.onnx).read_bytes()
+        sd = state_dict_from_onnx(onnx.load_from_string(onnx_bytes))
+        source = args.onnx
+    else:
+        sd = random_state_dict(args.seed, SHAPE)
+        onnx_bytes = export_onnx(sd)
+        source = f"seeded reference weights (seed {args.seed}), torch.onnx export"
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    in_name = sess.get_inputs()[0].name
+
+    gen = torch.Generator().manual_seed(args.seed)
+    x = preprocess(torch.randint(0, 256, (args.batch_size, *SHAPE), dtype=torch.uint8,
+                                 generator=gen))
+    xn = x.numpy()
+    models = {m: native(sd, m, args.batch_size)
+              for m in ("eager_fp32", "native_fp32", "native_bf16")}
+    runs: dict[str, Callable[[], object]] = {"ort_fp32": lambda: sess.run(None, {in_name: xn})}
+    for name, model in models.items():
+        runs[name] = (lambda m: lambda: m(x))(model)
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        p_ref = sess.run(None, {in_name: xn})[0]
+        p_nat = models["native_fp32"](x).numpy()
+        for f in runs.values():
+            f()  # warm-up (oneDNN primitive creation, ORT arena)
+        for _ in range(args.iters):
+            for k, f in runs.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+        with capture(models["native_fp32"], "mixed5", pool="max") as a:
+            models["native_fp32"](x)
+        with capture(models["native_bf16"], "mixed5", pool="max") as b:
+            models["native_bf16"](x)
+    cos = torch.nn.functional.cosine_similarity(a["mixed5"], b["mixed5"], dim=1)
+
+    print(f"source: {source}")
+    print(f"batch {args.batch_size}, threads {args.threads}, {args.iters} rounds, "
+          f"torch {torch.__version__}, onnxruntime {ort.__version__}")
+    print(f"softmax max |native fp32 - ort| = {float(np.abs(p_nat - p_ref).max()):.2e}")
+    base = args.batch_size / statistics.median(times["ort_fp32"])
+    for k, ts in times.items():
+        rate = args.batch_size / statistics.median(ts)
+        best = args.batch_size / min(ts)
+        print(f"{k:12s} {rate:8.1f} ex/s (best {best:7.1f})  x{rate / base:4.2f} vs ort_fp32")
+    print(f"bf16 vs fp32 mixed5 max-pooled cosine: min {cos.min().item():.5f} "
+          f"mean {cos.mean().item():.5f}")
+
+
+if __name__ == "__main__":
+    main()
