@@ -1,9 +1,62 @@
-"""CLI commands of this area (registered by cli.py)."""
+"""``dvprobe extract``: the CLI face of :func:`probing.extract.extract`.
+
+Thin by design: options are parsed here, everything else (checks, resume, progress, the
+final summary line) happens in the API so that scripts get the same behaviour.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from dvtorch.errors import DvprobeError
+
+
+def _split_layers(value: str) -> list[str]:
+    layers = [v.strip() for v in value.split(",") if v.strip()]
+    if not layers:
+        raise DvprobeError("--layers needs at least one layer name, e.g. mixed5,mixed10")
+    return layers
+
+
+def extract_command(
+    bundle: Path = typer.Argument(..., help="BUNDLE directory (dvprobe convert / reference)."),
+    examples: str = typer.Argument(
+        ..., help="DeepVariant examples: name@N.gz shard spec, glob, comma list or one file."),
+    out: Path = typer.Option(..., "--out", "-o", help="STORE directory to create or resume."),
+    layers: str = typer.Option("mixed5,mixed10", "--layers",
+                               help="Comma-separated layer names (dvprobe layers lists them)."),
+    pool: str = typer.Option("max", "--pool",
+                             help="max | mean (over H,W -> C values) | flatten (H*W*C, float16)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(1, "--workers", min=0,
+                                help="Data-loading processes (0 = in the main process)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 (fp16: cuda only)."),
+    limit: int | None = typer.Option(None, "--limit", min=0,
+                                     help="Only the first N records of the input."),
+    skip_corrupt: bool = typer.Option(
+        False, "--skip-corrupt",
+        help="Skip records that fail CRC / parsing (counted in store.json) instead of failing."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace an existing STORE at --out."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar / messages."),
+) -> None:
+    """Extract layer activations of DeepVariant examples into a STORE (resumable).
+
+    Re-run the same command after a crash or Ctrl-C to continue where it stopped.
+    """
+    from probing.extract import extract
+
+    store = extract(bundle, examples, out, layers=_split_layers(layers), pool=pool, device=device,
+            batch_size=batch_size, workers=workers, dtype=dtype, limit=limit,
+            skip_corrupt=skip_corrupt, overwrite=overwrite, progress=not no_progress)
+    typer.echo(f"{store.path}: {store.n} examples, layers {', '.join(store.layers)}"
+               + (f", {store.meta['skipped']['count']} corrupt records skipped"
+                  if (store.meta.get("skipped") or {}).get("count") else ""))
 
 
 def register(app: typer.Typer) -> None:
-    """Attach this area's commands to the ``dvprobe`` app."""
+    """Attach ``extract`` to the ``dvprobe`` app."""
+    app.command("extract")(extract_command)

@@ -362,8 +362,14 @@ class StoreWriter:
             if p.name not in keep:
                 p.unlink()
 
-    def append(self, obs: pd.DataFrame, layers: Mapping[str, np.ndarray]) -> None:
-        """Commit one batch: its obs rows and one row per example for every layer."""
+    def append(self, obs: pd.DataFrame, layers: Mapping[str, np.ndarray],
+               meta_fields: Mapping[str, Any] | None = None) -> None:
+        """Commit one batch: its obs rows and one row per example for every layer.
+
+        ``meta_fields`` (e.g. extraction's read cursor and skip counts) are written in the
+        same atomic ``store.json`` replace as ``n_committed``, so they can never disagree with
+        the committed rows after a crash.
+        """
         if self.complete:
             raise StoreError(f"{self.path} is complete; nothing can be appended")
         k = len(obs)
@@ -385,6 +391,7 @@ class StoreWriter:
         meta = dict(self.meta)
         meta["obs_parts"] = [*self.meta["obs_parts"], part]
         meta["n_committed"] = n + k
+        meta.update(meta_fields or {})
         atomic_write_json(self.path / _META, meta)
         self.meta = meta
 

@@ -1,0 +1,431 @@
+"""``extract``: DeepVariant examples -> layer activations + per-example obs, in a STORE.
+
+Whole-genome inputs hold 5-10 M examples, so extraction streams (bounded memory), keeps
+input order with parallel data loading (see :mod:`probing.loader`) and is resumable: the
+STORE is written through :class:`probing.store.StoreWriter`, whose commits are atomic, and
+every commit also records the read :class:`~probing.loader.Cursor`. A crash, kill -9 or
+Ctrl-C therefore loses at most the uncommitted tail; re-running the same command truncates
+to the last commit and continues from its cursor without decoding what came before.
+
+Storage dtypes: pooled rows (``max`` / ``mean``) are float32. ``flatten`` rows are stored as
+float16: a flattened mixed5 map is 36,864 values per example (~150 GB per chromosome in
+float32), and the activations after BN+ReLU are well inside float16's range, with ~3
+significant digits, which is more than clustering / PCA need.
+
+Mixed precision (``dtype``): ``bf16`` runs under autocast on CPU or CUDA, ``fp16`` under
+autocast on CUDA only; activations are converted to the storage dtype after pooling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import dvtorch
+from dvtorch.errors import DvprobeError, ExampleFormatError
+from dvtorch.hooks import capture
+from dvtorch.layers import layer_info
+from probing.examples import check_example_info, parse_example, read_example_info
+from probing.loader import Batch, Cursor, ExampleBatches, make_loader
+from probing.store import LayerSpec, Store, StoreWriter
+from probing.tfrecord import expand_spec, iter_records
+
+POOLS = ("max", "mean", "flatten")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROB_COLUMNS = ("p_hom_ref", "p_het", "p_hom_alt")
+MAX_SKIP_LOCATIONS = 20  # skipped records listed by location in store.json (all are counted)
+COMMIT_MAX_BYTES = 256 << 20  # commit early when this much output waits in memory
+
+
+class ExtractionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during extraction: what was finished is committed; the message says how to resume.
+
+    A KeyboardInterrupt subclass so that the CLI (click) turns it into exit code 130.
+    """
+
+
+def _log(progress: bool) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+    return log
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; refuse cuda when torch cannot see a GPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DvprobeError("--device cuda requested but torch sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise DvprobeError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return dev
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_fingerprint(bundle: str | os.PathLike) -> str:
+    """sha256 of bundle.json, which records the weights' sha256 (``dvtorch.load`` refuses
+    weights that do not match it), so it identifies the model exactly without rehashing
+    ~100 MB of weights."""
+    p = Path(bundle) / "bundle.json"
+    return _sha256_file(p) if p.is_file() else ""
+
+
+def check_inputs(files: Sequence[str], spec: str, shape: tuple[int, int, int],
+                 channels: Sequence[int] | None) -> dict[str, Any]:
+    """Refuse examples whose shape / channels differ from the model's, before any work.
+
+    Uses example_info.json when make_examples wrote one; otherwise the first record's
+    ``image/shape`` (channels cannot be checked then -- DeepVariant's call_variants has the
+    same fallback). Returns what was checked, for store.json.
+    """
+    info = read_example_info(spec)
+    if info is not None:
+        check_example_info(info, shape=tuple(shape), channels=list(channels) if channels
+                           else None)
+        return {"source": "example_info.json", "shape": list(info.get("shape", [])),
+                "channels": list(info.get("channels", []))}
+    for path in files:
+        for rec, payload in iter_records(path, skip_corrupt=True):
+            ex = parse_example(payload, path=path, record=rec, expected_shape=None)
+            got = tuple(int(s) for s in ex.image.shape)
+            if got != tuple(shape):
+                raise ExampleFormatError(
+                    path, rec, f"examples have image shape {list(got)} but the model expects "
+                    f"{list(shape)} (no example_info.json found next to the examples, so "
+                    "channels could not be compared)")
+            return {"source": "first record", "shape": list(got), "channels": None}
+    return {"source": "none (no readable record)", "shape": None, "channels": None}
+
+
+def _layer_specs(model: torch.nn.Module, shape: tuple[int, int, int], layers: Sequence[str],
+                 pool: str) -> list[LayerSpec]:
+    infos = layer_info(model, shape, list(layers))
+    specs = []
+    for li in infos:
+        vector = len(li.shape_hwc) == 1
+        if pool == "flatten" and not vector:
+            specs.append(LayerSpec(li.name, li.flat_dim, "float16", "flatten", li.shape_hwc))
+        else:
+            specs.append(LayerSpec(li.name, li.channels, "float32",
+                                   None if vector else pool, li.shape_hwc))
+    return specs
+
+
+def _obs_frame(batch: Batch, probs: np.ndarray) -> pd.DataFrame:
+    cols: dict[str, Any] = {}
+    pileup = {}
+    for k, v in batch.obs.items():
+        if k in ("label", "sequencing_type"):
+            cols[k] = pd.array(np.where(v < 0, None, v).tolist(), dtype="Int64")
+        elif k in ("depth", "mean_mapq", "frac_low_mapq", "mean_baseq", "alt_fraction",
+                   "alt_strand_balance") or k not in _META_ORDER:
+            pileup[k] = v
+        else:
+            cols[k] = v
+    for i, name in enumerate(PROB_COLUMNS):
+        cols[name] = probs[:, i].astype(np.float32)
+    cols["pred_genotype"] = probs.argmax(axis=1).astype(np.int8)
+    cols.update(pileup)
+    return pd.DataFrame(cols)
+
+
+_META_ORDER = ("key", "shard", "record", "chrom", "pos", "end", "ref", "alt",
+               "alt_allele_indices", "locus", "variant_type", "label", "sequencing_type")
+
+
+class _Pending:
+    """Finished batches waiting for the next commit (output in host memory)."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self.clear()
+
+    def clear(self) -> None:
+        self.obs: list[pd.DataFrame] = []
+        self.layers: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+        self.skipped: list[dict[str, Any]] = []
+        self.end: Cursor | None = None
+        self.nbytes = 0
+        self.batches = 0
+
+    def add(self, obs: pd.DataFrame, layers: dict[str, np.ndarray], batch: Batch) -> None:
+        self.obs.append(obs)
+        for n in self.names:
+            self.layers[n].append(layers[n])
+            self.nbytes += layers[n].nbytes
+        self.skipped.extend(batch.skipped)
+        self.end = batch.end
+        self.batches += 1
+
+
+def _commit(writer: StoreWriter, pending: _Pending) -> None:
+    if pending.end is None:
+        return
+    meta = writer.meta
+    skipped = dict(meta.get("skipped") or {"count": 0, "first": []})
+    if pending.skipped:
+        first = list(skipped["first"])
+        first.extend(pending.skipped[: max(0, MAX_SKIP_LOCATIONS - len(first))])
+        skipped = {"count": int(skipped["count"]) + len(pending.skipped), "first": first}
+    fields = {"cursor": pending.end.to_json(), "skipped": skipped}
+    obs = pd.concat(pending.obs, ignore_index=True) if pending.obs else pd.DataFrame()
+    if len(obs) == 0:
+        writer.update_meta(**fields)  # only corrupt records: advance the cursor atomically
+    else:
+        layers = {n: np.concatenate(v, axis=0) for n, v in pending.layers.items()}
+        writer.append(obs, layers, meta_fields=fields)
+    pending.clear()
+
+
+@contextlib.contextmanager
+def _defer_sigint():
+    """Hold Ctrl-C while a commit is written, so a commit is never half-done by us.
+
+    (A kill -9 can still interrupt it; StoreWriter's atomic store.json covers that.)
+    """
+    got: list[Any] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda *a: got.append(a))
+    except ValueError:  # not the main thread: signals cannot be handled here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            raise KeyboardInterrupt
+
+
+def extract(
+    bundle: str | os.PathLike,
+    examples: str,
+    out: str | os.PathLike,
+    *,
+    layers: Sequence[str] = ("mixed5", "mixed10"),
+    pool: str = "max",
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 1,
+    dtype: str = "fp32",
+    limit: int | None = None,
+    skip_corrupt: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    commit_interval_s: float = 15.0,
+    on_batch: Callable[[int], None] | None = None,
+) -> Store:
+    """Run the model over ``examples`` and store pooled activations of ``layers`` + obs.
+
+    ``examples`` is a shard spec (``name@N.gz``), glob, comma list or one file. One forward
+    per batch fills every layer (forward hooks) and the softmax gives ``p_hom_ref``,
+    ``p_het``, ``p_hom_alt`` and ``pred_genotype``. Rows are in input order whatever
+    ``workers`` is. ``limit`` extracts the first ``limit`` records (corrupt ones count).
+
+    Commits happen every ``commit_interval_s`` seconds (0: after every batch), when 256 MiB
+    of output is pending, on Ctrl-C and at the end; a commit is one atomic store.json
+    replace, so a hard crash redoes at most the batches since the last commit.
+    ``on_batch(n_rows_done)`` is called after each batch (progress hooks, tests).
+
+    Re-running with the same arguments resumes; on a complete STORE it prints "already
+    complete" and returns it. Different model / inputs / layers / pool / dtype / limit at
+    the same ``out`` raise :class:`~probing.store.StoreError` unless ``overwrite``.
+    """
+    log = _log(progress)
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    if not layers:
+        raise DvprobeError("no layers requested (--layers)")
+    if len(set(layers)) != len(layers):
+        raise DvprobeError(f"duplicate layers in {layers}")
+    if pool not in POOLS:
+        raise DvprobeError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if dtype not in DTYPES:
+        raise DvprobeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise DvprobeError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise DvprobeError(f"--workers must be >= 0, got {workers}")
+    if limit is not None and limit < 0:
+        raise DvprobeError(f"--limit must be >= 0, got {limit}")
+    dev = resolve_device(device)
+    if dtype == "fp16" and dev.type != "cuda":
+        raise DvprobeError("--dtype fp16 needs --device cuda (CPU autocast supports bf16 only)")
+
+    files = [str(f) for f in expand_spec(examples)]
+    model = dvtorch.load(bundle, device=str(dev))
+    if dev.type == "cuda":
+        # NHWC input is permuted to a channels_last NCHW view; channels_last weights let
+        # cuDNN run NHWC kernels without layout conversions.
+        model = model.to(memory_format=torch.channels_last)
+    bmeta = getattr(model, "bundle_meta", {}) or {}
+    shape = tuple(int(s) for s in bmeta.get("input_shape", model.input_shape))
+    channels = bmeta.get("channels")
+    checked = check_inputs(files, examples, shape, channels)
+    specs = _layer_specs(model, shape, layers, pool)
+
+    inputs = {
+        "bundle_sha256": bundle_fingerprint(bundle),
+        "examples": [{"name": Path(f).name, "size": os.path.getsize(f)} for f in files],
+        "layers": layers,
+        "pool": pool,
+        "dtype": dtype,
+        "limit": limit,
+    }
+    meta = {
+        "inputs": inputs,
+        "bundle": str(Path(bundle).resolve()),
+        "examples_spec": examples,
+        "shards": [str(Path(f).resolve()) for f in files],
+        "input_shape": list(shape),
+        "channels": list(channels) if channels is not None else None,
+        "input_check": checked,
+    }
+    writer = StoreWriter.open(out, meta, specs, overwrite=overwrite)
+    if writer.complete:
+        log(f"{out}: already complete ({writer.n_committed} examples); nothing to do "
+            "(pass --overwrite to redo it)")
+        return Store(out)
+    start = Cursor.from_json(writer.meta.get("cursor"))
+    n_before = writer.n_committed
+    if n_before or start.position:
+        log(f"{out}: resuming after {n_before} committed examples "
+            f"(shard {start.shard}, record {start.record})")
+
+    dataset = ExampleBatches(files, batch_size=batch_size, shape=shape, channels=channels,
+                             start=start, limit=limit, skip_corrupt=skip_corrupt)
+    loader = make_loader(dataset, workers=workers, pin_memory=dev.type == "cuda")
+    autocast = (torch.autocast(dev.type, dtype=DTYPES[dtype]) if dtype != "fp32"
+                else contextlib.nullcontext())
+    names = [s.name for s in specs]
+    store_dtypes = {s.name: np.dtype(s.dtype) for s in specs}
+    pending = _Pending(names)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=limit, initial=n_before, unit="ex", dynamic_ncols=True,
+                   desc="extract", file=sys.stderr, smoothing=0.1)
+    t_start = time.perf_counter()
+    t_wait = 0.0
+    last_commit = t_start
+    n_new = 0
+    in_flight: tuple[Batch, dict[str, torch.Tensor], torch.Tensor, Any] | None = None
+
+    def finish(item: tuple[Batch, dict[str, torch.Tensor], torch.Tensor, Any]) -> None:
+        """Host side of a batch whose forward has been launched: copy, build obs, queue."""
+        nonlocal n_new, last_commit
+        batch, acts_dev, probs_dev, _ = item
+        probs = probs_dev.float().cpu().numpy()
+        arrs = {n: acts_dev[n].to(torch.float32).cpu().numpy().astype(store_dtypes[n],
+                                                                      copy=False)
+                for n in names}
+        obs = _obs_frame(batch, probs)
+        with _defer_sigint():  # a batch is queued whole or not at all
+            pending.add(obs, arrs, batch)
+            n_new += batch.n
+        if bar is not None:
+            bar.update(batch.n)
+        now = time.perf_counter()
+        if now - last_commit >= commit_interval_s or pending.nbytes >= COMMIT_MAX_BYTES:
+            with _defer_sigint():
+                _commit(writer, pending)
+            last_commit = time.perf_counter()
+        if on_batch is not None:
+            on_batch(n_before + n_new)
+
+    it = iter(loader)
+    try:
+        with torch.inference_mode(), capture(model, names, pool=pool) as acts:
+            while True:
+                t0 = time.perf_counter()
+                batch = next(it, None)
+                t_wait += time.perf_counter() - t0
+                if batch is None:
+                    break
+                if batch.error is not None:
+                    # Finish what precedes the bad record, commit it, then report.
+                    if in_flight is not None:
+                        finish(in_flight)
+                        in_flight = None
+                    with _defer_sigint():
+                        _commit(writer, pending)
+                    batch.raise_error()
+                if batch.n == 0:
+                    # all records of this batch were corrupt and skipped
+                    if in_flight is not None:
+                        finish(in_flight)
+                        in_flight = None
+                    with _defer_sigint():
+                        pending.skipped.extend(batch.skipped)
+                        pending.end = batch.end
+                    continue
+                x = batch.images.to(dev, non_blocking=True)
+                x = dvtorch.preprocess(x)
+                with autocast:
+                    probs = model(x)
+                current = (batch, {n: acts[n] for n in names}, probs, None)
+                acts.clear()
+                # One-batch lag: the host work of batch i-1 overlaps the device's forward
+                # of batch i (on CPU the forward is synchronous and this is just ordering).
+                if in_flight is not None:
+                    finish(in_flight)
+                in_flight = current
+            if in_flight is not None:
+                finish(in_flight)
+                in_flight = None
+        with _defer_sigint():
+            _commit(writer, pending)
+    except KeyboardInterrupt:
+        # Abandon the batch in flight; commit the finished ones; say how to resume.
+        with contextlib.suppress(Exception):
+            del it
+        with _defer_sigint():
+            _commit(writer, pending)
+        if bar is not None:
+            bar.close()
+        msg = (f"interrupted: {writer.n_committed} examples are committed in {out}; run the "
+               "same command again to resume from there")
+        log(msg)
+        raise ExtractionInterrupted(msg) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t_start
+    skipped = writer.meta.get("skipped") or {"count": 0, "first": []}
+    summary = {
+        "n": writer.n_committed,
+        "n_this_run": n_new,
+        "seconds": round(elapsed, 3),
+        "examples_per_s": round(n_new / elapsed, 2) if elapsed > 0 else None,
+        "data_loading_share": round(t_wait / elapsed, 4) if elapsed > 0 else None,
+        "device": str(dev),
+        "batch_size": batch_size,
+        "workers": workers,
+        "torch": torch.__version__,
+    }
+    store = writer.finalize(skipped=skipped, extraction=summary)
+    log(f"extracted {summary['n']} examples ({n_new} this run) in {elapsed:.1f} s: "
+        f"{summary['examples_per_s']} ex/s, data loading {100 * t_wait / max(elapsed, 1e-9):.0f}% "
+        f"of wall time" + (f"; skipped {skipped['count']} corrupt records"
+                           if skipped["count"] else "") + f" -> {out}")
+    return store

@@ -1,0 +1,291 @@
+"""Streaming, ordered, resumable loading of DeepVariant examples for activation extraction.
+
+Why this shape:
+
+* **Bounded memory.** Examples are read record by record from (gzipped) TFRecord shards and
+  leave the workers as uint8 NHWC batches; the DataLoader keeps at most
+  ``prefetch_factor * workers`` batches in flight, whatever the input size.
+* **Input order with parallel workers.** Every worker walks the same record sequence (shards
+  in spec order, records in file order) and cuts it into the same batches of ``batch_size``
+  *records*; worker ``w`` only *decodes* the batches ``b`` with ``b % W == w`` and just reads
+  past the others. torch's DataLoader fetches from an IterableDataset's workers in strict
+  round robin, so batches come out as 0, 1, 2, ... -- exactly the order of a single process.
+  Batch boundaries count records (corrupt ones included), so they are the same in every
+  worker and in a resumed run.
+* **Resume without decoding.** A :class:`Cursor` (shard, record within shard, records read)
+  marks where the next batch starts. Shards before the cursor are not opened at all; inside
+  the cursor's shard the records before it are only framed (gzip + length), never parsed.
+* **Errors keep their identity.** Worker exceptions are re-raised by torch as a generic
+  RuntimeError, so a corrupt record travels back as data (path, record, reason) inside its
+  batch and the main process raises :class:`~dvtorch.errors.ExampleFormatError` itself, in
+  input order -- batches before the bad one are still delivered (and committed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dvtorch.errors import DvprobeError, ExampleFormatError
+from probing.examples import parse_example
+from probing.pileup import pileup_attributes
+from probing.tfrecord import ReadStats, iter_records
+
+# obs columns the loader fills (extract adds the model outputs); order = docs/architecture.md
+META_COLUMNS: tuple[str, ...] = (
+    "key", "shard", "record", "chrom", "pos", "end", "ref", "alt", "alt_allele_indices",
+    "locus", "variant_type", "label", "sequencing_type",
+)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where reading resumes: record ``record`` of shard ``shard``; ``position`` records
+    (valid or corrupt) have been consumed before it in total."""
+
+    shard: int = 0
+    record: int = 0
+    position: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {"shard": self.shard, "record": self.record, "position": self.position}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> Cursor:
+        if not d:
+            return cls()
+        return cls(int(d["shard"]), int(d["record"]), int(d["position"]))
+
+
+@dataclass
+class Batch:
+    """One decoded batch, or the error that stopped decoding it.
+
+    ``images`` is uint8 ``[n, H, W, C]`` (NHWC, as DeepVariant stores it); ``obs`` holds the
+    per-example columns of :data:`META_COLUMNS` plus the pileup attributes; ``skipped`` lists
+    corrupt records dropped under ``skip_corrupt``; ``end`` is the cursor just after the
+    batch's last record, i.e. where a resumed run starts once this batch is committed.
+    """
+
+    index: int
+    images: torch.Tensor
+    obs: dict[str, np.ndarray]
+    skipped: list[dict[str, Any]]
+    end: Cursor
+    decode_seconds: float = 0.0
+    error: tuple[str, int | None, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.images.shape[0])
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True): page-locked images make H2D copies async."""
+        if self.images.numel():
+            self.images = self.images.pin_memory()
+        return self
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            path, record, reason = self.error
+            raise ExampleFormatError(path, record, reason)
+
+
+class _Corrupt:
+    """Marker for a record that failed its CRC / framing / parse check."""
+
+    __slots__ = ("path", "record", "reason")
+
+    def __init__(self, path: str, record: int | None, reason: str):
+        self.path, self.record, self.reason = path, record, reason
+
+
+class ExampleBatches(IterableDataset):
+    """Ordered batches of examples from ``files`` starting at ``start`` (see module doc).
+
+    ``limit`` caps the total number of records read *from the beginning of the input*
+    (resumed runs count what was read before), so ``--limit N`` means the first N records.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        *,
+        batch_size: int,
+        shape: tuple[int, int, int],
+        channels: Sequence[int] | None,
+        start: Cursor = Cursor(),
+        limit: int | None = None,
+        skip_corrupt: bool = False,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise DvprobeError(f"batch size must be >= 1, got {batch_size}")
+        self.files = [str(f) for f in files]
+        self.batch_size = int(batch_size)
+        self.shape = tuple(int(s) for s in shape)
+        self.channels = list(channels) if channels is not None else None
+        self.start = start
+        self.limit = limit
+        self.skip_corrupt = skip_corrupt
+
+    # -- record sequence (identical in every worker) -------------------------------------
+    def _records(self) -> Iterator[tuple[int, int, bytes | _Corrupt]]:
+        """Yield (shard index, record index, payload or _Corrupt) from the start cursor on.
+
+        ``iter_records`` reports records skipped under ``skip_corrupt`` through ReadStats
+        rather than yielding them; they are re-inserted here at their place in the
+        sequence, because batch boundaries count every record.
+        """
+        for si in range(self.start.shard, len(self.files)):
+            path = self.files[si]
+            first = self.start.record if si == self.start.shard else 0
+            stats = ReadStats()
+            seen = 0
+            for rec, payload in iter_records(path, skip_corrupt=self.skip_corrupt, start=first,
+                                             stats=stats):
+                while seen < len(stats.skipped):
+                    yield from self._corrupt(si, stats.skipped[seen], first)
+                    seen += 1
+                yield si, rec, payload
+            while seen < len(stats.skipped):
+                yield from self._corrupt(si, stats.skipped[seen], first)
+                seen += 1
+
+    @staticmethod
+    def _corrupt(si: int, skip: tuple[str, int, str],
+                 first: int) -> Iterator[tuple[int, int, _Corrupt]]:
+        path, rec, reason = skip
+        if rec >= first:  # skips before the resume point were counted by the earlier run
+            yield si, rec, _Corrupt(path, rec, reason)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        B = self.batch_size
+        pos = self.start.position
+        if self.limit is not None and pos >= self.limit:
+            return
+        b = 0
+        taken = 0  # records in the current batch
+        items: list[tuple[int, int, bytes | _Corrupt]] = []
+        it = self._records()
+        while True:
+            try:
+                nxt = next(it, None)
+            except DvprobeError as exc:
+                # Framing / CRC error without skip_corrupt. Whoever owns the bad record's
+                # batch reports it first (round robin is in input order); other workers
+                # report it in their next slot, which comes later and is never reached.
+                b += (wid - b) % nw  # this worker's slot at or after the bad record's batch
+                yield self._error_batch(b, exc)
+                return
+            if nxt is None:
+                break
+            si, rec, payload = nxt
+            if b % nw == wid:
+                items.append(nxt)
+            pos += 1
+            taken += 1
+            done = self.limit is not None and pos >= self.limit
+            if taken == B or done:
+                if b % nw == wid:
+                    yield self._decode(b, items, Cursor(si, rec + 1, pos))
+                items, taken, b = [], 0, b + 1
+            if done:
+                return
+        if taken and b % nw == wid:
+            last_shard = len(self.files) - 1
+            yield self._decode(b, items, Cursor(last_shard + 1, 0, pos))
+
+    # -- decoding (only for this worker's batches) ---------------------------------------
+    def _error_batch(self, b: int, exc: BaseException) -> Batch:
+        path = getattr(exc, "path", "?")
+        record = getattr(exc, "record", None)
+        reason = getattr(exc, "reason", str(exc))
+        return Batch(b, torch.empty((0, *self.shape), dtype=torch.uint8), {}, [], Cursor(),
+                     error=(str(path), record, str(reason)))
+
+    def _decode(self, b: int, items: list[tuple[int, int, bytes | _Corrupt]],
+                end: Cursor) -> Batch:
+        t0 = time.perf_counter()
+        H, W, C = self.shape
+        images = np.empty((len(items), H, W, C), dtype=np.uint8)
+        cols: dict[str, list] = {c: [] for c in META_COLUMNS}
+        skipped: list[dict[str, Any]] = []
+        n = 0
+        for si, rec, payload in items:
+            if isinstance(payload, _Corrupt):
+                skipped.append({"file": payload.path, "record": payload.record,
+                                "reason": payload.reason})
+                continue
+            try:
+                ex = parse_example(payload, path=self.files[si], record=rec,
+                                   expected_shape=self.shape)
+            except DvprobeError as exc:
+                if not self.skip_corrupt:
+                    return self._error_batch(b, exc)
+                skipped.append({"file": self.files[si], "record": rec,
+                                "reason": str(getattr(exc, "reason", exc))})
+                continue
+            images[n] = ex.image
+            n += 1
+            cols["key"].append(ex.key)
+            cols["shard"].append(si)
+            cols["record"].append(rec)
+            cols["chrom"].append(ex.chrom)
+            cols["pos"].append(ex.start)
+            cols["end"].append(ex.end)
+            cols["ref"].append(ex.ref)
+            cols["alt"].append(",".join(ex.alts))
+            cols["alt_allele_indices"].append(",".join(str(i) for i in ex.alt_allele_indices))
+            cols["locus"].append(ex.locus)
+            cols["variant_type"].append(ex.variant_type)
+            cols["label"].append(ex.label)
+            cols["sequencing_type"].append(ex.sequencing_type)
+        images = images[:n]
+        obs = _columns(cols)
+        if self.channels is not None:
+            for k, v in pileup_attributes(images, self.channels).items():
+                obs[k] = np.asarray(v)
+        return Batch(b, torch.from_numpy(images), obs, skipped, end,
+                     decode_seconds=time.perf_counter() - t0)
+
+
+def _columns(cols: dict[str, list]) -> dict[str, np.ndarray]:
+    """Typed numpy columns. Optional features (``label`` of calling examples,
+    ``sequencing_type``) travel as -1 for "absent" and become nullable Int64 in obs."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in cols.items():
+        if k in ("shard",):
+            out[k] = np.asarray(v, dtype=np.int32)
+        elif k in ("record", "pos", "end"):
+            out[k] = np.asarray(v, dtype=np.int64)
+        elif k == "variant_type":
+            out[k] = np.asarray(v, dtype=np.int8)
+        elif k in ("label", "sequencing_type"):  # optional features: -1 = absent
+            out[k] = np.asarray([-1 if x is None else int(x) for x in v], dtype=np.int64)
+        else:
+            out[k] = np.asarray(v, dtype=object)
+    return out
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def make_loader(dataset: ExampleBatches, *, workers: int, pin_memory: bool,
+                prefetch_factor: int = 2) -> DataLoader:
+    """DataLoader over pre-batched items: in-order round robin, bounded prefetch."""
+    kw: dict[str, Any] = {}
+    if workers > 0:
+        kw.update(prefetch_factor=prefetch_factor, persistent_workers=False)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      collate_fn=_identity, in_order=True, **kw)

@@ -1,0 +1,724 @@
+"""``dvprobe extract``: order, values, resume, corruption handling, input checks, CLI.
+
+Inputs are written by TensorFlow's own TFRecord writer (gzip, 2 shards, ``name@2.gz``) so
+that the TF-free reader is tested against the real container, not against itself. The
+model is an untrained seeded reference bundle with DeepVariant's real 100x221x7 shape.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import dvtorch
+from dvtorch.errors import DvprobeError, ExampleFormatError
+from probing.channels import WGS_CHANNELS, WGS_SHAPE
+from probing.examples import encode_example, write_example_info
+from probing.extract import ExtractionInterrupted, extract
+from probing.store import StoreError, open_store
+from probing.tfrecord import masked_crc32c, shard_name
+
+N = 40
+PER_SHARD = 20
+BATCH = 8
+LAYERS = ("mixed5", "mixed10")
+OBS_COLUMNS = [
+    "key",
+    "shard",
+    "record",
+    "chrom",
+    "pos",
+    "end",
+    "ref",
+    "alt",
+    "alt_allele_indices",
+    "locus",
+    "variant_type",
+    "label",
+    "sequencing_type",
+    "p_hom_ref",
+    "p_het",
+    "p_hom_alt",
+    "pred_genotype",
+    "depth",
+    "mean_mapq",
+    "frac_low_mapq",
+    "mean_baseq",
+    "alt_fraction",
+    "alt_strand_balance",
+]
+
+
+def _image(rng: np.random.Generator) -> np.ndarray:
+    """A pileup-like image: reference band + a random number of read rows, rest empty."""
+    h, w, c = WGS_SHAPE
+    img = np.zeros((h, w, c), dtype=np.uint8)
+    rows = 5 + int(rng.integers(5, h - 5))
+    img[:rows] = rng.integers(1, 255, size=(rows, w, c), dtype=np.uint8)
+    return img
+
+
+def _truth(n: int = N, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        multi = i % 7 == 3
+        alts = ("T", "TA") if multi else (("G",) if i % 3 else ("GCC",))
+        out.append(
+            {
+                "chrom": "chr20" if i < n // 2 else "chr21",
+                "start": 1000 + 37 * i,
+                "ref": "A",
+                "alts": alts,
+                "aai": (1,) if multi else (0,),
+                "label": int(i % 3) if i % 5 else None,
+                "image": _image(rng),
+            }
+        )
+    return out
+
+
+def _write_shards(d: Path, truth: list[dict], per_shard: int = PER_SHARD, info: bool = True) -> str:
+    """Write ``ex.tfrecord@K.gz`` with TensorFlow's writer; returns the spec."""
+    tf = pytest.importorskip("tensorflow")
+    d.mkdir(parents=True, exist_ok=True)
+    k = (len(truth) + per_shard - 1) // per_shard
+    base = str(d / "ex.tfrecord")
+    for s in range(k):
+        path = shard_name(base, s, k, ".gz")
+        with tf.io.TFRecordWriter(path, options="GZIP") as w:
+            for t in truth[s * per_shard : (s + 1) * per_shard]:
+                w.write(
+                    encode_example(
+                        t["image"],
+                        chrom=t["chrom"],
+                        start=t["start"],
+                        end=t["start"] + len(t["ref"]),
+                        ref=t["ref"],
+                        alts=t["alts"],
+                        alt_allele_indices=t["aai"],
+                        label=t["label"],
+                    )
+                )
+        if info:
+            write_example_info(path, WGS_SHAPE, WGS_CHANNELS, "1.6.0")
+    return f"{base}@{k}.gz"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    truth = _truth()
+    spec = _write_shards(root / "examples", truth)
+    bundle = root / "bundle"
+    dvtorch.reference_bundle(bundle, seed=0)
+    baseline = extract(
+        bundle,
+        spec,
+        root / "baseline",
+        workers=0,
+        batch_size=BATCH,
+        device="cpu",
+        progress=False,
+        commit_interval_s=0,
+    )
+    return {"root": root, "truth": truth, "spec": spec, "bundle": bundle, "baseline": baseline}
+
+
+def _assert_same_store(a, b) -> None:
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    for name in a.layers:
+        np.testing.assert_array_equal(a.layer(name), b.layer(name))
+
+
+def _rewrite_gz(path: str, mutate) -> None:
+    raw = bytearray(gzip.decompress(Path(path).read_bytes()))
+    mutate(raw)
+    Path(path).write_bytes(gzip.compress(bytes(raw)))
+
+
+def _record_offsets(raw: bytes) -> list[tuple[int, int]]:
+    """(payload offset, payload length) of each record of an uncompressed TFRecord stream."""
+    out, pos = [], 0
+    while pos < len(raw):
+        (n,) = struct.unpack("<Q", raw[pos : pos + 8])
+        out.append((pos + 12, n))
+        pos += 16 + n
+    return out
+
+
+# ---- order, obs, values -----------------------------------------------------------------
+
+
+def test_obs_in_input_order_with_correct_fields(data):
+    store, truth = data["baseline"], data["truth"]
+    assert store.complete and store.n == N
+    obs = store.obs
+    assert list(obs.columns) == OBS_COLUMNS
+    assert obs["key"].is_unique
+    assert obs["shard"].tolist() == [i // PER_SHARD for i in range(N)]
+    assert obs["record"].tolist() == [i % PER_SHARD for i in range(N)]
+    assert obs["chrom"].tolist() == [t["chrom"] for t in truth]
+    assert obs["pos"].tolist() == [t["start"] for t in truth]
+    assert obs["ref"].tolist() == [t["ref"] for t in truth]
+    assert obs["alt"].tolist() == [",".join(t["alts"]) for t in truth]
+    assert obs["alt_allele_indices"].tolist() == [",".join(map(str, t["aai"])) for t in truth]
+    assert obs["label"].tolist() == [pd.NA if t["label"] is None else t["label"] for t in truth]
+    assert str(obs["label"].dtype) == "Int64"
+    assert obs["key"].iloc[3] == "chr20:1111:A>T,TA:1"
+    # depth decoded from the image = number of non-empty read rows
+    want_depth = [int(t["image"][5:].any(axis=(1, 2)).sum()) for t in truth]
+    assert obs["depth"].tolist() == want_depth
+    assert store.layer_specs["mixed5"].dim == 768 and store.layer_specs["mixed10"].dim == 2048
+    assert store.layer_specs["mixed5"].map_shape == (4, 12, 768)
+
+
+def test_layers_equal_direct_capture_forward(data):
+    store, truth = data["baseline"], data["truth"]
+    model = dvtorch.load(data["bundle"], device="cpu")
+    images = torch.from_numpy(np.stack([t["image"] for t in truth]))
+    outs = {n: [] for n in LAYERS}
+    probs = []
+    with torch.inference_mode(), dvtorch.hooks.capture(model, list(LAYERS), pool="max") as acts:
+        for i in range(0, N, BATCH):
+            probs.append(model(dvtorch.preprocess(images[i : i + BATCH])))
+            for n in LAYERS:
+                outs[n].append(acts[n].float().numpy())
+    for n in LAYERS:
+        np.testing.assert_allclose(store.layer(n), np.concatenate(outs[n]), rtol=1e-5, atol=1e-6)
+    p = torch.cat(probs).numpy()
+    obs = store.obs
+    np.testing.assert_allclose(
+        obs[["p_hom_ref", "p_het", "p_hom_alt"]].to_numpy(), p, rtol=1e-5, atol=1e-6
+    )
+    assert obs["pred_genotype"].tolist() == p.argmax(1).tolist()
+
+
+def test_parallel_workers_keep_input_order(data, tmp_path):
+    par = extract(
+        data["bundle"],
+        data["spec"],
+        tmp_path / "w2",
+        workers=2,
+        batch_size=BATCH,
+        device="cpu",
+        progress=False,
+        commit_interval_s=0,
+    )
+    _assert_same_store(par, data["baseline"])
+
+
+def test_limit_takes_the_first_records(data, tmp_path):
+    s = extract(
+        data["bundle"],
+        data["spec"],
+        tmp_path / "lim",
+        limit=13,
+        batch_size=BATCH,
+        workers=0,
+        device="cpu",
+        progress=False,
+    )
+    assert s.n == 13
+    pd.testing.assert_frame_equal(s.obs, data["baseline"].obs.iloc[:13])
+    np.testing.assert_array_equal(s.layer("mixed5"), data["baseline"].layer("mixed5")[:13])
+
+
+def test_flatten_is_hwc_float16(data, tmp_path):
+    s = extract(
+        data["bundle"],
+        data["spec"],
+        tmp_path / "flat",
+        layers=["mixed5"],
+        pool="flatten",
+        limit=4,
+        workers=0,
+        device="cpu",
+        progress=False,
+    )
+    spec = s.layer_specs["mixed5"]
+    assert (spec.dim, spec.dtype, spec.pool) == (4 * 12 * 768, "float16", "flatten")
+    flat = s.layer("mixed5").astype(np.float32).reshape(4, 4, 12, 768)
+    # max over H, W of the flattened HWC map == the max-pooled row (to float16 rounding)
+    np.testing.assert_allclose(
+        flat.max(axis=(1, 2)), data["baseline"].layer("mixed5")[:4], rtol=2e-3, atol=2e-3
+    )
+
+
+def test_bf16_close_to_fp32_and_fp16_refused_on_cpu(data, tmp_path):
+    s = extract(
+        data["bundle"],
+        data["spec"],
+        tmp_path / "bf16",
+        dtype="bf16",
+        limit=8,
+        workers=0,
+        device="cpu",
+        progress=False,
+    )
+    a, b = s.layer("mixed5"), data["baseline"].layer("mixed5")[:8]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.99
+    with pytest.raises(DvprobeError, match="fp16"):
+        extract(
+            data["bundle"],
+            data["spec"],
+            tmp_path / "fp16",
+            dtype="fp16",
+            device="cpu",
+            progress=False,
+        )
+
+
+# ---- resume ----------------------------------------------------------------------------
+
+
+def test_resume_after_crash_gives_the_uninterrupted_rows(data, tmp_path):
+    out = tmp_path / "crash"
+
+    def boom(n_done: int) -> None:
+        if n_done >= 3 * BATCH:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract(
+            data["bundle"],
+            data["spec"],
+            out,
+            batch_size=BATCH,
+            workers=0,
+            device="cpu",
+            progress=False,
+            commit_interval_s=0,
+            on_batch=boom,
+        )
+    partial = open_store(out)
+    assert not partial.complete
+    assert partial.n == 3 * BATCH  # every finished batch was committed
+    assert partial.meta["cursor"]["position"] == 3 * BATCH
+    seen = []
+    resumed = extract(
+        data["bundle"],
+        data["spec"],
+        out,
+        batch_size=BATCH,
+        workers=0,
+        device="cpu",
+        progress=False,
+        commit_interval_s=0,
+        on_batch=seen.append,
+    )
+    assert seen[0] == 4 * BATCH  # nothing before the cursor was redone
+    _assert_same_store(resumed, data["baseline"])
+
+
+def test_torn_tail_after_kill9_is_truncated_and_redone(data, tmp_path):
+    """A crash between writing rows and committing leaves bytes past the commit."""
+    out = tmp_path / "torn"
+    with pytest.raises(RuntimeError):
+        extract(
+            data["bundle"],
+            data["spec"],
+            out,
+            batch_size=BATCH,
+            workers=0,
+            device="cpu",
+            progress=False,
+            commit_interval_s=0,
+            on_batch=lambda n: (_ for _ in ()).throw(RuntimeError("x")) if n >= 16 else None,
+        )
+    # garbage rows for every layer + an orphan obs part, as an interrupted append leaves
+    for name in LAYERS:
+        with open(out / "layers" / f"{name}.bin", "ab") as fh:
+            fh.write(b"\x7f" * 4096)
+    (out / "obs" / "part-99999999.parquet").write_bytes(b"junk")
+    resumed = extract(
+        data["bundle"], data["spec"], out, batch_size=BATCH, workers=2, device="cpu", progress=False
+    )
+    _assert_same_store(resumed, data["baseline"])
+
+
+def test_ctrl_c_commits_finished_batches_and_says_how_to_resume(data, tmp_path, capsys):
+    out = tmp_path / "sigint"
+
+    def interrupt(n_done: int) -> None:
+        if n_done >= 2 * BATCH:
+            raise KeyboardInterrupt
+
+    with pytest.raises(ExtractionInterrupted) as ei:
+        # commit interval never reached: the interrupt itself must commit the 2 batches
+        extract(
+            data["bundle"],
+            data["spec"],
+            out,
+            batch_size=BATCH,
+            workers=1,
+            device="cpu",
+            progress=True,
+            commit_interval_s=3600,
+            on_batch=interrupt,
+        )
+    assert "run the same command again to resume" in str(ei.value)
+    assert open_store(out).n == 2 * BATCH
+    assert "resume" in capsys.readouterr().err
+    resumed = extract(
+        data["bundle"], data["spec"], out, batch_size=BATCH, workers=1, device="cpu", progress=True
+    )
+    err = capsys.readouterr().err
+    assert "resuming after 16 committed examples" in err
+    _assert_same_store(resumed, data["baseline"])
+    again = extract(data["bundle"], data["spec"], out, batch_size=BATCH, device="cpu")
+    assert "already complete" in capsys.readouterr().err
+    _assert_same_store(again, data["baseline"])
+
+
+def test_resume_after_real_kill_of_subprocess(data, tmp_path):
+    out = tmp_path / "killed"
+    code = (
+        "import sys, time\n"
+        "from probing.extract import extract\n"
+        "extract(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=4, workers=1,\n"
+        "        device='cpu', progress=False, commit_interval_s=0,\n"
+        "        on_batch=lambda n: time.sleep(0.2))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(data["bundle"]), data["spec"], str(out)],
+        cwd=Path(__file__).parents[1],
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            meta = out / "store.json"
+            if meta.is_file() and json.loads(meta.read_text()).get("n_committed", 0) >= 8:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"extract subprocess exited early with {proc.returncode}")
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    partial = open_store(out)
+    assert 8 <= partial.n < N and not partial.complete
+    resumed = extract(
+        data["bundle"], data["spec"], out, batch_size=4, workers=0, device="cpu", progress=False
+    )
+    assert resumed.obs["key"].is_unique
+    pd.testing.assert_frame_equal(resumed.obs, data["baseline"].obs)
+    for n in LAYERS:  # batch size differs from the baseline: same values to rounding
+        np.testing.assert_allclose(
+            resumed.layer(n), data["baseline"].layer(n), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_different_extraction_at_same_out_is_refused(data, tmp_path):
+    out = tmp_path / "one"
+    extract(data["bundle"], data["spec"], out, limit=4, workers=0, device="cpu", progress=False)
+    with pytest.raises(StoreError, match="different extraction"):
+        extract(
+            data["bundle"],
+            data["spec"],
+            out,
+            layers=["mixed5"],
+            limit=4,
+            workers=0,
+            device="cpu",
+            progress=False,
+        )
+    with pytest.raises(StoreError, match="different extraction"):
+        extract(
+            data["bundle"],
+            data["spec"],
+            out,
+            pool="mean",
+            limit=4,
+            workers=0,
+            device="cpu",
+            progress=False,
+        )
+    s = extract(
+        data["bundle"],
+        data["spec"],
+        out,
+        pool="mean",
+        limit=4,
+        workers=0,
+        device="cpu",
+        progress=False,
+        overwrite=True,
+    )
+    assert s.layer_specs["mixed5"].pool == "mean" and s.n == 4
+
+
+# ---- corrupt records -------------------------------------------------------------------
+
+
+@pytest.fixture
+def corrupt_spec(data, tmp_path):
+    """Copy of the examples where shard 1, record 5 (overall row 25) has one flipped byte."""
+    d = tmp_path / "corrupt"
+    spec = _write_shards(d, data["truth"])
+    shard1 = spec.replace("@2.gz", "-00001-of-00002.gz")
+
+    def flip(raw: bytearray) -> None:
+        off, n = _record_offsets(bytes(raw))[5]
+        raw[off + n // 2] ^= 0x40
+
+    _rewrite_gz(shard1, flip)
+    return spec, shard1
+
+
+def test_corrupt_record_errors_with_location_and_store_stays_consistent(
+    data, corrupt_spec, tmp_path
+):
+    spec, shard1 = corrupt_spec
+    out = tmp_path / "c"
+    with pytest.raises(ExampleFormatError) as ei:
+        extract(
+            data["bundle"],
+            spec,
+            out,
+            batch_size=BATCH,
+            workers=2,
+            device="cpu",
+            progress=False,
+            commit_interval_s=0,
+        )
+    msg = str(ei.value)
+    assert "CRC" in msg and Path(shard1).name in msg and "record 5" in msg
+    s = open_store(out)
+    # batches 0-2 (rows 0-23) precede the bad record's batch (rows 24-31)
+    assert s.n == 24 and not s.complete
+    pd.testing.assert_frame_equal(s.obs, data["baseline"].obs.iloc[:24])
+    assert len(s.layer("mixed10")) == 24
+    # the same STORE can be finished by skipping the bad record (a resume, not a redo)
+    done = extract(
+        data["bundle"],
+        spec,
+        out,
+        batch_size=BATCH,
+        workers=2,
+        device="cpu",
+        progress=False,
+        skip_corrupt=True,
+    )
+    _check_skipped(done, data, shard1)
+
+
+def _check_skipped(store, data, shard1) -> None:
+    assert store.n == N - 1
+    assert store.meta["skipped"]["count"] == 1
+    first = store.meta["skipped"]["first"][0]
+    assert first["record"] == 5 and Path(first["file"]).name == Path(shard1).name
+    assert "CRC" in first["reason"]
+    keep = [i for i in range(N) if i != PER_SHARD + 5]
+    pd.testing.assert_frame_equal(store.obs, data["baseline"].obs.iloc[keep].reset_index(drop=True))
+    np.testing.assert_array_equal(store.layer("mixed5"), data["baseline"].layer("mixed5")[keep])
+
+
+def test_skip_corrupt_counts_and_reports(data, corrupt_spec, tmp_path):
+    spec, shard1 = corrupt_spec
+    s = extract(
+        data["bundle"],
+        spec,
+        tmp_path / "s",
+        batch_size=BATCH,
+        workers=0,
+        device="cpu",
+        progress=False,
+        skip_corrupt=True,
+    )
+    _check_skipped(s, data, shard1)
+
+
+def test_corrupt_payload_that_passes_crc_is_reported_by_parser(data, tmp_path):
+    """A record whose bytes are not a tf.Example at all (valid framing) -> parse error."""
+    d = tmp_path / "bad"
+    spec = _write_shards(d, data["truth"][:6], per_shard=6)
+    path = spec.replace("@1.gz", "-00000-of-00001.gz")
+
+    def replace_record(raw: bytearray) -> None:
+        off, n = _record_offsets(bytes(raw))[2]
+        junk = b"\xff" * 10
+        head = struct.pack("<Q", len(junk))
+        new = (
+            head
+            + struct.pack("<I", masked_crc32c(head))
+            + junk
+            + struct.pack("<I", masked_crc32c(junk))
+        )
+        raw[off - 12 : off + n + 4] = new
+
+    _rewrite_gz(path, replace_record)
+    with pytest.raises(ExampleFormatError, match="record 2"):
+        extract(
+            data["bundle"],
+            spec,
+            tmp_path / "o1",
+            batch_size=2,
+            workers=0,
+            device="cpu",
+            progress=False,
+        )
+    s = extract(
+        data["bundle"],
+        spec,
+        tmp_path / "o2",
+        batch_size=2,
+        workers=0,
+        device="cpu",
+        progress=False,
+        skip_corrupt=True,
+    )
+    assert s.n == 5 and s.meta["skipped"]["count"] == 1
+
+
+# ---- input checks ----------------------------------------------------------------------
+
+
+def test_example_info_mismatch_names_both_shapes_and_channels(data, tmp_path):
+    d = tmp_path / "mism"
+    spec = _write_shards(d, data["truth"][:4], per_shard=4, info=False)
+    shard0 = spec.replace("@1.gz", "-00000-of-00001.gz")
+    write_example_info(shard0, (100, 221, 8), (1, 2, 3, 4, 5, 6, 9, 10), "1.6.0")
+    with pytest.raises(ExampleFormatError) as ei:
+        extract(data["bundle"], spec, tmp_path / "o", device="cpu", progress=False)
+    msg = str(ei.value)
+    assert "8" in msg and "7" in msg and "channels" in msg
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_without_example_info_first_record_shape_is_checked(data, tmp_path):
+    d = tmp_path / "noinfo"
+    rng = np.random.default_rng(1)
+    t = dict(data["truth"][0], image=rng.integers(0, 255, (100, 199, 7), dtype=np.uint8))
+    spec = _write_shards(d, [t], per_shard=1, info=False)
+    with pytest.raises(ExampleFormatError, match=r"\[100, 199, 7\].*\[100, 221, 7\]"):
+        extract(data["bundle"], spec, tmp_path / "o", device="cpu", progress=False)
+    # matching shape without example_info.json is fine
+    spec2 = _write_shards(tmp_path / "noinfo2", data["truth"][:3], per_shard=3, info=False)
+    s = extract(data["bundle"], spec2, tmp_path / "o2", device="cpu", workers=0, progress=False)
+    assert s.meta["input_check"]["source"] == "first record" and s.n == 3
+
+
+# ---- CLI -------------------------------------------------------------------------------
+
+
+def test_cli_extract_and_user_error_exit_code(data, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from probing import commands_extract
+
+    app = typer.Typer()
+    commands_extract.register(app)
+    app.command("noop")(lambda: None)  # two commands: keep "extract" as a subcommand
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(data["bundle"]),
+            data["spec"],
+            "--out",
+            str(out),
+            "--layers",
+            "mixed5,mixed10",
+            "--limit",
+            "5",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "5 examples" in r.output
+    pd.testing.assert_frame_equal(open_store(out).obs, data["baseline"].obs.iloc[:5])
+    r = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(data["bundle"]),
+            data["spec"],
+            "--out",
+            str(tmp_path / "x"),
+            "--pool",
+            "median",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert isinstance(r.exception, DvprobeError) and "--pool must be one of" in str(r.exception)
+    # through the real entry point: one line, exit 2, no traceback
+    pytest.importorskip("click", reason="cli.py imports click")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import cli; cli.main()",
+            "extract",
+            str(data["bundle"]),
+            data["spec"],
+            "--out",
+            str(tmp_path / "x"),
+            "--pool",
+            "median",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--pool must be one of" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- TensorFlow's own activations --------------------------------------------------------
+
+
+@pytest.mark.tf
+@pytest.mark.slow
+def test_extracted_layers_equal_keras_mixed_outputs(ckpt_bundle, dv_keras_model, data, tmp_path):
+    """Extraction through a bundle converted from a TF checkpoint reproduces the Keras
+    model's own mixed5 / mixed10 outputs, max-pooled over H and W."""
+    from dvtorch.keras_dv import layer_model
+
+    s = extract(
+        ckpt_bundle,
+        data["spec"],
+        tmp_path / "tf",
+        limit=12,
+        batch_size=6,
+        workers=1,
+        device="cpu",
+        progress=False,
+    )
+    images = np.stack([t["image"] for t in data["truth"][:12]])
+    x = (images.astype(np.float32) - 128.0) / 128.0
+    ref = layer_model(dv_keras_model)(x, training=False)
+    for n in LAYERS:
+        want = ref[n].numpy().max(axis=(1, 2))
+        np.testing.assert_allclose(s.layer(n), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        s.obs[["p_hom_ref", "p_het", "p_hom_alt"]].to_numpy(),
+        ref["classification"].numpy(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
