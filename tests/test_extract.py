@@ -425,6 +425,48 @@ def test_resume_after_real_kill_of_subprocess(data, tmp_path):
         )
 
 
+def test_real_sigint_to_process_group_commits_and_resumes(data, tmp_path):
+    """Ctrl-C in a terminal signals the whole process group, data-loading workers included."""
+    out, marker = tmp_path / "sigint_real", tmp_path / "eight_done"
+    code = (
+        "import sys, time, pathlib\n"
+        "from probing.extract import extract\n"
+        "m = pathlib.Path(sys.argv[4])\n"
+        "def cb(n):\n"
+        "    time.sleep(0.2)\n"
+        "    if n >= 8: m.touch()\n"
+        "extract(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=4, workers=2,\n"
+        "        device='cpu', progress=True, commit_interval_s=3600, on_batch=cb)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(data["bundle"]), data["spec"],
+                             str(out), str(marker)], cwd=Path(__file__).parents[1], env=env,
+                            start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert marker.exists(), "extract subprocess did not reach 8 examples"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert "run the same command again to resume" in err
+    partial = open_store(out)
+    # nothing was committed before the interrupt (interval 3600 s): the handler committed
+    # every finished batch, at least the 8 examples the marker saw
+    assert 8 <= partial.n < N and not partial.complete
+    resumed = extract(data["bundle"], data["spec"], out, batch_size=4, workers=0,
+                      device="cpu", progress=False)
+    pd.testing.assert_frame_equal(resumed.obs, data["baseline"].obs)
+    for n in LAYERS:
+        np.testing.assert_allclose(resumed.layer(n), data["baseline"].layer(n),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_different_extraction_at_same_out_is_refused(data, tmp_path):
     out = tmp_path / "one"
     extract(data["bundle"], data["spec"], out, limit=4, workers=0, device="cpu", progress=False)
