@@ -1,9 +1,159 @@
-"""CLI commands of this area (registered by cli.py)."""
+"""CLI commands ``annotate``, ``enrich``, ``report`` and ``show`` (registered by cli.py).
+
+Thin wrappers over :mod:`probing.annotate`, :mod:`probing.enrich`, :mod:`probing.report`
+and :mod:`probing.show`: parse options, call the API, print what was done (with the
+counts a user should sanity-check, e.g. how many truth-set records matched no example).
+"""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import typer
+
+from dvtorch.errors import DvprobeError
+
+
+class CliUsageError(DvprobeError):
+    """Options that contradict each other."""
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _warnings_to_stderr() -> None:
+    """Annotation warnings (chromosome renames ...) must be seen, not buried in a log."""
+    for name in ("probing.annotate", "probing.report"):
+        lg = logging.getLogger(name)
+        if not lg.handlers:
+            h = logging.StreamHandler()
+            h.setFormatter(logging.Formatter("dvprobe: warning: %(message)s"))
+            lg.addHandler(h)
+            lg.setLevel(logging.WARNING)
+            lg.propagate = False
 
 
 def register(app: typer.Typer) -> None:
-    """Attach this area's commands to the ``dvprobe`` app."""
+    """Attach ``annotate``, ``enrich``, ``report`` and ``show`` to the ``dvprobe`` app."""
+
+    @app.command("annotate")
+    def annotate_cmd(
+        store: Path = typer.Argument(..., help="STORE directory"),
+        bed: list[Path] = typer.Option(None, "--bed", help="BED(.gz) / GIAB stratification; "
+                                       "repeatable (column = file stem)"),
+        rmsk: Path = typer.Option(None, "--rmsk", help="UCSC rmsk.txt(.gz) or RepeatMasker .out"),
+        repeat_class: str = typer.Option(None, "--repeat-class",
+                                         help="with --rmsk: repClass filter, e.g. LINE "
+                                              "(comma list)"),
+        repeat_family: str = typer.Option(None, "--repeat-family",
+                                          help="with --rmsk: repFamily filter, e.g. L1"),
+        vcf: Path = typer.Option(None, "--vcf", help="truth VCF(.gz), matched by chrom + POS"),
+        match_alleles: bool = typer.Option(False, "--match-alleles",
+                                           help="with --vcf: REF and a selected ALT must match"),
+        name: str = typer.Option(None, "--name", help="column name (one source only)"),
+        by: str = typer.Option("variant", "--by",
+                               help="variant: [pos, end) | locus: the pileup window pos±110"),
+    ) -> None:
+        """Add boolean obs columns from BED / RepeatMasker / VCF files."""
+        from probing import annotate as an
+
+        _warnings_to_stderr()
+        sources = len(bed or []) + (rmsk is not None) + (vcf is not None)
+        if sources == 0:
+            raise CliUsageError("annotate: give --bed, --rmsk or --vcf")
+        if name and sources > 1:
+            raise CliUsageError("annotate: --name applies to a single source")
+        if (repeat_class or repeat_family) and rmsk is None:
+            raise CliUsageError("annotate: --repeat-class/--repeat-family need --rmsk")
+        if match_alleles and vcf is None:
+            raise CliUsageError("annotate: --match-alleles needs --vcf")
+        results = []
+        for b in bed or []:
+            results.append(an.annotate_bed(store, b, name=name, by=by))
+        if rmsk is not None:
+            results.append(an.annotate_rmsk(store, rmsk, name=name, by=by,
+                                            repeat_class=_split(repeat_class),
+                                            repeat_family=_split(repeat_family)))
+        if vcf is not None:
+            results.append(an.annotate_vcf(store, vcf, name=name, match_alleles=match_alleles))
+        for r in results:
+            typer.echo(r.summary())
+
+    @app.command("enrich")
+    def enrich_cmd(
+        store: Path = typer.Argument(..., help="STORE directory"),
+        run: str = typer.Option(..., "--run", help="analysis run name"),
+        by: str = typer.Option(..., "--by", help="boolean attributes, comma list: LINE "
+                               "(= rmsk_LINE), mosaic, label=1 ..."),
+        level: str = typer.Option("cluster", "--level", help="cluster | level1 | node"),
+        continuous: str = typer.Option(None, "--continuous",
+                                       help="numeric columns summarised per cluster "
+                                            "(default depth,mean_mapq,frac_low_mapq,"
+                                            "mean_baseq,alt_fraction)"),
+        out: Path = typer.Option(None, "--out", help="write table.csv or table.md"),
+        min_count: int = typer.Option(1, "--min-count",
+                                      help="print only cells with >= this many members"),
+    ) -> None:
+        """Per cluster x attribute: shares, fold enrichment, Fisher p, BH q."""
+        from probing import enrich as en
+
+        res = en.enrich(store, run, _split(by) or [], level=level,
+                        continuous=_split(continuous))
+        for ld in res.landings:
+            typer.echo(ld.summary())
+        shown = res.table[res.table["count"] >= min_count]
+        typer.echo(en.to_markdown(shown))
+        if out is not None:
+            typer.echo(f"wrote {en.write_enrichment(res, out)}")
+
+    @app.command("report")
+    def report_cmd(
+        store: Path = typer.Argument(..., help="STORE directory"),
+        out: Path = typer.Option(Path("report.html"), "--out", help="HTML file"),
+        run: list[str] = typer.Option(None, "--run", help="run(s) to show (default: all)"),
+        max_points: int = typer.Option(20000, "--max-points",
+                                       help="points plotted in the browser (random sample; "
+                                            "rare-attribute rows always kept)"),
+        attributes: str = typer.Option(None, "--attributes",
+                                       help="boolean attributes (default: every annotation)"),
+        continuous: str = typer.Option(None, "--continuous",
+                                       help="numeric columns (default depth,mean_mapq,"
+                                            "alt_fraction)"),
+        thumbnails: int = typer.Option(120, "--thumbnails",
+                                       help="pileup thumbnails embedded (0 = none)"),
+        examples: str = typer.Option(None, "--examples",
+                                     help="where the STORE's examples shards are now "
+                                          "(if moved)"),
+        export_dir: Path = typer.Option(None, "--export-dir",
+                                        help="also write every figure as PNG and SVG here"),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """One self-contained offline HTML report (UMAPs, enrichment, pileups)."""
+        from probing.report import build_report
+
+        _warnings_to_stderr()
+        res = build_report(store, out, runs=run or None, max_points=max_points,
+                           attributes=_split(attributes), continuous=_split(continuous),
+                           thumbnails=thumbnails, examples=examples, export_dir=export_dir,
+                           seed=seed)
+        typer.echo(res.summary())
+        if res.exported:
+            typer.echo(f"exported {len(res.exported)} files to {export_dir}")
+
+    @app.command("show")
+    def show_cmd(
+        examples: str = typer.Argument(None, help="examples spec (file, name@N.gz, glob)"),
+        locus: str = typer.Option(None, "--locus", help="chr20:10001234 (1-based variant "
+                                  "start) or chr20:START-END"),
+        store: Path = typer.Option(None, "--store", help="STORE to take the example from"),
+        key: str = typer.Option(None, "--key", help="with --store: obs key of the example"),
+        out: Path = typer.Option(Path("example.png"), "--out", help=".png or .svg"),
+        scale: float = typer.Option(2.0, "--scale", help="PNG pixel scale"),
+    ) -> None:
+        """Render an example's pileup channels as labelled images."""
+        from probing.show import describe, show
+
+        for s in show(examples, locus=locus, store=store, key=key, out=out, scale=scale):
+            typer.echo(f"{describe(s.example)} -> {s.path}")

@@ -1,0 +1,657 @@
+"""One self-contained, offline HTML report of a STORE's analysis runs.
+
+The blog's figures were interactive Vega-Lite charts fetched from a CDN; genomics data often
+lives on air-gapped machines, so this report inlines everything: the Vega / Vega-Lite /
+vega-embed JavaScript bundled with vl-convert (the same bundle ``altair``'s
+``to_html(inline=True)`` uses), the plotted points once as a JS array shared by every
+view (inserted into each view's named ``points`` dataset instead of being copied into every
+spec), and per-channel PNG thumbnails of some examples' pileups as data URIs. The page makes
+no network request (vega-embed's "open in editor" action, its only link out, is disabled).
+
+Figures (altair): per run, UMAP by cluster / ``level1`` / each boolean attribute / each
+continuous attribute; attribute share per cluster (the blog's figure 2: "83.9 % of cluster
+2 are LINEs") with Fisher/BH numbers in the tooltips; continuous medians and IQRs per
+cluster; projection figures for runs made by ``apply`` (applied set over the source run's
+UMAP); a cross-tabulation for multi-layer runs. Clicking a point shows its pileup channels
+in a side panel when a thumbnail exists. Every figure has vega-embed's PNG/SVG export menu;
+``export_dir`` also writes them with vl-convert.
+
+Large STOREs are subsampled for the browser (``max_points``); every row of a *rare*
+attribute (<= ``rare_max`` rows, e.g. 42 mosaic variants) is always kept so a labelled set
+is never sampled away. Enrichment numbers are computed on *all* rows, not the sample.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from dvtorch.errors import DvprobeError
+from probing import enrich as en
+from probing.show import channel_pngs, data_uri, read_store_examples, store_channels
+from probing.store import Run, Store, open_store
+
+log = logging.getLogger(__name__)
+
+CONTINUOUS_DEFAULT = ("depth", "mean_mapq", "alt_fraction")
+TOOLTIP_COLUMNS = ("locus", "alleles", "label", "pred_genotype", "p_hom_ref", "p_het",
+                   "p_hom_alt", "depth", "mean_mapq", "pileup")
+_BASE_BOOL_EXCLUDE = {"key"}
+
+
+class ReportError(DvprobeError):
+    """The STORE holds nothing to report (no runs with coordinates) or options are wrong."""
+
+
+@dataclass
+class Figure:
+    id: str
+    title: str
+    chart: alt.TopLevelMixin
+    caption: str = ""
+    uses_points: bool = True
+    section: str = ""
+
+
+@dataclass
+class ReportResult:
+    path: Path
+    n_rows: int
+    n_points: int
+    n_thumbnails: int
+    figures: list[str]
+    exported: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        frac = self.n_points / self.n_rows if self.n_rows else 0
+        return (f"{self.path}: {len(self.figures)} figures, {self.n_points}/{self.n_rows} "
+                f"points plotted ({frac:.1%}), {self.n_thumbnails} pileup thumbnails")
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+def _bool_columns(obs: pd.DataFrame) -> list[str]:
+    return [c for c in obs.columns if obs[c].dtype == bool and c not in _BASE_BOOL_EXCLUDE]
+
+
+def _subsample(n: int, max_points: int, keep: np.ndarray, seed: int) -> np.ndarray:
+    """Sorted rows to plot: all of ``keep`` plus a uniform sample of the rest."""
+    if n <= max_points:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    keep = np.unique(keep)
+    rest = np.setdiff1d(np.arange(n), keep)
+    k = max(0, max_points - len(keep))
+    pick = rng.choice(rest, size=min(k, len(rest)), replace=False)
+    return np.sort(np.concatenate([keep, pick]))
+
+
+def _fmt_alleles(ref: pd.Series, alt: pd.Series, aai: pd.Series) -> list[str]:
+    out = []
+    for r, a, i in zip(ref.astype(str), alt.astype(str), aai.astype(str), strict=True):
+        alts = a.split(",")
+        sel = [alts[int(x)] for x in i.split(",") if x.isdigit() and int(x) < len(alts)]
+        out.append(f"{r}>{','.join(sel) or a}")
+    return out
+
+
+def _pick_thumbnails(rows: np.ndarray, obs: pd.DataFrame, labels: pd.Series | None,
+                     rare: list[np.ndarray], limit: int) -> np.ndarray:
+    """Rows to render pileups for: rare-attribute rows first, then per cluster.
+
+    Within each group the rows with the smallest record index are preferred, so reading
+    them means scanning each shard only from its start up to a small record number.
+    """
+    if limit <= 0 or "record" not in obs.columns:
+        return np.array([], dtype=np.int64)
+    chosen: list[int] = []
+    rec = obs["record"].to_numpy()
+    plotted = set(rows.tolist())
+    for m in rare:
+        cand = [r for r in np.flatnonzero(m) if r in plotted]
+        cand.sort(key=lambda r: rec[r])
+        chosen += cand[: max(1, limit // (2 * max(1, len(rare))))]
+    groups = (labels.iloc[rows].groupby(labels.iloc[rows].to_numpy()).groups
+              if labels is not None else {"all": rows})
+    per = max(1, (limit - len(chosen)) // max(1, len(groups)))
+    for _, idx in sorted(groups.items(), key=lambda kv: en._natural_key(kv[0])):
+        cand = np.asarray(list(idx), dtype=np.int64)
+        cand = cand[np.argsort(rec[cand], kind="stable")]
+        chosen += cand[:per].tolist()
+    chosen = list(dict.fromkeys(chosen))
+    if len(chosen) < limit:  # small clusters left room: fill with the cheapest other rows
+        have = set(chosen)
+        rest = [r for r in rows[np.argsort(rec[rows], kind="stable")] if r not in have]
+        chosen += rest[: limit - len(chosen)]
+    return np.array(chosen[:limit], dtype=np.int64)
+
+
+def _thumbs(store: Store, rows: np.ndarray, examples, downsample: int,
+            warnings: list[str]) -> dict[int, dict]:
+    if len(rows) == 0:
+        return {}
+    try:
+        exs = read_store_examples(store, rows, examples)
+    except DvprobeError as exc:
+        warnings.append(f"pileup thumbnails unavailable: {exc}")
+        return {}
+    channels = store_channels(store)
+    out = {}
+    for row, ex in exs.items():
+        out[int(row)] = {"title": f"{ex.locus} {ex.ref}>{ex.alt}",
+                         "ch": [[lbl, data_uri(png)] for lbl, png in
+                                channel_pngs(ex.image, channels, downsample)]}
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Charts
+# --------------------------------------------------------------------------------------
+
+POINTS = alt.NamedData(name="points")
+
+
+def _tooltip(extra: list[alt.Tooltip]) -> list[alt.Tooltip]:
+    """key, the figure's own fields, then locus/alleles/label/probabilities/depth/pileup."""
+    tips = [alt.Tooltip("key:N", title="key"), *extra]
+    for c in TOOLTIP_COLUMNS:
+        if c.startswith("p_"):
+            tips.append(alt.Tooltip(f"{c}:Q", title=c, format=".3f"))
+        elif c in ("depth", "mean_mapq"):
+            tips.append(alt.Tooltip(f"{c}:Q", title=c, format=".1f"))
+        else:
+            tips.append(alt.Tooltip(f"{c}:N", title=c))
+    return tips
+
+
+def _umap_base(xi: str, yi: str, title: str) -> alt.Chart:
+    sel = alt.selection_point(name="pick", fields=["row"], on="click", empty=False)
+    return (alt.Chart(POINTS, title=title, width=520, height=420)
+            .mark_circle(size=14, opacity=0.75)
+            .encode(x=alt.X(f"{xi}:Q", title="UMAP 1", axis=alt.Axis(grid=False)),
+                    y=alt.Y(f"{yi}:Q", title="UMAP 2", axis=alt.Axis(grid=False)),
+                    size=alt.condition(sel, alt.value(160), alt.value(14)))
+            .add_params(sel)
+            .transform_filter(f"isValid(datum['{xi}'])"))
+
+
+def umap_by_category(col: str, xi: str, yi: str, order: list[str], title: str,
+                     legend: str) -> alt.Chart:
+    return _umap_base(xi, yi, title).encode(
+        color=alt.Color(f"{col}:N", sort=order, title=legend,
+                        scale=alt.Scale(scheme="category20" if len(order) > 10 else "tableau10")),
+        tooltip=_tooltip([alt.Tooltip(f"{col}:N", title=legend)]))
+
+
+def umap_by_flag(col: str, xi: str, yi: str, title: str, label_col: str) -> alt.Chart:
+    return _umap_base(xi, yi, title).encode(
+        color=alt.Color(f"{col}:N", title=col,
+                        scale=alt.Scale(domain=[True, False], range=["#d62728", "#cfcfcf"])),
+        order=alt.Order(f"{col}:N", sort="ascending"),
+        tooltip=_tooltip([alt.Tooltip(f"{label_col}:N", title="cluster"),
+                          alt.Tooltip(f"{col}:N", title=col)]))
+
+
+def umap_by_value(col: str, xi: str, yi: str, title: str, lo: float, hi: float,
+                  label_col: str) -> alt.Chart:
+    return _umap_base(xi, yi, title).encode(
+        color=alt.Color(f"{col}:Q", title=col, scale=alt.Scale(scheme="viridis",
+                                                             domain=[lo, hi], clamp=True)),
+        tooltip=_tooltip([alt.Tooltip(f"{label_col}:N", title="cluster")]))
+
+
+def share_bars(table: pd.DataFrame, attribute: str, level: str, rate: float,
+               title: str) -> alt.LayerChart:
+    """The blog's figure 2: share of each cluster carrying the attribute (all rows)."""
+    d = table[table["attribute"] == attribute].copy()
+    d["percent"] = d["share_of_cluster"] * 100
+    d["captured_percent"] = d["share_of_attribute"] * 100
+    order = en.sorted_levels(d["cluster"])
+    bars = alt.Chart(d, title=title, width=max(240, 34 * len(d)), height=260).mark_bar().encode(
+        x=alt.X("cluster:N", sort=order, title=level),
+        y=alt.Y("percent:Q", title=f"% of cluster that is {attribute}",
+                scale=alt.Scale(domain=[0, 100])),
+        color=alt.Color("q:Q", title="BH q", scale=alt.Scale(type="log", scheme="reds",
+                                                            reverse=True, domainMax=1)),
+        tooltip=[alt.Tooltip("cluster:N"), alt.Tooltip("n:Q", title="cluster size"),
+                 alt.Tooltip("count:Q", title=f"{attribute} in cluster"),
+                 alt.Tooltip("percent:Q", format=".1f", title="% of cluster"),
+                 alt.Tooltip("captured_percent:Q", format=".1f",
+                             title=f"% of all {attribute}"),
+                 alt.Tooltip("fold:Q", format=".2f"), alt.Tooltip("p:Q", format=".2e"),
+                 alt.Tooltip("q:Q", format=".2e")])
+    text = bars.mark_text(dy=-6, fontSize=10).encode(text=alt.Text("percent:Q", format=".1f"),
+                                                     color=alt.value("black"))
+    rule = alt.Chart(pd.DataFrame({"overall": [rate * 100]})).mark_rule(
+        strokeDash=[4, 3], color="black").encode(y="overall:Q",
+                                                 tooltip=alt.Tooltip("overall:Q", format=".1f"))
+    return alt.layer(bars, text, rule)
+
+
+def continuous_bars(cont: pd.DataFrame, attribute: str, level: str, title: str) -> alt.LayerChart:
+    d = cont[cont["attribute"] == attribute]
+    order = en.sorted_levels(d["cluster"])
+    base = alt.Chart(d, title=title, width=max(240, 34 * len(d)), height=220)
+    tips = [alt.Tooltip("cluster:N"), alt.Tooltip("n:Q"),
+            *[alt.Tooltip(f"{c}:Q", format=".2f") for c in ("median", "q1", "q3", "iqr", "mean")]]
+    iqr = base.mark_rule(strokeWidth=6, opacity=0.5).encode(
+        x=alt.X("cluster:N", sort=order, title=level), y=alt.Y("q1:Q", title=attribute),
+        y2="q3:Q", tooltip=tips)
+    med = base.mark_tick(color="black", thickness=2, size=18).encode(
+        x=alt.X("cluster:N", sort=order), y="median:Q", tooltip=tips)
+    return alt.layer(iqr, med)
+
+
+def crosstab_heatmap(a: pd.Series, b: pd.Series, a_name: str, b_name: str,
+                     title: str) -> alt.LayerChart:
+    ct = pd.crosstab(a.to_numpy(), b.to_numpy()).stack().reset_index()
+    ct.columns = ["a", "b", "n"]
+    ct["a"], ct["b"] = ct["a"].astype(str), ct["b"].astype(str)
+    base = alt.Chart(ct, title=title).encode(
+        x=alt.X("b:N", sort=en.sorted_levels(ct["b"]), title=b_name),
+        y=alt.Y("a:N", sort=en.sorted_levels(ct["a"]), title=a_name))
+    return alt.layer(
+        base.mark_rect().encode(color=alt.Color("n:Q", scale=alt.Scale(type="symlog")),
+                                tooltip=["a:N", "b:N", "n:Q"]),
+        base.mark_text(fontSize=9).encode(text="n:Q"))
+
+
+# --------------------------------------------------------------------------------------
+# Build
+# --------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60]
+
+
+def _json_for_script(obj) -> str:
+    """JSON safe inside ``<script>`` (no ``</script>`` or ``<!--`` can close it)."""
+    return (json.dumps(obj, separators=(",", ":"), default=_json_default, allow_nan=False)
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return None if np.isnan(o) else float(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    raise TypeError(type(o))
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    clean = df.astype(object).where(pd.notna(df), None)
+    return clean.to_dict(orient="records")
+
+
+def _spec(chart: alt.TopLevelMixin) -> dict:
+    spec = chart.to_dict()
+    spec.pop("$schema", None)  # never fetched by vega-embed, but keep the page URL-free
+    return spec
+
+
+def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
+                 runs: list[str] | None = None, max_points: int = 20000,
+                 attributes: list[str] | None = None, continuous: list[str] | None = None,
+                 thumbnails: int = 120, thumbnail_downsample: int = 1,
+                 examples: str | os.PathLike | None = None,
+                 export_dir: str | os.PathLike | None = None, rare_max: int = 1000,
+                 seed: int = 0, title: str | None = None) -> ReportResult:
+    """Write the report; see the module docstring for what it contains."""
+    store = store if isinstance(store, Store) else open_store(store)
+    if max_points < 1:
+        raise ReportError("--max-points must be >= 1")
+    names = runs if runs else store.runs
+    loaded: list[Run] = [store.load_run(r) for r in names]
+    loaded = [r for r in loaded if "umap" in r.arrays or "cluster" in r.obs.columns]
+    if not loaded:
+        raise ReportError(f"{store.path}: no analysis run with a UMAP or clusters to report "
+                          f"(runs: {store.runs}); run `dvprobe cluster` first")
+    obs = store.obs
+    n = len(obs)
+    warnings: list[str] = []
+    bool_cols = _bool_columns(obs)
+    attrs: dict[str, np.ndarray] = {}
+    for a in (attributes if attributes is not None else bool_cols):
+        col, mask = en.resolve_attribute(obs, a)
+        attrs[col] = mask
+    cont_cols = [c for c in (continuous if continuous is not None else CONTINUOUS_DEFAULT)
+                 if c in obs.columns]
+    rare = [m for m in attrs.values() if 0 < m.sum() <= rare_max]
+    keep = np.concatenate([np.flatnonzero(m) for m in rare]) if rare else np.array([], int)
+    rows = _subsample(n, max_points, keep.astype(np.int64), seed)
+
+    # Plotted points: one shared table.
+    pts = pd.DataFrame({"row": rows})
+    for c in ("key", "locus", "label", "pred_genotype", "p_hom_ref", "p_het", "p_hom_alt",
+              "depth", "mean_mapq", *cont_cols):
+        if c in obs.columns and c not in pts.columns:
+            v = obs[c].iloc[rows].reset_index(drop=True)
+            pts[c] = v.astype("float64").round(4) if v.dtype.kind == "f" else v
+    if {"ref", "alt", "alt_allele_indices"} <= set(obs.columns):
+        o = obs.iloc[rows]
+        pts["alleles"] = _fmt_alleles(o["ref"], o["alt"], o["alt_allele_indices"])
+    for a, m in attrs.items():
+        pts[a] = m[rows]
+
+    figures: list[Figure] = []
+    tables: list[tuple[str, str]] = []
+    first_labels: pd.Series | None = None
+    for ri, r in enumerate(loaded):
+        sec = f"Run {r.name}"
+        kind = r.meta.get("kind", "?")
+        layers = r.meta.get("features", {}).get("layers") if isinstance(
+            r.meta.get("features"), dict) else None
+        xi, yi = f"x{ri}", f"y{ri}"
+        has_umap = "umap" in r.arrays and r.arrays["umap"].shape[1] >= 2
+        if has_umap:
+            u = r.arrays["umap"]
+            pts[xi] = np.round(u[rows, 0].astype(float), 4)
+            pts[yi] = np.round(u[rows, 1].astype(float), 4)
+        levels = [lv for lv in ("cluster", "level1") if lv in r.obs.columns]
+        for lv in levels:
+            pts[f"{lv}{ri}"] = r.obs[lv].astype(str).to_numpy()[rows]
+        labels = r.obs["cluster"].astype(str) if "cluster" in r.obs.columns else None
+        if first_labels is None and labels is not None:
+            first_labels = labels
+        lab_col = f"cluster{ri}" if labels is not None else "key"
+        desc = f"{kind} on {', '.join(layers) if layers else '?'}"
+        if has_umap:
+            for lv in levels:
+                order = en.sorted_levels(r.obs[lv])
+                figures.append(Figure(f"f{len(figures)}", f"{r.name}: UMAP by {lv}",
+                                      umap_by_category(f"{lv}{ri}", xi, yi, order,
+                                                       f"{r.name} ({desc}) - {lv}", lv),
+                                      f"{len(order)} clusters. Click a point to see its "
+                                      "pileup (when a thumbnail exists).", True, sec))
+        res = en.enrich(store, r.name, list(attrs), level="cluster",
+                        continuous=cont_cols) if labels is not None else None
+        lands = {ld.name: ld.summary() for ld in res.landings} if res else {}
+        for a, m in attrs.items():
+            if has_umap:
+                cap = lands.get(a, "") + f" ({int(m.sum())} of {n} examples carry {a}.)"
+                figures.append(Figure(f"f{len(figures)}", f"{r.name}: UMAP, {a}",
+                                      umap_by_flag(a, xi, yi, f"{r.name} - {a}", lab_col),
+                                      cap, True, sec))
+            if res is not None and m.sum():
+                figures.append(Figure(
+                    f"f{len(figures)}", f"{r.name}: share of {a} per cluster",
+                    share_bars(res.table, a, "cluster", m.mean(),
+                               f"{r.name}: % of each cluster that is {a}"),
+                    "All rows (not the plotted sample). Bar colour = BH q of a one-sided "
+                    "Fisher test; dashed line = overall rate.", False, sec))
+        if has_umap:
+            for c in cont_cols:
+                v = obs[c].to_numpy(dtype=float)
+                lo, hi = (np.nanpercentile(v, [1, 99]) if np.isfinite(v).any() else (0, 1))
+                figures.append(Figure(f"f{len(figures)}", f"{r.name}: UMAP by {c}",
+                                      umap_by_value(c, xi, yi, f"{r.name} - {c}", float(lo),
+                                                    float(hi), lab_col),
+                                      "Colour clipped to the 1st-99th percentile.", True, sec))
+        if res is not None:
+            for c in cont_cols:
+                figures.append(Figure(f"f{len(figures)}", f"{r.name}: {c} per cluster",
+                                      continuous_bars(res.continuous, c, "cluster",
+                                                      f"{r.name}: {c} (median, IQR)"),
+                                      "All rows.", False, sec))
+            if len(res.table):
+                tables.append((f"{r.name}: enrichment (all {n} rows)",
+                               _table_html(res.table)))
+            if res.landings:
+                tables.append((f"{r.name}: where labelled sets landed",
+                               "<ul>" + "".join(f"<li>{html.escape(ld.summary())}</li>"
+                                                for ld in res.landings) + "</ul>"))
+        af = r.meta.get("applied_from")
+        if af and has_umap and labels is not None:
+            figures.append(_projection_figure(r, af, rows, pts, xi, yi, ri, max_points, seed,
+                                              warnings, sec))
+        if kind == "multilayer" and labels is not None:
+            others = [o for o in loaded if o is not r and "cluster" in o.obs.columns
+                      and o.meta.get("kind") != "multilayer"]
+            if others:
+                o = others[0]
+                figures.append(Figure(
+                    f"f{len(figures)}", f"{r.name} vs {o.name}",
+                    crosstab_heatmap(labels, o.obs["cluster"].astype(str),
+                                     f"{r.name} cluster", f"{o.name} cluster",
+                                     f"Multi-layer clusters ({r.name}) vs {o.name}"),
+                    "Counts over all rows: how the multi-layer clustering splits or merges "
+                    "the single-layer clusters.", False, sec))
+
+    thumb_rows = _pick_thumbnails(rows, obs, first_labels, rare, thumbnails)
+    thumbs = _thumbs(store, thumb_rows, examples, thumbnail_downsample, warnings)
+    pts["pileup"] = np.isin(pts["row"].to_numpy(), list(thumbs))
+
+    out = Path(out)
+    exported = _export(figures, pts, Path(export_dir)) if export_dir else []
+    page = _page(store, figures, tables, pts, thumbs, n, len(rows), warnings,
+                 title or f"dvprobe report: {store.path.name}", rare_max, attrs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    for w in warnings:
+        log.warning(w)
+    return ReportResult(out, n, len(rows), len(thumbs), [f.title for f in figures],
+                        exported, warnings)
+
+
+def _projection_figure(r: Run, af: dict, rows: np.ndarray, pts: pd.DataFrame, xi: str,
+                       yi: str, ri: int, max_points: int, seed: int, warnings: list[str],
+                       sec: str) -> Figure:
+    """Applied points (coloured by their cluster) over the source run's UMAP in grey."""
+    bg = None
+    try:
+        src = open_store(af["store"]).load_run(af["run"])
+        if "umap" in src.arrays:
+            u = src.arrays["umap"]
+            pick = _subsample(len(u), max_points, np.array([], np.int64), seed)
+            bg = pd.DataFrame({xi: u[pick, 0].astype(float).round(4),
+                               yi: u[pick, 1].astype(float).round(4)})
+    except (DvprobeError, OSError, KeyError) as exc:
+        warnings.append(f"projection {r.name}: source run unavailable ({exc}); "
+                        "showing the applied points alone")
+    land = en.landing(r.obs["cluster"], None, "applied set").summary()
+    order = en.sorted_levels(r.obs["cluster"])
+    fg = umap_by_category(f"cluster{ri}", xi, yi, order,
+                          f"{r.name}: applied to run {af.get('run')}", "cluster")
+    chart: alt.TopLevelMixin = fg
+    if bg is not None:
+        back = alt.Chart(bg).mark_circle(size=8, color="#d0d0d0", opacity=0.5).encode(
+            x=f"{xi}:Q", y=f"{yi}:Q")
+        chart = alt.layer(back, fg).properties(width=520, height=420)
+    return Figure("", f"{r.name}: projection", chart,
+                  f"Grey: source run {af.get('run')} ({Path(str(af.get('store'))).name}); "
+                  f"coloured: this STORE's examples. {land}", True, sec)
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    d = df.copy()
+    for c in ("share_of_cluster", "share_of_attribute"):
+        if c in d:
+            d[c] = (d[c] * 100).map(lambda v: "" if pd.isna(v) else f"{v:.1f} %")
+    for c in ("p", "q"):
+        if c in d:
+            d[c] = d[c].map(lambda v: "" if pd.isna(v) else f"{v:.2e}")
+    if "fold" in d:
+        d["fold"] = d["fold"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    return d.to_html(index=False, classes="tbl", border=0, escape=True)
+
+
+def _export(figures: list[Figure], pts: pd.DataFrame, export_dir: Path) -> list[Path]:
+    """PNG + SVG of every figure via vl-convert (the named dataset inlined)."""
+    import vl_convert as vlc
+
+    export_dir.mkdir(parents=True, exist_ok=True)
+    values = _records(pts)
+    paths = []
+    for i, f in enumerate(figures):
+        spec = _spec(f.chart)
+        if f.uses_points:
+            spec.setdefault("datasets", {})["points"] = values
+        stem = export_dir / f"{i:02d}-{_slug(f.title)}"
+        spec_json = json.dumps(spec, default=_json_default)
+        (png := stem.with_suffix(".png")).write_bytes(vlc.vegalite_to_png(spec_json, scale=2))
+        (svg := stem.with_suffix(".svg")).write_text(vlc.vegalite_to_svg(spec_json))
+        paths += [png, svg]
+    return paths
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222}
+header{padding:14px 24px;background:#f4f6f8;border-bottom:1px solid #ddd}
+main{margin-right:430px;padding:8px 24px}
+h1{font-size:20px;margin:0 0 6px} h2{font-size:17px;border-bottom:1px solid #ddd}
+h3{font-size:14px;margin:18px 0 4px} .cap{font-size:12px;color:#555;max-width:900px}
+.note{font-size:13px} .warn{color:#a33} #errors{color:#b00;font-weight:bold}
+#panel{position:fixed;right:0;top:0;bottom:0;width:410px;overflow:auto;background:#fafafa;
+ border-left:1px solid #ccc;padding:10px;font-size:12px}
+#panel figure{margin:4px 0} #panel img{width:100%;image-rendering:pixelated;
+ border:1px solid #bbb} #panel figcaption{font-size:11px;color:#333}
+table.tbl{border-collapse:collapse;font-size:11px;margin:6px 0}
+table.tbl td,table.tbl th{border-bottom:1px solid #e4e4e4;padding:2px 8px;text-align:right}
+details{margin:6px 0}
+"""
+
+_JS = r"""
+// editor: false -- the "open in Vega editor" action is the bundle's only link out.
+// minus "-": d3's default U+2212 is missing from some fonts and then renders as nothing.
+const embedOpt = {mode: "vega-lite", renderer: "canvas",
+  actions: {export: true, source: true, compiled: true, editor: false},
+  formatLocale: {decimal: ".", thousands: ",", grouping: [3], currency: ["$", ""],
+                 minus: "-"}};
+let rendered = 0, failed = 0;
+function status() {
+  const el = document.getElementById("render-status");
+  el.textContent = `rendered ${rendered}/${FIGURES.length} figures` +
+    (failed ? `, ${failed} failed` : "");
+  document.body.dataset.rendered = rendered;
+  document.body.dataset.failed = failed;
+}
+function showPileup(row) {
+  const p = POINTS.find(d => d.row === row);
+  const t = THUMBS[String(row)];
+  const box = document.getElementById("pileup");
+  box.innerHTML = "";
+  const h = document.createElement("div");
+  h.innerHTML = "<b></b><br><span></span>";
+  h.querySelector("b").textContent = p ? p.key : `row ${row}`;
+  h.querySelector("span").textContent = p ?
+    `label ${p.label ?? "-"}, predicted ${p.pred_genotype ?? "-"}; ` +
+    `p(hom-ref, het, hom-alt) = ${[p.p_hom_ref, p.p_het, p.p_hom_alt]
+      .map(v => v == null ? "-" : v.toFixed(3)).join(", ")}` : "";
+  box.appendChild(h);
+  if (!t) {
+    const s = document.createElement("p");
+    s.textContent = "No pileup thumbnail for this point (see the note above for which " +
+      "points have one; they show pileup = true in the tooltip).";
+    box.appendChild(s);
+    return;
+  }
+  for (const [label, uri] of t.ch) {
+    const f = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = uri; img.alt = label;
+    const c = document.createElement("figcaption");
+    c.textContent = label;
+    f.appendChild(img); f.appendChild(c); box.appendChild(f);
+  }
+}
+for (const f of FIGURES) {
+  // The plotted points exist once in the page; each view gets them by reference as its
+  // named "points" dataset (before the first render, so no empty-data pass).
+  const spec = f.points ?
+    Object.assign({}, f.spec, {datasets: Object.assign({}, f.spec.datasets, {points: POINTS})}) :
+    f.spec;
+  vegaEmbed("#" + f.id, spec, embedOpt).then(res => {
+    res.view.addEventListener("click", (ev, item) => {
+      if (item && item.datum && item.datum.row !== undefined) showPileup(item.datum.row);
+    });
+    return res.view.runAsync();
+  }).then(() => { rendered += 1; status(); }).catch(err => {
+    failed += 1; status();
+    const e = document.getElementById("errors");
+    e.textContent += `figure ${f.id}: ${err}\n`;
+    console.error(err);
+  });
+}
+const first = Object.keys(THUMBS)[0];
+if (first !== undefined) showPileup(Number(first));
+status();
+"""
+
+
+def _page(store: Store, figures: list[Figure], tables: list[tuple[str, str]],
+          pts: pd.DataFrame, thumbs: dict[int, dict], n: int, n_points: int,
+          warnings: list[str], title: str, rare_max: int, attrs: dict) -> str:
+    import vl_convert as vlc
+    from altair.utils._importers import vl_version_for_vl_convert
+
+    bundle = vlc.javascript_bundle(vl_version=vl_version_for_vl_convert())
+    if "</script" in bundle.lower():
+        raise ReportError("vl-convert's JavaScript bundle contains </script>; cannot inline")
+    for i, f in enumerate(figures):
+        f.id = f"fig{i}"
+    frac = n_points / n if n else 0
+    rare_names = [a for a, m in attrs.items() if 0 < m.sum() <= rare_max]
+    sample_note = (f"All {n} examples are plotted." if n_points == n else
+                   f"{n_points} of {n} examples plotted ({frac:.2%}, uniform random sample"
+                   + (f"; every example of the rare attribute(s) {', '.join(rare_names)} "
+                      "is included" if rare_names else "") + "). Tables and bar charts use "
+                   "all examples.")
+    thumb_note = (f"Pileup thumbnails are embedded for {len(thumbs)} of the plotted points "
+                  "(chosen per cluster and from rare attributes; tooltip field pileup = true). "
+                  "Click such a point to show its channels here.")
+    body = []
+    section = None
+    for f in figures:
+        if f.section != section:
+            section = f.section
+            body.append(f"<h2>{html.escape(section)}</h2>")
+        body.append(f'<section><h3>{html.escape(f.title)}</h3><div id="{f.id}"></div>'
+                    f'<p class="cap">{html.escape(f.caption)}</p></section>')
+    for t, h in tables:
+        body.append(f"<details><summary><b>{html.escape(t)}</b></summary>{h}</details>")
+    fig_specs = [{"id": f.id, "points": f.uses_points, "spec": _spec(f.chart)} for f in figures]
+    thumbs_js = {str(k): v for k, v in thumbs.items()}
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    warn_html = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in warnings)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; img-src data: blob:; font-src data:">
+<title>{html.escape(title)}</title><style>{_CSS}</style>
+<script>{bundle}</script></head>
+<body>
+<header><h1>{html.escape(title)}</h1>
+<div class="note">STORE <code>{html.escape(str(store.path))}</code>, {n} examples, runs:
+{html.escape(', '.join(sorted({f.section[4:] for f in figures})))}. Generated {created}.</div>
+<div class="note" id="sampling">{html.escape(sample_note)}</div>
+<div class="note" id="render-status">rendering...</div><pre id="errors"></pre>{warn_html}
+</header>
+<aside id="panel"><b>Pileup of the selected point</b>
+<p class="cap">{html.escape(thumb_note)}</p><div id="pileup"></div></aside>
+<main>{''.join(body)}</main>
+<script>
+const POINTS = {_json_for_script(_records(pts))};
+const THUMBS = {_json_for_script(thumbs_js)};
+const FIGURES = {_json_for_script(fig_specs)};
+{_JS}
+</script>
+</body></html>
+"""
