@@ -1,0 +1,132 @@
+"""Enrichment numbers against hand computation, scipy's Fisher test and a hand-made BH."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from scipy.stats import fisher_exact
+from typer.testing import CliRunner
+
+from probing import enrich as en
+from probing.store import LayerSpec, StoreWriter
+
+
+def test_bh_by_hand():
+    # sorted p: 0.01 0.03 0.04 0.20 (m=4) -> p*m/rank: 0.04 0.06 0.0533 0.20
+    # running min from the top: 0.04 0.0533 0.0533 0.20
+    q = en.bh_qvalues([0.01, 0.04, 0.03, 0.20])
+    np.testing.assert_allclose(q, [0.04, 0.16 / 3, 0.16 / 3, 0.20])
+    q = en.bh_qvalues([0.9, np.nan, 0.5])  # NaN is not part of the family (m = 2)
+    np.testing.assert_allclose(q, [0.9, np.nan, 0.9])
+    assert en.bh_qvalues([0.6, 0.7]).max() <= 1.0
+
+
+def test_bh_matches_scipy():
+    from scipy.stats import false_discovery_control
+
+    p = np.random.default_rng(3).uniform(size=200) ** 3
+    np.testing.assert_allclose(en.bh_qvalues(p), false_discovery_control(p, method="bh"))
+
+
+def test_enrichment_table_by_hand():
+    # 10 examples, clusters A (4), B (6); attribute in 3 of A and 1 of B.
+    labels = np.array(["A"] * 4 + ["B"] * 6)
+    attr = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0, 0], dtype=bool)
+    t = en.enrichment_table(labels, {"LINE": attr}).set_index("cluster")
+    a = t.loc["A"]
+    assert (a["n"], a["count"]) == (4, 3)
+    assert a["share_of_cluster"] == pytest.approx(0.75)
+    assert a["share_of_attribute"] == pytest.approx(0.75)
+    assert a["fold"] == pytest.approx(0.75 / 0.4)
+    p_a = fisher_exact([[3, 1], [1, 5]], alternative="greater")[1]
+    p_b = fisher_exact([[1, 5], [3, 1]], alternative="greater")[1]
+    assert a["p"] == pytest.approx(p_a)
+    assert t.loc["B", "p"] == pytest.approx(p_b)
+    # hypergeometric by hand: P(X >= 3), X ~ Hypergeom(N=10, K=4, n=4)
+    from math import comb
+
+    by_hand = sum(comb(4, k) * comb(6, 4 - k) for k in (3, 4)) / comb(10, 4)
+    assert a["p"] == pytest.approx(by_hand)
+    np.testing.assert_allclose(t["q"].to_numpy(), en.bh_qvalues(t["p"].to_numpy()))
+
+
+def test_natural_cluster_order_and_continuous():
+    labels = np.array(["10", "2", "2", "10", "1"])
+    t = en.enrichment_table(labels, {"x": np.array([1, 0, 0, 1, 0], bool)})
+    assert t["cluster"].tolist() == ["1", "2", "10"]
+    c = en.continuous_table(labels, {"depth": np.array([10.0, 1, 3, 30, 5])}).set_index("cluster")
+    assert c.loc["10", "median"] == 20 and c.loc["10", "mean"] == 20
+    assert c.loc["10", "q1"] == pytest.approx(15) and c.loc["10", "iqr"] == pytest.approx(10)
+    assert c.loc["1", "n"] == 1
+
+
+def test_landing_41_of_42():
+    labels = np.array(["10"] * 41 + ["3"] + ["1"] * 100)
+    mosaic = np.r_[np.ones(42, bool), np.zeros(100, bool)]
+    ld = en.landing(labels, mosaic, "mosaic")
+    assert ld.summary() == "mosaic: 41/42 in cluster 10 (1 in 3)"
+    assert en.landing(labels[:42], None, "applied").summary().startswith("applied: 41/42 in")
+
+
+def _store(tmp_path, n=200):
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"key": [f"chr1:{i}:A>G:0" for i in range(n)], "chrom": "chr1",
+                        "pos": np.arange(n), "end": np.arange(n) + 1,
+                        "label": pd.array(rng.integers(0, 3, n), dtype="Int64"),
+                        "depth": rng.normal(30, 3, n), "mean_mapq": rng.uniform(0, 60, n)})
+    w = StoreWriter.open(tmp_path / "s", {"inputs": {}}, [LayerSpec("mixed5", 2)])
+    w.append(obs, {"mixed5": np.zeros((n, 2), np.float32)})
+    s = w.finalize()
+    cl = np.arange(n) % 4
+    s.add_obs({"rmsk_LINE": cl == 1, "mosaic": np.isin(np.arange(n), [1, 5, 9, 2])})
+    s.save_run("km", meta={"kind": "kmeans"},
+               obs=pd.DataFrame({"key": obs["key"], "cluster": cl, "level1": cl // 2}))
+    return s
+
+
+def test_enrich_on_store_and_outputs(tmp_path):
+    s = _store(tmp_path)
+    res = en.enrich(s, "km", ["LINE", "mosaic", "label=1"])
+    t = res.table
+    line1 = t[(t.attribute == "rmsk_LINE") & (t.cluster == "1")].iloc[0]
+    assert (line1["count"], line1["n"], line1["share_of_cluster"]) == (50, 50, 1.0)
+    assert line1["share_of_attribute"] == 1.0 and line1["fold"] == pytest.approx(4.0)
+    lab = s.obs["label"].astype(str) == "1"
+    assert t[t.attribute == "label=1"]["count"].sum() == lab.sum()
+    assert [ld.summary() for ld in res.landings][1] == "mosaic: 3/4 in cluster 1 (1 in 2)"
+    lv = en.enrich(s, "km", ["LINE"], level="level1").table
+    assert lv["cluster"].tolist() == ["0", "1"] and lv["count"].tolist() == [50, 0]
+    assert set(res.continuous["attribute"]) == {"depth", "mean_mapq"}
+    md = en.write_enrichment(res, tmp_path / "t.md").read_text()
+    assert "mosaic: 3/4 in cluster 1" in md and "| rmsk_LINE | 1 | 50 | 50 | 1 | 1 | 4 |" in md
+    en.write_enrichment(res, tmp_path / "t.csv")
+    back = pd.read_csv(tmp_path / "t.csv")
+    np.testing.assert_allclose(back["q"], t["q"])
+    assert (tmp_path / "t.continuous.csv").is_file()
+
+
+def test_enrich_errors(tmp_path):
+    s = _store(tmp_path)
+    with pytest.raises(en.EnrichmentError, match="no attribute 'SINE'"):
+        en.enrich(s, "km", ["SINE"])
+    with pytest.raises(en.EnrichmentError, match="not boolean"):
+        en.enrich(s, "km", ["depth"])
+    with pytest.raises(en.EnrichmentError, match="no column 'node'"):
+        en.enrich(s, "km", ["LINE"], level="node")
+    with pytest.raises(en.EnrichmentError, match=r"\.csv or \.md"):
+        en.write_enrichment(en.enrich(s, "km", ["LINE"]), tmp_path / "x.txt")
+
+
+def test_cli_enrich(tmp_path):
+    from probing.commands_annotate import register
+
+    s = _store(tmp_path)
+    app = typer.Typer()
+    register(app)
+    r = CliRunner().invoke(app, ["enrich", str(s.path), "--run", "km", "--by", "LINE,mosaic",
+                                 "--out", str(tmp_path / "e.csv")])
+    assert r.exit_code == 0, r.output
+    assert "mosaic: 3/4 in cluster 1" in r.output and "| rmsk_LINE | 1 | 50 | 50 |" in r.output
+    assert (tmp_path / "e.csv").is_file()
