@@ -17,8 +17,8 @@ in a side panel when a thumbnail exists. Every figure has vega-embed's PNG/SVG e
 ``export_dir`` also writes them with vl-convert.
 
 Large STOREs are subsampled for the browser (``max_points``); every row of a *rare*
-attribute (<= ``rare_max`` rows, e.g. 42 mosaic variants) is always kept so a labelled set
-is never sampled away. Enrichment numbers are computed on *all* rows, not the sample.
+attribute (<= ``rare_max`` rows, e.g. 42 mosaic variants) (and at most a quarter of
+``max_points``) is always kept so a labelled set is never sampled away. Enrichment numbers are computed on *all* rows, not the sample.
 """
 
 from __future__ import annotations
@@ -333,8 +333,14 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
         attrs[col] = mask
     cont_cols = [c for c in (continuous if continuous is not None else CONTINUOUS_DEFAULT)
                  if c in obs.columns]
-    rare = [m for m in attrs.values() if 0 < m.sum() <= rare_max]
-    keep = np.concatenate([np.flatnonzero(m) for m in rare]) if rare else np.array([], int)
+    # "Rare": small enough to keep every row and still leave most of the budget to the
+    # uniform sample (so --max-points stays a real cap).
+    rare_cap = min(rare_max, max(1, max_points // 4))
+    rare = [m for m in attrs.values() if 0 < m.sum() <= rare_cap]
+    keep = np.unique(np.concatenate([np.flatnonzero(m) for m in rare])) if rare else \
+        np.array([], np.int64)
+    if len(keep) > max_points // 2:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, max_points // 2, replace=False))
     rows = _subsample(n, max_points, keep.astype(np.int64), seed)
 
     # Plotted points: one shared table.
@@ -441,7 +447,7 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
     out = Path(out)
     exported = _export(figures, pts, Path(export_dir)) if export_dir else []
     page = _page(store, figures, tables, pts, thumbs, n, len(rows), warnings,
-                 title or f"dvprobe report: {store.path.name}", rare_max, attrs)
+                 title or f"dvprobe report: {store.path.name}", rare_cap, attrs, keep)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
@@ -599,7 +605,8 @@ status();
 
 def _page(store: Store, figures: list[Figure], tables: list[tuple[str, str]],
           pts: pd.DataFrame, thumbs: dict[int, dict], n: int, n_points: int,
-          warnings: list[str], title: str, rare_max: int, attrs: dict) -> str:
+          warnings: list[str], title: str, rare_cap: int, attrs: dict,
+          kept: np.ndarray) -> str:
     import vl_convert as vlc
     from altair.utils._importers import vl_version_for_vl_convert
 
@@ -609,12 +616,13 @@ def _page(store: Store, figures: list[Figure], tables: list[tuple[str, str]],
     for i, f in enumerate(figures):
         f.id = f"fig{i}"
     frac = n_points / n if n else 0
-    rare_names = [a for a, m in attrs.items() if 0 < m.sum() <= rare_max]
+    rare_names = [a for a, m in attrs.items() if 0 < m.sum() <= rare_cap]
+    all_kept = all(np.isin(np.flatnonzero(attrs[a]), kept).all() for a in rare_names)
     sample_note = (f"All {n} examples are plotted." if n_points == n else
                    f"{n_points} of {n} examples plotted ({frac:.2%}, uniform random sample"
-                   + (f"; every example of the rare attribute(s) {', '.join(rare_names)} "
-                      "is included" if rare_names else "") + "). Tables and bar charts use "
-                   "all examples.")
+                   + (f"; {'every' if all_kept else 'a share of the'} example(s) of the rare "
+                      f"attribute(s) {', '.join(rare_names)} included first" if rare_names
+                      else "") + "). Tables and bar charts use all examples.")
     thumb_note = (f"Pileup thumbnails are embedded for {len(thumbs)} of the plotted points "
                   "(chosen per cluster and from rare attributes; tooltip field pileup = true). "
                   "Click such a point to show its channels here.")

@@ -1,0 +1,297 @@
+"""The offline report (opened in headless Chromium) and the pileup renderer.
+
+The browser test is the real acceptance check: every Vega view must render (the page sets
+``data-rendered`` / ``data-failed`` when each ``vegaEmbed`` promise settles), the console
+must stay silent, no request may leave the machine for a host the page mentions or a CDN
+(Chromium's net-log is inspected), and the screenshot must not be blank. It skips, with
+the reason, where Chromium is not installed (``scripts/test.sh`` installs it in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from probing import report as rp
+from probing import show as sh
+from probing.examples import encode_example, write_example_info
+from probing.store import LayerSpec, StoreWriter, open_store
+from probing.tfrecord import write_records
+
+REPO = Path(__file__).resolve().parents[1]
+CHANNELS = [1, 2, 3, 4, 5, 6, 19]
+
+
+def pileup(i: int, rng) -> np.ndarray:
+    """A cheap, compressible, pileup-like image: ref band, read rows, a variant column."""
+    img = np.zeros((100, 221, 7), np.uint8)
+    depth = 20 + i % 40
+    img[:5] = [250, 254, 254, 70, 152, 50, 254]
+    bases = rng.choice([250, 180, 100, 30], size=221).astype(np.uint8)
+    img[5:5 + depth, :, 0] = bases
+    img[5:5 + depth, :, 1] = 200
+    img[5:5 + depth, :, 2] = (254 if i % 3 else 120)
+    img[5:5 + depth, :, 3] = np.where(np.arange(depth) % 2, 70, 240)[:, None]
+    img[5:5 + depth, :, 4] = 152
+    img[5:5 + depth, :, 5] = 50
+    img[5:5 + depth, :, 6] = 90
+    alt_rows = np.arange(5, 5 + depth)[:: 2]
+    img[alt_rows, 110, 0], img[alt_rows, 110, 4], img[alt_rows, 110, 5] = 30, 254, 254
+    return img
+
+
+def build_store(root: Path, n: int = 300, k: int = 5):
+    """STORE with real source records, annotations, a k-means run and a multi-layer run."""
+    rng = np.random.default_rng(7)
+    root.mkdir(parents=True, exist_ok=True)
+    shard = root / "examples.tfrecord.gz"
+    rows, payloads = [], []
+    for i in range(n):
+        pos = 10_000 + 97 * i
+        label = int(i % 3)
+        payloads.append(encode_example(pileup(i, rng), chrom="chr20", start=pos, end=pos + 1,
+                                       ref="A", alts=["C"], alt_allele_indices=[0],
+                                       label=label))
+        p = rng.dirichlet([1, 1, 1])
+        rows.append({"key": f"chr20:{pos}:A>C:0", "shard": 0, "record": i, "chrom": "chr20",
+                     "pos": pos, "end": pos + 1, "ref": "A", "alt": "C",
+                     "alt_allele_indices": "0", "locus": f"chr20:{pos + 1}-{pos + 1}",
+                     "variant_type": 1, "label": label, "p_hom_ref": p[0], "p_het": p[1],
+                     "p_hom_alt": p[2], "pred_genotype": int(p.argmax()),
+                     "depth": float(20 + i % 40), "mean_mapq": float(rng.uniform(10, 60)),
+                     "alt_fraction": float(rng.uniform())})
+    write_records(shard, payloads)
+    write_example_info(shard, shape=[100, 221, 7], channels=CHANNELS, version="1.6.1")
+    w = StoreWriter.open(root / "store", {"inputs": {}, "shards": [str(shard)],
+                                          "channels": CHANNELS, "input_shape": [100, 221, 7]},
+                         [LayerSpec("mixed5", 2)])
+    obs = pd.DataFrame(rows)
+    obs["label"] = pd.array(obs["label"], dtype="Int64")
+    w.append(obs, {"mixed5": np.zeros((n, 2), np.float32)})
+    s = w.finalize()
+    cl = np.arange(n) % k
+    centres = np.c_[np.cos(cl * 1.3) * 8, np.sin(cl * 1.3) * 8]
+    umap = (centres + rng.normal(size=(n, 2))).astype(np.float32)
+    s.add_obs({"rmsk_LINE": (cl == 2) | (rng.uniform(size=n) < 0.08),
+               "mosaic": np.isin(np.arange(n), np.arange(3, 3 + 5 * 8, 5))})
+    s.save_run("kmeans5-mixed5", meta={"kind": "kmeans", "features": {"layers": ["mixed5"]}},
+               obs=pd.DataFrame({"key": obs["key"], "cluster": cl, "level1": cl // 2}),
+               arrays={"umap": umap})
+    s.save_run("multilayer6-layers", meta={"kind": "multilayer",
+                                           "features": {"layers": ["mixed3", "mixed5"]}},
+               obs=pd.DataFrame({"key": obs["key"], "cluster": (cl + (np.arange(n) % 2)) % 6}),
+               arrays={"umap": umap[:, ::-1].copy()})
+    return s
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return build_store(tmp_path_factory.mktemp("report"))
+
+
+def _png_gray(data: bytes) -> np.ndarray:
+    """Decode the filter-0 grayscale PNGs :func:`probing.show.png_bytes` writes."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, w, h = 8, b"", 0, 0
+    while pos < len(data):
+        (ln,) = struct.unpack(">I", data[pos:pos + 4])
+        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + ln]
+        assert zlib.crc32(tag + body) & 0xFFFFFFFF == struct.unpack(
+            ">I", data[pos + 8 + ln:pos + 12 + ln])[0]
+        if tag == b"IHDR":
+            w, h, depth, color = struct.unpack(">IIBB", body[:10])
+            assert (depth, color) == (8, 0)
+        elif tag == b"IDAT":
+            idat += body
+        pos += 12 + ln
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, w + 1)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:]
+
+
+def test_png_roundtrip():
+    a = np.random.default_rng(0).integers(0, 256, (37, 53), dtype=np.uint8)
+    np.testing.assert_array_equal(_png_gray(sh.png_bytes(a)), a)
+
+
+def test_report_static(store, tmp_path):
+    res = rp.build_report(store, tmp_path / "r.html", max_points=120, thumbnails=12,
+                          export_dir=tmp_path / "exp", continuous=["depth"])
+    page = (tmp_path / "r.html").read_text()
+    assert res.n_points == 120 and res.n_thumbnails == 12
+    assert "120 of 300 examples plotted (40.00%" in page
+    # every mosaic row survives subsampling
+    pts = json.loads(re.search(r"const POINTS = (\[.*?\]);\n", page).group(1))
+    mosaic_rows = set(np.flatnonzero(store.obs["mosaic"].to_numpy()).tolist())
+    assert mosaic_rows <= {p["row"] for p in pts} and len(pts) == 120
+    assert sum(p["pileup"] for p in pts) == 12
+    # offline: no external script, only inert URLs (namespaces, the bundle's comments)
+    assert not re.search(r"<script[^>]*\bsrc=", page)
+    assert "default-src 'none'" in page
+    for url in set(re.findall(r"https?://[^\s\"'<>)\\]+", page)):
+        assert urlparse(url).netloc in {"www.w3.org", "github.com", "vega.github.io"}, url
+    assert "editor: false" in page  # vega-embed's only link out is disabled
+    # figures asked for: cluster, level1, attribute UMAPs, share bars, multilayer crosstab
+    titles = "\n".join(res.figures)
+    for t in ("kmeans5-mixed5: UMAP by cluster", "kmeans5-mixed5: UMAP by level1",
+              "kmeans5-mixed5: share of rmsk_LINE per cluster", "kmeans5-mixed5: UMAP, mosaic",
+              "multilayer6-layers vs kmeans5-mixed5", "kmeans5-mixed5: depth per cluster"):
+        assert t in titles
+    assert page.count("data:image/png;base64,") == 12 * 7
+    assert "mosaic: 8/8 in cluster 3" in page  # landing summary (rows 3, 8, ... 38 -> 3)
+    pngs = sorted((tmp_path / "exp").glob("*.png"))
+    assert len(pngs) == len(res.figures) and len(list((tmp_path / "exp").glob("*.svg"))) == len(
+        res.figures)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_report_projection(store, tmp_path):
+    """A run made by apply is drawn over the source run's UMAP, with a landing line."""
+    rng = np.random.default_rng(1)
+    n = 42
+    w = StoreWriter.open(tmp_path / "mosaic", {"inputs": {}}, [LayerSpec("mixed5", 2)])
+    w.append(pd.DataFrame({"key": [f"chr1:{i}:A>G:0" for i in range(n)], "chrom": "chr1",
+                           "pos": np.arange(n), "end": np.arange(n) + 1}),
+             {"mixed5": np.zeros((n, 2), np.float32)})
+    t = w.finalize()
+    cl = np.r_[np.full(41, 3), [1]]
+    t.save_run("kmeans5-mixed5-applied", meta={
+        "kind": "kmeans", "applied_from": {"store": str(store.path), "run": "kmeans5-mixed5"}},
+        obs=pd.DataFrame({"cluster": cl}), arrays={"umap": rng.normal(size=(n, 2))})
+    res = rp.build_report(t, tmp_path / "p.html", thumbnails=0)
+    page = (tmp_path / "p.html").read_text()
+    assert "kmeans5-mixed5-applied: projection" in res.figures
+    assert "applied set: 41/42 in cluster 3 (1 in 1)" in page
+
+
+def test_report_without_runs_errors(tmp_path):
+    w = StoreWriter.open(tmp_path / "s", {"inputs": {}}, [LayerSpec("mixed5", 2)])
+    w.append(pd.DataFrame({"key": ["a"]}), {"mixed5": np.zeros((1, 2), np.float32)})
+    with pytest.raises(rp.ReportError, match="no analysis run"):
+        rp.build_report(w.finalize(), tmp_path / "x.html")
+
+
+# -- headless Chromium ---------------------------------------------------------------------
+
+CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
+                             "/usr/bin/chromium") if p and os.path.exists(p)), None)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium not installed (apt-get install chromium; "
+    "scripts/test.sh does this in CI)")
+
+
+def _chromium(url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp / 'profile'}", "--hide-scrollbars",
+            "--enable-logging=stderr", "--v=0", "--virtual-time-budget=20000",
+            "--window-size=1400,2400", *extra, url]
+    return subprocess.run(args, capture_output=True, text=True, timeout=180)
+
+
+@needs_chromium
+def test_report_in_chromium(store, tmp_path):
+    res = rp.build_report(store, tmp_path / "report.html", max_points=300, thumbnails=20)
+    page = (tmp_path / "report.html").read_text()
+    url = (tmp_path / "report.html").as_uri()
+
+    netlog = tmp_path / "net.json"
+    dom = _chromium(url, tmp_path, "--dump-dom", f"--log-net-log={netlog}")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    n = len(res.figures)
+    assert f'data-rendered="{n}"' in html and 'data-failed="0"' in html, \
+        re.findall(r'id="(?:render-status|errors)"[^<]*<', html)
+    assert f"rendered {n}/{n} figures" in html
+    assert html.count("<canvas") >= n  # every view drew into its canvas
+    assert 'alt="1 read_base"' in html and 'alt="19 insert_size"' in html  # pileup panel
+    console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln]
+    assert not console, console
+
+    # No request from the page: nothing to a host the page text names or to a JS CDN.
+    page_hosts = {urlparse(u).netloc for u in re.findall(r"https?://[^\s\"'<>)\\]+", page)}
+    banned = page_hosts | {"cdn.jsdelivr.net", "unpkg.com", "vega.github.io"}
+    requested = set(re.findall(r'"url":"(https?://[^"]+)"', netlog.read_text()))
+    assert not {u for u in requested if urlparse(u).netloc in banned}, requested
+
+    shot = tmp_path / "shot.png"
+    r = _chromium(url, tmp_path, f"--screenshot={shot}")
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    image = pytest.importorskip("PIL.Image", reason="Pillow needed to decode the screenshot")
+    with image.open(shot) as im:
+        px = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert px.shape == (2400, 1400, 3)
+    assert px.std() > 20, "screenshot looks blank"
+    assert (px.min(axis=2) < 200).mean() > 0.02  # enough non-white: plots were drawn
+    target = REPO / "docs" / "report-screenshot.png"
+    if os.environ.get("DVPROBE_UPDATE_SCREENSHOT") or not target.exists():
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, target)
+
+
+# -- show ----------------------------------------------------------------------------------
+
+
+def test_show_from_examples_and_store(store, tmp_path):
+    shard = Path(store.meta["shards"][0])
+    out = sh.show(str(shard), locus="chr20:10098", out=tmp_path / "a.png")  # row 1, 1-based
+    assert len(out) == 1 and out[0].example.start == 10_097
+    assert out[0].path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = sh.show(store=store.path, key="chr20:10194:A>C:0", out=tmp_path / "b.svg")
+    text = svg[0].path.read_text()
+    assert "read_base" in text and "insert_size" in text and "chr20:10195-10195" in text
+    with pytest.raises(sh.ShowError, match="no example at chr20:10097"):
+        sh.show(str(shard), locus="chr20:10097", out=tmp_path / "c.png")
+
+
+def test_store_rows_reread_exactly(store):
+    exs = sh.read_store_examples(store, [0, 7, 299])
+    shard = Path(store.meta["shards"][0])
+    from probing.examples import read_examples
+
+    want = {i: np.array(e.image) for i, e in enumerate(read_examples(shard)) if i in (0, 7, 299)}
+    for r, ex in exs.items():
+        assert ex.key == store.obs["key"].iat[r]
+        np.testing.assert_array_equal(ex.image, want[r])
+        labelled = dict(sh.channel_images(ex.image, CHANNELS))
+        np.testing.assert_array_equal(_png_gray(sh.png_bytes(labelled["5 read_supports_variant"])),
+                                      want[r][:, :, 4])
+
+
+def test_moved_examples_are_reported(store, tmp_path):
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copyfile(store.meta["shards"][0], moved / "renamed.tfrecord.gz")
+    with pytest.raises(sh.ShowError, match=r"lacks shard\(s\) \['examples.tfrecord.gz'\]"):
+        sh.read_store_examples(store, [0], examples=str(moved / "*.gz"))
+    shutil.move(moved / "renamed.tfrecord.gz", moved / "examples.tfrecord.gz")
+    ex = sh.read_store_examples(store, [5], examples=str(moved / "*.gz"))[5]
+    assert ex.path == str(moved / "examples.tfrecord.gz")
+
+
+def test_cli_report_and_show(store, tmp_path):
+    from probing.commands_annotate import register
+
+    app = typer.Typer()
+    register(app)
+    r = CliRunner().invoke(app, ["report", str(store.path), "--out", str(tmp_path / "r.html"),
+                                 "--max-points", "50", "--thumbnails", "3"])
+    assert r.exit_code == 0, r.output
+    assert "50/300 points plotted (16.7%), 3 pileup thumbnails" in r.output
+    r = CliRunner().invoke(app, ["show", "--store", str(store.path), "--key",
+                                 "chr20:10000:A>C:0", "--out", str(tmp_path / "s.png")])
+    assert r.exit_code == 0 and "chr20:10001-10001  A>C  label hom-ref (0)" in r.output
+    assert open_store(store.path).n == 300
