@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import importlib
 
-import click
 import typer
+
+try:  # typer < 0.2x depends on click; newer typer vendors it as typer._click (no `click`)
+    from click.exceptions import Abort, ClickException
+except ModuleNotFoundError:
+    from typer import Abort
+    from typer._click.exceptions import ClickException
 
 app = typer.Typer(
     name="dvprobe",
@@ -40,10 +45,10 @@ def main() -> None:
     except DvprobeError as exc:
         typer.secho(f"dvprobe: error: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(2) from None
-    except click.exceptions.Abort:
+    except Abort:
         typer.echo("Aborted.", err=True)
         raise SystemExit(130) from None
-    except click.exceptions.ClickException as exc:
+    except ClickException as exc:
         exc.show()
         raise SystemExit(exc.exit_code) from None
     if isinstance(code, int) and code:
