@@ -1,8 +1,7 @@
 """CLI commands of this area (registered by cli.py): ``simulate``, ``make-examples``.
 
-Thin wrappers over :func:`probing.simulate.simulate` and
-:func:`probing.make_examples.make_examples`; the ``demo`` command is registered here too
-once it exists (see ``register``).
+Thin wrappers over :func:`probing.simulate.simulate`,
+:func:`probing.make_examples.make_examples` and :func:`probing.demo.run_demo`.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from pathlib import Path
 import typer
 
 from dvtorch.errors import DvprobeError
+from probing.demo import DEMO_LAYERS
 
 
 def _pair(text: str, what: str) -> tuple[float, float]:
@@ -148,7 +148,60 @@ def make_examples_cmd(
     typer.echo(res.summary())
 
 
+def demo_cmd(
+    out: Path = typer.Option(Path("dvprobe-demo"), "--out", help="Output directory."),
+    model: Path | None = typer.Option(
+        None, "--model", help="BUNDLE from `dvprobe convert` (default: untrained reference)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the simulation, model and analyses."),
+    length: int = typer.Option(400_000, help="Simulated genome length in bp."),
+    coverage: float = typer.Option(30.0, help="Simulated sequencing depth."),
+    n_mosaic: int = typer.Option(42, help="Planted mosaic SNVs (the blog pushed 42 through)."),
+    ref_sites_fraction: float = typer.Option(
+        0.005, help="Share of other covered positions emitted as hom-ref examples."
+    ),
+    layers: str = typer.Option(",".join(DEMO_LAYERS), help="Layers to extract (need mixed5)."),
+    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 for extraction."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    backend: str = typer.Option("auto", help="Analysis backend: auto | cuml | sklearn."),
+    quiet: bool = typer.Option(False, "--quiet", help="Only the final summary."),
+) -> None:
+    """Run the whole job on simulated data: simulate -> make-examples -> extract -> cluster
+    (k-means, hierarchical, multi-layer) -> annotate with the planted truth -> enrich -> report.
+    """
+    import logging
+
+    from probing.demo import run_demo
+
+    if not quiet:
+        lg = logging.getLogger("dvprobe.analysis")
+        if not lg.handlers:
+            h = logging.StreamHandler()
+            h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+            lg.addHandler(h)
+            lg.setLevel(logging.INFO)
+    res = run_demo(
+        out,
+        model=model,
+        seed=seed,
+        length=length,
+        coverage=coverage,
+        n_mosaic=n_mosaic,
+        ref_sites_fraction=ref_sites_fraction,
+        layers=[x for x in layers.split(",") if x],
+        dtype=dtype,
+        device=device,
+        batch_size=batch_size,
+        backend=backend,
+        progress=not quiet,
+    )
+    typer.echo("")
+    typer.echo(res.summary())
+
+
 def register(app: typer.Typer) -> None:
     """Attach this area's commands to the ``dvprobe`` app."""
     app.command("simulate")(simulate_cmd)
     app.command("make-examples")(make_examples_cmd)
+    app.command("demo")(demo_cmd)

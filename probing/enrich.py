@@ -167,6 +167,39 @@ def continuous_table(labels: pd.Series | np.ndarray, values: dict[str, np.ndarra
                                        "q3", "iqr"])
 
 
+def best_clusters(table: pd.DataFrame) -> pd.DataFrame:
+    """Per attribute, the single cluster that best recovers it (the blog's "cluster 2 is
+    83.9 % LINE and holds 61.3 % of LINE examples" figures).
+
+    "Best" maximises F1 = harmonic mean of purity (``share_of_cluster``) and capture
+    (``share_of_attribute``), so neither a tiny pure cluster nor the largest cluster wins by
+    default; ties go to the higher purity. Columns: ``attribute``, ``total`` (examples with
+    the attribute), ``base_rate`` and the winning row's ``cluster``, ``n``, ``count``,
+    ``share_of_cluster``, ``share_of_attribute``, ``fold``, ``q``, ``f1``. An attribute no
+    example has gets ``total`` 0 and NaNs.
+    """
+    rows = []
+    for name, g in table.groupby("attribute", sort=False):
+        total = int(g["count"].sum())
+        big_n = int(g["n"].sum())
+        base = {"attribute": name, "total": total, "base_rate": total / big_n if big_n else np.nan}
+        if total == 0:
+            rows.append(base)
+            continue
+        p, c = g["share_of_cluster"].to_numpy(float), g["share_of_attribute"].to_numpy(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.where(p + c > 0, 2 * p * c / (p + c), 0.0)
+        best = max(range(len(g)), key=lambda i: (f1[i], p[i]))
+        r = g.iloc[best]
+        rows.append({**base, "cluster": r["cluster"], "n": int(r["n"]), "count": int(r["count"]),
+                     "share_of_cluster": float(r["share_of_cluster"]),
+                     "share_of_attribute": float(r["share_of_attribute"]),
+                     "fold": float(r["fold"]), "q": float(r["q"]), "f1": float(f1[best])})
+    cols = ["attribute", "total", "base_rate", "cluster", "n", "count", "share_of_cluster",
+            "share_of_attribute", "fold", "q", "f1"]
+    return pd.DataFrame(rows, columns=cols)
+
+
 @dataclass
 class Landing:
     """Where a labelled set landed: counts per cluster, largest first."""

@@ -708,7 +708,6 @@ def test_cli_extract_and_user_error_exit_code(data, tmp_path):
     )
     assert isinstance(r.exception, DvprobeError) and "--pool must be one of" in str(r.exception)
     # through the real entry point: one line, exit 2, no traceback
-    pytest.importorskip("click", reason="cli.py imports click")
     proc = subprocess.run(
         [
             sys.executable,

@@ -1,0 +1,115 @@
+"""The one-command demo, end to end at a tiny size (the README's first command runs the same
+code path at the default size)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from probing.demo import CONCEPT_COLUMNS, KMEANS_RUN, MOSAIC_RUN, MULTILAYER_RUN, run_demo
+from probing.enrich import best_clusters, enrichment_table
+from probing.store import open_store
+
+TINY_SIM = dict(
+    line_copies=3,
+    line_length=2000,
+    segdup_length=2000,
+    cnv_length=5000,
+    n_homopolymers=4,
+    n_strs=4,
+    n_low_complexity=3,
+)
+TINY = dict(
+    length=80_000,
+    coverage=12.0,
+    n_mosaic=10,
+    ref_sites_fraction=0.003,
+    layers=("mixed2", "mixed5", "mixed8"),
+    k=4,
+    multilayer_k=4,
+    sim_options=TINY_SIM,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("demo")
+    return run_demo(out, **TINY)
+
+
+def test_demo_runs_the_whole_pipeline(demo) -> None:
+    assert demo.report.is_file() and demo.report.stat().st_size > 10_000
+    store = open_store(demo.store)
+    assert store.n == demo.n_examples > 50
+    assert {"mixed2", "mixed5", "mixed8"} <= set(store.layers)
+    assert {KMEANS_RUN, MULTILAYER_RUN, "hkmeans3-mixed5"} <= set(store.runs)
+    # every planted concept became an obs column
+    assert {col for col, _ in CONCEPT_COLUMNS.values()} <= set(store.obs.columns)
+    assert store.obs["germline"].sum() > 0 and store.obs["LINE"].sum() > 0
+    # the mosaic truth set was pushed through the fitted k-means, every example landed once
+    mos = open_store(demo.mosaic_store)
+    assert MOSAIC_RUN in mos.runs and mos.n == demo.n_mosaic_examples > 0
+    assert mos.obs["mosaic"].all()
+    assert int(demo.mosaic_counts.sum()) == mos.n
+    top, n = map(int, demo.mosaic_landing.split()[0].split("/"))
+    assert n == mos.n and top == demo.mosaic_counts.max()
+    assert any(p.suffix == ".md" for p in demo.enrichment_files)
+
+
+def test_demo_summary_says_the_model_is_untrained(demo) -> None:
+    assert demo.untrained
+    text = demo.summary()
+    assert "UNTRAINED" in text and str(demo.report) in text
+    for col, _ in CONCEPT_COLUMNS.values():
+        assert col in text
+
+
+def test_demo_recovery_tables_are_consistent_with_the_enrichment(demo) -> None:
+    store = open_store(demo.store)
+    run = store.load_run(KMEANS_RUN)
+    labels = run.obs["cluster"].astype(str)
+    for col, _ in CONCEPT_COLUMNS.values():
+        row = demo.recovery[KMEANS_RUN].set_index("attribute").loc[col]
+        mask = store.obs[col].to_numpy(bool)
+        assert row["total"] == mask.sum()
+        if row["total"]:
+            members = (labels == str(row["cluster"])).to_numpy()
+            assert row["n"] == members.sum()
+            assert row["share_of_cluster"] == pytest.approx((members & mask).sum() / members.sum())
+            assert row["share_of_attribute"] == pytest.approx((members & mask).sum() / mask.sum())
+
+
+def test_demo_rerun_reuses_finished_steps(demo) -> None:
+    stamp = demo.out / "sim" / "DONE"
+    before = stamp.stat().st_mtime_ns
+    again = run_demo(demo.out, **TINY)
+    assert stamp.stat().st_mtime_ns == before
+    assert again.seconds["extract"] < demo.seconds["extract"]
+    assert again.mosaic_landing == demo.mosaic_landing  # seeded: same clusters
+
+
+def test_best_clusters_picks_the_f1_maximum() -> None:
+    import numpy as np
+
+    labels = np.array([0] * 10 + [1] * 10 + [2] * 80)
+    attr = np.zeros(100, bool)
+    attr[:8] = True  # cluster 0: 8/10 pure, captures 8/12
+    attr[10:12] = True  # cluster 1: 2/10
+    attr[20:22] = True  # cluster 2: 2/80
+    best = best_clusters(enrichment_table(labels, {"x": attr, "none": np.zeros(100, bool)}))
+    x = best.set_index("attribute").loc["x"]
+    assert x["cluster"] == "0" and x["count"] == 8 and x["total"] == 12
+    assert x["share_of_cluster"] == pytest.approx(0.8)
+    assert x["share_of_attribute"] == pytest.approx(8 / 12)
+    assert x["f1"] == pytest.approx(2 * 0.8 * (8 / 12) / (0.8 + 8 / 12))
+    none = best.set_index("attribute").loc["none"]
+    assert none["total"] == 0 and np.isnan(none["share_of_cluster"])
+
+
+def test_demo_refuses_layers_without_mixed5(tmp_path: Path) -> None:
+    from dvtorch.errors import DvprobeError
+
+    with pytest.raises(DvprobeError, match="mixed5"):
+        run_demo(tmp_path, layers=("mixed1",), progress=False)
