@@ -42,6 +42,44 @@ def permutation_baseline(labels: np.ndarray, attrs: dict[str, np.ndarray], seed:
                                                   "share_of_attribute"]].mean()
 
 
+RUN_LABELS = {KMEANS_RUN: "k-means 10, mixed5", MULTILAYER_RUN: "multi-layer, k=12"}
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f} %"
+
+
+def per_seed_markdown(df: pd.DataFrame) -> str:
+    lines = ["| run | concept | examples | best cluster (size) | purity | capture | "
+             "chance purity | chance capture | q |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in df.itertuples(index=False):
+        lines.append(f"| {RUN_LABELS[r.run]} (seed {r.seed}) | {r.concept} | {r.examples} | "
+                     f"{r.cluster} ({r.size}) | {_pct(r.purity)} | {_pct(r.capture)} | "
+                     f"{_pct(r.chance_purity)} | {_pct(r.chance_capture)} | {r.q:.1e} |")
+    return "\n".join(lines)
+
+
+def summary_markdown(df: pd.DataFrame) -> str:
+    """Mean over seeds (min-max in brackets) of purity and capture per concept and run."""
+    def span(v: pd.Series) -> str:
+        return (f"{100 * v.mean():.0f} % ({100 * v.min():.0f}-{100 * v.max():.0f})"
+                if len(v) > 1 else _pct(v.iloc[0]))
+
+    runs = list(dict.fromkeys(df["run"]))
+    head = "| concept | examples (mean) | " + " | ".join(
+        f"{RUN_LABELS[r]}: purity | capture" for r in runs) + " | chance purity | capture |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(runs) + 2)]
+    for concept, g in df.groupby("concept", sort=False):
+        cells = [concept, f"{g.groupby('seed')['examples'].first().mean():.0f}"]
+        for r in runs:
+            gr = g[g["run"] == r]
+            cells += [span(gr["purity"]), span(gr["capture"])]
+        gk = g[g["run"] == runs[0]]
+        cells += [_pct(gk["chance_purity"].mean()), _pct(gk["chance_capture"].mean())]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-concepts"))
@@ -49,7 +87,15 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma list of simulation/analysis seeds")
     ap.add_argument("--length", type=int, default=400_000)
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--from-csv", type=Path, default=None,
+                    help="only re-print the tables of an earlier run's concept_recovery.csv")
     args = ap.parse_args()
+    if args.from_csv:
+        df = pd.read_csv(args.from_csv)
+        print(per_seed_markdown(df))
+        print()
+        print(summary_markdown(df))
+        return
 
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -71,18 +117,13 @@ def main() -> None:
               f"{res.mosaic_landing}; model {'UNTRAINED' if res.untrained else args.model}",
               flush=True)
     df = pd.DataFrame(rows)
-    pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
-    print()
-    print("| run | concept | examples | best cluster (size) | purity | capture | "
-          "chance purity | chance capture | q |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in df.itertuples(index=False):
-        label = {KMEANS_RUN: "k-means 10, mixed5", MULTILAYER_RUN: "multi-layer k=12"}[r.run]
-        print(f"| {label} (seed {r.seed}) | {r.concept} | {r.examples} | {r.cluster} "
-              f"({r.size}) | {pct(r.purity)} | {pct(r.capture)} | {pct(r.chance_purity)} | "
-              f"{pct(r.chance_capture)} | {r.q:.1e} |")
+    args.out.mkdir(parents=True, exist_ok=True)
     csv = args.out / "concept_recovery.csv"
     df.to_csv(csv, index=False)
+    print()
+    print(per_seed_markdown(df))
+    print()
+    print(summary_markdown(df))
     print(f"\nwritten {csv}")
 
 

@@ -348,7 +348,7 @@ def run_demo(
             k=3,
             split="auto",
             pca=50,
-            umap=False,
+            umap=True,
             backend=backend,
             seed=seed,
             run=HKMEANS_RUN,
