@@ -8,6 +8,8 @@ Both the encoder (``probing.make_examples``) and the decoder of pileup attribute
 
 from __future__ import annotations
 
+import numpy as np
+
 CHANNEL_NAMES: dict[int, str] = {
     1: "read_base",
     2: "base_quality",
@@ -78,10 +80,14 @@ def channel_index(channels: list[int] | tuple[int, ...], enum_value: int) -> int
 
 
 def mapq_from_pixel(pixel):
-    """Invert the mapping_quality encoding (to within the 1-unit truncation)."""
-    return pixel * (MAPPING_QUALITY_CAP / MAX_PIXEL)
+    """Exact MAPQ (capped at 60) from a pixel written as ``floor(254*min(q,60)/60)``.
+
+    The encoding is injective for integer qualities up to the cap, so
+    ``ceil(pixel * cap / 254)`` recovers them exactly (integer arithmetic, no float error).
+    """
+    return (np.asarray(pixel).astype(np.int64) * MAPPING_QUALITY_CAP + MAX_PIXEL - 1) // MAX_PIXEL
 
 
 def baseq_from_pixel(pixel):
-    """Invert the base_quality encoding (to within the 1-unit truncation)."""
-    return pixel * (BASE_QUALITY_CAP / MAX_PIXEL)
+    """Exact base quality (capped at 40) from its pixel; see :func:`mapq_from_pixel`."""
+    return (np.asarray(pixel).astype(np.int64) * BASE_QUALITY_CAP + MAX_PIXEL - 1) // MAX_PIXEL

@@ -68,7 +68,8 @@ REQUIRED_CHANNELS: dict[str, tuple[int, ...]] = {
 DESCRIPTIONS: dict[str, str] = {
     "depth": "non-empty read rows (reads drawn; capped at H - 5, e.g. 95)",
     "mean_mapq": "mean decoded MAPQ over reads (capped at 60)",
-    "frac_low_mapq": "fraction of reads with MAPQ < low_mapq (make_examples drops MAPQ < 10 by default)",
+    "frac_low_mapq": "fraction of reads with MAPQ < low_mapq (default 30: make_examples already "
+    "drops MAPQ < 10, so a lower threshold would be 0 for short reads)",
     "mean_baseq": "mean decoded base quality over reads covering the variant column W//2",
     "alt_fraction": "reads supporting this example's alt set / depth (VAF estimate)",
     "alt_strand_balance": "fraction of alt-supporting reads on the forward strand (NaN: no alt reads)",
@@ -106,7 +107,7 @@ def pileup_attributes(
     images: np.ndarray,
     channels: Sequence[int],
     *,
-    low_mapq: int = 10,
+    low_mapq: int = 30,
 ) -> dict[str, np.ndarray]:
     """Per-example read summaries, each a float32 array ``[N]`` (see :data:`DESCRIPTIONS`).
 

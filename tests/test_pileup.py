@@ -143,3 +143,13 @@ def test_rejects_bad_input():
         pileup_attributes(np.zeros((1, H, W, 7), np.float32), CH)
     with pytest.raises(ValueError, match="channels listed"):
         pileup_attributes(np.zeros((1, H, W, 7), np.uint8), CH[:6])
+
+
+def test_quality_decoders_invert_the_encoding_exactly() -> None:
+    from probing.channels import baseq_from_pixel, mapq_from_pixel
+
+    mq = np.arange(0, 61)
+    assert (mapq_from_pixel((254 * mq) // 60) == mq).all()
+    bq = np.arange(0, 41)
+    assert (baseq_from_pixel((254 * bq) // 40) == bq).all()
+    assert mapq_from_pixel(254) == 60 and baseq_from_pixel(0) == 0
