@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dvtorch.layers import all_layer_names, resolve
+from dvtorch.parallel import defer, split_safe
 
 POOLS = ("max", "mean", "flatten", None)
 
@@ -127,8 +128,16 @@ def capture(model: nn.Module, names: Names, pool: str | None = "max") -> Iterato
     handles = []
 
     def make_hook(name: str):
+        def commit(t: torch.Tensor) -> None:
+            acts._store(name, t)
+
+        # Split-safe: every pool mode is per example, so slices of a batch-split forward
+        # (dvtorch.parallel) concatenate to the full-batch result.
+        @split_safe
         def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
-            acts._store(name, pool_activation(output.detach(), pool))
+            t = pool_activation(output.detach(), pool)
+            if not defer((id(acts), name), t, commit):
+                commit(t)
         return hook
 
     try:

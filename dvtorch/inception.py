@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dvtorch import parallel
+
 BN_EPS = 1e-3  # Keras BatchNormalization default epsilon (DeepVariant keeps it).
 
 
@@ -326,12 +328,36 @@ class DeepVariantInceptionV3(nn.Module):
                 f"expected NHWC input [N, {', '.join(map(str, self.input_shape))}], "
                 f"got {list(x.shape)}"
             )
+        ways = self._split_ways(x)
+        if ways > 1:
+            return parallel.run_split(self._forward, x, ways)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)  # NCHW view, channels-last strides: no copy.
         # A bf16 model takes the usual float32 input (cast here, after the zero-copy view).
         x = x.to(self.dense.weight.dtype)
         for name in self._STEM + self._MIXED:
             x = getattr(self, name)(x)
         return self.classification(self.logits(self.dense(self.avg_pool(x))))
+
+    def _split_ways(self, x: torch.Tensor) -> int:
+        """Batch slices for :mod:`dvtorch.parallel` (1: ordinary forward).
+
+        Only for a model prepared by :func:`optimize_for_inference` (``batch_split``), on
+        CPU, without grad or autocast, outside tracing/compiling, and when every hook on a
+        submodule is split-safe (``capture`` hooks are; plain hooks keep full batches).
+        """
+        if not getattr(self, "_batch_split", False) or x.device.type != "cpu":
+            return 1
+        ways = parallel.split_ways(x.shape[0])
+        if ways < 2 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") \
+                or torch.jit.is_tracing() or torch.jit.is_scripting() \
+                or torch.compiler.is_compiling():
+            return 1
+        modules = self.modules()
+        next(modules)  # hooks on the model itself see the full batch either way
+        return ways if parallel.hooks_allow_split(modules) else 1
 
     def conv_blocks(self) -> Iterator[tuple[str, ConvBN]]:
         """``(keras_name, block)`` for the 94 conv blocks in Keras creation order."""
@@ -403,7 +429,8 @@ _POINTWISE_OK: bool | None = None
 
 
 def optimize_for_inference(model: DeepVariantInceptionV3, dtype: torch.dtype | None = None,
-                           batch_size: int = 32) -> DeepVariantInceptionV3:
+                           batch_size: int = 32,
+                           batch_split: bool = True) -> DeepVariantInceptionV3:
     """Inference-only speedups that keep every hookable module, applied in place.
 
     BN folding; optional cast to ``dtype`` (e.g. ``torch.bfloat16``: inputs are cast on entry,
@@ -413,6 +440,12 @@ def optimize_for_inference(model: DeepVariantInceptionV3, dtype: torch.dtype | N
     kernel just reorders again). Call it again after moving the model to another
     device/dtype. Hooks on conv blocks still see the block's ReLU output; only the internal
     ``bn`` / ``relu`` children stop being called.
+
+    ``batch_split`` (CPU): with ``torch.get_num_threads() == n > 1``, no-grad forwards run
+    as ``n`` single-threaded forwards on slices of the batch in worker threads
+    (:mod:`dvtorch.parallel`; same outputs, no per-operator thread barriers), and weights
+    are packed for the slice size. ``capture`` hooks gather the slices; any other hook on
+    a submodule switches a forward back to the ordinary path.
     """
     fuse_batchnorm(model)
     if dtype is not None:
@@ -422,6 +455,9 @@ def optimize_for_inference(model: DeepVariantInceptionV3, dtype: torch.dtype | N
     for block in model.modules():
         if isinstance(block, ConvBN):
             block.fused_relu = False
+    model._batch_split = bool(batch_split) and model.dense.weight.device.type == "cpu"
+    if model._batch_split:
+        batch_size = parallel.slice_sizes(batch_size, parallel.split_ways(batch_size))[0]
     shapes = _conv_input_shapes(model, batch_size) if fused else {}
     for block in model.modules():
         if isinstance(block, ConvBN):
