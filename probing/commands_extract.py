@@ -41,6 +41,10 @@ def extract_command(
         help="Skip records that fail CRC / parsing (counted in store.json) instead of failing."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an existing STORE at --out."),
+    commit_every: float = typer.Option(
+        15.0, "--commit-every", min=0,
+        help="Seconds between commits (0: after every batch). Ctrl-C always commits; a hard "
+             "kill redoes at most the batches since the last commit, never duplicates rows."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar / messages."),
 ) -> None:
     """Extract layer activations of DeepVariant examples into a STORE (resumable).
@@ -51,7 +55,8 @@ def extract_command(
 
     store = extract(bundle, examples, out, layers=_split_layers(layers), pool=pool, device=device,
             batch_size=batch_size, workers=workers, dtype=dtype, limit=limit,
-            skip_corrupt=skip_corrupt, overwrite=overwrite, progress=not no_progress)
+            skip_corrupt=skip_corrupt, overwrite=overwrite, progress=not no_progress,
+            commit_interval_s=commit_every)
     typer.echo(f"{store.path}: {store.n} examples, layers {', '.join(store.layers)}"
                + (f", {store.meta['skipped']['count']} corrupt records skipped"
                   if (store.meta.get("skipped") or {}).get("count") else ""))
