@@ -21,6 +21,7 @@ full-batch tensors.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,18 @@ _LOCAL = threading.local()
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 _SAFE_ATTR = "_dvtorch_split_safe"
+
+
+def _forget_pools_after_fork() -> None:
+    # A forked child has the executors but not their threads: work submitted there would
+    # wait forever. Start afresh (the parent's pools are untouched).
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 MIN_SLICE = 4  # examples per worker below which the split is not worth a thread hop
 

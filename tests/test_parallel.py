@@ -111,3 +111,26 @@ def test_worker_errors_propagate_and_commit_nothing(models, x, monkeypatch):
         with pytest.raises(RuntimeError, match="slice failed"):
             model(x)
         assert len(acts) == 0
+
+
+def _child_forward(model, x, q):
+    with torch.no_grad():
+        q.put(model(x).sum().item())
+
+
+def test_split_forward_works_in_a_forked_child(models, x):
+    import multiprocessing as mp
+
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        want = models[True](x).sum().item()  # the parent's pool exists now
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_forward, args=(models[True], x, q))
+    p.start()
+    p.join(120)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("forked child hung in a split forward")
+    assert p.exitcode == 0
+    assert q.get(timeout=5) == pytest.approx(want, rel=1e-5)
