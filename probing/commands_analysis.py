@@ -14,7 +14,7 @@ import typer
 from probing.store import Run
 
 
-def _setup_logging() -> None:
+def setup_analysis_logging() -> None:
     """Progress lines ("fit features ... done (3.1s)") go to stderr at INFO."""
     lg = logging.getLogger("dvprobe.analysis")
     if not lg.handlers:
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
                                        help="fit on N random rows, then apply to all"),
     ) -> None:
         """PCA or UMAP of one layer; saved as a run in the STORE."""
-        _setup_logging()
+        setup_analysis_logging()
         from probing import analysis as pa
 
         r = pa.reduce(store, layer, method=method, n_components=n_components,
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
                                        help="fit on N random rows, then apply to all"),
     ) -> None:
         """Cluster a layer (or several) and save labels, models and coordinates as a run."""
-        _setup_logging()
+        setup_analysis_logging()
         from probing import analysis as pa
         from probing.analysis.errors import AnalysisError
 
@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("auto", help="auto | cuml | sklearn"),
     ) -> None:
         """Push another STORE's examples through a run's fitted models; print where they land."""
-        _setup_logging()
+        setup_analysis_logging()
         from probing import analysis as pa
 
         res = pa.apply(store, run, to, name=name, backend=backend, label_col=label_col)

@@ -170,17 +170,11 @@ def demo_cmd(
     """Run the whole job on simulated data: simulate -> make-examples -> extract -> cluster
     (k-means, hierarchical, multi-layer) -> annotate with the planted truth -> enrich -> report.
     """
-    import logging
-
+    from probing.commands_analysis import setup_analysis_logging
     from probing.demo import run_demo
 
     if not quiet:
-        lg = logging.getLogger("dvprobe.analysis")
-        if not lg.handlers:
-            h = logging.StreamHandler()
-            h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
-            lg.addHandler(h)
-            lg.setLevel(logging.INFO)
+        setup_analysis_logging()
     res = run_demo(
         out,
         model=model,

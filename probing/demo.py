@@ -238,11 +238,11 @@ def run_demo(
     from probing.simulate import simulate
     from probing.store import open_store
 
-    out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     layers = list(layers)
     if "mixed5" not in layers:
         raise DvprobeError(f"the demo clusters mixed5 (as the blog); --layers {layers} lacks it")
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
     def log(msg: str) -> None:

@@ -113,3 +113,17 @@ def test_demo_refuses_layers_without_mixed5(tmp_path: Path) -> None:
 
     with pytest.raises(DvprobeError, match="mixed5"):
         run_demo(tmp_path, layers=("mixed1",), progress=False)
+
+
+def test_demo_command_is_wired_and_reports_bad_options_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "import cli; cli.main()", "demo", "--out", str(tmp_path / "d"),
+         "--layers", "mixed1,mixed3", "--quiet"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "mixed5" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "d").exists()
