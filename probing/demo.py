@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,17 +156,15 @@ def annotate_planted(store, truth_dir: str | os.PathLike) -> list[str]:
     return cols
 
 
+@contextmanager
 def _timed(seconds: dict[str, float], name: str, log: Callable[[str], None]):
-    class _T:
-        def __enter__(self):
-            log(f"== {name}")
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc):
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - self.t
-            return False
-
-    return _T()
+    """Log the step and add its wall time to ``seconds[name]``."""
+    log(f"== {name}")
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
 
 
 OWNED = ("sim", "examples", "mosaic_examples", "model", "store", "mosaic_store", "enrichment")
@@ -181,10 +181,9 @@ def _mark(path: Path, info: dict) -> None:
 def _reset_if_changed(out: Path, params: dict, log: Callable[[str], None]) -> None:
     """Finished steps are reused only for identical parameters; otherwise start over.
 
-    Only the directories the demo itself creates are removed, never anything else in ``out``.
+    Only directories an earlier demo run created (``demo.json`` says so) are removed; a
+    directory that holds same-named folders of someone else's is refused, never cleared.
     """
-    import shutil
-
     stamp = out / "demo.json"
     if stamp.is_file():
         try:
@@ -194,9 +193,16 @@ def _reset_if_changed(out: Path, params: dict, log: Callable[[str], None]) -> No
         if old == params:
             return
         log(f"parameters differ from the previous run in {out}: starting over")
-    for name in OWNED:
-        if (out / name).exists():
-            shutil.rmtree(out / name)
+        for name in OWNED:
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+    else:
+        clash = [name for name in OWNED if (out / name).exists()]
+        if clash:
+            raise DvprobeError(
+                f"{out}: already holds {', '.join(clash)} not written by `dvprobe demo` "
+                "(no demo.json); give --out a new or empty directory"
+            )
     stamp.write_text(json.dumps(params, indent=1) + "\n")
 
 

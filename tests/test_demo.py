@@ -127,3 +127,14 @@ def test_demo_command_is_wired_and_reports_bad_options_in_one_line(tmp_path: Pat
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "mixed5" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "d").exists()
+
+
+def test_demo_never_clears_directories_it_did_not_create(tmp_path: Path) -> None:
+    from dvtorch.errors import DvprobeError
+
+    mine = tmp_path / "examples"
+    mine.mkdir()
+    (mine / "precious.tfrecord.gz").write_bytes(b"x")
+    with pytest.raises(DvprobeError, match="not written by `dvprobe demo`"):
+        run_demo(tmp_path, progress=False)
+    assert (mine / "precious.tfrecord.gz").read_bytes() == b"x"
