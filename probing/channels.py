@@ -79,15 +79,21 @@ def channel_index(channels: list[int] | tuple[int, ...], enum_value: int) -> int
         return None
 
 
-def mapq_from_pixel(pixel):
-    """Exact MAPQ (capped at 60) from a pixel written as ``floor(254*min(q,60)/60)``.
+def decode_quality(pixel, cap: int) -> np.ndarray:
+    """Exact integer quality from a pixel written as ``floor(254*min(q,cap)/cap)``.
 
-    The encoding is injective for integer qualities up to the cap, so
+    The encoding is injective for integer qualities up to ``cap``, so
     ``ceil(pixel * cap / 254)`` recovers them exactly (integer arithmetic, no float error).
     """
-    return (np.asarray(pixel).astype(np.int64) * MAPPING_QUALITY_CAP + MAX_PIXEL - 1) // MAX_PIXEL
+    p = np.asarray(pixel).astype(np.int32)
+    return (p * cap + (MAX_PIXEL - 1)) // MAX_PIXEL
+
+
+def mapq_from_pixel(pixel):
+    """Exact MAPQ (capped at 60) from its mapping_quality pixel."""
+    return decode_quality(pixel, MAPPING_QUALITY_CAP)
 
 
 def baseq_from_pixel(pixel):
-    """Exact base quality (capped at 40) from its pixel; see :func:`mapq_from_pixel`."""
-    return (np.asarray(pixel).astype(np.int64) * BASE_QUALITY_CAP + MAX_PIXEL - 1) // MAX_PIXEL
+    """Exact base quality (capped at 40) from its base_quality pixel."""
+    return decode_quality(pixel, BASE_QUALITY_CAP)

@@ -33,12 +33,12 @@ import numpy as np
 from probing.channels import (
     BASE_QUALITY_CAP,
     MAPPING_QUALITY_CAP,
-    MAX_PIXEL,
     POSITIVE_STRAND,
     REF_ROWS,
     SUPPORTS_ALT,
     channel_index,
     channel_name,
+    decode_quality,
 )
 
 CH_BASE_QUALITY = 2
@@ -74,12 +74,6 @@ DESCRIPTIONS: dict[str, str] = {
     "alt_fraction": "reads supporting this example's alt set / depth (VAF estimate)",
     "alt_strand_balance": "fraction of alt-supporting reads on the forward strand (NaN: no alt reads)",
 }
-
-
-def decode_quality(pixel: np.ndarray, cap: int) -> np.ndarray:
-    """Exact integer quality from a pixel written as ``floor(254*min(q,cap)/cap)``."""
-    p = pixel.astype(np.int32)
-    return (p * cap + (MAX_PIXEL - 1)) // MAX_PIXEL
 
 
 def missing_attribute_reasons(channels: Sequence[int]) -> dict[str, str]:
