@@ -237,7 +237,7 @@ def run_demo(
     import dvtorch
     from dvtorch.bundle import META_FILE, read_meta
     from probing import analysis as pa
-    from probing.enrich import best_clusters, enrich, write_enrichment
+    from probing.enrich import best_clusters, enrich, landing, write_enrichment
     from probing.extract import extract
     from probing.make_examples import make_examples
     from probing.report import build_report
@@ -379,20 +379,7 @@ def run_demo(
             if run != HKMEANS_RUN:
                 recovery[run] = best_clusters(res.table)
         vc = applied.counts["n"]
-        landed = vc[vc > 0].sort_values(ascending=False)
-        n_mos = int(vc.sum())
-        mosaic_landing = (
-            (
-                f"{int(landed.iloc[0])}/{n_mos} in cluster {landed.index[0]}"
-                + (
-                    " (" + ", ".join(f"{int(v)} in {c}" for c, v in landed.iloc[1:4].items()) + ")"
-                    if len(landed) > 1
-                    else ""
-                )
-            )
-            if n_mos
-            else "no mosaic examples"
-        )
+        mosaic_landing = landing(applied.run.obs[applied.column], None, MOSAIC_RUN).where()
 
     with _timed(seconds, "report", log):
         report = build_report(

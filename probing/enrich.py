@@ -208,13 +208,17 @@ class Landing:
     total: int
     counts: pd.Series  # cluster -> count (only clusters holding the set)
 
-    def summary(self) -> str:
+    def where(self) -> str:
+        """``"41/42 in cluster 10 (1 in 3)"`` (``"empty set"`` when nothing is labelled)."""
         if self.total == 0:
-            return f"{self.name}: empty set"
+            return "empty set"
         top, k = self.counts.index[0], int(self.counts.iloc[0])
         rest = ", ".join(f"{int(v)} in {c}" for c, v in self.counts.iloc[1:4].items())
-        return (f"{self.name}: {k}/{self.total} in cluster {top}"
+        return (f"{k}/{self.total} in cluster {top}"
                 + (f" ({rest}{', ...' if len(self.counts) > 4 else ''})" if rest else ""))
+
+    def summary(self) -> str:
+        return f"{self.name}: {self.where()}"
 
 
 def landing(labels: pd.Series | np.ndarray, mask: np.ndarray | None, name: str) -> Landing:
