@@ -69,8 +69,10 @@ class ConvBN(nn.Module):
     """
 
     def __init__(self, cin: int, cout: int, kernel: tuple[int, int],
-                 stride: int = 1, padding: str = "same"):
+                 stride: int = 1, padding: str = "same", pools_input: bool = False):
         super().__init__()
+        if pools_input and (tuple(kernel) != (1, 1) or stride != 1):
+            raise ValueError("pools_input is only exact for a 1x1, stride-1 conv")
         if padding == "same":
             if stride != 1:
                 raise ValueError("Inception-v3 only uses 'same' padding with stride 1")
@@ -88,15 +90,28 @@ class ConvBN(nn.Module):
         # oneDNN-blocked copy of conv.weight (an opaque mkldnn tensor, deliberately not a
         # registered parameter: it never enters state dicts). Rebuilt by optimize_for_inference.
         self._packed: torch.Tensor | None = None
+        # The pool branch of mixed0-2, 4-7, 9-10: Keras AveragePooling2D(3, 1, 'same') runs
+        # on this block's input first (that pooling layer has no Keras name of its own).
+        self.pools_input = pools_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_relu and _can_use_pointwise(x, self.conv):
             c = self.conv
             w = self._packed if self._packed is not None and self._packed.dtype == x.dtype \
                 else c.weight
+            if self.pools_input:
+                # conv1x1(avgpool(x)) + b == avgpool(conv1x1(x) + b): the pooling weights
+                # at every position sum to 1 (padding is not averaged). Pooling the conv's
+                # 32-192 output channels instead of its 192-2048 input channels saves ~2%
+                # of a CPU forward; the ReLU then runs in place on the small result.
+                y = torch.ops.mkldnn._convolution_pointwise(
+                    x, w, c.bias, [0, 0], [1, 1], [1, 1], c.groups, "none", [], "")
+                return _avg_pool_same(y).relu_()
             return torch.ops.mkldnn._convolution_pointwise(
                 x, w, c.bias, list(c.padding), list(c.stride), list(c.dilation),
                 c.groups, "relu", [], "")
+        if self.pools_input:
+            x = _avg_pool_same(x)
         return self.relu(self.bn(self.conv(x)))
 
 
@@ -113,8 +128,24 @@ def _avg_pool_same(x: torch.Tensor) -> torch.Tensor:
 
 
 def _max_pool_valid(x: torch.Tensor) -> torch.Tensor:
-    """Keras ``MaxPooling2D((3, 3), strides=(2, 2))`` ('valid')."""
-    return F.max_pool2d(x, 3, stride=2)
+    """Keras ``MaxPooling2D((3, 3), strides=(2, 2))`` ('valid').
+
+    On CPU, four element-wise maxima over strided views (rows, then columns) instead of
+    ATen's max_pool2d, which also computes and allocates int64 argmax indices: the same
+    values exactly, ~30% less time for the four pools, 2-3% of a bf16 forward. Inputs that
+    need gradients (ties would share the gradient instead of routing it to one argmax) and
+    traced / compiled / exported graphs keep the single MaxPool op.
+    """
+    if x.device.type != "cpu" or x.dim() != 4 or x.requires_grad or torch.jit.is_tracing() \
+            or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return F.max_pool2d(x, 3, stride=2)
+    h, w = x.shape[2], x.shape[3]
+    ho, wo = (h - 3) // 2 + 1, (w - 3) // 2 + 1
+    rows = torch.maximum(x[:, :, 0:2 * ho - 1:2], x[:, :, 1:2 * ho:2])
+    torch.maximum(rows, x[:, :, 2:2 * ho + 1:2], out=rows)
+    out = torch.maximum(rows[..., 0:2 * wo - 1:2], rows[..., 1:2 * wo:2])
+    torch.maximum(out, rows[..., 2:2 * wo + 1:2], out=out)
+    return out
 
 
 class _Namer:
@@ -141,9 +172,9 @@ class _Block(nn.Module):
         self._namer = namer
 
     def conv(self, cin: int, cout: int, kernel: tuple[int, int], stride: int = 1,
-             padding: str = "same") -> ConvBN:
+             padding: str = "same", pools_input: bool = False) -> ConvBN:
         name = self._namer("conv2d")
-        block = ConvBN(cin, cout, kernel, stride, padding)
+        block = ConvBN(cin, cout, kernel, stride, padding, pools_input)
         self.add_module(name, block)
         return block
 
@@ -157,12 +188,12 @@ class InceptionA(_Block):
         self.b5 = [self.conv(cin, 48, (1, 1)), self.conv(48, 64, (5, 5))]
         self.b3 = [self.conv(cin, 64, (1, 1)), self.conv(64, 96, (3, 3)),
                    self.conv(96, 96, (3, 3))]
-        self.bp = [self.conv(cin, pool_features, (1, 1))]
+        self.bp = [self.conv(cin, pool_features, (1, 1), pools_input=True)]
         self.out_channels = 64 + 64 + 96 + pool_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([_seq(self.b1, x), _seq(self.b5, x), _seq(self.b3, x),
-                          _seq(self.bp, _avg_pool_same(x))], 1)
+                          _seq(self.bp, x)], 1)
 
 
 class InceptionB(_Block):
@@ -190,12 +221,12 @@ class InceptionC(_Block):
         self.b7d = [self.conv(cin, c7, (1, 1)), self.conv(c7, c7, (7, 1)),
                     self.conv(c7, c7, (1, 7)), self.conv(c7, c7, (7, 1)),
                     self.conv(c7, 192, (1, 7))]
-        self.bp = [self.conv(cin, 192, (1, 1))]
+        self.bp = [self.conv(cin, 192, (1, 1), pools_input=True)]
         self.out_channels = 768
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([_seq(self.b1, x), _seq(self.b7, x), _seq(self.b7d, x),
-                          _seq(self.bp, _avg_pool_same(x))], 1)
+                          _seq(self.bp, x)], 1)
 
 
 class InceptionD(_Block):
@@ -232,7 +263,7 @@ class InceptionE(_Block):
         self.b3d_split = [self.conv(384, 384, (1, 3)), self.conv(384, 384, (3, 1))]
         self._cat3d = namer("concatenate")
         self.add_module(self._cat3d, nn.Identity())
-        self.bp = [self.conv(cin, 192, (1, 1))]
+        self.bp = [self.conv(cin, 192, (1, 1), pools_input=True)]
         self.out_channels = 320 + 768 + 768 + 192
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,7 +271,7 @@ class InceptionE(_Block):
         b3 = getattr(self, self._cat3)(torch.cat([c(b3) for c in self.b3_split], 1))
         b3d = _seq(self.b3d, x)
         b3d = getattr(self, self._cat3d)(torch.cat([c(b3d) for c in self.b3d_split], 1))
-        return torch.cat([_seq(self.b1, x), b3, b3d, _seq(self.bp, _avg_pool_same(x))], 1)
+        return torch.cat([_seq(self.b1, x), b3, b3d, _seq(self.bp, x)], 1)
 
 
 def _seq(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,10 @@ from dvtorch.bundle import load, preprocess, reference_bundle, save_bundle
 from dvtorch.errors import BundleError
 from dvtorch.hooks import capture
 from dvtorch.inception import (
+    ConvBN,
     DeepVariantInceptionV3,
     _avg_pool_same,
+    _max_pool_valid,
     conv_block_names,
     fuse_batchnorm,
     optimize_for_inference,
@@ -155,6 +157,44 @@ def test_optimized_inference_matches_eager_and_keeps_hooks():
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_pool_branches_average_pool_inside_their_conv_block_on_both_paths():
+    """The branch pools have no Keras name; the 1x1 conv after each one owns it. The fused
+    CPU path convolves first and pools the (fewer) output channels: same activations."""
+    model = _randomise_bn(DeepVariantInceptionV3(SMALL), seed=2)
+    pooled = [name for name, block in model.conv_blocks() if block.pools_input]
+    # mixed0-2, mixed4-7 and mixed9-10 each end with one average-pool branch
+    assert pooled == ["conv2d_11", "conv2d_18", "conv2d_25", "conv2d_39", "conv2d_49",
+                      "conv2d_59", "conv2d_69", "conv2d_84", "conv2d_93"]
+    x = torch.randn(3, *SMALL)
+    with torch.no_grad(), capture(model, pooled, pool=None) as ref:
+        model(x)
+    ref = dict(ref)
+    optimize_for_inference(model, batch_size=3)
+    with torch.inference_mode(), capture(model, pooled, pool=None) as got:
+        model(x)
+    for k in pooled:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="1x1"):
+        ConvBN(8, 8, (3, 3), pools_input=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hw", [(47, 108), (21, 51), (10, 25), (4, 12), (3, 3), (8, 9)])
+def test_max_pool_equals_atens_exactly(hw, dtype):
+    x = torch.randn(2, 5, *hw).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, 0] = float("nan")  # NaN propagates like ATen's pool
+    got = _max_pool_valid(x)
+    ref = torch.nn.functional.max_pool2d(x, 3, stride=2)
+    assert got.shape == ref.shape and got.dtype == dtype
+    torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_max_pool_routes_gradients_to_one_argmax_like_keras():
+    x = torch.zeros(1, 1, 3, 3, requires_grad=True)  # all ties
+    _max_pool_valid(x).sum().backward()
+    assert x.grad.sum().item() == 1.0 and (x.grad == 1.0).sum().item() == 1
 
 
 def test_preprocess_matches_deepvariant_scaling():
