@@ -114,7 +114,11 @@ def run_ort(onnx_bytes: bytes, spec: str, shape, channels, *, batch_size: int, w
         wait += time.perf_counter() - tw
         if b is None:
             break
-        x = (b.images.numpy().astype(np.float32) - 128.0) / 128.0
+        # DeepVariant's (x - 128) / 128, done the cheap way (one allocation, in place;
+        # exact, like dvtorch.preprocess): x / 128 - 1
+        x = b.images.numpy().astype(np.float32)
+        x *= 1.0 / 128.0
+        x -= 1.0
         sess.run(None, {name: x})
         n += b.n
     dt = time.perf_counter() - t0

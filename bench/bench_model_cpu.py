@@ -13,6 +13,10 @@ so that machine noise hits every variant alike:
 * ``native_fp32``   ``optimize_for_inference``: BN folded, channels-last, fused conv+ReLU
 * ``native_bf16``   the same in bfloat16 (``dvtorch.load(..., dtype=torch.bfloat16)``)
 
+Like ``dvprobe extract`` on CPU, the process first calls
+``dvtorch.allocator.reuse_freed_memory()`` (glibc keeps freed activation buffers instead of
+page-faulting them back in on every forward; onnxruntime has its own arena either way).
+
 Prints median examples/s, ratios to onnxruntime, and the cosine similarity of bf16 vs
 fp32 max-pooled mixed5 embeddings (the blog's probing layer).
 """
@@ -31,6 +35,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from dvtorch.allocator import reuse_freed_memory
 from dvtorch.bundle import preprocess, random_state_dict
 from dvtorch.hooks import capture
 from dvtorch.inception import DeepVariantInceptionV3, fuse_batchnorm, optimize_for_inference
@@ -74,6 +79,7 @@ def main() -> None:
     ap.add_argument("--onnx", help="time this tf2onnx export instead of the seeded model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    malloc_reuse = reuse_freed_memory()
 
     if args.onnx:
         onnx_bytes = Path(args.onnx).read_bytes()
@@ -118,7 +124,8 @@ def main() -> None:
 
     print(f"source: {source}")
     print(f"batch {args.batch_size}, threads {args.threads}, {args.iters} rounds, "
-          f"torch {torch.__version__}, onnxruntime {ort.__version__}")
+          f"torch {torch.__version__}, onnxruntime {ort.__version__}, "
+          f"malloc reuse {'on' if malloc_reuse else 'unavailable'}")
     print(f"softmax max |native fp32 - ort| = {float(np.abs(p_nat - p_ref).max()):.2e}")
     base = args.batch_size / statistics.median(times["ort_fp32"])
     for k, ts in times.items():

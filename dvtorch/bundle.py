@@ -37,6 +37,7 @@ from dvtorch.inception import (
     ScaleFreeBatchNorm,
     fuse_batchnorm,
     optimize_for_inference,
+    scale_pixels,
 )
 
 FORMAT = "dvprobe-bundle"
@@ -224,7 +225,7 @@ def preprocess(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = t.unsqueeze(0)
     if t.dim() != 4:
         raise ValueError(f"preprocess expects [N, H, W, C] or [H, W, C], got {list(t.shape)}")
-    return (t.to(torch.float32) - 128.0) / 128.0
+    return scale_pixels(t)
 
 
 @torch.no_grad()

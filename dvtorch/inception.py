@@ -122,6 +122,16 @@ def _can_use_pointwise(x: torch.Tensor, conv: nn.Conv2d) -> bool:
             and conv.weight.device.type == "cpu")
 
 
+def scale_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """DeepVariant's input scaling ``(x - 128) / 128`` of uint8 pixels, in ``dtype``.
+
+    Computed as ``x / 128 - 1``: both steps are exact for 0..255 (powers of two; at most 8
+    significant bits), so float32 and bfloat16 give exactly DeepVariant's values, in one
+    allocation and two in-place passes.
+    """
+    return images.to(dtype).mul_(1.0 / 128.0).sub_(1.0)
+
+
 def _avg_pool_same(x: torch.Tensor) -> torch.Tensor:
     """Keras ``AveragePooling2D((3, 3), strides=1, padding='same')``: padding not averaged."""
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
@@ -305,7 +315,9 @@ class DeepVariantInceptionV3(nn.Module):
 
     ``input_shape`` is (H, W, C) as in DeepVariant's example_info.json. Inputs must be
     preprocessed already (``(uint8 - 128) / 128``, see :func:`dvtorch.bundle.preprocess`),
-    exactly like DeepVariant's call_variants does outside the SavedModel.
+    exactly like DeepVariant's call_variants does outside the SavedModel -- or raw uint8
+    pixels, which are scaled inside the forward (:func:`scale_pixels`, the same values): on
+    CPU each batch-split thread then scales its own slice straight into the model's dtype.
     """
 
     def __init__(self, input_shape: tuple[int, int, int] = (100, 221, 7), num_classes: int = 3):
@@ -365,6 +377,8 @@ class DeepVariantInceptionV3(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = scale_pixels(x, self.dense.weight.dtype)
         x = x.permute(0, 3, 1, 2)  # NCHW view, channels-last strides: no copy.
         # A bf16 model takes the usual float32 input (cast here, after the zero-copy view).
         x = x.to(self.dense.weight.dtype)

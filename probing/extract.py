@@ -393,8 +393,10 @@ def extract(
                         pending.skipped.extend(batch.skipped)
                         pending.end = batch.end
                     continue
+                # Raw uint8 into the model, which scales the pixels itself (exactly like
+                # dvtorch.preprocess): on CPU inside each batch-split thread, straight into
+                # the model's dtype; on CUDA after a 4x smaller host-to-device copy.
                 x = batch.images.to(dev, non_blocking=True)
-                x = dvtorch.preprocess(x)
                 with autocast:
                     probs = model(x)
                 current = (batch, {n: acts[n] for n in names}, probs, None)

@@ -97,6 +97,25 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
+def _max_over_width(reads: np.ndarray) -> np.ndarray:
+    """``reads.max(axis=2)`` for uint8 ``[N, R, W, C]``, ~15x faster.
+
+    numpy reduces a middle axis with an inner loop over the 7 channels only; maxima of
+    the two halves of the width, halved again until one column is left, run as long
+    vectorised loops instead (log2(W) passes over shrinking data). This is most of the
+    loader's per-example CPU time otherwise (~0.7 ms of ~1 ms), which on a 2-core box is
+    taken from the model.
+    """
+    r = reads
+    while r.shape[2] > 1:
+        half = r.shape[2] // 2
+        m = np.maximum(r[:, :, :half], r[:, :, half:2 * half])
+        if r.shape[2] % 2:
+            np.maximum(m[:, :, 0], r[:, :, 2 * half], out=m[:, :, 0])
+        r = m
+    return r[:, :, 0]
+
+
 def pileup_attributes(
     images: np.ndarray,
     channels: Sequence[int],
@@ -124,7 +143,7 @@ def pileup_attributes(
 
     reads = imgs[:, REF_ROWS:]  # [N, R, W, C] view
     # One pass over the pixels: per-row, per-channel maximum over columns -> [N, R, C].
-    row_max = reads.max(axis=2)
+    row_max = _max_over_width(reads)  # [N, R, C]
     nonempty = row_max.any(axis=2)  # [N, R]
     depth = nonempty.sum(axis=1)
     nan = np.full(n, np.nan, dtype=np.float32)

@@ -197,6 +197,18 @@ def test_max_pool_routes_gradients_to_one_argmax_like_keras():
     assert x.grad.sum().item() == 1.0 and (x.grad == 1.0).sum().item() == 1
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_model_takes_raw_uint8_pixels_and_scales_them_exactly_like_preprocess(dtype):
+    model = optimize_for_inference(_randomise_bn(DeepVariantInceptionV3(SMALL), seed=4),
+                                   dtype=dtype, batch_size=8)
+    pixels = torch.randint(0, 256, (8, *SMALL), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert torch.equal(model(pixels), model(preprocess(pixels)))
+    every_value = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(preprocess(every_value.view(1, 1, 16, 16)).flatten(),
+                       (every_value.double() - 128) / 128)
+
+
 def test_preprocess_matches_deepvariant_scaling():
     img = np.array([0, 128, 255], np.uint8).reshape(1, 1, 3, 1)
     out = preprocess(img)

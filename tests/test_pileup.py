@@ -153,3 +153,13 @@ def test_quality_decoders_invert_the_encoding_exactly() -> None:
     bq = np.arange(0, 41)
     assert (baseq_from_pixel((254 * bq) // 40) == bq).all()
     assert mapq_from_pixel(254) == 60 and baseq_from_pixel(0) == 0
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 8, 221])
+def test_fast_width_maximum_equals_numpys(width: int) -> None:
+    from probing.pileup import _max_over_width
+
+    rng = np.random.default_rng(width)
+    reads = rng.integers(0, 256, size=(3, 9, width, 7), dtype=np.uint8)
+    reads[0, 2] = 0  # an empty row
+    np.testing.assert_array_equal(_max_over_width(reads), reads.max(axis=2))
