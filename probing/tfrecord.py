@@ -36,6 +36,20 @@ from typing import BinaryIO
 
 import google_crc32c
 
+try:
+    # zlib-ng reads the same gzip format with a 3-20x faster inflate. Inflating is most of
+    # the example loader's CPU time, which on a 2-core box comes out of the model's share
+    # and on a GPU box decides how many loader workers keep the GPU fed.
+    from zlib_ng import gzip_ng as _gzip_ng
+    from zlib_ng import zlib_ng as _zlib_ng
+
+    _GzipReader: type[gzip.GzipFile] = _gzip_ng.GzipNGFile
+    _INFLATE_ERRORS: tuple[type[BaseException], ...] = (gzip.BadGzipFile, zlib.error,
+                                                        _zlib_ng.error, OSError)
+except ImportError:  # pragma: no cover - a platform without zlib-ng wheels
+    _GzipReader = gzip.GzipFile
+    _INFLATE_ERRORS = (gzip.BadGzipFile, zlib.error, OSError)
+
 from dvtorch.errors import ExampleFormatError
 
 log = logging.getLogger(__name__)
@@ -134,7 +148,7 @@ class _ChunkReader:
                     record,
                     f"truncated gzip stream (file ends before the gzip end marker: {e})",
                 ) from e
-            except (gzip.BadGzipFile, zlib.error, OSError) as e:
+            except _INFLATE_ERRORS as e:
                 what = "gzip" if self._gz else "file"
                 raise ExampleFormatError(self._path, record, f"corrupt {what} data: {e}") from e
             if not chunk:
@@ -162,7 +176,7 @@ def _open_stream(path: str) -> Iterator[tuple[BinaryIO, bool]]:
         gz = raw.read(2) == _GZIP_MAGIC
         raw.seek(0)
         if gz:
-            with gzip.GzipFile(fileobj=raw, mode="rb") as g:
+            with _GzipReader(fileobj=raw, mode="rb") as g:
                 yield g, True
         else:
             yield raw, False
