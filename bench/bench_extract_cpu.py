@@ -2,19 +2,28 @@
 
 Both sides read the same gzipped TFRecord shards through the same loader
 (:class:`probing.loader.ExampleBatches`: same batches, same worker processes), so the
-comparison is of the whole pipeline, not of a model call on a pre-made tensor. Reported:
+comparison is of the whole pipeline, not of a model call on a pre-made tensor. The three
+pipelines run interleaved for ``--rounds`` rounds (fp32, bf16, onnxruntime, fp32, ...) so
+that a noisy moment on a shared machine hits all of them alike; the medians are reported:
 examples/s for each, the share of wall time spent waiting for data, and the cosine
 similarity of bf16 vs fp32 max-pooled mixed5 rows (target >= 0.999). The last line is the
 ratio line (targets: fp32 >= 1.0x onnxruntime, bf16 >= 2x onnxruntime fp32).
 
-The ONNX model: a bundle converted from TensorFlow ships ``model.onnx`` (the tf2onnx graph,
-softmax output only); otherwise the native model is exported with
-``torch.onnx.export(dynamo=False)`` returning softmax + max-pooled mixed5 / mixed10, i.e.
-the same outputs extraction stores. The output says which one ran.
+onnxruntime gets DeepVariant's ``(x - 128) / 128`` done in place in numpy (one allocation);
+the PyTorch model takes the uint8 batch and scales it itself. The ONNX model: a bundle
+converted from TensorFlow ships ``model.onnx`` (the tf2onnx graph, softmax output only);
+otherwise the native model is exported with ``torch.onnx.export(dynamo=False)`` returning
+softmax + max-pooled mixed5 / mixed10, i.e. the same outputs extraction stores. The output
+says which one ran.
 
-Run (2 threads, synthetic examples written to a temp dir)::
+Synthetic examples (without ``--examples``) are pileup-like: a reference band, 100-150 bp
+reads at random offsets carrying the reference bases with 1% mismatches, binned per-base
+qualities, and per-read MAPQ / strand / allele support / insert size, so that they gzip
+about like make_examples output rather than 100x.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_extract_cpu.py --n 128 --batch-size 32
+Run (2 threads)::
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_extract_cpu.py --n 384 --batch-size 32 --rounds 3
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -32,28 +42,53 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _pileup(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    """One pileup-like uint8 image in DeepVariant's 7-channel WGS layout."""
+    from probing.channels import BASE_COLOR, REF_ROWS
+
+    h, w, c = shape
+    colors = np.array(list(BASE_COLOR.values()), dtype=np.uint8)
+    ref = colors[rng.integers(0, 4, w)]
+    img = np.zeros((h, w, c), dtype=np.uint8)
+    img[:REF_ROWS, :, 0] = ref
+    img[:REF_ROWS, :, 1:] = 254
+    rows = int(rng.integers(20, h - REF_ROWS))
+    start = rng.integers(-120, w - 30, rows)
+    cover = (np.arange(w) >= start[:, None]) & (np.arange(w) < (start + rng.integers(100, 151, rows))[:, None])
+    base = np.broadcast_to(ref, (rows, w)).copy()
+    mismatch = rng.random((rows, w)) < 0.01
+    base[mismatch] = colors[rng.integers(0, 4, int(mismatch.sum()))]
+    per_base_q = rng.choice(np.array([37, 37, 37, 37, 37, 37, 37, 23, 12]), (rows, w))
+    per_read = lambda values: np.broadcast_to(rng.choice(np.array(values), rows)[:, None], (rows, w))  # noqa: E731
+    block = np.stack([
+        base,
+        (254 * per_base_q // 40).astype(np.uint8),
+        per_read([254] * 9 + [84]),                  # MAPQ 60, sometimes 20
+        per_read([70, 240]),                         # strand
+        per_read([254, 152, 152]),                   # supports alt / not
+        np.where(base != ref, 254, 50).astype(np.uint8),  # differs from ref
+        rng.integers(60, 254, rows).astype(np.uint8)[:, None].repeat(w, 1),  # insert size
+    ], axis=-1)[..., :c]
+    img[REF_ROWS:REF_ROWS + rows] = block * cover[..., None]
+    return img
+
+
 def synth_examples(d: Path, n: int, shards: int = 2, seed: int = 0) -> str:
-    """``n`` pileup-like examples (reference band + variable read rows) in gz shards."""
+    """``n`` pileup-like examples (see module doc) in ``shards`` gzipped TFRecord shards."""
     from probing.channels import WGS_CHANNELS, WGS_SHAPE
     from probing.examples import encode_example, write_example_info
     from probing.tfrecord import TFRecordWriter, shard_name
 
     rng = np.random.default_rng(seed)
-    h, w, c = WGS_SHAPE
     base = str(d / "bench.tfrecord")
     per = (n + shards - 1) // shards
     for s in range(shards):
         path = shard_name(base, s, shards, ".gz")
         with TFRecordWriter(path) as wr:
             for i in range(s * per, min(n, (s + 1) * per)):
-                img = np.zeros((h, w, c), dtype=np.uint8)
-                rows = int(rng.integers(20, h))
-                # per-read constant channels like real pileups (compress like real data)
-                img[:rows] = rng.integers(1, 255, size=(rows, 1, c), dtype=np.uint8)
-                img[:rows, : int(rng.integers(50, w))] = 0
-                wr.write(encode_example(img, chrom="chr20", start=10_000 + 13 * i,
-                                        end=10_001 + 13 * i, ref="A", alts=("G",),
-                                        alt_allele_indices=(0,)))
+                wr.write(encode_example(_pileup(rng, WGS_SHAPE), chrom="chr20",
+                                        start=10_000 + 13 * i, end=10_001 + 13 * i, ref="A",
+                                        alts=("G",), alt_allele_indices=(0,)))
         write_example_info(path, WGS_SHAPE, WGS_CHANNELS, "1.6.0")
     return f"{base}@{shards}.gz"
 
@@ -134,6 +169,7 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, help="BUNDLE (default: untrained reference bundle)")
     ap.add_argument("--examples", help="examples spec (default: synthetic, written to a temp dir)")
     ap.add_argument("--layers", default="mixed5,mixed10")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (median)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -157,33 +193,50 @@ def main() -> None:
         print(f"torch {torch.__version__}, threads {args.threads}, workers {args.workers}, "
               f"batch {args.batch_size}, examples {spec}")
 
-        res = {}
+        from probing.tfrecord import expand_spec
+
+        files = [Path(f) for f in expand_spec(spec)]
+        packed = sum(f.stat().st_size for f in files)
+        print(f"examples: {packed / 1e6:.1f} MB gzipped, "
+              f"{packed / args.n / 1e3 if not args.examples else float('nan'):.1f} kB/example")
         for dt in ("fp32", "bf16"):
-            # warm-up run (oneDNN primitive creation) on one batch, then the timed run
+            # warm-up (oneDNN primitive creation) on one batch
             extract(bundle, spec, work / f"warm_{dt}", layers=layers, device="cpu", dtype=dt,
                     batch_size=args.batch_size, workers=0, limit=args.batch_size,
                     progress=False)
-            s = extract(bundle, spec, work / f"store_{dt}", layers=layers, device="cpu",
-                        dtype=dt, batch_size=args.batch_size, workers=args.workers,
-                        progress=False)
-            e = s.meta["extraction"]
-            res[dt] = {"n": s.n, "ex_s": e["examples_per_s"], "data_share": e["data_loading_share"],
-                       "store": s}
-            print(f"pytorch {dt}: {s.n} ex in {e['seconds']:.1f} s = {e['examples_per_s']:.1f} ex/s, "
-                  f"data loading {100 * e['data_loading_share']:.0f}% of wall")
         onnx_bytes, what = onnx_model(bundle, work, layers)
         print(f"onnx: {what}")
-        o = run_ort(onnx_bytes, spec, shape, channels, batch_size=args.batch_size,
-                    workers=args.workers, threads=args.threads)
-        print(f"onnxruntime fp32: {o['n']} ex in {o['seconds']:.1f} s = {o['ex_s']:.1f} ex/s, "
-              f"data loading {100 * o['data_share']:.0f}% of wall")
-        a = res["fp32"]["store"].layer(layers[0])
-        b = res["bf16"]["store"].layer(layers[0])
+
+        runs: dict[str, list[dict]] = {"pytorch fp32": [], "pytorch bf16": [], "onnxruntime fp32": []}
+        stores = {}
+        for r in range(args.rounds):
+            for dt in ("fp32", "bf16"):
+                out = work / f"store_{dt}_{r}"
+                s = extract(bundle, spec, out, layers=layers, device="cpu", dtype=dt,
+                            batch_size=args.batch_size, workers=args.workers, progress=False)
+                e = s.meta["extraction"]
+                runs[f"pytorch {dt}"].append({"n": s.n, "ex_s": e["examples_per_s"],
+                                              "data_share": e["data_loading_share"]})
+                stores[dt] = s
+            runs["onnxruntime fp32"].append(
+                run_ort(onnx_bytes, spec, shape, channels, batch_size=args.batch_size,
+                        workers=args.workers, threads=args.threads))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['ex_s']:.1f}" for k, v in runs.items()),
+                  flush=True)
+        med = {}
+        for k, v in runs.items():
+            med[k] = statistics.median(x["ex_s"] for x in v)
+            share = statistics.median(x["data_share"] for x in v)
+            print(f"{k}: {v[0]['n']} ex, median {med[k]:.1f} ex/s over {len(v)} rounds "
+                  f"(min {min(x['ex_s'] for x in v):.1f}, max {max(x['ex_s'] for x in v):.1f}), "
+                  f"waiting for data {100 * share:.0f}% of wall")
+        a = stores["fp32"].layer(layers[0])
+        b = stores["bf16"].layer(layers[0])
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
         print(f"bf16 vs fp32 {layers[0]} (max-pooled) cosine: mean {cos.mean():.5f}, "
               f"min {cos.min():.5f} (target >= 0.999)")
-        r32 = res["fp32"]["ex_s"] / o["ex_s"]
-        r16 = res["bf16"]["ex_s"] / o["ex_s"]
+        r32 = med["pytorch fp32"] / med["onnxruntime fp32"]
+        r16 = med["pytorch bf16"] / med["onnxruntime fp32"]
         print(f"RATIO vs onnxruntime fp32: pytorch fp32 {r32:.2f}x (target >= 1.0), "
               f"pytorch bf16 {r16:.2f}x (target >= 2.0)")
     finally:
