@@ -23,7 +23,7 @@ about like make_examples output rather than 100x.
 
 Run (2 threads)::
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_extract_cpu.py --n 384 --batch-size 32 --rounds 3
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_extract_cpu.py --n 1536 --batch-size 32 --rounds 3
 """
 
 from __future__ import annotations
@@ -162,9 +162,12 @@ def run_ort(onnx_bytes: bytes, spec: str, shape, channels, *, batch_size: int, w
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=128, help="synthetic examples (ignored with --examples)")
+    ap.add_argument("--n", type=int, default=1536,
+                    help="synthetic examples (ignored with --examples); enough that the loader "
+                         "process start-up is not part of the figure")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="loader processes for both sides (default: extract's default_workers)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bundle", type=Path, help="BUNDLE (default: untrained reference bundle)")
     ap.add_argument("--examples", help="examples spec (default: synthetic, written to a temp dir)")
@@ -177,9 +180,11 @@ def main() -> None:
     import torch
 
     import dvtorch
-    from probing.extract import extract
+    from probing.extract import default_workers, extract
 
     torch.set_num_threads(args.threads)
+    if args.workers is None:
+        args.workers = default_workers(torch.device("cpu"))
     layers = args.layers.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:

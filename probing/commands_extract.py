@@ -31,8 +31,10 @@ def extract_command(
                              help="max | mean (over H,W -> C values) | flatten (H*W*C, float16)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
-    workers: int = typer.Option(1, "--workers", min=0,
-                                help="Data-loading processes (0 = in the main process)."),
+    workers: int | None = typer.Option(
+        None, "--workers", min=0,
+        help="Data-loading processes (0 = in the main process). Default: on CPU 1 if a core is "
+             "free beyond torch's threads, else 0; on CUDA min(4, cores - 1)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 (fp16: cuda only)."),
     limit: int | None = typer.Option(None, "--limit", min=0,
                                      help="Only the first N records of the input."),

@@ -219,7 +219,7 @@ def run_demo(
     dtype: str = "fp32",
     device: str = "auto",
     batch_size: int = 32,
-    workers: int = 1,
+    workers: int | None = None,
     backend: str = "auto",
     k: int = 10,
     multilayer_k: int = 12,

@@ -77,6 +77,29 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(dev: torch.device) -> int:
+    """Loader processes when ``--workers`` is not given.
+
+    CUDA: up to 4 (leaving a core for the main process), so decoding keeps up with the GPU.
+    CPU: 1 when a core is free beyond torch's compute threads, else 0. Without a free core
+    a loader process preempts one of the batch-split compute threads, and the other thread
+    then waits for it at the end of every forward: measured on 2 cores, decoding in the
+    main process between forwards (0.2 ms per example) is ~10% faster in bf16 and ~3% in
+    fp32 than one loader process.
+    """
+    cpus = _usable_cpus()
+    if dev.type == "cuda":
+        return max(1, min(4, cpus - 1))
+    return 1 if cpus > torch.get_num_threads() else 0
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -229,7 +252,7 @@ def extract(
     pool: str = "max",
     device: str = "auto",
     batch_size: int = 64,
-    workers: int = 1,
+    workers: int | None = None,
     dtype: str = "fp32",
     limit: int | None = None,
     skip_corrupt: bool = False,
@@ -243,7 +266,7 @@ def extract(
     ``examples`` is a shard spec (``name@N.gz``), glob, comma list or one file. One forward
     per batch fills every layer (forward hooks) and the softmax gives ``p_hom_ref``,
     ``p_het``, ``p_hom_alt`` and ``pred_genotype``. Rows are in input order whatever
-    ``workers`` is. ``limit`` extracts the first ``limit`` records (corrupt ones count).
+    ``workers`` is (None: :func:`default_workers`). ``limit`` extracts the first ``limit`` records (corrupt ones count).
 
     Commits happen every ``commit_interval_s`` seconds (0: after every batch), when 256 MiB
     of output is pending, on Ctrl-C and at the end; a commit is one atomic store.json
@@ -266,11 +289,13 @@ def extract(
         raise DvprobeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if batch_size < 1:
         raise DvprobeError(f"--batch-size must be >= 1, got {batch_size}")
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise DvprobeError(f"--workers must be >= 0, got {workers}")
     if limit is not None and limit < 0:
         raise DvprobeError(f"--limit must be >= 0, got {limit}")
     dev = resolve_device(device)
+    if workers is None:
+        workers = default_workers(dev)
     if dtype == "fp16" and dev.type != "cuda":
         raise DvprobeError("--dtype fp16 needs --device cuda (CPU autocast supports bf16 only)")
 

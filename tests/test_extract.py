@@ -763,3 +763,18 @@ def test_extracted_layers_equal_keras_mixed_outputs(ckpt_bundle, dv_keras_model,
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize(("cpus", "threads", "device", "expected"), [
+    (2, 2, "cpu", 0),    # no free core: decode between forwards, never preempt a compute thread
+    (16, 2, "cpu", 1),   # a free core: one loader process decodes ahead
+    (16, 8, "cuda", 4),  # GPU boxes: enough loaders to keep the GPU fed
+    (2, 2, "cuda", 1),
+    (1, 1, "cuda", 1),
+])
+def test_default_workers_follow_free_cores(monkeypatch, cpus, threads, device, expected):
+    import probing.extract as ex
+
+    monkeypatch.setattr(ex, "_usable_cpus", lambda: cpus)
+    monkeypatch.setattr(ex.torch, "get_num_threads", lambda: threads)
+    assert ex.default_workers(torch.device(device)) == expected
