@@ -204,6 +204,17 @@ def main() -> None:
         packed = sum(f.stat().st_size for f in files)
         print(f"examples: {packed / 1e6:.1f} MB gzipped, "
               f"{packed / args.n / 1e3 if not args.examples else float('nan'):.1f} kB/example")
+        # the loader alone, in this process: framing + CRC32C + gunzip + tf.Example parse +
+        # pileup attributes, i.e. the CPU cost data loading adds per example
+        from probing.loader import ExampleBatches
+
+        t0 = time.perf_counter()
+        n_loaded = sum(b.n for b in ExampleBatches([str(f) for f in files],
+                                                   batch_size=args.batch_size, shape=shape,
+                                                   channels=channels))
+        t_load = time.perf_counter() - t0
+        print(f"loader alone (one process): {n_loaded / t_load:.0f} ex/s = "
+              f"{1e3 * t_load / n_loaded:.2f} ms of CPU per example")
         for dt in ("fp32", "bf16"):
             # warm-up (oneDNN primitive creation) on one batch
             extract(bundle, spec, work / f"warm_{dt}", layers=layers, device="cpu", dtype=dt,
