@@ -266,7 +266,8 @@ def extract(
     ``examples`` is a shard spec (``name@N.gz``), glob, comma list or one file. One forward
     per batch fills every layer (forward hooks) and the softmax gives ``p_hom_ref``,
     ``p_het``, ``p_hom_alt`` and ``pred_genotype``. Rows are in input order whatever
-    ``workers`` is (None: :func:`default_workers`). ``limit`` extracts the first ``limit`` records (corrupt ones count).
+    ``workers`` is (None: :func:`default_workers`). ``limit`` extracts the first ``limit``
+    records (corrupt ones count).
 
     Commits happen every ``commit_interval_s`` seconds (0: after every batch), when 256 MiB
     of output is pending, on Ctrl-C and at the end; a commit is one atomic store.json

@@ -36,6 +36,8 @@ from typing import BinaryIO
 
 import google_crc32c
 
+from dvtorch.errors import ExampleFormatError
+
 try:
     # zlib-ng reads the same gzip format with a 3-20x faster inflate. Inflating is most of
     # the example loader's CPU time, which on a 2-core box comes out of the model's share
@@ -49,8 +51,6 @@ try:
 except ImportError:  # pragma: no cover - a platform without zlib-ng wheels
     _GzipReader = gzip.GzipFile
     _INFLATE_ERRORS = (gzip.BadGzipFile, zlib.error, OSError)
-
-from dvtorch.errors import ExampleFormatError
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,21 @@ from probing.tfrecord import (
 PAYLOADS = [b"alpha", b"", b"x" * 70_000, bytes(range(256)) * 3, b"omega"]
 
 
+@pytest.fixture(params=["zlib-ng", "stdlib"])
+def gzip_reader(request, monkeypatch):
+    """Gzip cases run with zlib-ng (when installed) and with the stdlib fallback."""
+    import zlib
+
+    import probing.tfrecord as tfr
+
+    if request.param == "stdlib":
+        monkeypatch.setattr(tfr, "_GzipReader", gzip.GzipFile)
+        monkeypatch.setattr(tfr, "_INFLATE_ERRORS", (gzip.BadGzipFile, zlib.error, OSError))
+    elif tfr._GzipReader is gzip.GzipFile:
+        pytest.skip("zlib-ng is not installed")
+    return request.param
+
+
 def _offsets(payloads: list[bytes]) -> list[int]:
     """Byte offset of each record in an uncompressed TFRecord file."""
     out, pos = [], 0
@@ -71,6 +86,7 @@ def test_framing_bytes_are_exact(tmp_path: Path):
         ("plain_with_gz_suffix.gz", False, False),
     ],
 )
+@pytest.mark.usefixtures("gzip_reader")
 def test_roundtrip_and_gzip_detected_by_magic(tmp_path: Path, name, compress, gz):
     f = tmp_path / name
     assert write_records(f, PAYLOADS, compress=compress) == len(PAYLOADS)
@@ -79,6 +95,7 @@ def test_roundtrip_and_gzip_detected_by_magic(tmp_path: Path, name, compress, gz
     assert count_records(f) == len(PAYLOADS)
 
 
+@pytest.mark.usefixtures("gzip_reader")
 def test_multi_member_gzip(tmp_path: Path):
     a, b = tmp_path / "a.tfrecord", tmp_path / "b.tfrecord"
     write_records(a, PAYLOADS[:2], compress=False)
@@ -95,6 +112,7 @@ def test_start_skips_records_but_keeps_indices(tmp_path: Path):
     assert list(iter_records(f, start=99)) == []
 
 
+@pytest.mark.usefixtures("gzip_reader")
 def test_gzip_with_zero_records_is_valid_and_empty(tmp_path: Path):
     f = tmp_path / "none.tfrecord.gz"
     write_records(f, [])
@@ -167,6 +185,7 @@ def test_truncated_plain_record(tmp_path: Path, cut):
         list(iter_records(f))
 
 
+@pytest.mark.usefixtures("gzip_reader")
 def test_truncated_gzip(tmp_path: Path):
     f = tmp_path / "t.tfrecord.gz"
     write_records(f, [bytes(range(256)) * 400 for _ in range(4)])
@@ -177,6 +196,7 @@ def test_truncated_gzip(tmp_path: Path):
     assert str(f) in str(ei.value)
 
 
+@pytest.mark.usefixtures("gzip_reader")
 def test_gzip_trailer_damage_is_corrupt(tmp_path: Path):
     f = tmp_path / "t.tfrecord.gz"
     write_records(f, PAYLOADS)
