@@ -9,7 +9,7 @@ examples/s for each, the share of wall time spent waiting for data, and the cosi
 similarity of bf16 vs fp32 max-pooled mixed5 rows (target >= 0.999). The last line is the
 ratio line (targets: fp32 >= 1.0x onnxruntime, bf16 >= 2x onnxruntime fp32).
 
-onnxruntime gets DeepVariant's ``(x - 128) / 128`` done in place in numpy (one allocation);
+onnxruntime gets DeepVariant's ``(x - 128) / 128`` from ``dvtorch.preprocess`` (one allocation);
 the PyTorch model takes the uint8 batch and scales it itself. The ONNX model: a bundle
 converted from TensorFlow ships ``model.onnx`` (the tf2onnx graph, softmax output only);
 otherwise the native model is exported with ``torch.onnx.export(dynamo=False)`` returning
@@ -126,6 +126,7 @@ def run_ort(onnx_bytes: bytes, spec: str, shape, channels, *, batch_size: int, w
             threads: int) -> dict:
     import onnxruntime as ort
 
+    from dvtorch.bundle import preprocess
     from probing.loader import ExampleBatches, make_loader
     from probing.tfrecord import expand_spec
 
@@ -149,12 +150,7 @@ def run_ort(onnx_bytes: bytes, spec: str, shape, channels, *, batch_size: int, w
         wait += time.perf_counter() - tw
         if b is None:
             break
-        # DeepVariant's (x - 128) / 128, done the cheap way (one allocation, in place;
-        # exact, like dvtorch.preprocess): x / 128 - 1
-        x = b.images.numpy().astype(np.float32)
-        x *= 1.0 / 128.0
-        x -= 1.0
-        sess.run(None, {name: x})
+        sess.run(None, {name: preprocess(b.images).numpy()})
         n += b.n
     dt = time.perf_counter() - t0
     return {"n": n, "seconds": dt, "ex_s": n / dt, "data_share": wait / dt}
