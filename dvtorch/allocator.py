@@ -7,8 +7,8 @@ OS above its trim threshold, so every forward touches new pages: measured here ~
 minor page faults per fp32 forward of 16 examples, each one a kernel entry that zeroes a
 4 KiB page, and ~5-15 % of the forward's wall time. onnxruntime avoids the same cost with
 its own memory arena. Raising both thresholds makes malloc reuse the freed memory: page
-faults per forward drop to ~0 and the process keeps its peak working set (it would reach
-that peak on the next batch anyway).
+faults per forward drop to ~0 (a forward now and then still grows the heap once) and the
+process keeps its peak working set (it would reach that peak on the next batch anyway).
 
 This changes process-wide malloc settings, so nothing calls it on import: ``dvprobe
 extract`` / :func:`probing.extract.extract` call it for CPU runs, and a Python user can

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes.util
 import json
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import textwrap
 
 import pytest
 
-from dvtorch.allocator import reuse_freed_memory
+from dvtorch.allocator import _glibc, reuse_freed_memory
 
 # Page faults of fp32 forwards of the full-size model as extraction runs them on 2 cores
 # (batch 32 split over 2 threads): every forward frees and re-allocates ~100 MB of activations.
@@ -26,20 +25,15 @@ _PROBE = textwrap.dedent("""
     x = torch.randn(32, 100, 221, 7)
     faults = []
     with torch.inference_mode():
-        for _ in range(6):
+        for _ in range(10):
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             model(x)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    print(json.dumps(faults[2:]))  # the first forwards fault in either case
+    print(json.dumps(faults[2:]))  # the first two forwards fault in either case
 """)
 
 
-def _is_glibc() -> bool:
-    name = ctypes.util.find_library("c")
-    return bool(name) and hasattr(ctypes.CDLL(name), "gnu_get_libc_version")
-
-
-@pytest.mark.skipif(not _is_glibc(), reason="mallopt tuning only exists in glibc")
+@pytest.mark.skipif(_glibc() is None, reason="mallopt tuning only exists in glibc")
 def test_freed_buffers_are_reused_instead_of_faulted_back_in():
     def faults(mode: str) -> list[int]:
         out = subprocess.run([sys.executable, "-c", _PROBE, mode], check=True,
@@ -47,10 +41,12 @@ def test_freed_buffers_are_reused_instead_of_faulted_back_in():
         return json.loads(out)
 
     default, tuned = faults("default"), faults("tuned")
+    # Compared as totals over 8 forwards: single forwards vary (a default forward can
+    # happen to reuse memory, a tuned one can grow the heap once).
     # glibc returns freed activations to the OS and faults them back in (10,000-20,000
     # 4 KiB pages per forward measured here) ...
-    assert min(default) >= 500
+    assert sum(default) >= 500 * len(default)
     # ... and with the thresholds raised, malloc reuses them
-    assert max(tuned) * 10 <= min(default)
+    assert sum(tuned) * 10 <= sum(default)
     assert reuse_freed_memory() is True
     assert reuse_freed_memory() is True  # idempotent
