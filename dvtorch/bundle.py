@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dvtorch.errors import BundleError
+from dvtorch.files import sha256_file
 from dvtorch.inception import (
     ConvBN,
     DeepVariantInceptionV3,
@@ -48,14 +49,6 @@ ONNX_FILE = "model.onnx"
 
 #: DeepVariant WGS channels (pileup image channel enum values), the default 7-channel input.
 WGS_CHANNELS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 19)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_bundle(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
@@ -86,7 +79,7 @@ def save_bundle(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tenso
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                    for k, v in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE))
-        files = {WEIGHTS_FILE: _sha256_file(tmp / WEIGHTS_FILE)}
+        files = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
         if onnx_bytes is not None:
             (tmp / ONNX_FILE).write_bytes(onnx_bytes)
             files[ONNX_FILE] = hashlib.sha256(onnx_bytes).hexdigest()
@@ -176,7 +169,7 @@ def load(bundle: str | os.PathLike, device: str | torch.device = "cpu",
     if not weights.is_file():
         raise BundleError(f"{weights}: missing (the bundle is incomplete)")
     expected = meta["files"][WEIGHTS_FILE]
-    actual = _sha256_file(weights)
+    actual = sha256_file(weights)
     if actual != expected:
         raise BundleError(f"{weights}: sha256 {actual[:12]}... does not match bundle.json "
                           f"({expected[:12]}...); the file is corrupt or was modified")

@@ -17,7 +17,6 @@ Pipeline (one direction only, every step checked):
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dvtorch.errors import ConversionError
+from dvtorch.files import sha256_file
 
 Progress = Callable[[str], None]
 SourceKind = str  # "checkpoint" | "savedmodel" | "onnx"
@@ -193,15 +193,6 @@ def resolve_example_info(
     version = info.version if info else None
     used_path = info.path if info and (flag_shape is None or flag_channels is None) else None
     return ExampleInfo(tuple(int(v) for v in final_shape), list(final_channels), version, used_path)  # type: ignore[arg-type]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed (checkpoints are ~90 MB)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def converter_versions() -> dict[str, str | None]:

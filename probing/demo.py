@@ -289,33 +289,20 @@ def run_demo(
     ex_dir, mos_dir = out / "examples", out / "mosaic_examples"
     spec = str(ex_dir / "examples.tfrecord@2.gz")
     mos_spec = str(mos_dir / "mosaic.tfrecord.gz")
+
+    def encode(directory: Path, examples_spec: str, **options) -> None:
+        """make_examples into ``directory`` unless a finished earlier run left it there."""
+        if _done(directory):
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        res = make_examples(ref, bam, examples_spec, truth=[germline, mosaic],
+                            progress=progress, **options)
+        log(res.summary())
+        _mark(directory, {"n": res.n_examples})
+
     with _timed(seconds, "make_examples", log):
-        if not _done(ex_dir):
-            ex_dir.mkdir(parents=True, exist_ok=True)
-            res = make_examples(
-                ref,
-                bam,
-                spec,
-                candidates=True,
-                truth=[germline, mosaic],
-                ref_sites_fraction=ref_sites_fraction,
-                progress=progress,
-            )
-            log(res.summary())
-            _mark(ex_dir, {"n": res.n_examples})
-        if not _done(mos_dir):
-            mos_dir.mkdir(parents=True, exist_ok=True)
-            res = make_examples(
-                ref,
-                bam,
-                mos_spec,
-                sites=mosaic,
-                truth=[germline, mosaic],
-                het_alt_images=False,
-                progress=progress,
-            )
-            log(res.summary())
-            _mark(mos_dir, {"n": res.n_examples})
+        encode(ex_dir, spec, candidates=True, ref_sites_fraction=ref_sites_fraction)
+        encode(mos_dir, mos_spec, sites=mosaic, het_alt_images=False)
 
     if model is None:
         bundle = out / "model"

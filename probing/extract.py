@@ -20,7 +20,6 @@ autocast has no fp16); activations are converted to the storage dtype after pool
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import sys
@@ -36,6 +35,7 @@ import torch
 import dvtorch
 from dvtorch.allocator import reuse_freed_memory
 from dvtorch.errors import DvprobeError, ExampleFormatError
+from dvtorch.files import sha256_file
 from dvtorch.hooks import capture
 from dvtorch.layers import layer_info
 from probing.examples import check_example_info, parse_example, read_example_info
@@ -100,20 +100,12 @@ def default_workers(dev: torch.device) -> int:
     return 1 if cpus > torch.get_num_threads() else 0
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def bundle_fingerprint(bundle: str | os.PathLike) -> str:
     """sha256 of bundle.json, which records the weights' sha256 (``dvtorch.load`` refuses
     weights that do not match it), so it identifies the model exactly without rehashing
     ~100 MB of weights."""
     p = Path(bundle) / "bundle.json"
-    return _sha256_file(p) if p.is_file() else ""
+    return sha256_file(p) if p.is_file() else ""
 
 
 def check_inputs(files: Sequence[str], spec: str, shape: tuple[int, int, int],

@@ -56,7 +56,7 @@ def test_convert_nested_checkpoint(ckpt_bundle: Path, dv_keras_ckpt: Path) -> No
         "deepvariant.wgs.ckpt.data-00000-of-00001",
         "example_info.json",
     }
-    from dvtorch.convert import sha256_file
+    from dvtorch.files import sha256_file
 
     assert meta["source"]["files"]["example_info.json"] == sha256_file(
         dv_keras_ckpt.parent / "example_info.json"

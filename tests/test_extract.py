@@ -137,6 +137,14 @@ def data(tmp_path_factory):
     return {"root": root, "truth": truth, "spec": spec, "bundle": bundle, "baseline": baseline}
 
 
+def _extract(data, out, spec=None, **options):
+    """``extract`` of the module's examples (or ``spec``) with the tests' defaults: batches
+    of BATCH, records decoded inline (no loader process), CPU, no progress bar."""
+    return extract(data["bundle"], spec or data["spec"], out,
+                   **{"batch_size": BATCH, "workers": 0, "device": "cpu", "progress": False,
+                      **options})
+
+
 def _assert_same_store(a, b) -> None:
     pd.testing.assert_frame_equal(a.obs, b.obs)
     for name in a.layers:
@@ -207,47 +215,19 @@ def test_layers_equal_direct_capture_forward(data):
 
 
 def test_parallel_workers_keep_input_order(data, tmp_path):
-    par = extract(
-        data["bundle"],
-        data["spec"],
-        tmp_path / "w2",
-        workers=2,
-        batch_size=BATCH,
-        device="cpu",
-        progress=False,
-        commit_interval_s=0,
-    )
+    par = _extract(data, tmp_path / "w2", workers=2, commit_interval_s=0)
     _assert_same_store(par, data["baseline"])
 
 
 def test_limit_takes_the_first_records(data, tmp_path):
-    s = extract(
-        data["bundle"],
-        data["spec"],
-        tmp_path / "lim",
-        limit=13,
-        batch_size=BATCH,
-        workers=0,
-        device="cpu",
-        progress=False,
-    )
+    s = _extract(data, tmp_path / "lim", limit=13)
     assert s.n == 13
     pd.testing.assert_frame_equal(s.obs, data["baseline"].obs.iloc[:13])
     np.testing.assert_array_equal(s.layer("mixed5"), data["baseline"].layer("mixed5")[:13])
 
 
 def test_flatten_is_hwc_float16(data, tmp_path):
-    s = extract(
-        data["bundle"],
-        data["spec"],
-        tmp_path / "flat",
-        layers=["mixed5"],
-        pool="flatten",
-        limit=4,
-        workers=0,
-        device="cpu",
-        progress=False,
-    )
+    s = _extract(data, tmp_path / "flat", layers=["mixed5"], pool="flatten", limit=4)
     spec = s.layer_specs["mixed5"]
     assert (spec.dim, spec.dtype, spec.pool) == (4 * 12 * 768, "float16", "flatten")
     flat = s.layer("mixed5").astype(np.float32).reshape(4, 4, 12, 768)
@@ -258,28 +238,12 @@ def test_flatten_is_hwc_float16(data, tmp_path):
 
 
 def test_bf16_close_to_fp32_and_fp16_refused_on_cpu(data, tmp_path):
-    s = extract(
-        data["bundle"],
-        data["spec"],
-        tmp_path / "bf16",
-        dtype="bf16",
-        limit=8,
-        workers=0,
-        device="cpu",
-        progress=False,
-    )
+    s = _extract(data, tmp_path / "bf16", dtype="bf16", limit=8)
     a, b = s.layer("mixed5"), data["baseline"].layer("mixed5")[:8]
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() > 0.99
     with pytest.raises(DvprobeError, match="fp16"):
-        extract(
-            data["bundle"],
-            data["spec"],
-            tmp_path / "fp16",
-            dtype="fp16",
-            device="cpu",
-            progress=False,
-        )
+        _extract(data, tmp_path / "fp16", dtype="fp16")
 
 
 # ---- resume ----------------------------------------------------------------------------
@@ -293,33 +257,13 @@ def test_resume_after_crash_gives_the_uninterrupted_rows(data, tmp_path):
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        extract(
-            data["bundle"],
-            data["spec"],
-            out,
-            batch_size=BATCH,
-            workers=0,
-            device="cpu",
-            progress=False,
-            commit_interval_s=0,
-            on_batch=boom,
-        )
+        _extract(data, out, commit_interval_s=0, on_batch=boom)
     partial = open_store(out)
     assert not partial.complete
     assert partial.n == 3 * BATCH  # every finished batch was committed
     assert partial.meta["cursor"]["position"] == 3 * BATCH
     seen = []
-    resumed = extract(
-        data["bundle"],
-        data["spec"],
-        out,
-        batch_size=BATCH,
-        workers=0,
-        device="cpu",
-        progress=False,
-        commit_interval_s=0,
-        on_batch=seen.append,
-    )
+    resumed = _extract(data, out, commit_interval_s=0, on_batch=seen.append)
     assert seen[0] == 4 * BATCH  # nothing before the cursor was redone
     _assert_same_store(resumed, data["baseline"])
 
@@ -328,17 +272,8 @@ def test_torn_tail_after_kill9_is_truncated_and_redone(data, tmp_path):
     """A crash between writing rows and committing leaves bytes past the commit."""
     out = tmp_path / "torn"
     with pytest.raises(RuntimeError):
-        extract(
-            data["bundle"],
-            data["spec"],
-            out,
-            batch_size=BATCH,
-            workers=0,
-            device="cpu",
-            progress=False,
-            commit_interval_s=0,
-            on_batch=lambda n: (_ for _ in ()).throw(RuntimeError("x")) if n >= 16 else None,
-        )
+        _extract(data, out, commit_interval_s=0,
+                 on_batch=lambda n: (_ for _ in ()).throw(RuntimeError("x")) if n >= 16 else None)
     # garbage rows for every layer + an orphan obs part, as an interrupted append leaves
     for name in LAYERS:
         with open(out / "layers" / f"{name}.bin", "ab") as fh:
@@ -359,17 +294,7 @@ def test_ctrl_c_commits_finished_batches_and_says_how_to_resume(data, tmp_path, 
 
     with pytest.raises(ExtractionInterrupted) as ei:
         # commit interval never reached: the interrupt itself must commit the 2 batches
-        extract(
-            data["bundle"],
-            data["spec"],
-            out,
-            batch_size=BATCH,
-            workers=1,
-            device="cpu",
-            progress=True,
-            commit_interval_s=3600,
-            on_batch=interrupt,
-        )
+        _extract(data, out, workers=1, progress=True, commit_interval_s=3600, on_batch=interrupt)
     assert "run the same command again to resume" in str(ei.value)
     assert open_store(out).n == 2 * BATCH
     assert "resume" in capsys.readouterr().err
@@ -471,38 +396,10 @@ def test_different_extraction_at_same_out_is_refused(data, tmp_path):
     out = tmp_path / "one"
     extract(data["bundle"], data["spec"], out, limit=4, workers=0, device="cpu", progress=False)
     with pytest.raises(StoreError, match="different extraction"):
-        extract(
-            data["bundle"],
-            data["spec"],
-            out,
-            layers=["mixed5"],
-            limit=4,
-            workers=0,
-            device="cpu",
-            progress=False,
-        )
+        _extract(data, out, layers=["mixed5"], limit=4)
     with pytest.raises(StoreError, match="different extraction"):
-        extract(
-            data["bundle"],
-            data["spec"],
-            out,
-            pool="mean",
-            limit=4,
-            workers=0,
-            device="cpu",
-            progress=False,
-        )
-    s = extract(
-        data["bundle"],
-        data["spec"],
-        out,
-        pool="mean",
-        limit=4,
-        workers=0,
-        device="cpu",
-        progress=False,
-        overwrite=True,
-    )
+        _extract(data, out, pool="mean", limit=4)
+    s = _extract(data, out, pool="mean", limit=4, overwrite=True)
     assert s.layer_specs["mixed5"].pool == "mean" and s.n == 4
 
 
@@ -530,16 +427,7 @@ def test_corrupt_record_errors_with_location_and_store_stays_consistent(
     spec, shard1 = corrupt_spec
     out = tmp_path / "c"
     with pytest.raises(ExampleFormatError) as ei:
-        extract(
-            data["bundle"],
-            spec,
-            out,
-            batch_size=BATCH,
-            workers=2,
-            device="cpu",
-            progress=False,
-            commit_interval_s=0,
-        )
+        _extract(data, out, spec=spec, workers=2, commit_interval_s=0)
     msg = str(ei.value)
     assert "CRC" in msg and Path(shard1).name in msg and "record 5" in msg
     s = open_store(out)
@@ -548,16 +436,7 @@ def test_corrupt_record_errors_with_location_and_store_stays_consistent(
     pd.testing.assert_frame_equal(s.obs, data["baseline"].obs.iloc[:24])
     assert len(s.layer("mixed10")) == 24
     # the same STORE can be finished by skipping the bad record (a resume, not a redo)
-    done = extract(
-        data["bundle"],
-        spec,
-        out,
-        batch_size=BATCH,
-        workers=2,
-        device="cpu",
-        progress=False,
-        skip_corrupt=True,
-    )
+    done = _extract(data, out, spec=spec, workers=2, skip_corrupt=True)
     _check_skipped(done, data, shard1)
 
 
@@ -574,16 +453,7 @@ def _check_skipped(store, data, shard1) -> None:
 
 def test_skip_corrupt_counts_and_reports(data, corrupt_spec, tmp_path):
     spec, shard1 = corrupt_spec
-    s = extract(
-        data["bundle"],
-        spec,
-        tmp_path / "s",
-        batch_size=BATCH,
-        workers=0,
-        device="cpu",
-        progress=False,
-        skip_corrupt=True,
-    )
+    s = _extract(data, tmp_path / "s", spec=spec, skip_corrupt=True)
     _check_skipped(s, data, shard1)
 
 
@@ -607,25 +477,8 @@ def test_corrupt_payload_that_passes_crc_is_reported_by_parser(data, tmp_path):
 
     _rewrite_gz(path, replace_record)
     with pytest.raises(ExampleFormatError, match="record 2"):
-        extract(
-            data["bundle"],
-            spec,
-            tmp_path / "o1",
-            batch_size=2,
-            workers=0,
-            device="cpu",
-            progress=False,
-        )
-    s = extract(
-        data["bundle"],
-        spec,
-        tmp_path / "o2",
-        batch_size=2,
-        workers=0,
-        device="cpu",
-        progress=False,
-        skip_corrupt=True,
-    )
+        _extract(data, tmp_path / "o1", spec=spec, batch_size=2)
+    s = _extract(data, tmp_path / "o2", spec=spec, batch_size=2, skip_corrupt=True)
     assert s.n == 5 and s.meta["skipped"]["count"] == 1
 
 

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dvtorch.files import sha256_file
 from weights.registry import (
     CONFIDENCE_LEVELS,
     MIRROR_ENV,
@@ -75,15 +76,6 @@ class DiskWriteError(WeightsError):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of ``path``, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parse_sha256_overrides(items: list[str] | tuple[str, ...] | None) -> dict[str, str]:
