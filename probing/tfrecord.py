@@ -124,6 +124,12 @@ class _ChunkReader:
     ``gzip.GzipFile`` already handles multi-member files; this wrapper turns its two
     failure modes (``EOFError`` = stream cut short, ``BadGzipFile``/``zlib.error`` = bit rot)
     into :class:`ExampleFormatError` with the record index the failure hit.
+
+    A failing chunked read returns nothing, although the stream inflates fine up to the
+    damage: a shard cut short by a killed make_examples would lose up to a chunk (~25
+    pileups) of intact records and name the wrong record. So on such a failure the file is
+    inflated again from the start by :func:`_salvage_gzip`, everything intact past what was
+    already delivered is served, and the error is raised at the first record it cuts into.
     """
 
     def __init__(self, raw: BinaryIO, path: str, gz: bool):
@@ -133,6 +139,8 @@ class _ChunkReader:
         self._buf = bytearray()
         self._pos = 0
         self._eof = False
+        self._delivered = 0  # bytes of the (inflated) stream appended to _buf so far
+        self._damage: str | None = None  # why the stream ends early, once salvaged
 
     def _fill(self, need: int, record: int) -> None:
         """Make at least ``need`` unread bytes available, or stop at EOF."""
@@ -143,18 +151,33 @@ class _ChunkReader:
             try:
                 chunk = self._raw.read(max(_READ_CHUNK, need - len(self._buf)))
             except EOFError as e:
-                raise ExampleFormatError(
-                    self._path,
-                    record,
-                    f"truncated gzip stream (file ends before the gzip end marker: {e})",
-                ) from e
+                self._salvage(record, "truncated gzip stream (file ends before the gzip end "
+                                      f"marker: {e})", e)
+                break
             except _INFLATE_ERRORS as e:
                 what = "gzip" if self._gz else "file"
-                raise ExampleFormatError(self._path, record, f"corrupt {what} data: {e}") from e
+                self._salvage(record, f"corrupt {what} data: {e}", e)
+                break
             if not chunk:
                 self._eof = True
             else:
                 self._buf += chunk
+                self._delivered += len(chunk)
+        if self._damage is not None and len(self._buf) - self._pos < need:
+            raise ExampleFormatError(self._path, record, self._damage)
+
+    def _salvage(self, record: int, reason: str, error: BaseException) -> None:
+        """Serve the intact rest of a damaged gzip stream, then fail with ``reason``."""
+        if not self._gz:
+            raise ExampleFormatError(self._path, record, reason) from error
+        # What the failed read lost is at most one read's worth plus the inflater's own
+        # buffer; the cap only matters if zlib-ng and zlib ever disagree about a stream.
+        rest, why = _salvage_gzip(self._path, self._delivered, limit=8 * _READ_CHUNK)
+        self._buf += rest
+        self._delivered += len(rest)
+        self._eof = True
+        # The re-inflation's own verdict is the precise one (it read the same bytes).
+        self._damage = why or reason
 
     def read(self, n: int, record: int) -> bytes:
         """Up to ``n`` bytes (fewer only at EOF)."""
@@ -167,6 +190,62 @@ class _ChunkReader:
     def at_eof(self, record: int) -> bool:
         self._fill(1, record)
         return self._pos >= len(self._buf)
+
+
+_SALVAGE_PIECE = 1 << 16
+
+
+def _salvage_gzip(path: str, skip: int, limit: int) -> tuple[bytes, str | None]:
+    """Inflate ``path`` from the start as far as it is intact; return the bytes after the
+    first ``skip`` (at most ``limit`` of them) and why the stream stops early (None when it
+    turned out whole, or the limit was reached first).
+
+    Only for error paths: a pass over the whole file with the stdlib's zlib, in bounded
+    memory (the first ``skip`` bytes are dropped as they come). Compressed input goes in
+    small pieces and a piece that fails is fed again byte by byte from a saved state, so
+    the output stops exactly where the damage starts. Multi-member files are followed.
+    """
+    kept = bytearray()
+    seen = 0
+
+    def take(data: bytes) -> None:
+        nonlocal seen
+        start = max(0, skip - seen)
+        if start < len(data):
+            kept.extend(memoryview(data)[start:])
+        seen += len(data)
+
+    d = zlib.decompressobj(31)
+    member_started = False
+    with open(path, "rb") as fh:
+        pending = b""
+        while True:
+            if len(kept) >= limit:
+                return bytes(kept[:limit]), None
+            piece = pending or fh.read(_SALVAGE_PIECE)
+            pending = b""
+            if not piece:
+                if member_started and not d.eof:
+                    return bytes(kept), ("truncated gzip stream (file ends before the gzip "
+                                         "end marker)")
+                return bytes(kept), None
+            saved = d.copy()
+            try:
+                take(d.decompress(piece))
+            except zlib.error:
+                d = saved
+                for i in range(len(piece)):
+                    try:
+                        take(d.decompress(piece[i : i + 1]))
+                    except zlib.error as e:
+                        return bytes(kept), f"corrupt gzip data: {e}"
+            member_started = True
+            if d.eof:
+                pending = d.unused_data
+                if pending and pending[:2] != _GZIP_MAGIC:
+                    return bytes(kept), "corrupt gzip data: trailing bytes after the last member"
+                d = zlib.decompressobj(31)
+                member_started = bool(pending)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import random
+import re
 import struct
+import zlib
 from pathlib import Path
 
 import google_crc32c
@@ -194,6 +197,70 @@ def test_truncated_gzip(tmp_path: Path):
     with pytest.raises(ExampleFormatError, match="truncated") as ei:
         list(iter_records(f))
     assert str(f) in str(ei.value)
+
+
+def _flushed_gzip(path: Path, payloads: list[bytes]) -> list[tuple[int, int]]:
+    """A gzip TFRecord file with a full deflate flush after every record; returns each
+    record's ``(start, end)`` byte range in the *compressed* file, so a test can cut or
+    damage the file inside a chosen record."""
+    comp = zlib.compressobj(6, zlib.DEFLATED, 31)
+    out, ranges = bytearray(), []
+    for p in payloads:
+        start = len(out)
+        length = struct.pack("<Q", len(p))
+        frame = length + struct.pack("<I", masked_crc32c(length)) + p
+        out += comp.compress(frame + struct.pack("<I", masked_crc32c(p)))
+        out += comp.flush(zlib.Z_FULL_FLUSH)
+        ranges.append((start, len(out)))
+    out += comp.flush()
+    path.write_bytes(bytes(out))
+    return ranges
+
+
+def _pileup_like(n: int, size: int = 60_000) -> list[bytes]:
+    """Compressible, distinct payloads (deflate then really codes them, not stores them)."""
+    rng = random.Random(7)
+    return [bytes(rng.choice(b"ACGT.") for _ in range(size)) for _ in range(n)]
+
+
+def _read_until_error(path: Path) -> tuple[list[int], ExampleFormatError]:
+    got = []
+    with pytest.raises(ExampleFormatError) as ei:
+        for idx, _ in iter_records(path):
+            got.append(idx)
+    return got, ei.value
+
+
+@pytest.mark.usefixtures("gzip_reader")
+@pytest.mark.parametrize("cut_in, cut_at", [(3, 0.5), (9, 0.1), (5, 1.0)])
+def test_truncated_gzip_yields_every_complete_record_then_names_the_cut_one(
+        tmp_path: Path, cut_in, cut_at):
+    """A shard cut short (a killed make_examples) still gives every record before the cut,
+    and the error names the first record that is missing, not the read chunk it fell in."""
+    f = tmp_path / "cut.tfrecord.gz"
+    ranges = _flushed_gzip(f, _pileup_like(12))
+    start, end = ranges[cut_in]
+    cut = start + int((end - start) * cut_at)
+    f.write_bytes(f.read_bytes()[:cut])
+    complete = cut_in + (cut == end)  # cut exactly at a record's flush point: it is whole
+    got, err = _read_until_error(f)
+    assert got == list(range(complete))
+    assert err.record == complete
+    assert "truncated" in str(err) and str(f) in str(err)
+
+
+@pytest.mark.usefixtures("gzip_reader")
+def test_damaged_deflate_data_yields_the_records_before_the_damage(tmp_path: Path):
+    f = tmp_path / "rot.tfrecord.gz"
+    ranges = _flushed_gzip(f, _pileup_like(12))
+    raw = bytearray(f.read_bytes())
+    start, end = ranges[7]
+    raw[(start + end) // 2] ^= 0x5A
+    f.write_bytes(bytes(raw))
+    got, err = _read_until_error(f)
+    assert got == list(range(7))
+    assert err.record == 7
+    assert re.search("(?i)corrupt|CRC", str(err))
 
 
 @pytest.mark.usefixtures("gzip_reader")
