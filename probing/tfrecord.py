@@ -215,8 +215,7 @@ def _salvage_gzip(path: str, skip: int, limit: int) -> tuple[bytes, str | None]:
             kept.extend(memoryview(data)[start:])
         seen += len(data)
 
-    d = zlib.decompressobj(31)
-    member_started = False
+    d = zlib.decompressobj(31)  # always inside a member: its end returns or starts the next
     with open(path, "rb") as fh:
         pending = b""
         while True:
@@ -225,10 +224,7 @@ def _salvage_gzip(path: str, skip: int, limit: int) -> tuple[bytes, str | None]:
             piece = pending or fh.read(_SALVAGE_PIECE)
             pending = b""
             if not piece:
-                if member_started and not d.eof:
-                    return bytes(kept), ("truncated gzip stream (file ends before the gzip "
-                                         "end marker)")
-                return bytes(kept), None
+                return bytes(kept), "truncated gzip stream (file ends before the gzip end marker)"
             saved = d.copy()
             try:
                 take(d.decompress(piece))
@@ -239,13 +235,17 @@ def _salvage_gzip(path: str, skip: int, limit: int) -> tuple[bytes, str | None]:
                         take(d.decompress(piece[i : i + 1]))
                     except zlib.error as e:
                         return bytes(kept), f"corrupt gzip data: {e}"
-            member_started = True
             if d.eof:
-                pending = d.unused_data
-                if pending and pending[:2] != _GZIP_MAGIC:
+                # Another member, zero padding (gzip allows it) or the end; anything else
+                # is junk after the last member.
+                pending = d.unused_data.lstrip(b"\0")
+                while len(pending) < 2 and (more := fh.read(_SALVAGE_PIECE)):
+                    pending = (pending + more).lstrip(b"\0")
+                if not pending:
+                    return bytes(kept), None
+                if pending[:2] != _GZIP_MAGIC:
                     return bytes(kept), "corrupt gzip data: trailing bytes after the last member"
                 d = zlib.decompressobj(31)
-                member_started = bool(pending)
 
 
 @contextlib.contextmanager

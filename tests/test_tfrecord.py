@@ -263,6 +263,31 @@ def test_damaged_deflate_data_yields_the_records_before_the_damage(tmp_path: Pat
     assert re.search("(?i)corrupt|CRC", str(err))
 
 
+def test_salvage_inflates_members_padding_and_stops_at_damage(tmp_path: Path):
+    """The error-path re-inflation: follows members and zero padding like gzip, names junk
+    and truncation, drops the bytes already served and honours its memory cap."""
+    from probing.tfrecord import _salvage_gzip
+
+    parts = _pileup_like(3, 20_000)
+    members = [gzip.compress(p) for p in parts]
+
+    def salvage(name: str, raw: bytes, skip: int = 0, limit: int = 1 << 30):
+        f = tmp_path / name
+        f.write_bytes(raw)
+        return _salvage_gzip(str(f), skip, limit)
+
+    assert salvage("multi", b"".join(members)) == (b"".join(parts), None)
+    padded = members[0] + b"\0" * 100 + members[1] + b"\0" * 3
+    assert salvage("padded", padded) == (parts[0] + parts[1], None)
+    out, why = salvage("junk", members[0] + b"xyz")
+    assert out == parts[0] and "trailing bytes" in why
+    out, why = salvage("cut", members[0] + members[1][: len(members[1]) // 2])
+    assert out.startswith(parts[0]) and parts[1].startswith(out[len(parts[0]):])
+    assert len(out) > len(parts[0]) and "truncated" in why
+    assert salvage("skip", b"".join(members), skip=25_000) == (b"".join(parts)[25_000:], None)
+    assert salvage("cap", b"".join(members), limit=1000) == (parts[0][:1000], None)
+
+
 @pytest.mark.usefixtures("gzip_reader")
 def test_gzip_trailer_damage_is_corrupt(tmp_path: Path):
     f = tmp_path / "t.tfrecord.gz"
