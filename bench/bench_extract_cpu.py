@@ -150,6 +150,7 @@ def run_ort(onnx_bytes: bytes, spec: str, shape, channels, *, batch_size: int, w
         wait += time.perf_counter() - tw
         if b is None:
             break
+        b.raise_error()  # --examples given a damaged file: stop like extraction does
         sess.run(None, {name: preprocess(b.images).numpy()})
         n += b.n
     dt = time.perf_counter() - t0

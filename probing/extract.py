@@ -394,22 +394,19 @@ def extract(
                 t_wait += time.perf_counter() - t0
                 if batch is None:
                     break
-                if batch.error is not None:
-                    # Finish what precedes the bad record, commit it, then report.
-                    if in_flight is not None:
-                        finish(in_flight)
-                        in_flight = None
-                    with _defer_sigint():
-                        _commit(writer, pending)
-                    batch.raise_error()
                 if batch.n == 0:
-                    # all records of this batch were corrupt and skipped
+                    # All records of this batch were corrupt and skipped, or its first
+                    # record is bad: finish what precedes it (and commit, then report).
                     if in_flight is not None:
                         finish(in_flight)
                         in_flight = None
                     with _defer_sigint():
-                        pending.skipped.extend(batch.skipped)
-                        pending.end = batch.end
+                        if batch.error is None or batch.skipped:
+                            pending.skipped.extend(batch.skipped)
+                            pending.end = batch.end
+                        if batch.error is not None:
+                            _commit(writer, pending)
+                    batch.raise_error()
                     continue
                 # Raw uint8 into the model, which scales the pixels itself (exactly like
                 # dvtorch.preprocess): on CPU inside each batch-split thread, straight into
@@ -424,6 +421,13 @@ def extract(
                 if in_flight is not None:
                     finish(in_flight)
                 in_flight = current
+                if batch.error is not None:
+                    # The rows before a bad record: keep and commit them, then report.
+                    finish(in_flight)
+                    in_flight = None
+                    with _defer_sigint():
+                        _commit(writer, pending)
+                    batch.raise_error()
             if in_flight is not None:
                 finish(in_flight)
                 in_flight = None

@@ -18,7 +18,9 @@ Why this shape:
 * **Errors keep their identity.** Worker exceptions are re-raised by torch as a generic
   RuntimeError, so a corrupt record travels back as data (path, record, reason) inside its
   batch and the main process raises :class:`~dvtorch.errors.ExampleFormatError` itself, in
-  input order -- batches before the bad one are still delivered (and committed).
+  input order. That batch carries the records before the bad one (its cursor ends at the
+  bad record), so everything before it is delivered and committed, and a rerun starts at
+  the bad record itself.
 """
 
 from __future__ import annotations
@@ -137,14 +139,16 @@ class ExampleBatches(IterableDataset):
         self.skip_corrupt = skip_corrupt
 
     # -- record sequence (identical in every worker) -------------------------------------
-    def _records(self) -> Iterator[tuple[int, int, bytes | _Corrupt]]:
+    def _records(self, where: list[int]) -> Iterator[tuple[int, int, bytes | _Corrupt]]:
         """Yield (shard index, record index, payload or _Corrupt) from the start cursor on.
 
         ``iter_records`` reports records skipped under ``skip_corrupt`` through ReadStats
         rather than yielding them; they are re-inserted here at their place in the
-        sequence, because batch boundaries count every record.
+        sequence, because batch boundaries count every record. ``where[0]`` is kept at the
+        shard being read, so a reading error can be placed.
         """
         for si in range(self.start.shard, len(self.files)):
+            where[0] = si
             path = self.files[si]
             first = self.start.record if si == self.start.shard else 0
             stats = ReadStats()
@@ -176,16 +180,22 @@ class ExampleBatches(IterableDataset):
         b = 0
         taken = 0  # records in the current batch
         items: list[tuple[int, int, bytes | _Corrupt]] = []
-        it = self._records()
+        where = [self.start.shard]
+        it = self._records(where)
         while True:
             try:
                 nxt = next(it, None)
             except DvprobeError as exc:
                 # Framing / CRC error without skip_corrupt. Whoever owns the bad record's
-                # batch reports it first (round robin is in input order); other workers
-                # report it in their next slot, which comes later and is never reached.
-                b += (wid - b) % nw  # this worker's slot at or after the bad record's batch
-                yield self._error_batch(b, exc)
+                # batch reports it first (round robin is in input order), together with
+                # the records before it in that batch; other workers report it in their
+                # next slot, which comes later and is never reached.
+                if b % nw == wid:
+                    bad = Cursor(where[0], getattr(exc, "record", None) or 0, pos)
+                    yield self._decode(b, items, bad, error=exc)
+                else:
+                    b += (wid - b) % nw  # this worker's slot after the bad record's batch
+                    yield self._error_batch(b, exc)
                 return
             if nxt is None:
                 break
@@ -207,21 +217,26 @@ class ExampleBatches(IterableDataset):
 
     # -- decoding (only for this worker's batches) ---------------------------------------
     def _error_batch(self, b: int, exc: BaseException) -> Batch:
-        path = getattr(exc, "path", "?")
-        record = getattr(exc, "record", None)
-        reason = getattr(exc, "reason", str(exc))
+        """A row-less batch that only reports ``exc`` (a slot that is never consumed)."""
         return Batch(b, torch.empty((0, *self.shape), dtype=torch.uint8), {}, [], Cursor(),
-                     error=(str(path), record, str(reason)))
+                     error=_error_fields(exc))
 
     def _decode(self, b: int, items: list[tuple[int, int, bytes | _Corrupt]],
-                end: Cursor) -> Batch:
+                end: Cursor, error: BaseException | None = None) -> Batch:
+        """Batch ``b`` from ``items`` (ending at cursor ``end``).
+
+        ``error`` (the records end in a reading error) and a record that fails to parse
+        without ``skip_corrupt`` both give a batch of the records *before* the bad one,
+        ending at the bad record, with the error attached: extraction keeps those rows,
+        commits, then reports, so a rerun resumes exactly at the bad record.
+        """
         t0 = time.perf_counter()
         H, W, C = self.shape
         images = np.empty((len(items), H, W, C), dtype=np.uint8)
         cols: dict[str, list] = {c: [] for c in META_COLUMNS}
         skipped: list[dict[str, Any]] = []
         n = 0
-        for si, rec, payload in items:
+        for j, (si, rec, payload) in enumerate(items):
             if isinstance(payload, _Corrupt):
                 skipped.append({"file": payload.path, "record": payload.record,
                                 "reason": payload.reason})
@@ -231,7 +246,9 @@ class ExampleBatches(IterableDataset):
                                    expected_shape=self.shape)
             except DvprobeError as exc:
                 if not self.skip_corrupt:
-                    return self._error_batch(b, exc)
+                    error = exc
+                    end = Cursor(si, rec, end.position - len(items) + j)
+                    break
                 skipped.append({"file": self.files[si], "record": rec,
                                 "reason": str(getattr(exc, "reason", exc))})
                 continue
@@ -255,8 +272,17 @@ class ExampleBatches(IterableDataset):
         if self.channels is not None:
             for k, v in pileup_attributes(images, self.channels).items():
                 obs[k] = np.asarray(v)
-        return Batch(b, torch.from_numpy(images), obs, skipped, end,
-                     decode_seconds=time.perf_counter() - t0)
+        batch = Batch(b, torch.from_numpy(images), obs, skipped, end,
+                      decode_seconds=time.perf_counter() - t0)
+        if error is not None:
+            batch.error = _error_fields(error)
+        return batch
+
+
+def _error_fields(exc: BaseException) -> tuple[str, int | None, str]:
+    """``(path, record, reason)`` of a reading / parsing error, for ``Batch.error``."""
+    return (str(getattr(exc, "path", "?")), getattr(exc, "record", None),
+            str(getattr(exc, "reason", exc)))
 
 
 def _columns(cols: dict[str, list]) -> dict[str, np.ndarray]:

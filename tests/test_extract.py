@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -158,9 +159,10 @@ def _rewrite_gz(path: str, mutate) -> None:
 
 
 def _record_offsets(raw: bytes) -> list[tuple[int, int]]:
-    """(payload offset, payload length) of each record of an uncompressed TFRecord stream."""
+    """(payload offset, payload length) of each record of an uncompressed TFRecord stream
+    (for a stream cut short, the last one's payload may run past its end)."""
     out, pos = [], 0
-    while pos < len(raw):
+    while pos + 12 <= len(raw):
         (n,) = struct.unpack("<Q", raw[pos : pos + 8])
         out.append((pos + 12, n))
         pos += 16 + n
@@ -431,13 +433,39 @@ def test_corrupt_record_errors_with_location_and_store_stays_consistent(
     msg = str(ei.value)
     assert "CRC" in msg and Path(shard1).name in msg and "record 5" in msg
     s = open_store(out)
-    # batches 0-2 (rows 0-23) precede the bad record's batch (rows 24-31)
-    assert s.n == 24 and not s.complete
-    pd.testing.assert_frame_equal(s.obs, data["baseline"].obs.iloc[:24])
-    assert len(s.layer("mixed10")) == 24
+    # every row before the bad one is kept: batches 0-2 (rows 0-23) and row 24, the part
+    # of the bad record's batch (rows 24-31) that precedes it; the cursor is at the record
+    assert s.n == 25 and not s.complete
+    pd.testing.assert_frame_equal(s.obs, data["baseline"].obs.iloc[:25])
+    np.testing.assert_array_equal(s.layer("mixed10"), data["baseline"].layer("mixed10")[:25])
+    assert s.meta["cursor"] == {"shard": 1, "record": 5, "position": 25}
     # the same STORE can be finished by skipping the bad record (a resume, not a redo)
     done = _extract(data, out, spec=spec, workers=2, skip_corrupt=True)
     _check_skipped(done, data, shard1)
+
+
+def test_truncated_last_shard_keeps_every_complete_record(data, tmp_path):
+    """A shard cut short (make_examples killed while writing it): every record that is
+    whole in the file is extracted, in order, then the error names the first cut one."""
+    d = tmp_path / "cut"
+    spec = _write_shards(d, data["truth"])
+    shard1 = Path(spec.replace("@2.gz", "-00001-of-00002.gz"))
+    raw = shard1.read_bytes()
+    cut = raw[: int(len(raw) * 0.6)]
+    shard1.write_bytes(cut)
+    # independent count of the records that are whole in what is left
+    inflated = zlib.decompressobj(31).decompress(cut)
+    whole = sum(1 for off, n in _record_offsets(inflated) if off + n + 4 <= len(inflated))
+    assert 0 < whole < PER_SHARD
+    out = tmp_path / "o"
+    with pytest.raises(ExampleFormatError, match=f"record {whole}: truncated") as ei:
+        _extract(data, out, spec=spec, workers=2)
+    assert shard1.name in str(ei.value)
+    s = open_store(out)
+    n = PER_SHARD + whole
+    assert s.n == n and s.meta["cursor"] == {"shard": 1, "record": whole, "position": n}
+    pd.testing.assert_frame_equal(s.obs, data["baseline"].obs.iloc[:n])
+    np.testing.assert_array_equal(s.layer("mixed5"), data["baseline"].layer("mixed5")[:n])
 
 
 def _check_skipped(store, data, shard1) -> None:
@@ -476,10 +504,18 @@ def test_corrupt_payload_that_passes_crc_is_reported_by_parser(data, tmp_path):
         raw[off - 12 : off + n + 4] = new
 
     _rewrite_gz(path, replace_record)
-    with pytest.raises(ExampleFormatError, match="record 2"):
-        _extract(data, tmp_path / "o1", spec=spec, batch_size=2)
-    s = _extract(data, tmp_path / "o2", spec=spec, batch_size=2, skip_corrupt=True)
-    assert s.n == 5 and s.meta["skipped"]["count"] == 1
+    for workers in (0, 2):
+        out = tmp_path / f"o{workers}"
+        with pytest.raises(ExampleFormatError, match="record 2"):
+            _extract(data, out, spec=spec, batch_size=4, workers=workers)
+        # records 0-1, which precede the bad one inside its batch, are kept
+        kept = open_store(out)
+        assert kept.n == 2 and kept.meta["cursor"] == {"shard": 0, "record": 2, "position": 2}
+        pd.testing.assert_frame_equal(kept.obs, data["baseline"].obs.iloc[:2])
+        # resuming under --skip-corrupt finishes the same STORE without redoing them
+        s = _extract(data, out, spec=spec, batch_size=4, workers=workers, skip_corrupt=True)
+        assert s.n == 5 and s.meta["skipped"]["count"] == 1
+        assert s.obs["record"].tolist() == [0, 1, 3, 4, 5]
 
 
 # ---- input checks ----------------------------------------------------------------------
