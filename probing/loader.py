@@ -67,7 +67,8 @@ class Cursor:
 
 @dataclass
 class Batch:
-    """One decoded batch, or the error that stopped decoding it.
+    """One decoded batch. With ``error`` set: the records before the bad one (maybe none),
+    ``end`` at the bad record, and the error to report once they are committed.
 
     ``images`` is uint8 ``[n, H, W, C]`` (NHWC, as DeepVariant stores it); ``obs`` holds the
     per-example columns of :data:`META_COLUMNS` plus the pileup attributes; ``skipped`` lists
