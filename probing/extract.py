@@ -395,36 +395,35 @@ def extract(
                 if batch is None:
                     break
                 if batch.n == 0:
-                    # All records of this batch were corrupt and skipped, or its first
-                    # record is bad: finish what precedes it (and commit, then report).
+                    # Every record of this batch was corrupt and skipped, or its first
+                    # record is bad: the cursor moves on to where it ends.
                     if in_flight is not None:
                         finish(in_flight)
                         in_flight = None
                     with _defer_sigint():
-                        if batch.error is None or batch.skipped:
-                            pending.skipped.extend(batch.skipped)
-                            pending.end = batch.end
-                        if batch.error is not None:
-                            _commit(writer, pending)
-                    batch.raise_error()
-                    continue
-                # Raw uint8 into the model, which scales the pixels itself (exactly like
-                # dvtorch.preprocess): on CPU inside each batch-split thread, straight into
-                # the model's dtype; on CUDA after a 4x smaller host-to-device copy.
-                x = batch.images.to(dev, non_blocking=True)
-                with autocast:
-                    probs = model(x)
-                current = (batch, {n: acts[n] for n in names}, probs, None)
-                acts.clear()
-                # One-batch lag: the host work of batch i-1 overlaps the device's forward
-                # of batch i (on CPU the forward is synchronous and this is just ordering).
-                if in_flight is not None:
-                    finish(in_flight)
-                in_flight = current
+                        pending.skipped.extend(batch.skipped)
+                        pending.end = batch.end
+                else:
+                    # Raw uint8 into the model, which scales the pixels itself (exactly
+                    # like dvtorch.preprocess): on CPU inside each batch-split thread,
+                    # straight into the model's dtype; on CUDA after a 4x smaller
+                    # host-to-device copy.
+                    x = batch.images.to(dev, non_blocking=True)
+                    with autocast:
+                        probs = model(x)
+                    current = (batch, {n: acts[n] for n in names}, probs, None)
+                    acts.clear()
+                    # One-batch lag: the host work of batch i-1 overlaps the device's
+                    # forward of batch i (on CPU the forward is synchronous and this is
+                    # just ordering).
+                    if in_flight is not None:
+                        finish(in_flight)
+                    in_flight = current
                 if batch.error is not None:
-                    # The rows before a bad record: keep and commit them, then report.
-                    finish(in_flight)
-                    in_flight = None
+                    # A bad record: keep and commit everything before it, then report.
+                    if in_flight is not None:
+                        finish(in_flight)
+                        in_flight = None
                     with _defer_sigint():
                         _commit(writer, pending)
                     batch.raise_error()

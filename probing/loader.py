@@ -191,12 +191,10 @@ class ExampleBatches(IterableDataset):
                 # batch reports it first (round robin is in input order), together with
                 # the records before it in that batch; other workers report it in their
                 # next slot, which comes later and is never reached.
-                if b % nw == wid:
-                    bad = Cursor(where[0], getattr(exc, "record", None) or 0, pos)
-                    yield self._decode(b, items, bad, error=exc)
-                else:
-                    b += (wid - b) % nw  # this worker's slot after the bad record's batch
-                    yield self._error_batch(b, exc)
+                bad = Cursor(where[0], getattr(exc, "record", None) or 0, pos)
+                mine = b % nw == wid
+                b += (wid - b) % nw  # this worker's slot at or after the bad record's batch
+                yield self._decode(b, items if mine else [], bad, error=exc)
                 return
             if nxt is None:
                 break
@@ -217,11 +215,6 @@ class ExampleBatches(IterableDataset):
             yield self._decode(b, items, Cursor(last_shard + 1, 0, pos))
 
     # -- decoding (only for this worker's batches) ---------------------------------------
-    def _error_batch(self, b: int, exc: BaseException) -> Batch:
-        """A row-less batch that only reports ``exc`` (a slot that is never consumed)."""
-        return Batch(b, torch.empty((0, *self.shape), dtype=torch.uint8), {}, [], Cursor(),
-                     error=_error_fields(exc))
-
     def _decode(self, b: int, items: list[tuple[int, int, bytes | _Corrupt]],
                 end: Cursor, error: BaseException | None = None) -> Batch:
         """Batch ``b`` from ``items`` (ending at cursor ``end``).
@@ -276,14 +269,9 @@ class ExampleBatches(IterableDataset):
         batch = Batch(b, torch.from_numpy(images), obs, skipped, end,
                       decode_seconds=time.perf_counter() - t0)
         if error is not None:
-            batch.error = _error_fields(error)
+            batch.error = (str(getattr(error, "path", "?")), getattr(error, "record", None),
+                           str(getattr(error, "reason", error)))
         return batch
-
-
-def _error_fields(exc: BaseException) -> tuple[str, int | None, str]:
-    """``(path, record, reason)`` of a reading / parsing error, for ``Batch.error``."""
-    return (str(getattr(exc, "path", "?")), getattr(exc, "record", None),
-            str(getattr(exc, "reason", exc)))
 
 
 def _columns(cols: dict[str, list]) -> dict[str, np.ndarray]:
