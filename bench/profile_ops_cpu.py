@@ -7,7 +7,7 @@ sides (``bench_model_cpu``'s ONNX export). The native model is profiled with
 ``torch.profiler`` (self CPU time per ATen / oneDNN op), onnxruntime with its node profiler
 (kernel time per node); both are grouped into convolution (with its fused bias + ReLU),
 max pool, average pool, concat and the rest, and given in ms per batch next to the plain
-wall time of a forward. This is the breakdown behind the README's explanation of the
+wall time of a forward (both timed interleaved, as in ``bench_model_cpu``). This is the breakdown behind the README's explanation of the
 remaining fp32 gap and of the bf16 ceiling; ``--dtype bf16`` profiles the bf16 model.
 """
 
@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +26,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model_cpu import SHAPE, export_onnx, native  # noqa: E402
+from bench_model_cpu import SHAPE, _time_all, export_onnx, native  # noqa: E402
 
 from dvtorch.allocator import reuse_freed_memory  # noqa: E402
-from dvtorch.bundle import random_state_dict  # noqa: E402
+from dvtorch.bundle import preprocess, random_state_dict  # noqa: E402
 
 GROUPS = ("conv", "max pool", "avg pool", "concat", "other")
 
@@ -57,15 +56,21 @@ def native_profile(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[
     return out
 
 
-def ort_profile(onnx_bytes: bytes, x: np.ndarray, iters: int) -> dict[str, float]:
+def ort_session(onnx_bytes: bytes, profile_prefix: str | None = None) -> ort.InferenceSession:
+    """One-thread onnxruntime CPU session (profiling to ``profile_prefix`` when given)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    with tempfile.TemporaryDirectory() as tmp:
+    if profile_prefix is not None:
         so.enable_profiling = True
-        so.profile_file_prefix = str(Path(tmp) / "ort")
-        sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def ort_profile(onnx_bytes: bytes, x: np.ndarray, iters: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = ort_session(onnx_bytes, str(Path(tmp) / "ort"))
         name = sess.get_inputs()[0].name
         for _ in range(2 + iters):
             sess.run(None, {name: x})
@@ -79,16 +84,6 @@ def ort_profile(onnx_bytes: bytes, x: np.ndarray, iters: int) -> dict[str, float
                 and any(a <= e["ts"] <= b for a, b in runs):
             out[_ORT.get(e["args"].get("op_name", ""), "other")] += e["dur"] / 1e3 / iters
     return out
-
-
-def wall_ms(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -108,19 +103,17 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     pixels = rng.integers(0, 256, (args.batch_size, *SHAPE), dtype=np.uint8)
     x_native = torch.from_numpy(pixels)
-    x_ort = (pixels.astype(np.float32) - 128.0) / 128.0
+    x_ort = preprocess(pixels).numpy()
     onnx_bytes = export_onnx(sd)
 
     ours = native_profile(model, x_native, args.iters)
     theirs = ort_profile(onnx_bytes, x_ort, args.iters)
-    with torch.inference_mode():
-        wall_native = wall_ms(lambda: model(x_native), args.iters)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    sess = ort_session(onnx_bytes)
     name = sess.get_inputs()[0].name
-    wall_ort = wall_ms(lambda: sess.run(None, {name: x_ort}), args.iters)
+    times: dict[str, list[float]] = {"native": [], "ort": []}
+    _time_all({"native": lambda: model(x_native), "ort": lambda: sess.run(None, {name: x_ort})},
+              times, args.iters)
+    wall_native, wall_ort = (1e3 * statistics.median(times[k]) for k in ("native", "ort"))
 
     # Profilers add their own cost (onnxruntime's node profiler ~10 % here), so each side's
     # profiled shares are applied to its unprofiled wall time.
@@ -134,6 +127,7 @@ def main() -> None:
         print(f"{g:10s} {ours[g] / sum_n * wall_native:14.1f} {theirs[g] / sum_o * wall_ort:17.1f}")
     print(f"{'wall':10s} {wall_native:14.1f} {wall_ort:17.1f}   "
           f"(native / onnxruntime speed {wall_ort / wall_native:.2f}x)")
+
 
 if __name__ == "__main__":
     main()
