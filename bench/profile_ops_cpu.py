@@ -7,8 +7,9 @@ sides (``bench_model_cpu``'s ONNX export). The native model is profiled with
 ``torch.profiler`` (self CPU time per ATen / oneDNN op), onnxruntime with its node profiler
 (kernel time per node); both are grouped into convolution (with its fused bias + ReLU),
 max pool, average pool, concat and the rest, and given in ms per batch next to the plain
-wall time of a forward (both timed interleaved, as in ``bench_model_cpu``). This is the breakdown behind the README's explanation of the
-remaining fp32 gap and of the bf16 ceiling; ``--dtype bf16`` profiles the bf16 model.
+wall time of a forward (both timed interleaved, as in ``bench_model_cpu``). This is the
+breakdown behind the README's explanation of the remaining fp32 gap and of the bf16
+ceiling; ``--dtype bf16`` profiles the bf16 model.
 """
 
 from __future__ import annotations
