@@ -32,8 +32,6 @@ PAYLOADS = [b"alpha", b"", b"x" * 70_000, bytes(range(256)) * 3, b"omega"]
 @pytest.fixture(params=["zlib-ng", "stdlib"])
 def gzip_reader(request, monkeypatch):
     """Gzip cases run with zlib-ng (when installed) and with the stdlib fallback."""
-    import zlib
-
     import probing.tfrecord as tfr
 
     if request.param == "stdlib":
