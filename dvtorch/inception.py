@@ -127,11 +127,14 @@ def _can_use_pointwise(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 def scale_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """DeepVariant's input scaling ``(x - 128) / 128`` of uint8 pixels, in ``dtype``.
 
-    Computed as ``x / 128 - 1``: both steps are exact for 0..255 (powers of two; at most 8
-    significant bits), so float32 and bfloat16 give exactly DeepVariant's values, in one
-    allocation and two in-place passes.
+    Computed as ``-1 + x / 128`` in one pass over the uint8 pixels (``torch.add`` with a
+    0-dim ``-1`` and ``alpha``; a cast, multiply and subtract took three passes over a
+    32-bit or 16-bit copy, ~2 % of a bf16 CPU forward). Every step is exact for 0..255
+    (powers of two; at most 8 significant bits), so float32 and bfloat16 give exactly
+    DeepVariant's values.
     """
-    return images.to(dtype).mul_(1.0 / 128.0).sub_(1.0)
+    minus_one = torch.tensor(-1.0, dtype=dtype, device=images.device)
+    return torch.add(minus_one, images, alpha=1.0 / 128.0)
 
 
 def _avg_pool_same(x: torch.Tensor) -> torch.Tensor:

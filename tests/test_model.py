@@ -20,6 +20,7 @@ from dvtorch.inception import (
     conv_block_names,
     fuse_batchnorm,
     optimize_for_inference,
+    scale_pixels,
 )
 from dvtorch.layers import LAYER_NAMES, UnknownLayerError, all_layer_names, layer_info, resolve
 
@@ -207,6 +208,14 @@ def test_model_takes_raw_uint8_pixels_and_scales_them_exactly_like_preprocess(dt
     every_value = torch.arange(256, dtype=torch.uint8)
     assert torch.equal(preprocess(every_value.view(1, 1, 16, 16)).flatten(),
                        (every_value.double() - 128) / 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_pixels_is_exact_for_every_pixel_value_and_keeps_the_shape(dtype):
+    every_value = torch.arange(256, dtype=torch.uint8).view(1, 4, 8, 8)
+    out = scale_pixels(every_value, dtype)
+    assert out.dtype == dtype and out.shape == every_value.shape
+    assert torch.equal(out.double(), (every_value.double() - 128) / 128)
 
 
 def test_preprocess_matches_deepvariant_scaling():
