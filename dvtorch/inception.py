@@ -371,7 +371,10 @@ class DeepVariantInceptionV3(nn.Module):
     _MIXED = tuple(f"mixed{i}" for i in range(11))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+        # (Skipped while tracing, e.g. for ONNX export: the shapes are concrete there and a
+        # Python comparison of them only makes the tracer warn.)
+        if not torch.jit.is_tracing() and (x.dim() != 4
+                                           or tuple(x.shape[1:]) != self.input_shape):
             raise ValueError(
                 f"expected NHWC input [N, {', '.join(map(str, self.input_shape))}], "
                 f"got {list(x.shape)}"
@@ -398,12 +401,13 @@ class DeepVariantInceptionV3(nn.Module):
         CPU, without grad or autocast, outside tracing/compiling, and when every hook on a
         submodule is split-safe (``capture`` hooks are; plain hooks keep full batches).
         """
-        if not getattr(self, "_batch_split", False) or x.device.type != "cpu":
-            return 1
-        ways = parallel.split_ways(x.shape[0])
-        if ways < 2 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") \
+        if not getattr(self, "_batch_split", False) or x.device.type != "cpu" \
+                or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") \
                 or torch.jit.is_tracing() or torch.jit.is_scripting() \
                 or torch.compiler.is_compiling():
+            return 1
+        ways = parallel.split_ways(x.shape[0])
+        if ways < 2:
             return 1
         modules = self.modules()
         next(modules)  # hooks on the model itself see the full batch either way

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -208,6 +209,19 @@ def test_model_takes_raw_uint8_pixels_and_scales_them_exactly_like_preprocess(dt
     every_value = torch.arange(256, dtype=torch.uint8)
     assert torch.equal(preprocess(every_value.view(1, 1, 16, 16)).flatten(),
                        (every_value.double() - 128) / 128)
+
+
+def test_tracing_an_optimized_model_for_export_warns_nothing_and_computes_the_same():
+    # torch.onnx.export(dynamo=False) traces like this: grad mode on, so the eager path runs.
+    model = optimize_for_inference(_randomise_bn(DeepVariantInceptionV3(SMALL), seed=5),
+                                   batch_size=4)
+    x = preprocess(torch.randint(0, 256, (4, *SMALL), dtype=torch.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation
+        traced = torch.jit.trace(model, x, check_trace=False)
+    with torch.no_grad():
+        assert torch.allclose(traced(x), model(x), atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
