@@ -152,8 +152,9 @@ def load(bundle: str | os.PathLike, device: str | torch.device = "cpu",
          optimize: bool | None = None) -> DeepVariantInceptionV3:
     """Load a BUNDLE as a native model in eval mode, with ``.bundle_meta`` attached.
 
-    * ``dtype``: ``None`` / ``torch.float32`` or ``torch.bfloat16`` (about 2x faster on
-      CPUs with AVX-512 BF16 / AMX; pooled embeddings agree with float32 to cosine > 0.999).
+    * ``dtype``: ``None`` / ``torch.float32`` or ``torch.bfloat16`` (measured ~2x faster
+      than float32 on CPUs with AVX-512 BF16, ~3x with AMX; pooled embeddings agree with
+      float32 to cosine > 0.999).
       Inputs stay float32: the model casts on entry; the softmax is computed in float32.
     * ``fuse_bn``: fold BatchNorm into the convs (exact up to rounding).
     * ``optimize``: also apply :func:`dvtorch.inception.optimize_for_inference`
