@@ -355,8 +355,11 @@ def test_resume_after_real_kill_of_subprocess(data, tmp_path):
 def test_real_sigint_to_process_group_commits_and_resumes(data, tmp_path):
     """Ctrl-C in a terminal signals the whole process group, data-loading workers included."""
     out, marker = tmp_path / "sigint_real", tmp_path / "eight_done"
+    # A shell starts background jobs with SIGINT ignored and Python then keeps it ignored
+    # (CI runners may do this): restore the terminal's default, which this test is about.
     code = (
-        "import sys, time, pathlib\n"
+        "import signal, sys, time, pathlib\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from probing.extract import extract\n"
         "m = pathlib.Path(sys.argv[4])\n"
         "def cb(n):\n"
