@@ -584,37 +584,13 @@ def test_cli_extract_and_user_error_exit_code(data, tmp_path):
     assert r.exit_code == 0, r.output
     assert "5 examples" in r.output
     pd.testing.assert_frame_equal(open_store(out).obs, data["baseline"].obs.iloc[:5])
-    r = CliRunner().invoke(
-        app,
-        [
-            "extract",
-            str(data["bundle"]),
-            data["spec"],
-            "--out",
-            str(tmp_path / "x"),
-            "--pool",
-            "median",
-            "--device",
-            "cpu",
-        ],
-    )
+    bad_pool = ["extract", str(data["bundle"]), data["spec"], "--out", str(tmp_path / "x"),
+                "--pool", "median", "--device", "cpu"]
+    r = CliRunner().invoke(app, bad_pool)
     assert isinstance(r.exception, DvprobeError) and "--pool must be one of" in str(r.exception)
     # through the real entry point: one line, exit 2, no traceback
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import cli; cli.main()",
-            "extract",
-            str(data["bundle"]),
-            data["spec"],
-            "--out",
-            str(tmp_path / "x"),
-            "--pool",
-            "median",
-            "--device",
-            "cpu",
-        ],
+        [sys.executable, "-c", "import cli; cli.main()", *bad_pool],
         capture_output=True,
         text=True,
         cwd=Path(__file__).parents[1],
