@@ -20,6 +20,7 @@ autocast has no fp16); activations are converted to the storage dtype after pool
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -34,6 +35,7 @@ import torch
 
 import dvtorch
 from dvtorch.allocator import reuse_freed_memory
+from dvtorch.cpu import native_bf16
 from dvtorch.errors import DvprobeError, ExampleFormatError
 from dvtorch.files import sha256_file
 from dvtorch.hooks import capture
@@ -44,6 +46,8 @@ from probing.store import LayerSpec, Store, StoreWriter
 from probing.tfrecord import expand_spec, iter_records
 
 POOLS = ("max", "mean", "flatten")
+_LOG = logging.getLogger(__name__)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROB_COLUMNS = ("p_hom_ref", "p_het", "p_hom_alt")
 MAX_SKIP_LOCATIONS = 20  # skipped records listed by location in store.json (all are counted)
@@ -291,6 +295,10 @@ def extract(
         workers = default_workers(dev)
     if dtype == "fp16" and dev.type != "cuda":
         raise DvprobeError("--dtype fp16 needs --device cuda (CPU autocast supports bf16 only)")
+
+    if dtype == "bf16" and dev.type == "cpu" and native_bf16() is False:
+        _LOG.warning("this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated here and "
+                     "usually slower than float32 (--dtype fp32)")
 
     files = [str(f) for f in expand_spec(examples)]
     if dev.type == "cpu":

@@ -397,6 +397,17 @@ def test_real_sigint_to_process_group_commits_and_resumes(data, tmp_path):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns_before_extracting(data, tmp_path, caplog,
+                                                                   monkeypatch, native):
+    monkeypatch.setattr("probing.extract.native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="probing.extract"):
+        s = _extract(data, tmp_path / "bf16", dtype="bf16", limit=BATCH)
+    assert s.n == BATCH
+    warned = [r.getMessage() for r in caplog.records if "AVX-512 BF16 nor AMX" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+
+
 def test_different_extraction_at_same_out_is_refused(data, tmp_path):
     out = tmp_path / "one"
     extract(data["bundle"], data["spec"], out, limit=4, workers=0, device="cpu", progress=False)
