@@ -1,9 +1,10 @@
 """What the CPU can do for bf16 inference.
 
 Why: ``--dtype bf16`` on CPU is 1.8-1.9x faster than float32 where the CPU has AVX-512 BF16
-and 2.6-3x where it also has AMX (README, Performance), but on a CPU with neither, oneDNN
-emulates bf16 arithmetic and the run is usually *slower* than float32. Users should hear
-that before a long extraction, not after.
+and 2.6-3x where it also has AMX (README, Performance). On an AVX-512 CPU with neither,
+oneDNN emulates bf16 arithmetic: measured 3.5x *slower* than float32 (oneDNN capped at
+AVX512_CORE on the AMX machine). Below AVX-512, oneDNN has no bf16 convolution at all and
+its fused conv op raises, so the model must take ATen's plain (slow, correct) path.
 """
 
 from __future__ import annotations
@@ -22,3 +23,17 @@ def native_bf16() -> bool | None:
         return any(bool(p()) for p in probes)
     except RuntimeError:
         return None
+
+
+def mkldnn_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions on this CPU (natively or emulated on AVX-512).
+
+    Honours ``ONEDNN_MAX_CPU_ISA``; False where torch has no oneDNN or cannot tell.
+    """
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if probe is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(probe())
+    except RuntimeError:
+        return False

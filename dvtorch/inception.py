@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvtorch import parallel
+from dvtorch.cpu import mkldnn_bf16
 
 BN_EPS = 1e-3  # Keras BatchNormalization default epsilon (DeepVariant keeps it).
 
@@ -491,8 +492,9 @@ def optimize_for_inference(model: DeepVariantInceptionV3, dtype: torch.dtype | N
     the softmax stays float32); channels-last weights (the NHWC input already is
     channels-last); on CPU, oneDNN conv+bias+ReLU fusion with weights pre-packed into
     oneDNN's blocked layout for ``batch_size`` (other batch sizes stay correct, the
-    kernel just reorders again). Call it again after moving the model to another
-    device/dtype. Hooks on conv blocks still see the block's ReLU output; only the internal
+    kernel just reorders again); a bf16 model on a CPU where oneDNN has no bf16
+    convolution (below AVX-512) keeps ATen's plain path instead: slow, but it runs. Call it
+    again after moving the model to another device/dtype. Hooks on conv blocks still see the block's ReLU output; only the internal
     ``bn`` / ``relu`` children stop being called.
 
     ``batch_split`` (CPU): with ``torch.get_num_threads() == n > 1``, no-grad forwards run
@@ -505,7 +507,8 @@ def optimize_for_inference(model: DeepVariantInceptionV3, dtype: torch.dtype | N
     if dtype is not None:
         model.to(dtype)
     model.to(memory_format=torch.channels_last)
-    fused = pointwise_conv_available() and model.dense.weight.device.type == "cpu"
+    fused = pointwise_conv_available() and model.dense.weight.device.type == "cpu" \
+        and (model.dense.weight.dtype != torch.bfloat16 or mkldnn_bf16())
     for block in model.modules():
         if isinstance(block, ConvBN):
             block.fused_relu = False

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,3 +36,49 @@ def test_native_bf16_follows_torchs_cpu_probes(monkeypatch, avx512_bf16, amx, ex
 
 def test_native_bf16_answers_on_this_machine():
     assert native_bf16() in (True, False, None)
+
+
+def _run_with_onednn_capped_at_avx2(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).parents[1], timeout=300)
+
+
+needs_x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                               reason="ONEDNN_MAX_CPU_ISA=AVX2 only means something on x86")
+
+
+@needs_x86
+def test_onednn_without_avx512_has_no_bf16_convolution():
+    proc = _run_with_onednn_capped_at_avx2(
+        "from dvtorch.cpu import mkldnn_bf16; print(mkldnn_bf16())")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+@needs_x86
+def test_a_bf16_model_still_runs_where_onednn_has_no_bf16_convolution():
+    # Below AVX-512 oneDNN's fused conv op raises for bf16; the model must take ATen's path.
+    proc = _run_with_onednn_capped_at_avx2(
+        "import torch\n"
+        "from dvtorch.bundle import random_state_dict\n"
+        "from dvtorch.hooks import capture\n"
+        "from dvtorch.inception import ConvBN, DeepVariantInceptionV3, optimize_for_inference\n"
+        "shape = (75, 80, 7)\n"
+        "sd = random_state_dict(1, shape)\n"
+        "x = torch.randint(0, 256, (4, *shape), dtype=torch.uint8)\n"
+        "pooled = []\n"
+        "for dtype in (None, torch.bfloat16):\n"
+        "    m = DeepVariantInceptionV3(shape)\n"
+        "    m.load_state_dict(sd)\n"
+        "    m = optimize_for_inference(m.eval(), dtype=dtype, batch_size=4)\n"
+        "    with torch.inference_mode(), capture(m, 'mixed5', pool='max') as acts:\n"
+        "        m(x)\n"
+        "    pooled.append(acts['mixed5'].float())\n"
+        "fused = any(b.fused_relu for b in m.modules() if isinstance(b, ConvBN))\n"
+        "cos = torch.nn.functional.cosine_similarity(*pooled).min()\n"
+        "print(fused, float(cos))\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    fused, cosine = proc.stdout.split()
+    assert fused == "False" and float(cosine) > 0.999
