@@ -177,6 +177,7 @@ def main() -> None:
     import torch
 
     import dvtorch
+    from dvtorch.cpu import describe
     from probing.extract import default_workers, extract
 
     torch.set_num_threads(args.threads)
@@ -192,6 +193,7 @@ def main() -> None:
         spec = args.examples or synth_examples(work / "examples", args.n)
         meta = dvtorch.load(bundle, device="cpu").bundle_meta
         shape, channels = tuple(meta["input_shape"]), meta.get("channels")
+        print(describe())
         print(f"torch {torch.__version__}, threads {args.threads}, workers {args.workers}, "
               f"batch {args.batch_size}, examples {spec}")
 

@@ -42,6 +42,7 @@ import torch
 
 from dvtorch.allocator import reuse_freed_memory
 from dvtorch.bundle import preprocess, random_state_dict
+from dvtorch.cpu import describe
 from dvtorch.hooks import capture
 from dvtorch.inception import DeepVariantInceptionV3, fuse_batchnorm, optimize_for_inference
 from dvtorch.onnx_import import state_dict_from_onnx
@@ -144,6 +145,7 @@ def main() -> None:
     cos = torch.nn.functional.cosine_similarity(a["mixed5"], b["mixed5"], dim=1)
 
     print(f"source: {source}")
+    print(describe())
     print(f"batch {args.batch_size}, threads {args.threads}, {args.iters} rounds, "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}, "
           f"malloc reuse {'on' if malloc_reuse else 'unavailable'}, "

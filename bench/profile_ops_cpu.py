@@ -31,6 +31,7 @@ from bench_model_cpu import SHAPE, _time_all, export_onnx, native  # noqa: E402
 
 from dvtorch.allocator import reuse_freed_memory  # noqa: E402
 from dvtorch.bundle import preprocess, random_state_dict  # noqa: E402
+from dvtorch.cpu import describe  # noqa: E402
 
 GROUPS = ("conv", "max pool", "avg pool", "concat", "other")
 
@@ -119,6 +120,7 @@ def main() -> None:
     # Profilers add their own cost (onnxruntime's node profiler ~10 % here), so each side's
     # profiled shares are applied to its unprofiled wall time.
     sum_n, sum_o = sum(ours.values()), sum(theirs.values())
+    print(describe())
     print(f"1 thread, batch {args.batch_size}, {args.iters} profiled forwards, "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}")
     print(f"ms per batch: each side's profiled share x its unprofiled wall time "

@@ -37,3 +37,25 @@ def mkldnn_bf16() -> bool:
         return bool(probe())
     except RuntimeError:
         return False
+
+
+def describe() -> str:
+    """One line naming the CPU and its bf16 support, for benchmark headers (figures are only
+    meaningful with the machine they were measured on)."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = {label: getattr(torch.cpu, probe, lambda: None)()
+             for label, probe in (("avx512", "_is_avx512_supported"),
+                                  ("avx512_bf16", "_is_avx512_bf16_supported"),
+                                  ("amx", "_is_amx_tile_supported"))}
+    known = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items() if v is not None)
+    return f"cpu: {name} ({known or 'features unknown'})"

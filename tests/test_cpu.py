@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dvtorch.cpu import native_bf16
+from dvtorch.cpu import describe, native_bf16
 
 
 def _probes(monkeypatch, avx512_bf16, amx):
@@ -36,6 +36,16 @@ def test_native_bf16_follows_torchs_cpu_probes(monkeypatch, avx512_bf16, amx, ex
 
 def test_native_bf16_answers_on_this_machine():
     assert native_bf16() in (True, False, None)
+
+
+def test_describe_names_the_cpu_and_its_bf16_support(monkeypatch):
+    line = describe()
+    assert line.startswith("cpu: ") and "\n" not in line
+    _probes(monkeypatch, avx512_bf16=False, amx=True)
+    assert "avx512_bf16 no, amx yes" in describe()
+    for name in ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert describe().endswith("(features unknown)")
 
 
 def _run_with_onednn_capped_at_avx2(code: str) -> subprocess.CompletedProcess:
