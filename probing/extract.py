@@ -351,6 +351,10 @@ def extract(
         log(f"{out}: resuming after {n_before} committed examples "
             f"(shard {start.shard}, record {start.record})")
 
+    if dtype == "fp32" and dev.type == "cpu" and native_bf16():
+        log("this CPU computes bf16 natively: --dtype bf16 extracts ~2x (AVX-512 BF16) to "
+            "~3x (AMX) faster than float32 (max-pooled mixed5 cosine >= 0.9997 to float32; "
+            "README, Performance)")
     dataset = ExampleBatches(files, batch_size=batch_size, shape=shape, channels=channels,
                              start=start, limit=limit, skip_corrupt=skip_corrupt)
     loader = make_loader(dataset, workers=workers, pin_memory=dev.type == "cuda")

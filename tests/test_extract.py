@@ -408,6 +408,14 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_before_extracting(data, tmp_pat
     assert len(warned) == (0 if native else 1)
 
 
+@pytest.mark.parametrize("native", [False, True, None])
+def test_fp32_on_a_cpu_with_native_bf16_mentions_bf16(data, tmp_path, capsys, monkeypatch,
+                                                      native):
+    monkeypatch.setattr("probing.extract.native_bf16", lambda: native)
+    _extract(data, tmp_path / "fp32", limit=BATCH, progress=True)
+    assert ("--dtype bf16 extracts" in capsys.readouterr().err) == bool(native)
+
+
 def test_different_extraction_at_same_out_is_refused(data, tmp_path):
     out = tmp_path / "one"
     extract(data["bundle"], data["spec"], out, limit=4, workers=0, device="cpu", progress=False)
