@@ -48,6 +48,9 @@ from probing.tfrecord import expand_spec, iter_records
 POOLS = ("max", "mean", "flatten")
 _LOG = logging.getLogger(__name__)
 
+#: Inputs from this size on (~16k examples, minutes of CPU fp32) get the bf16 hint.
+BF16_HINT_MIN_BYTES = 100 * 2**20
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROB_COLUMNS = ("p_hom_ref", "p_het", "p_hom_alt")
 MAX_SKIP_LOCATIONS = 20  # skipped records listed by location in store.json (all are counted)
@@ -351,7 +354,8 @@ def extract(
         log(f"{out}: resuming after {n_before} committed examples "
             f"(shard {start.shard}, record {start.record})")
 
-    if dtype == "fp32" and dev.type == "cpu" and native_bf16():
+    if dtype == "fp32" and dev.type == "cpu" and native_bf16() \
+            and sum(os.path.getsize(f) for f in files) >= BF16_HINT_MIN_BYTES:
         log("this CPU computes bf16 natively: --dtype bf16 extracts ~2x (AVX-512 BF16) to "
             "~3x (AMX) faster than float32 (max-pooled mixed5 cosine >= 0.9997 to float32; "
             "README, Performance)")
