@@ -9,6 +9,8 @@ its fused conv op raises, so the model must take ATen's plain (slow, correct) pa
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 
@@ -42,8 +44,6 @@ def mkldnn_bf16() -> bool:
 def describe() -> str:
     """One line naming the CPU and its bf16 support, for benchmark headers (figures are only
     meaningful with the machine they were measured on)."""
-    import platform
-
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
