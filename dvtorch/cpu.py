@@ -14,17 +14,23 @@ import platform
 import torch
 
 
+def _probe(name: str) -> bool | None:
+    """One of torch's private CPU feature probes (``torch.cpu._is_*_supported``); None where
+    this torch build has no such probe or it fails."""
+    probe = getattr(torch.cpu, name, None)
+    if not callable(probe):
+        return None
+    try:
+        return bool(probe())
+    except RuntimeError:
+        return None
+
+
 def native_bf16() -> bool | None:
     """True if the CPU computes bf16 natively (AVX-512 BF16 or AMX tiles), False if not,
     None if this torch build cannot tell (then nobody should be warned on a guess)."""
-    probes = [getattr(torch.cpu, name, None)
-              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if not all(callable(p) for p in probes):
-        return None
-    try:
-        return any(bool(p()) for p in probes)
-    except RuntimeError:
-        return None
+    found = [_probe(name) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return None if None in found else any(found)
 
 
 def mkldnn_bf16() -> bool:
@@ -53,9 +59,9 @@ def describe() -> str:
                     break
     except OSError:
         pass
-    flags = {label: getattr(torch.cpu, probe, lambda: None)()
-             for label, probe in (("avx512", "_is_avx512_supported"),
-                                  ("avx512_bf16", "_is_avx512_bf16_supported"),
-                                  ("amx", "_is_amx_tile_supported"))}
+    flags = {label: _probe(name)
+             for label, name in (("avx512", "_is_avx512_supported"),
+                                 ("avx512_bf16", "_is_avx512_bf16_supported"),
+                                 ("amx", "_is_amx_tile_supported"))}
     known = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items() if v is not None)
     return f"cpu: {name} ({known or 'features unknown'})"

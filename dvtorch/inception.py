@@ -494,8 +494,8 @@ def optimize_for_inference(model: DeepVariantInceptionV3, dtype: torch.dtype | N
     oneDNN's blocked layout for ``batch_size`` (other batch sizes stay correct, the
     kernel just reorders again); a bf16 model on a CPU where oneDNN has no bf16
     convolution (below AVX-512) keeps ATen's plain path instead: slow, but it runs. Call it
-    again after moving the model to another device/dtype. Hooks on conv blocks still see the block's ReLU output; only the internal
-    ``bn`` / ``relu`` children stop being called.
+    again after moving the model to another device/dtype. Hooks on conv blocks still see
+    the block's ReLU output; only the internal ``bn`` / ``relu`` children stop being called.
 
     ``batch_split`` (CPU): with ``torch.get_num_threads() == n > 1``, no-grad forwards run
     as ``n`` single-threaded forwards on slices of the batch in worker threads

@@ -409,8 +409,8 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_before_extracting(data, tmp_pat
 
 
 @pytest.mark.parametrize("native", [False, True, None])
-def test_a_long_fp32_run_on_a_cpu_with_native_bf16_mentions_bf16(data, tmp_path, capsys, monkeypatch,
-                                                      native):
+def test_a_long_fp32_run_on_a_cpu_with_native_bf16_mentions_bf16(data, tmp_path, capsys,
+                                                                  monkeypatch, native):
     monkeypatch.setattr("probing.extract.native_bf16", lambda: native)
     _extract(data, tmp_path / "small", limit=BATCH, progress=True)
     assert "--dtype bf16" not in capsys.readouterr().err  # a short run: no hint
