@@ -10,15 +10,27 @@ max pool, average pool, concat and the rest, and given in ms per batch next to t
 wall time of a forward (both timed interleaved, as in ``bench_model_cpu``). This is the
 breakdown behind the README's explanation of the remaining fp32 gap and of the bf16
 ceiling; ``--dtype bf16`` profiles the bf16 model.
+
+A second table times the convolution *kernels* alone, by stage (the conv's input height x
+width): oneDNN's own per-primitive timer (its verbose mode, read from the process's stdout)
+against onnxruntime's per-node kernel time. The profiler's "conv" row also holds each conv
+op's fixed cost (argument parsing, oneDNN primitive-descriptor creation, output
+allocation), which this table leaves out, so the two tables together separate kernel speed
+from framework overhead.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import ctypes
 import json
+import os
+import re
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +44,7 @@ from bench_model_cpu import SHAPE, _time_all, export_onnx, native  # noqa: E402
 from dvtorch.allocator import reuse_freed_memory  # noqa: E402
 from dvtorch.bundle import preprocess, random_state_dict  # noqa: E402
 from dvtorch.cpu import describe  # noqa: E402
+from dvtorch.inception import DeepVariantInceptionV3  # noqa: E402
 
 GROUPS = ("conv", "max pool", "avg pool", "concat", "other")
 
@@ -70,7 +83,8 @@ def ort_session(onnx_bytes: bytes, profile_prefix: str | None = None) -> ort.Inf
     return ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def ort_profile(onnx_bytes: bytes, x: np.ndarray, iters: int) -> dict[str, float]:
+def _ort_node_events(onnx_bytes: bytes, x: np.ndarray, iters: int) -> list[tuple[dict, float]]:
+    """onnxruntime's node kernel events of ``iters`` profiled runs: (event, ms per batch)."""
     with tempfile.TemporaryDirectory() as tmp:
         sess = ort_session(onnx_bytes, str(Path(tmp) / "ort"))
         name = sess.get_inputs()[0].name
@@ -80,12 +94,87 @@ def ort_profile(onnx_bytes: bytes, x: np.ndarray, iters: int) -> dict[str, float
     # node events inside the last `iters` runs (the first two are warm-up)
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                   if e.get("cat") == "Session" and e.get("name") == "model_run")[-iters:]
+    return [(e, e["dur"] / 1e3 / iters) for e in events
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+            and any(a <= e["ts"] <= b for a, b in runs)]
+
+
+def ort_profile(onnx_bytes: bytes, x: np.ndarray, iters: int) -> dict[str, float]:
     out = dict.fromkeys(GROUPS, 0.0)
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") \
-                and any(a <= e["ts"] <= b for a, b in runs):
-            out[_ORT.get(e["args"].get("op_name", ""), "other")] += e["dur"] / 1e3 / iters
+    for e, dur in _ort_node_events(onnx_bytes, x, iters):
+        out[_ORT.get(e["args"].get("op_name", ""), "other")] += dur
     return out
+
+
+def _stage(h: int, w: int) -> str:
+    return f"{h}x{w}"
+
+
+def onednn_conv_stages(model: DeepVariantInceptionV3, x: torch.Tensor,
+                       iters: int) -> tuple[dict[str, float], float, int]:
+    """oneDNN's own execution time of the conv primitives, ms per batch by input HxW, and
+    the wall time of the 94 conv blocks around them (ms per batch) and their count.
+
+    oneDNN's verbose mode prints one line per executed primitive (with its problem
+    descriptor and time in ms) to the C library's stdout; file descriptor 1 is pointed at a
+    temporary file meanwhile and put back afterwards. Each conv block's wall time is taken
+    in separate forwards without verbose mode (its formatting and printing would count)
+    by a forward pre-hook / hook pair (a few microseconds of hook overhead each); the nine
+    pool-branch blocks include their 3x3 average pool (~1.5 ms per batch in all).
+    """
+    libc = ctypes.CDLL(None)
+    kernels: dict[str, float] = collections.defaultdict(float)
+    started: list[float] = []
+    walls: list[float] = []
+    blocks = [m for _, m in model.conv_blocks()]
+    handles = [h for b in blocks for h in (
+        b.register_forward_pre_hook(lambda *_: started.append(time.perf_counter())),
+        b.register_forward_hook(lambda *_: walls.append(time.perf_counter() - started.pop())))]
+    try:
+        with torch.inference_mode():
+            for _ in range(2):
+                model(x)
+            walls.clear()
+            for _ in range(iters):
+                model(x)
+            for h in handles:
+                h.remove()
+            sys.stdout.flush()
+            saved = os.dup(1)
+            with tempfile.TemporaryFile(mode="w+") as log:
+                os.dup2(log.fileno(), 1)
+                try:
+                    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                        for _ in range(iters):
+                            model(x)
+                finally:
+                    libc.fflush(None)
+                    os.dup2(saved, 1)
+                    os.close(saved)
+                log.seek(0)
+                for line in log:
+                    if ",exec,cpu,convolution," not in line:
+                        continue
+                    fields = line.rstrip().split(",")
+                    hw = re.search(r"ih(\d+).*iw(\d+)", fields[-2])
+                    if hw:
+                        kernels[_stage(int(hw[1]), int(hw[2]))] += float(fields[-1]) / iters
+    finally:
+        for h in handles:
+            h.remove()
+    if not kernels:
+        raise RuntimeError("oneDNN printed no convolution timings (verbose mode unavailable?)")
+    return dict(kernels), 1e3 * sum(walls) / iters, len(blocks)
+
+
+def ort_conv_stages(onnx_bytes: bytes, x: np.ndarray, iters: int) -> dict[str, float]:
+    """onnxruntime's Conv / FusedConv kernel time, ms per batch by input HxW."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for e, dur in _ort_node_events(onnx_bytes, x, iters):
+        if e["args"].get("op_name") in ("Conv", "FusedConv"):
+            shape = next(iter(e["args"]["input_type_shape"][0].values()))
+            out[_stage(shape[2], shape[3])] += dur
+    return dict(out)
 
 
 def main() -> None:
@@ -130,6 +219,22 @@ def main() -> None:
         print(f"{g:10s} {ours[g] / sum_n * wall_native:14.1f} {theirs[g] / sum_o * wall_ort:17.1f}")
     print(f"{'wall':10s} {wall_native:14.1f} {wall_ort:17.1f}   "
           f"(native / onnxruntime speed {wall_ort / wall_native:.2f}x)")
+
+    # Kernels only: oneDNN's timer vs onnxruntime's, by the conv's input size.
+    dnnl, blocks_wall, n_blocks = onednn_conv_stages(model, x_native, args.iters)
+    mlas = ort_conv_stages(onnx_bytes, x_ort, args.iters)
+    stages = sorted(set(dnnl) | set(mlas), key=lambda s: -int(s.split("x")[0]))
+    print("\nconvolution kernels only, ms per batch, by conv input HxW "
+          "(oneDNN's own timer vs onnxruntime's node kernel time):")
+    print(f"{'input HxW':10s} {'oneDNN ' + args.dtype:>14s} {'onnxruntime fp32':>17s}")
+    for s in stages:
+        print(f"{s:10s} {dnnl.get(s, 0.0):14.1f} {mlas.get(s, 0.0):17.1f}")
+    print(f"{'all':10s} {sum(dnnl.values()):14.1f} {sum(mlas.values()):17.1f}")
+    outside = blocks_wall - sum(dnnl.values())
+    print(f"the {n_blocks} conv blocks' wall time in the same forwards: {blocks_wall:.1f} ms, "
+          f"i.e. {outside:.1f} ms outside oneDNN's kernels "
+          f"({1e3 * outside / n_blocks:.0f} us per conv block, pool-branch average pools "
+          f"included)")
 
 
 if __name__ == "__main__":

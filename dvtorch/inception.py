@@ -132,9 +132,11 @@ def scale_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     0-dim ``-1`` and ``alpha``; a cast, multiply and subtract took three passes over a
     32-bit or 16-bit copy, ~2 % of a bf16 CPU forward). Every step is exact for 0..255
     (powers of two; at most 8 significant bits), so float32 and bfloat16 give exactly
-    DeepVariant's values.
+    DeepVariant's values. The 0-dim ``-1`` lives on the CPU whatever the images' device:
+    PyTorch takes a 0-dim CPU tensor as a scalar in a CUDA op (no host-to-device copy per
+    batch), and its dtype still sets the result's.
     """
-    minus_one = torch.tensor(-1.0, dtype=dtype, device=images.device)
+    minus_one = torch.tensor(-1.0, dtype=dtype)
     return torch.add(minus_one, images, alpha=1.0 / 128.0)
 
 

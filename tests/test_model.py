@@ -232,6 +232,15 @@ def test_scale_pixels_is_exact_for_every_pixel_value_and_keeps_the_shape(dtype):
     assert torch.equal(out.double(), (every_value.double() - 128) / 128)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_pixels_stays_on_the_images_device_with_a_cpu_scalar(dtype):
+    # The -1 is a 0-dim CPU tensor (no host-to-device copy per CUDA batch); the meta device
+    # stands in for CUDA: the result must live on the images' device, in the asked dtype.
+    images = torch.zeros(2, 100, 221, 7, dtype=torch.uint8, device="meta")
+    out = scale_pixels(images, dtype)
+    assert out.device.type == "meta" and out.dtype == dtype and out.shape == images.shape
+
+
 def test_preprocess_matches_deepvariant_scaling():
     img = np.array([0, 128, 255], np.uint8).reshape(1, 1, 3, 1)
     out = preprocess(img)
