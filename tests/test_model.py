@@ -21,6 +21,7 @@ from dvtorch.inception import (
     conv_block_names,
     fuse_batchnorm,
     optimize_for_inference,
+    pointwise_conv_available,
     scale_pixels,
 )
 from dvtorch.layers import LAYER_NAMES, UnknownLayerError, all_layer_names, layer_info, resolve
@@ -159,6 +160,52 @@ def test_optimized_inference_matches_eager_and_keeps_hooks():
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-6)
+
+
+def _count_fused_calls(model: DeepVariantInceptionV3) -> list[int]:
+    calls = [0]
+    for _, block in model.conv_blocks():
+        op = block._fused.op
+
+        def counting(*args, op=op):
+            calls[0] += 1
+            return op(*args)
+
+        block._fused = block._fused._replace(op=counting)
+    return calls
+
+
+@pytest.mark.skipif(not pointwise_conv_available(), reason="this torch has no fused oneDNN conv")
+def test_fused_conv_path_runs_only_where_it_is_exact():
+    """Inference on CPU takes the fused op in all 94 blocks; grad, autocast and a model cast
+    after optimize_for_inference take the plain path and still compute the same."""
+    model = _randomise_bn(DeepVariantInceptionV3(SMALL), seed=4)
+    x = torch.randn(2, *SMALL)
+    with torch.no_grad():
+        p_ref = model(x)
+    optimize_for_inference(model, batch_size=2, batch_split=False)
+    calls = _count_fused_calls(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), p_ref, rtol=1e-4, atol=1e-6)
+    assert calls[0] == 94
+
+    calls[0] = 0
+    x_grad = x.clone().requires_grad_()
+    p = model(x_grad)  # grad on: the fused op has no backward
+    p[:, 0].sum().backward()
+    assert calls[0] == 0 and x_grad.grad is not None
+    torch.testing.assert_close(p.detach(), p_ref, rtol=1e-4, atol=1e-6)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        p = model(x)
+    assert calls[0] == 0
+    torch.testing.assert_close(p, p_ref, rtol=0.1, atol=0.05)
+
+    model.to(torch.bfloat16)  # cast without optimizing again: plain bf16 path, no mix-up
+    with torch.inference_mode():
+        p = model(x)
+    assert calls[0] == 0 and p.dtype == torch.float32
+    torch.testing.assert_close(p, p_ref, rtol=0.1, atol=0.05)
 
 
 def test_pool_branches_average_pool_inside_their_conv_block_on_both_paths():
