@@ -76,6 +76,20 @@ def native(sd: dict[str, torch.Tensor], mode: str, batch: int) -> DeepVariantInc
     return optimize_for_inference(model, dtype=dtype, batch_size=batch)
 
 
+def ort_session(onnx_bytes: bytes, threads: int = 1,
+                profile_prefix: str | None = None) -> ort.InferenceSession:
+    """onnxruntime CPU session with ``threads`` intra-op threads, all graph optimisations
+    (profiling to ``profile_prefix`` when given): the reference every CPU bench times."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+
+
 def _time_all(runs: dict[str, Callable[[], object]], times: dict[str, list[float]],
               iters: int) -> None:
     """One warm-up call each, then ``iters`` rounds calling every variant once per round."""
@@ -110,10 +124,7 @@ def main() -> None:
         sd = random_state_dict(args.seed, SHAPE)
         onnx_bytes = export_onnx(sd)
         source = f"seeded reference weights (seed {args.seed}), torch.onnx export"
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    sess = ort_session(onnx_bytes, args.threads)
     in_name = sess.get_inputs()[0].name
 
     gen = torch.Generator().manual_seed(args.seed)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model_cpu import SHAPE, _time_all, export_onnx, native  # noqa: E402
+from bench_model_cpu import SHAPE, _time_all, export_onnx, native, ort_session  # noqa: E402
 
 from dvtorch import parallel  # noqa: E402
 from dvtorch.allocator import reuse_freed_memory  # noqa: E402
@@ -48,30 +48,31 @@ from dvtorch.inception import DeepVariantInceptionV3, fuse_batchnorm, scale_pixe
 
 
 class _WithMixed5(nn.Module):
-    """Softmax and max-pooled ``mixed5`` as graph outputs (hooks do not survive tracing)."""
+    """Softmax and max-pooled ``mixed5`` as graph outputs: ``capture`` runs inside the
+    traced forward, so its pooling is recorded into the graph (hooks do not survive it)."""
 
     def __init__(self, model: DeepVariantInceptionV3):
         super().__init__()
         self.model = model
-        self._kept: list[torch.Tensor] = []
-        model.mixed5.register_forward_hook(lambda _m, _i, out: self._kept.append(out))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._kept.clear()
-        probs = self.model(x)
-        return probs, self._kept[0].amax(dim=(2, 3)).float()
+        with capture(self.model, "mixed5", pool="max") as acts:
+            probs = self.model(x)
+            return probs, acts["mixed5"].float()
 
 
-def traced_graph(sd: dict[str, torch.Tensor], dtype: torch.dtype, example: torch.Tensor):
-    """Frozen TorchScript of the BN-folded, channels-last model in ``dtype`` for ``example``."""
+def _folded_model(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> DeepVariantInceptionV3:
+    """The BN-folded, channels-last model in ``dtype`` (plain convs: what gets traced)."""
     model = DeepVariantInceptionV3(SHAPE)
     model.load_state_dict(sd)
     fuse_batchnorm(model.eval())
-    model.to(dtype).to(memory_format=torch.channels_last)
+    return model.to(dtype).to(memory_format=torch.channels_last)
+
+
+def _frozen_trace(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notice
-        return torch.jit.freeze(torch.jit.trace(_WithMixed5(model).eval(), example,
-                                                check_trace=False))
+        return torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
 
 
 def _scaled(graph, dtype: torch.dtype
@@ -98,17 +99,15 @@ def main() -> None:
     slice_pixels = pixels[: parallel.slice_sizes(args.batch_size, ways)[0]]
 
     eager = {name: native(sd, f"native_{name}", args.batch_size) for name in ("fp32", "bf16")}
-    graphs = {name: _scaled(traced_graph(sd, dtype, scale_pixels(slice_pixels, dtype)), dtype)
+    graphs = {name: _scaled(_frozen_trace(_WithMixed5(_folded_model(sd, dtype)),
+                                          scale_pixels(slice_pixels, dtype)), dtype)
               for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
     def graph_run(name: str) -> torch.Tensor:
         # one single-threaded graph call per slice; only the softmax is kept for timing
         return parallel.run_split(lambda p: graphs[name](p)[0], pixels, ways)
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(export_onnx(sd), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(export_onnx(sd), args.threads)
     in_name = sess.get_inputs()[0].name
     x_ort = scale_pixels(pixels).numpy()
 
@@ -141,13 +140,7 @@ def main() -> None:
             emb = torch.cat([e for _, e in parts])
             cos = torch.nn.functional.cosine_similarity(emb, ref["mixed5"], dim=1)
             checks[name] = (float((probs - p_ref).abs().max()), float(cos.min()))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            raw_model = DeepVariantInceptionV3(SHAPE)
-            raw_model.load_state_dict(sd)
-            fuse_batchnorm(raw_model.eval())
-            raw_model.to(memory_format=torch.channels_last)
-            raw = torch.jit.freeze(torch.jit.trace(raw_model, slice_pixels, check_trace=False))
+        raw = _frozen_trace(_folded_model(sd, torch.float32), slice_pixels)
         raw_err = [float((raw(slice_pixels) - p_ref[: len(slice_pixels)]).abs().max())
                    for _ in range(3)]
 

@@ -39,7 +39,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model_cpu import SHAPE, _time_all, export_onnx, native  # noqa: E402
+from bench_model_cpu import SHAPE, _time_all, export_onnx, native, ort_session  # noqa: E402
 
 from dvtorch.allocator import reuse_freed_memory  # noqa: E402
 from dvtorch.bundle import preprocess, random_state_dict  # noqa: E402
@@ -71,22 +71,10 @@ def native_profile(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[
     return out
 
 
-def ort_session(onnx_bytes: bytes, profile_prefix: str | None = None) -> ort.InferenceSession:
-    """One-thread onnxruntime CPU session (profiling to ``profile_prefix`` when given)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if profile_prefix is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
-
-
 def _ort_node_events(onnx_bytes: bytes, x: np.ndarray, iters: int) -> list[tuple[dict, float]]:
     """onnxruntime's node kernel events of ``iters`` profiled runs: (event, ms per batch)."""
     with tempfile.TemporaryDirectory() as tmp:
-        sess = ort_session(onnx_bytes, str(Path(tmp) / "ort"))
+        sess = ort_session(onnx_bytes, profile_prefix=str(Path(tmp) / "ort"))
         name = sess.get_inputs()[0].name
         for _ in range(2 + iters):
             sess.run(None, {name: x})
@@ -137,31 +125,30 @@ def onednn_conv_stages(model: DeepVariantInceptionV3, x: torch.Tensor,
             walls.clear()
             for _ in range(iters):
                 model(x)
-            for h in handles:
-                h.remove()
-            sys.stdout.flush()
-            saved = os.dup(1)
-            with tempfile.TemporaryFile(mode="w+") as log:
-                os.dup2(log.fileno(), 1)
-                try:
-                    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                        for _ in range(iters):
-                            model(x)
-                finally:
-                    libc.fflush(None)
-                    os.dup2(saved, 1)
-                    os.close(saved)
-                log.seek(0)
-                for line in log:
-                    if ",exec,cpu,convolution," not in line:
-                        continue
-                    fields = line.rstrip().split(",")
-                    hw = re.search(r"ih(\d+).*iw(\d+)", fields[-2])
-                    if hw:
-                        kernels[_stage(int(hw[1]), int(hw[2]))] += float(fields[-1]) / iters
     finally:
         for h in handles:
             h.remove()
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.inference_mode(), \
+                    torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                for _ in range(iters):
+                    model(x)
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        for line in log:
+            if ",exec,cpu,convolution," not in line:
+                continue
+            fields = line.rstrip().split(",")
+            hw = re.search(r"ih(\d+).*iw(\d+)", fields[-2])
+            if hw:
+                kernels[_stage(int(hw[1]), int(hw[2]))] += float(fields[-1]) / iters
     if not kernels:
         raise RuntimeError("oneDNN printed no convolution timings (verbose mode unavailable?)")
     return dict(kernels), 1e3 * sum(walls) / iters, len(blocks)

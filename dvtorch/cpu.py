@@ -14,10 +14,10 @@ import platform
 import torch
 
 
-def _probe(name: str) -> bool | None:
-    """One of torch's private CPU feature probes (``torch.cpu._is_*_supported``); None where
-    this torch build has no such probe or it fails."""
-    probe = getattr(torch.cpu, name, None)
+def _probe(name: str, owner: object = torch.cpu) -> bool | None:
+    """One of torch's private feature probes (``torch.cpu._is_*_supported`` by default);
+    None where this torch build has no such probe or it fails."""
+    probe = getattr(owner, name, None)
     if not callable(probe):
         return None
     try:
@@ -38,13 +38,8 @@ def mkldnn_bf16() -> bool:
 
     Honours ``ONEDNN_MAX_CPU_ISA``; False where torch has no oneDNN or cannot tell.
     """
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if probe is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(probe())
-    except RuntimeError:
-        return False
+    return torch.backends.mkldnn.is_available() \
+        and bool(_probe("_is_mkldnn_bf16_supported", torch.ops.mkldnn))
 
 
 def describe() -> str:

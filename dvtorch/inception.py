@@ -89,14 +89,17 @@ class ConvBN(nn.Module):
         self.bn: nn.Module = ScaleFreeBatchNorm(cout)
         self.relu = nn.ReLU(inplace=True)
         # Set by optimize_for_inference(): one oneDNN conv+bias+ReLU kernel instead of a
-        # conv followed by a separate, memory-bound ReLU pass (~20% of CPU time).
-        self.fused_relu = False
-        # The fused op's arguments, resolved once (see _FusedConv); a plain attribute, never
-        # in state dicts. Rebuilt by optimize_for_inference.
+        # conv followed by a separate, memory-bound ReLU pass (~20% of CPU time), with its
+        # arguments resolved once (see _FusedConv); a plain attribute, never in state dicts.
         self._fused: _FusedConv | None = None
         # The pool branch of mixed0-2, 4-7, 9-10: Keras AveragePooling2D(3, 1, 'same') runs
         # on this block's input first (that pooling layer has no Keras name of its own).
         self.pools_input = pools_input
+
+    @property
+    def fused_relu(self) -> bool:
+        """Whether optimize_for_inference() gave this block the fused oneDNN conv+ReLU."""
+        return self._fused is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self._fused
@@ -526,14 +529,13 @@ def optimize_for_inference(model: DeepVariantInceptionV3, dtype: torch.dtype | N
         and (model.dense.weight.dtype != torch.bfloat16 or mkldnn_bf16())
     for block in model.modules():
         if isinstance(block, ConvBN):
-            block.fused_relu, block._fused = False, None
+            block._fused = None
     model._batch_split = bool(batch_split) and model.dense.weight.device.type == "cpu"
     if model._batch_split:
         batch_size = parallel.slice_sizes(batch_size, parallel.split_ways(batch_size))[0]
     shapes = _conv_input_shapes(model, batch_size) if fused else {}
     for block in model.modules():
         if isinstance(block, ConvBN):
-            block.fused_relu = fused
             block._fused = _fused_conv(block.conv, shapes[id(block.conv)]) if fused else None
     return model.eval()
 
