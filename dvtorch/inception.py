@@ -103,8 +103,10 @@ class ConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self._fused
+        # Traced graphs (dvtorch.graph) record the plain conv, bias and ReLU ops, which
+        # oneDNN Graph fuses itself; the pre-packed weights would be frozen in as constants.
         if f is not None and x.dtype is f.dtype and x.is_cpu and not torch.is_grad_enabled() \
-                and not torch.is_autocast_enabled("cpu"):
+                and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing():
             if self.pools_input:
                 # conv1x1(avgpool(x)) + b == avgpool(conv1x1(x) + b): the pooling weights
                 # at every position sum to 1 (padding is not averaged). Pooling the conv's

@@ -41,6 +41,11 @@ def extract_command(
     skip_corrupt: bool = typer.Option(
         False, "--skip-corrupt",
         help="Skip records that fail CRC / parsing (counted in store.json) instead of failing."),
+    engine: str = typer.Option(
+        "eager", "--engine",
+        help="eager | graph. graph (CPU, fp32/bf16): the forward run as a oneDNN Graph program, "
+             "~1.3x faster in bf16; checked against eager on its first batches of each size "
+             "and falls back to eager (with a warning) if they differ."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an existing STORE at --out."),
     commit_every: float = typer.Option(
@@ -57,7 +62,8 @@ def extract_command(
 
     store = extract(bundle, examples, out, layers=_split_layers(layers), pool=pool, device=device,
             batch_size=batch_size, workers=workers, dtype=dtype, limit=limit,
-            skip_corrupt=skip_corrupt, overwrite=overwrite, progress=not no_progress,
+            skip_corrupt=skip_corrupt, overwrite=overwrite, engine=engine,
+            progress=not no_progress,
             commit_interval_s=commit_every)
     typer.echo(f"{store.path}: {store.n} examples, layers {', '.join(store.layers)}"
                + (f", {store.meta['skipped']['count']} corrupt records skipped"

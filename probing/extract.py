@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 
 import dvtorch
+from dvtorch import graph as dvgraph
 from dvtorch.allocator import reuse_freed_memory
 from dvtorch.cpu import native_bf16
 from dvtorch.errors import DvprobeError, ExampleFormatError
@@ -52,6 +53,10 @@ _LOG = logging.getLogger(__name__)
 BF16_HINT_MIN_BYTES = 100 * 2**20
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``eager``: the model's own forward with capture hooks (every device).
+#: ``graph``: CPU only, the forward traced and run by oneDNN Graph (dvtorch.graph), checked
+#: against ``eager`` on its first calls of each batch shape; faster, opt-in.
+ENGINES = ("eager", "graph")
 PROB_COLUMNS = ("p_hom_ref", "p_het", "p_hom_alt")
 MAX_SKIP_LOCATIONS = 20  # skipped records listed by location in store.json (all are counted)
 COMMIT_MAX_BYTES = 256 << 20  # commit early when this much output waits in memory
@@ -242,6 +247,26 @@ def _defer_sigint():
             raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _forward(model: torch.nn.Module, names: Sequence[str], pool: str,
+             graph_engine: dvgraph.GraphForward | None, autocast: Any
+             ) -> Iterator[Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
+    """``forward(pixels) -> (probs, {layer: pooled})`` for one extraction run: the oneDNN
+    Graph engine when given, else the model under capture hooks kept for the whole run."""
+    if graph_engine is not None:
+        yield graph_engine
+        return
+    with capture(model, names, pool=pool) as acts:
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with autocast:
+                probs = model(x)
+            out = {n: acts[n] for n in names}
+            acts.clear()
+            return probs, out
+
+        yield forward
+
+
 def extract(
     bundle: str | os.PathLike,
     examples: str,
@@ -256,6 +281,7 @@ def extract(
     limit: int | None = None,
     skip_corrupt: bool = False,
     overwrite: bool = False,
+    engine: str = "eager",
     progress: bool = True,
     commit_interval_s: float = 15.0,
     on_batch: Callable[[int], None] | None = None,
@@ -266,7 +292,9 @@ def extract(
     per batch fills every layer (forward hooks) and the softmax gives ``p_hom_ref``,
     ``p_het``, ``p_hom_alt`` and ``pred_genotype``. Rows are in input order whatever
     ``workers`` is (None: :func:`default_workers`). ``limit`` extracts the first ``limit``
-    records (corrupt ones count).
+    records (corrupt ones count). ``engine="graph"`` (CPU, fp32 / bf16) runs the forward as a
+    oneDNN Graph program (:mod:`dvtorch.graph`), which falls back to ``"eager"`` with a
+    warning if its first outputs for a batch shape differ from the eager forward's.
 
     Commits happen every ``commit_interval_s`` seconds (0: after every batch), when 256 MiB
     of output is pending, on Ctrl-C and at the end; a commit is one atomic store.json
@@ -287,6 +315,8 @@ def extract(
         raise DvprobeError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if dtype not in DTYPES:
         raise DvprobeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if engine not in ENGINES:
+        raise DvprobeError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if batch_size < 1:
         raise DvprobeError(f"--batch-size must be >= 1, got {batch_size}")
     if workers is not None and workers < 0:
@@ -298,6 +328,13 @@ def extract(
         workers = default_workers(dev)
     if dtype == "fp16" and dev.type != "cuda":
         raise DvprobeError("--dtype fp16 needs --device cuda (CPU autocast supports bf16 only)")
+    if engine == "graph":
+        if dev.type != "cpu":
+            raise DvprobeError(f"--engine graph runs on the CPU only, not {dev.type} "
+                               "(use --engine eager there)")
+        if not dvgraph.available():
+            raise DvprobeError("--engine graph needs oneDNN Graph (TorchScript with oneDNN), "
+                               "which this torch build lacks; use --engine eager")
 
     if dtype == "bf16" and dev.type == "cpu" and native_bf16() is False:
         _LOG.warning("this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated here, "
@@ -402,8 +439,10 @@ def extract(
             on_batch(n_before + n_new)
 
     it = iter(loader)
+    graph_engine = dvgraph.GraphForward(model, names, pool) if engine == "graph" else None
     try:
-        with torch.inference_mode(), capture(model, names, pool=pool) as acts:
+        with torch.inference_mode(), _forward(model, names, pool, graph_engine,
+                                              autocast) as forward:
             while True:
                 t0 = time.perf_counter()
                 batch = next(it, None)
@@ -424,11 +463,8 @@ def extract(
                     # like dvtorch.preprocess): on CPU inside each batch-split thread,
                     # straight into the model's dtype; on CUDA after a 4x smaller
                     # host-to-device copy.
-                    x = batch.images.to(dev, non_blocking=True)
-                    with autocast:
-                        probs = model(x)
-                    current = (batch, {n: acts[n] for n in names}, probs, None)
-                    acts.clear()
+                    probs, acts = forward(batch.images.to(dev, non_blocking=True))
+                    current = (batch, acts, probs, None)
                     # One-batch lag: the host work of batch i-1 overlaps the device's
                     # forward of batch i (on CPU the forward is synchronous and this is
                     # just ordering).
@@ -474,11 +510,16 @@ def extract(
         "device": str(dev),
         "batch_size": batch_size,
         "workers": workers,
+        "engine": engine,
         "torch": torch.__version__,
     }
+    if graph_engine is not None and graph_engine.fallback_reason is not None:
+        summary["engine_fallback"] = graph_engine.fallback_reason
     store = writer.finalize(skipped=skipped, extraction=summary)
     log(f"extracted {summary['n']} examples ({n_new} this run) in {elapsed:.1f} s: "
         f"{summary['examples_per_s']} ex/s, data loading {100 * t_wait / max(elapsed, 1e-9):.0f}% "
         f"of wall time" + (f"; skipped {skipped['count']} corrupt records"
-                           if skipped["count"] else "") + f" -> {out}")
+                           if skipped["count"] else "") + f" -> {out}"
+        + (f" (engine graph fell back to eager: {summary['engine_fallback']})"
+           if "engine_fallback" in summary else ""))
     return store
