@@ -2,12 +2,15 @@
 
 Both sides read the same gzipped TFRecord shards through the same loader
 (:class:`probing.loader.ExampleBatches`: same batches, same worker processes), so the
-comparison is of the whole pipeline, not of a model call on a pre-made tensor. The three
-pipelines run interleaved for ``--rounds`` rounds (fp32, bf16, onnxruntime, fp32, ...) so
-that a noisy moment on a shared machine hits all of them alike; the medians are reported:
-examples/s for each, the share of wall time spent waiting for data, and the cosine
-similarity of bf16 vs fp32 max-pooled mixed5 rows (target >= 0.999). The last line is the
-ratio line (targets: fp32 >= 1.0x onnxruntime, bf16 >= 2x onnxruntime fp32).
+comparison is of the whole pipeline, not of a model call on a pre-made tensor. The
+pipelines (each ``--engines`` entry in fp32 and bf16, then onnxruntime) run interleaved for
+``--rounds`` rounds so that a noisy moment on a shared machine hits all of them alike; the
+medians are reported: examples/s for each, the share of wall time spent waiting for data,
+and the cosine similarity of every other pipeline's max-pooled mixed5 rows to the first
+engine's fp32 rows (target >= 0.999). The last line is the ratio line (targets: fp32 >= 1.0x
+onnxruntime, bf16 >= 2x onnxruntime fp32). The ``graph`` engine (oneDNN Graph) traces and
+re-specialises inside each run and checks its first calls against the eager forward: that
+start-up cost is part of its figure.
 
 onnxruntime gets DeepVariant's ``(x - 128) / 128`` from ``dvtorch.preprocess`` (one allocation);
 the PyTorch model takes the uint8 batch and scales it itself. The ONNX model: a bundle
@@ -170,6 +173,8 @@ def main() -> None:
     ap.add_argument("--examples", help="examples spec (default: synthetic, written to a temp dir)")
     ap.add_argument("--layers", default="mixed5,mixed10")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (median)")
+    ap.add_argument("--engines", default="eager,graph",
+                    help="extract engines to time (eager: the default; graph: oneDNN Graph)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -214,25 +219,33 @@ def main() -> None:
         t_load = time.perf_counter() - t0
         print(f"loader alone (one process): {n_loaded / t_load:.0f} ex/s = "
               f"{1e3 * t_load / n_loaded:.2f} ms of CPU per example")
+        engines = args.engines.split(",")
+        contenders = [(e, dt) for e in engines for dt in ("fp32", "bf16")]
+        label = {(e, dt): f"{'pytorch' if e == 'eager' else e} {dt}" for e, dt in contenders}
         for dt in ("fp32", "bf16"):
-            # warm-up (oneDNN primitive creation) on one batch
+            # warm-up (oneDNN primitive creation) on one batch; the graph engine traces and
+            # specialises inside each run, so its warm-up is part of its figure
             extract(bundle, spec, work / f"warm_{dt}", layers=layers, device="cpu", dtype=dt,
                     batch_size=args.batch_size, workers=0, limit=args.batch_size,
                     progress=False)
         onnx_bytes, what = onnx_model(bundle, work, layers)
         print(f"onnx: {what}")
 
-        runs: dict[str, list[dict]] = {"pytorch fp32": [], "pytorch bf16": [], "onnxruntime fp32": []}
+        runs: dict[str, list[dict]] = {label[c]: [] for c in contenders}
+        runs["onnxruntime fp32"] = []
         stores = {}
         for r in range(args.rounds):
-            for dt in ("fp32", "bf16"):
-                out = work / f"store_{dt}_{r}"
+            for e, dt in contenders:
+                out = work / f"store_{e}_{dt}_{r}"
                 s = extract(bundle, spec, out, layers=layers, device="cpu", dtype=dt,
-                            batch_size=args.batch_size, workers=args.workers, progress=False)
-                e = s.meta["extraction"]
-                runs[f"pytorch {dt}"].append({"n": s.n, "ex_s": e["examples_per_s"],
-                                              "data_share": e["data_loading_share"]})
-                stores[dt] = s
+                            batch_size=args.batch_size, workers=args.workers, engine=e,
+                            progress=False)
+                ex = s.meta["extraction"]
+                if "engine_fallback" in ex:
+                    print(f"{label[e, dt]}: {ex['engine_fallback']}")
+                runs[label[e, dt]].append({"n": s.n, "ex_s": ex["examples_per_s"],
+                                           "data_share": ex["data_loading_share"]})
+                stores[e, dt] = s
             runs["onnxruntime fp32"].append(
                 run_ort(onnx_bytes, spec, shape, channels, batch_size=args.batch_size,
                         workers=args.workers, threads=args.threads))
@@ -245,15 +258,16 @@ def main() -> None:
             print(f"{k}: {v[0]['n']} ex, median {med[k]:.1f} ex/s over {len(v)} rounds "
                   f"(min {min(x['ex_s'] for x in v):.1f}, max {max(x['ex_s'] for x in v):.1f}), "
                   f"waiting for data {100 * share:.0f}% of wall")
-        a = stores["fp32"].layer(layers[0])
-        b = stores["bf16"].layer(layers[0])
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
-        print(f"bf16 vs fp32 {layers[0]} (max-pooled) cosine: mean {cos.mean():.5f}, "
-              f"min {cos.min():.5f} (target >= 0.999)")
-        r32 = med["pytorch fp32"] / med["onnxruntime fp32"]
-        r16 = med["pytorch bf16"] / med["onnxruntime fp32"]
-        print(f"RATIO vs onnxruntime fp32: pytorch fp32 {r32:.2f}x (target >= 1.0), "
-              f"pytorch bf16 {r16:.2f}x (target >= 2.0)")
+        ref = stores[engines[0], "fp32"].layer(layers[0])
+        for c in contenders[1:]:
+            b = stores[c].layer(layers[0])
+            cos = (ref * b).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(b, axis=1)
+                                      + 1e-30)
+            print(f"{label[c]} vs {label[contenders[0]]} {layers[0]} (max-pooled) cosine: "
+                  f"mean {cos.mean():.5f}, min {cos.min():.5f} (target >= 0.999)")
+        print("RATIO vs onnxruntime fp32: " + ", ".join(
+            f"{label[c]} {med[label[c]] / med['onnxruntime fp32']:.2f}x "
+            f"(target >= {'1.0' if c[1] == 'fp32' else '2.0'})" for c in contenders))
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)

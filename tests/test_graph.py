@@ -1,0 +1,160 @@
+"""The oneDNN Graph engine (dvtorch.graph): eager results, checked, with a way back."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from dvtorch import graph
+from dvtorch.bundle import random_state_dict
+from dvtorch.cpu import mkldnn_bf16
+from dvtorch.hooks import capture
+from dvtorch.inception import DeepVariantInceptionV3, optimize_for_inference
+
+pytestmark = pytest.mark.skipif(not graph.available(), reason="torch without oneDNN Graph")
+
+SHAPE = (75, 80, 7)
+LAYERS = ["mixed0", "conv2d_40", "mixed10"]
+# 9 -> slices (5, 4) at two threads: three checked calls, then one unchecked; 3 and 1 are
+# new shapes (one slice each), checked once each
+BATCHES = [9, 9, 9, 9, 3, 1]
+
+
+def _model(dtype: torch.dtype | None = None) -> DeepVariantInceptionV3:
+    m = DeepVariantInceptionV3(SHAPE)
+    m.load_state_dict(random_state_dict(5, SHAPE))
+    return optimize_for_inference(m.eval(), dtype=dtype, batch_size=9)
+
+
+def _pixels(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, *SHAPE), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def _eager(model, pixels, pool):
+    with torch.inference_mode(), capture(model, LAYERS, pool=pool) as acts:
+        probs = model(pixels)
+        return probs, {n: acts[n] for n in LAYERS}
+
+
+@pytest.fixture(scope="module")
+def fp32_model():
+    return _model()
+
+
+@pytest.mark.parametrize("pool", ["max", "mean", "flatten", None])
+def test_outputs_equal_the_eager_captures_for_every_pool_and_batch_size(fp32_model, pool):
+    torch.set_num_threads(2)
+    engine = graph.GraphForward(fp32_model, LAYERS, pool)
+    for i, n in enumerate(BATCHES):
+        px = _pixels(n, i)
+        with torch.inference_mode():
+            probs, acts = engine(px)
+        ref_probs, ref = _eager(fp32_model, px, pool)
+        torch.testing.assert_close(probs, ref_probs, rtol=1e-4, atol=1e-5)
+        assert list(acts) == LAYERS
+        for name in LAYERS:
+            assert acts[name].shape == ref[name].shape and acts[name].dtype == torch.float32
+            assert graph._relative_error(acts[name].reshape(n, -1),
+                                         ref[name].reshape(n, -1)) < 1e-4
+    assert engine.fallback_reason is None
+    assert len(engine.checks) == 3 + 1 + 1  # the fourth call of (5, 4) is not re-checked
+    assert max(program for program, _ in engine.checks) < 1e-4
+    assert all(own == 0 for _, own in engine.checks)  # fp32: eager is the reference
+    assert not torch._C._jit_llga_enabled()  # the process-wide flag is put back
+
+
+@pytest.mark.skipif(not mkldnn_bf16(), reason="oneDNN has no bf16 convolution on this CPU")
+def test_bf16_program_stays_within_its_tolerance_of_eager_bf16():
+    torch.set_num_threads(2)
+    model = _model(torch.bfloat16)
+    engine = graph.GraphForward(model, LAYERS, "max")
+    for i in range(3):
+        px = _pixels(9, i)
+        with torch.inference_mode():
+            _, acts = engine(px)
+        _, ref = _eager(model, px, "max")
+        for name in LAYERS[:2]:  # mixed10 of this small random model is ill-conditioned
+            cos = torch.nn.functional.cosine_similarity(acts[name], ref[name], dim=1)
+            assert float(cos.min()) > 0.999
+    assert engine.fallback_reason is None
+    # as far from float32 as the eager bf16 forward is, give or take the gate's margin
+    assert all(0 < program <= graph.ERROR_RATIO * own + graph.ERROR_FLOOR
+               for program, own in engine.checks)
+    assert engine._reference is None  # the float32 twin is freed once the shape is trusted
+
+
+class _Skewed:
+    """A program that is wrong in one output block: how a miscompiled graph would look."""
+
+    def __init__(self, program, block: int, factor: float, widths: list[int]):
+        self.program, self.block, self.factor, self.widths = program, block, factor, widths
+        self.calls = 0
+
+    def __call__(self, x):
+        self.calls += 1
+        out = self.program(x).clone()
+        start = sum(self.widths[: self.block])
+        out[:, start:start + self.widths[self.block]] *= self.factor
+        return out
+
+
+@pytest.mark.parametrize(("block", "reason"), [
+    # output blocks: softmax, then the taps avg_pool, logits, mixed0, conv2d_40, mixed10
+    (0, "its softmax differs from softmax(its logits)"),
+    (2, "logits is"),
+    (4, "conv2d_40 is"),
+])
+def test_a_wrong_program_is_caught_and_the_eager_forward_takes_over(
+        fp32_model, monkeypatch, caplog, block, reason):
+    torch.set_num_threads(2)
+    engine = graph.GraphForward(fp32_model, LAYERS, "max")
+    real_trace = graph.GraphForward._trace
+    skewed: list[_Skewed] = []
+
+    def trace(self, example):
+        program = real_trace(self, example)
+        skewed.append(_Skewed(program, block, 1.5, self._widths))
+        return skewed[-1]
+
+    monkeypatch.setattr(graph.GraphForward, "_trace", trace)
+    px = _pixels(9, 0)
+    with caplog.at_level(logging.WARNING, logger="dvtorch.graph"), torch.inference_mode():
+        probs, acts = engine(px)
+        calls = skewed[0].calls  # one per batch slice
+        again = engine(_pixels(9, 1))
+    ref_probs, ref = _eager(fp32_model, px, "max")
+    torch.testing.assert_close(probs, ref_probs)  # the eager result, not the wrong one
+    for name in LAYERS:
+        torch.testing.assert_close(acts[name], ref[name])
+    assert engine.fallback_reason is not None and reason in engine.fallback_reason
+    assert "using the eager forward" in caplog.text
+    assert calls == 2 and skewed[0].calls == calls  # never called after the mismatch
+    torch.testing.assert_close(again[0], _eager(fp32_model, _pixels(9, 1), "max")[0])
+
+
+def test_an_exception_in_the_program_falls_back_to_eager(fp32_model, monkeypatch, caplog):
+    def broken(self, example):
+        def run(x):
+            raise RuntimeError("The following operation failed in the TorchScript "
+                               "interpreter.\nRuntimeError: partition compile failed")
+        return run
+
+    monkeypatch.setattr(graph.GraphForward, "_trace", broken)
+    engine = graph.GraphForward(fp32_model, LAYERS, "max")
+    px = _pixels(9, 0)
+    with caplog.at_level(logging.WARNING, logger="dvtorch.graph"), torch.inference_mode():
+        probs, _ = engine(px)
+    torch.testing.assert_close(probs, _eager(fp32_model, px, "max")[0])
+    assert "raised RuntimeError: RuntimeError: partition compile failed" in engine.fallback_reason
+    assert "partition compile failed" in caplog.text
+
+
+def test_refuses_what_it_cannot_run(fp32_model):
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        graph.GraphForward(_model().half(), LAYERS)
+    engine = graph.GraphForward(fp32_model, LAYERS)
+    with pytest.raises(ValueError, match="uint8 NHWC"):
+        engine(torch.zeros(2, *SHAPE))
