@@ -27,7 +27,7 @@ import dvtorch
 from dvtorch.errors import DvprobeError, ExampleFormatError
 from probing.channels import WGS_CHANNELS, WGS_SHAPE
 from probing.examples import encode_example, write_example_info
-from probing.extract import ExtractionInterrupted, extract
+from probing.extract import PROB_COLUMNS, ExtractionInterrupted, extract
 from probing.store import StoreError, open_store
 from probing.tfrecord import masked_crc32c, shard_name
 
@@ -246,6 +246,35 @@ def test_bf16_close_to_fp32_and_fp16_refused_on_cpu(data, tmp_path):
     assert cos.min() > 0.99
     with pytest.raises(DvprobeError, match="fp16"):
         _extract(data, tmp_path / "fp16", dtype="fp16")
+
+
+def test_graph_engine_stores_the_eager_rows(data, tmp_path):
+    from dvtorch import graph
+
+    if not graph.available():
+        with pytest.raises(DvprobeError, match="oneDNN Graph"):
+            _extract(data, tmp_path / "graph", engine="graph")
+        return
+    s = _extract(data, tmp_path / "graph", engine="graph", commit_interval_s=0)
+    base = data["baseline"]
+    pd.testing.assert_frame_equal(s.obs.drop(columns=list(PROB_COLUMNS)),
+                                  base.obs.drop(columns=list(PROB_COLUMNS)))
+    np.testing.assert_allclose(s.obs[list(PROB_COLUMNS)], base.obs[list(PROB_COLUMNS)], atol=1e-5)
+    for name in base.layers:
+        np.testing.assert_allclose(s.layer(name), base.layer(name), rtol=1e-4, atol=1e-4)
+    assert s.meta["extraction"]["engine"] == "graph"
+    assert "engine_fallback" not in s.meta["extraction"]
+
+
+def test_unknown_engine_and_graph_off_the_cpu_are_refused(data, tmp_path, monkeypatch):
+    import probing.extract as extract_module
+
+    with pytest.raises(DvprobeError, match="--engine must be one of eager, graph"):
+        _extract(data, tmp_path / "e1", engine="jit")
+    monkeypatch.setattr(extract_module, "resolve_device", lambda _: torch.device("cuda"))
+    with pytest.raises(DvprobeError, match="--engine graph runs on the CPU only, not cuda"):
+        _extract(data, tmp_path / "e2", engine="graph", device="cuda")
+    assert not (tmp_path / "e2").exists()  # refused before anything is written
 
 
 # ---- resume ----------------------------------------------------------------------------
@@ -610,6 +639,8 @@ def test_cli_extract_and_user_error_exit_code(data, tmp_path):
                 "--pool", "median", "--device", "cpu"]
     r = CliRunner().invoke(app, bad_pool)
     assert isinstance(r.exception, DvprobeError) and "--pool must be one of" in str(r.exception)
+    r = CliRunner().invoke(app, [*bad_pool[:5], "--engine", "jit", "--device", "cpu"])
+    assert isinstance(r.exception, DvprobeError) and "--engine must be one of" in str(r.exception)
     # through the real entry point: one line, exit 2, no traceback
     proc = subprocess.run(
         [sys.executable, "-c", "import cli; cli.main()", *bad_pool],
