@@ -12,9 +12,10 @@ PyTorch) and a fusing executor that re-specialises the program on the first call
 new input shape. That executor has been seen to return *wrong* results (the same traced
 graph fed raw uint8 pixels: softmax off by 0.98 from its second call on;
 ``bench/bench_onednn_graph_cpu.py`` reproduces it). So the pixels are scaled outside the
-program, and the first ``check_calls`` calls of every batch-slice shape are compared with
-the eager forward on the same batch (run one slice at a time: concurrent first calls have
-failed inside oneDNN Graph). An output further from float32 than the eager forward's own
+program; each batch-slice size gets a program of its own (at most ``MAX_PROGRAMS``; other
+sizes run eagerly), so a program only ever sees one input shape; and the first
+``check_calls`` calls of every program are compared with the eager forward on the same
+batch (run one slice at a time: concurrent first calls have failed inside oneDNN Graph). An output further from float32 than the eager forward's own
 (see ``ERROR_RATIO``), a softmax that is not softmax(logits), or an exception switches the
 engine to the eager forward for good, with a warning that says why; that batch is redone
 eagerly, so nothing wrong or missing reaches the caller.
@@ -58,6 +59,7 @@ ERROR_FLOOR = 1e-3
 # and the softmax must equal softmax(logits) of the same call
 SOFTMAX_TOLERANCE = 1e-5
 CHECK_CALLS = 3  # the executor profiles, then fuses: call 3 of a shape runs the fused code
+MAX_PROGRAMS = 4  # slice sizes with a program (full batches, the last one, a few short ones)
 
 
 def available() -> bool:
@@ -141,9 +143,11 @@ class GraphForward:
         # eager forward's in the model's dtype (0 for fp32)
         self.checks: list[tuple[float, float]] = []
         self._reference: DeepVariantInceptionV3 | None = None
-        self._program: torch.jit.ScriptModule | None = None
+        # one traced program per batch-slice size: each then only ever sees one input shape,
+        # so the executor has nothing left to re-specialise once its checked calls are done
+        self._programs: dict[int, torch.jit.ScriptModule] = {}
+        self._checked: dict[int, int] = {}  # slice size -> checked calls passed
         self._widths: list[int] | None = None
-        self._checked: dict[tuple[int, ...], int] = {}
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if pixels.dtype != torch.uint8 or pixels.dim() != 4:
@@ -152,45 +156,48 @@ class GraphForward:
         if self.fallback_reason is not None or pixels.shape[0] == 0:
             return self._eager(pixels)
         ways = parallel.split_ways(pixels.shape[0])
-        key = tuple(parallel.slice_sizes(pixels.shape[0], ways))
-        if self._program is None:
-            self._program = self._trace(pixels[: key[0]])
-        program = self._program
-        dtype = self.dtype
+        sizes = parallel.slice_sizes(pixels.shape[0], ways)
+        if len(self._programs.keys() | set(sizes)) > MAX_PROGRAMS:
+            return self._eager(pixels)  # one more odd batch size is not worth a program
+        for size in sizes:
+            if size not in self._programs:
+                self._programs[size] = self._trace(pixels[:size])
+        programs, dtype = self._programs, self.dtype
 
         def run(p: torch.Tensor) -> torch.Tensor:
-            return program(scale_pixels(p, dtype))
+            return programs[p.shape[0]](scale_pixels(p, dtype))
 
-        seen = self._checked.get(key, 0)
+        seen = min(self._checked.get(size, 0) for size in sizes)
         try:
             with _onednn_fusion():
                 if ways > 1 and seen >= self.check_calls:
                     flat = parallel.run_split(run, pixels, ways)
                 else:
-                    # While a shape is new the executor profiles, fuses and compiles its
+                    # While a program is new the executor profiles, fuses and compiles its
                     # partitions; two threads doing that at once have failed ("partition
                     # compile failed", "Partition inputs are missing"), so the slices of the
                     # checked calls run one after the other, here.
                     flat = torch.cat([run(p) for p in torch.tensor_split(pixels, ways)])
         except RuntimeError as err:
             return self._fall_back(f"it raised {type(err).__name__}: "
-                                   f"{str(err).strip().splitlines()[-1]}", key, seen, pixels)
+                                   f"{str(err).strip().splitlines()[-1]}", sizes, seen, pixels)
         if seen < self.check_calls:
             checked = self._check(flat, pixels)
             if checked is not None:
                 self._fall_back(f"its output differed from the eager forward's: {checked[0]}",
-                                key, seen)
+                                sizes, seen)
                 return checked[1]
-            self._checked[key] = seen + 1
+            for size in set(sizes):
+                self._checked[size] = self._checked.get(size, 0) + 1
             if all(c >= self.check_calls for c in self._checked.values()):
-                self._reference = None  # every shape seen so far is trusted
+                self._reference = None  # every program so far is trusted
         return self._split(flat)
 
-    def _fall_back(self, why: str, key: tuple[int, ...], seen: int,
+    def _fall_back(self, why: str, sizes: list[int], seen: int,
                    pixels: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """Switch to the eager forward for good, saying why; with ``pixels``, run it on them."""
-        self.fallback_reason = (f"oneDNN Graph program: {why} (batch slices {list(key)}, call "
+        self.fallback_reason = (f"oneDNN Graph program: {why} (batch slices {sizes}, call "
                                 f"{seen + 1}); using the eager forward from here on")
         _LOG.warning(self.fallback_reason)
         return None if pixels is None else self._eager(pixels)
@@ -237,7 +244,8 @@ class GraphForward:
             warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notice
             x = x.clone()  # a normal tensor: inference tensors cannot be traced into a graph
             program = torch.jit.freeze(torch.jit.trace(tapped, x, check_trace=False))
-            probs, acts = _eager_forward(self.model, self._taps, self.pool, example)
+            # one example is enough for the outputs' widths and shapes
+            probs, acts = _eager_forward(self.model, self._taps, self.pool, example[:1])
         self._widths = [probs.shape[1]] + [acts[n][0].numel() for n in self._taps]
         self._shapes = {n: acts[n].shape[1:] for n in self._taps}
         return program
