@@ -18,8 +18,9 @@ all timed interleaved on the same batch; then the correctness checks that would 
 an engine: softmax and max-pooled ``mixed5`` of each graph run against the eager fp32 path,
 and the same graph fed raw uint8 pixels (scaled inside the graph) -- which oneDNN Graph
 computed wrongly here from its second call on, so pixels are scaled outside the graph.
-TorchScript is deprecated in this torch (``torch.jit.trace`` warns): the reason this is a
-bench and not yet an engine.
+The engine built on these findings is ``dvtorch.graph`` (``dvprobe extract --engine
+graph``, opt-in: TorchScript is deprecated in this torch); ``bench/bench_extract_cpu.py``
+times it end to end. This script stays the raw model-call measurement.
 """
 
 from __future__ import annotations
