@@ -118,6 +118,12 @@ class ConvBN(nn.Module):
             return f.op(x, f.weight, f.bias, f.padding, f.stride, f.dilation, f.groups,
                         "relu", [], "")
         if self.pools_input:
+            if torch.jit.is_tracing() and isinstance(self.bn, nn.Identity) \
+                    and not torch.onnx.is_in_onnx_export():
+                # A BN-folded model traced for dvtorch.graph: the fused path's conv-first
+                # order (see above); measured +2% fp32, +4-5% bf16 per oneDNN Graph forward.
+                # ONNX exports keep Keras's order: they stand in for tf2onnx's graph.
+                return _avg_pool_same(self.conv(x)).relu_()
             x = _avg_pool_same(x)
         return self.relu(self.bn(self.conv(x)))
 

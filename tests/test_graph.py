@@ -173,3 +173,27 @@ def test_refuses_what_it_cannot_run(fp32_model):
     engine = graph.GraphForward(fp32_model, LAYERS)
     with pytest.raises(ValueError, match="uint8 NHWC"):
         engine(torch.zeros(2, *SHAPE))
+
+
+def test_programs_pool_after_the_conv_but_onnx_exports_keep_keras_order(fp32_model):
+    import io
+
+    import onnx
+
+    # the program: each 3x3 average pool reads a (1x1) conv's output
+    engine = graph.GraphForward(fp32_model, LAYERS, "max")
+    with torch.inference_mode():
+        engine(_pixels(9, 0))
+    nodes = list(engine._programs[5].graph.nodes())
+    pools = [n for n in nodes if n.kind() == "aten::avg_pool2d"]
+    assert len(pools) == 9  # mixed0-2, 4-7, 9-10
+    assert all("conv" in next(iter(p.inputs())).node().kind() for p in pools)
+    # an ONNX export (the reference onnxruntime runs) keeps Keras's pool-then-conv order
+    buf = io.BytesIO()
+    torch.onnx.export(fp32_model, (torch.zeros(1, *SHAPE),), buf, dynamo=False,
+                      opset_version=17)
+    g = onnx.load_from_string(buf.getvalue()).graph
+    producer = {out: n.op_type for n in g.node for out in n.output}
+    pools = [n for n in g.node if n.op_type == "AveragePool"]
+    assert len(pools) == 9 and all(producer.get(p.input[0]) != "Conv" for p in pools)
+
