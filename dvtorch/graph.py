@@ -147,7 +147,10 @@ class GraphForward:
         # so the executor has nothing left to re-specialise once its checked calls are done
         self._programs: dict[int, torch.jit.ScriptModule] = {}
         self._checked: dict[int, int] = {}  # slice size -> checked calls passed
+        # the programs' output layout (the same for every program), set by the first trace:
+        # column widths of softmax and each tap, and each tap's per-example shape
         self._widths: list[int] | None = None
+        self._shapes: dict[str, torch.Size] = {}
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if pixels.dtype != torch.uint8 or pixels.dim() != 4:
@@ -244,10 +247,11 @@ class GraphForward:
             warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notice
             x = x.clone()  # a normal tensor: inference tensors cannot be traced into a graph
             program = torch.jit.freeze(torch.jit.trace(tapped, x, check_trace=False))
-            # one example is enough for the outputs' widths and shapes
-            probs, acts = _eager_forward(self.model, self._taps, self.pool, example[:1])
-        self._widths = [probs.shape[1]] + [acts[n][0].numel() for n in self._taps]
-        self._shapes = {n: acts[n].shape[1:] for n in self._taps}
+            if self._widths is None:
+                # one example is enough for the outputs' widths and shapes
+                probs, acts = _eager_forward(self.model, self._taps, self.pool, example[:1])
+                self._widths = [probs.shape[1]] + [acts[n][0].numel() for n in self._taps]
+                self._shapes = {n: acts[n].shape[1:] for n in self._taps}
         return program
 
     def _blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
