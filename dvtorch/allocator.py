@@ -10,9 +10,24 @@ its own memory arena. Raising both thresholds makes malloc reuse the freed memor
 faults per forward drop to ~0 (a forward now and then still grows the heap once) and the
 process keeps its peak working set (it would reach that peak on the next batch anyway).
 
+The batch-split forward (:mod:`dvtorch.parallel`) allocates in worker threads, and glibc
+gives each thread an arena of its own whose heaps are mmapped 64 MiB regions that the
+thresholds above do not govern: a heap that becomes entirely free is unmapped at once, and
+a block larger than a heap is always mmapped and unmapped again. Measured with 2 threads
+(batch 32 as two slices of 16): in about a third of the processes a worker settled into
+unmapping and re-faulting a heap on every forward, ~10,800 page faults per forward for as
+long as the process ran (the oneDNN Graph forward then ran at 173-179 examples/s against
+186-196 in the other processes); with 64 examples per thread (batch 128) every forward
+faulted ~40,600 pages back in. So two more settings: one arena for all threads (``M_ARENA_MAX``: threads
+that start after this call share the main heap, which the thresholds govern; a few hundred
+allocations per forward contend for its lock), and a 64 MiB top pad (``M_TOP_PAD``), which
+stops glibc from unmapping a free heap in arenas that threads created before this call
+still use. With both, forwards after the first few fault 0-40 pages in every run measured.
+
 This changes process-wide malloc settings, so nothing calls it on import: ``dvprobe
 extract`` / :func:`probing.extract.extract` call it for CPU runs, and a Python user can
-call it before their own inference loop. It is a no-op (returning False) where the C
+call it before their own inference loop (before the first forward, so that the
+batch-split worker threads start on the shared heap). It is a no-op (returning False) where the C
 library is not glibc.
 """
 
@@ -26,12 +41,20 @@ log = logging.getLogger(__name__)
 
 # glibc's mallopt() parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 #: Blocks up to this size come from the heap (reused after free) instead of fresh mmaps.
 MMAP_THRESHOLD = 1 << 30
 #: Free memory at the top of the heap is kept up to this size instead of being trimmed.
 TRIM_THRESHOLD = (1 << 31) - 1
+#: Threads that start later allocate from the main heap (the one the thresholds govern).
+ARENA_MAX = 1
+#: Free space kept in a thread arena's heaps: >= glibc's 64 MiB heap size, so a heap that
+#: becomes entirely free is never unmapped (glibc keeps it when the pad exceeds the space
+#: left in the heap before it).
+TOP_PAD = 64 << 20
 
 _DONE: bool | None = None
 
@@ -51,7 +74,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def reuse_freed_memory() -> bool:
-    """Set glibc's mmap and trim thresholds so freed buffers are reused (see module doc).
+    """Set glibc's thresholds, top pad and arena count so freed buffers are reused (module doc).
 
     Idempotent; returns whether the settings are in effect.
     """
@@ -62,8 +85,10 @@ def reuse_freed_memory() -> bool:
         if libc is not None:
             libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
             libc.mallopt.restype = ctypes.c_int
-            ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
-                bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+            ok = all([libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                      libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                      libc.mallopt(_M_TOP_PAD, TOP_PAD),
+                      libc.mallopt(_M_ARENA_MAX, ARENA_MAX)])
         if not ok:
             log.debug("malloc thresholds unchanged (not glibc, or mallopt refused)")
         _DONE = ok
