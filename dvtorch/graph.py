@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 
 import torch
 from torch import nn
@@ -69,16 +71,29 @@ def available() -> bool:
         and callable(getattr(torch._C, "_jit_llga_enabled", None))
 
 
+# The fusion flag is process-wide, and calls on worker threads overlap: it is on while any
+# caller is inside _onednn_fusion(), and the setting from before the first is put back
+# after the last.
+_FUSION_LOCK = threading.Lock()
+_FUSION_STATE = {"users": 0, "before": False}
+
+
 @contextlib.contextmanager
 def _onednn_fusion() -> Iterator[None]:
-    """oneDNN Graph fusion on for the calls inside, the caller's setting restored after
-    (the flag is process-wide; the executor reads it when it optimises a graph)."""
-    before = bool(torch._C._jit_llga_enabled())
-    torch.jit.enable_onednn_fusion(True)
+    """oneDNN Graph fusion on for the calls inside (any thread), the caller's setting
+    restored after the last one (the executor reads the flag when it optimises a graph)."""
+    with _FUSION_LOCK:
+        if _FUSION_STATE["users"] == 0:
+            _FUSION_STATE["before"] = bool(torch._C._jit_llga_enabled())
+            torch.jit.enable_onednn_fusion(True)
+        _FUSION_STATE["users"] += 1
     try:
         yield
     finally:
-        torch.jit.enable_onednn_fusion(before)
+        with _FUSION_LOCK:
+            _FUSION_STATE["users"] -= 1
+            if _FUSION_STATE["users"] == 0:
+                torch.jit.enable_onednn_fusion(_FUSION_STATE["before"])
 
 
 class _Tapped(nn.Module):
@@ -138,6 +153,8 @@ class GraphForward:
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the oneDNN Graph engine runs fp32 or bf16 models, not {self.dtype}")
         self.check_calls = check_calls
+        #: batches :meth:`submit` runs at once, one per compute thread
+        self.depth = max(1, torch.get_num_threads())
         self.fallback_reason: str | None = None
         # per checked call: the program's largest error to float32 over all outputs, and the
         # eager forward's in the model's dtype (0 for fp32)
@@ -153,9 +170,7 @@ class GraphForward:
         self._shapes: dict[str, torch.Size] = {}
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if pixels.dtype != torch.uint8 or pixels.dim() != 4:
-            raise ValueError(f"expected uint8 NHWC pixels, got {pixels.dtype} "
-                             f"{list(pixels.shape)}")
+        _check_pixels(pixels)
         if self.fallback_reason is not None or pixels.shape[0] == 0:
             return self._eager(pixels)
         ways = parallel.split_ways(pixels.shape[0])
@@ -182,19 +197,66 @@ class GraphForward:
                     # checked calls run one after the other, here.
                     flat = torch.cat([run(p) for p in torch.tensor_split(pixels, ways)])
         except RuntimeError as err:
-            return self._fall_back(f"it raised {type(err).__name__}: "
-                                   f"{str(err).strip().splitlines()[-1]}", sizes, seen, pixels)
+            return self._fall_back(_raised(err), sizes, seen, pixels)
         if seen < self.check_calls:
-            checked = self._check(flat, pixels)
-            if checked is not None:
-                self._fall_back(f"its output differed from the eager forward's: {checked[0]}",
-                                sizes, seen)
-                return checked[1]
-            for size in set(sizes):
-                self._checked[size] = self._checked.get(size, 0) + 1
-            if all(c >= self.check_calls for c in self._checked.values()):
-                self._reference = None  # every program so far is trusted
+            wrong = self._gate(flat, pixels, sizes, seen)
+            if wrong is not None:
+                return wrong
         return self._split(flat)
+
+    def submit(self, pixels: torch.Tensor) -> PendingForward:
+        """Start ``engine(pixels)`` as one whole-batch call on a worker thread and return at
+        once; :meth:`PendingForward.result` gives what ``engine(pixels)`` would.
+
+        Why: with ``depth`` batches in flight (one per compute thread, each on one thread)
+        no core waits for the slower slice of a split batch, each program runs at the
+        larger whole-batch size, and a caller that decodes its next batch meanwhile keeps
+        both cores busy; ``dvprobe extract --engine graph`` runs this way (figures: README,
+        Performance). A program's first ``check_calls`` calls still run here and now, one
+        at a time, and pass the gate before any call of it runs on a worker; a program that
+        raises on a worker switches the engine to eager when its result is asked for.
+        """
+        _check_pixels(pixels)
+        n = pixels.shape[0]
+        if self.fallback_reason is not None or n == 0 or self.depth < 2:
+            return PendingForward(self, pixels, value=self(pixels))
+        if n not in self._programs:
+            if len(self._programs) >= MAX_PROGRAMS:
+                return PendingForward(self, pixels, value=self._eager(pixels))
+            self._programs[n] = self._trace(pixels)
+        seen = self._checked.get(n, 0)
+        if seen < self.check_calls:
+            try:
+                with _onednn_fusion():
+                    flat = self._programs[n](scale_pixels(pixels, self.dtype))
+            except RuntimeError as err:
+                return PendingForward(self, pixels, value=self._fall_back(
+                    _raised(err), [n], seen, pixels))
+            wrong = self._gate(flat, pixels, [n], seen)
+            return PendingForward(self, pixels,
+                                  value=wrong if wrong is not None else self._split(flat))
+        future = parallel.worker_pool(self.depth).submit(self._run_whole, self._programs[n],
+                                                         pixels)
+        return PendingForward(self, pixels, future=future)
+
+    def _run_whole(self, program: torch.jit.ScriptModule, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), _onednn_fusion():
+            return program(scale_pixels(pixels, self.dtype))
+
+    def _gate(self, flat: torch.Tensor, pixels: torch.Tensor, sizes: list[int], seen: int
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Check a call's output (see :meth:`_check`): None and one more passed call for
+        its programs, or the eager result after switching to eager for good."""
+        checked = self._check(flat, pixels)
+        if checked is not None:
+            self._fall_back(f"its output differed from the eager forward's: {checked[0]}",
+                            sizes, seen)
+            return checked[1]
+        for size in set(sizes):
+            self._checked[size] = self._checked.get(size, 0) + 1
+        if all(c >= self.check_calls for c in self._checked.values()):
+            self._reference = None  # every program so far is trusted
+        return None
 
     def _fall_back(self, why: str, sizes: list[int], seen: int,
                    pixels: torch.Tensor | None = None
@@ -265,6 +327,38 @@ class GraphForward:
 
     def _eager(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return _eager_forward(self.model, self.layers, self.pool, pixels)
+
+
+class PendingForward:
+    """A batch started by :meth:`GraphForward.submit`; ``result()`` waits for it."""
+
+    def __init__(self, engine: GraphForward, pixels: torch.Tensor, *,
+                 future: Future | None = None,
+                 value: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None):
+        self._engine, self._pixels, self._future, self._value = engine, pixels, future, value
+
+    def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(probs, {layer: pooled})``; runs the eager forward here if the program raised."""
+        if self._value is None:
+            assert self._future is not None
+            engine, n = self._engine, self._pixels.shape[0]
+            try:
+                self._value = engine._split(self._future.result())
+            except RuntimeError as err:
+                if engine.fallback_reason is None:
+                    engine._fall_back(_raised(err), [n], engine._checked.get(n, 0))
+                self._value = engine._eager(self._pixels)
+            self._future = None
+        return self._value
+
+
+def _check_pixels(pixels: torch.Tensor) -> None:
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4:
+        raise ValueError(f"expected uint8 NHWC pixels, got {pixels.dtype} {list(pixels.shape)}")
+
+
+def _raised(err: BaseException) -> str:
+    return f"it raised {type(err).__name__}: {str(err).strip().splitlines()[-1]}"
 
 
 def _name(dtype: torch.dtype) -> str:

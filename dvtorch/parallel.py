@@ -109,7 +109,9 @@ def _pin_one_thread() -> None:
     torch.zeros(1 << 17).add_(1)
 
 
-def _pool(n: int) -> ThreadPoolExecutor:
+def worker_pool(n: int) -> ThreadPoolExecutor:
+    """The process's pool of ``n`` worker threads, each pinned to one compute thread (made
+    on first use; the batch split and ``dvtorch.graph``'s whole-batch calls share it)."""
     with _POOLS_LOCK:
         pool = _POOLS.get(n)
         if pool is None:
@@ -143,7 +145,7 @@ def run_split(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         finally:
             _LOCAL.parts = None
 
-    results = list(_pool(ways).map(work, slices))
+    results = list(worker_pool(ways).map(work, slices))
     first = results[0][1]
     for key, (commit, _) in first.items():
         commit(torch.cat([parts[key][1] for _, parts in results], 0))

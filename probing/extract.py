@@ -19,6 +19,7 @@ autocast has no fp16); activations are converted to the storage dtype after pool
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -247,24 +248,34 @@ def _defer_sigint():
             raise KeyboardInterrupt
 
 
+_Result = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
 @contextlib.contextmanager
 def _forward(model: torch.nn.Module, names: Sequence[str], pool: str,
              graph_engine: dvgraph.GraphForward | None, autocast: Any
-             ) -> Iterator[Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
-    """``forward(pixels) -> (probs, {layer: pooled})`` for one extraction run: the oneDNN
-    Graph engine when given, else the model under capture hooks kept for the whole run."""
+             ) -> Iterator[tuple[Callable[[torch.Tensor], Callable[[], _Result]], int]]:
+    """``(start, ahead)`` for one extraction run: ``start(pixels)`` launches a batch and
+    returns a getter of its ``(probs, {layer: pooled})``; ``ahead`` batches may be started
+    before the oldest one's result is taken.
+
+    The oneDNN Graph engine runs whole batches on worker threads, one more queued than it
+    has threads, so a core that finishes never waits for the loader. The eager model runs
+    under capture hooks kept for the whole run, one batch ahead (on CUDA the host work of
+    a batch overlaps the device's forward of the next; on CPU that is just ordering).
+    """
     if graph_engine is not None:
-        yield graph_engine
+        yield (lambda x: graph_engine.submit(x).result), graph_engine.depth + 1
         return
     with capture(model, names, pool=pool) as acts:
-        def forward(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def start(x: torch.Tensor) -> Callable[[], _Result]:
             with autocast:
                 probs = model(x)
             out = {n: acts[n] for n in names}
             acts.clear()
-            return probs, out
+            return lambda: (probs, out)
 
-        yield forward
+        yield start, 1
 
 
 def extract(
@@ -414,12 +425,12 @@ def extract(
     t_wait = 0.0
     last_commit = t_start
     n_new = 0
-    in_flight: tuple[Batch, dict[str, torch.Tensor], torch.Tensor, Any] | None = None
+    in_flight: collections.deque[tuple[Batch, Callable[[], _Result]]] = collections.deque()
 
-    def finish(item: tuple[Batch, dict[str, torch.Tensor], torch.Tensor, Any]) -> None:
+    def finish(batch: Batch, result: Callable[[], _Result]) -> None:
         """Host side of a batch whose forward has been launched: copy, build obs, queue."""
         nonlocal n_new, last_commit
-        batch, acts_dev, probs_dev, _ = item
+        probs_dev, acts_dev = result()
         probs = probs_dev.float().cpu().numpy()
         arrs = {n: acts_dev[n].to(torch.float32).cpu().numpy().astype(store_dtypes[n],
                                                                       copy=False)
@@ -442,7 +453,12 @@ def extract(
     graph_engine = dvgraph.GraphForward(model, names, pool) if engine == "graph" else None
     try:
         with torch.inference_mode(), _forward(model, names, pool, graph_engine,
-                                              autocast) as forward:
+                                              autocast) as (start_batch, ahead):
+
+            def finish_all_but(keep: int) -> None:
+                while len(in_flight) > keep:
+                    finish(*in_flight.popleft())
+
             while True:
                 t0 = time.perf_counter()
                 batch = next(it, None)
@@ -452,36 +468,25 @@ def extract(
                 if batch.n == 0:
                     # Every record of this batch was corrupt and skipped, or its first
                     # record is bad: the cursor moves on to where it ends.
-                    if in_flight is not None:
-                        finish(in_flight)
-                        in_flight = None
+                    finish_all_but(0)
                     with _defer_sigint():
                         pending.skipped.extend(batch.skipped)
                         pending.end = batch.end
                 else:
                     # Raw uint8 into the model, which scales the pixels itself (exactly
-                    # like dvtorch.preprocess): on CPU inside each batch-split thread,
+                    # like dvtorch.preprocess): on CPU inside each compute thread,
                     # straight into the model's dtype; on CUDA after a 4x smaller
-                    # host-to-device copy.
-                    probs, acts = forward(batch.images.to(dev, non_blocking=True))
-                    current = (batch, acts, probs, None)
-                    # One-batch lag: the host work of batch i-1 overlaps the device's
-                    # forward of batch i (on CPU the forward is synchronous and this is
-                    # just ordering).
-                    if in_flight is not None:
-                        finish(in_flight)
-                    in_flight = current
+                    # host-to-device copy. Batches are finished in input order.
+                    in_flight.append((batch, start_batch(batch.images.to(dev,
+                                                                         non_blocking=True))))
+                    finish_all_but(ahead)
                 if batch.error is not None:
                     # A bad record: keep and commit everything before it, then report.
-                    if in_flight is not None:
-                        finish(in_flight)
-                        in_flight = None
+                    finish_all_but(0)
                     with _defer_sigint():
                         _commit(writer, pending)
                     batch.raise_error()
-            if in_flight is not None:
-                finish(in_flight)
-                in_flight = None
+            finish_all_but(0)
         with _defer_sigint():
             _commit(writer, pending)
     except KeyboardInterrupt:

@@ -255,7 +255,8 @@ def test_graph_engine_stores_the_eager_rows(data, tmp_path):
         with pytest.raises(DvprobeError, match="oneDNN Graph"):
             _extract(data, tmp_path / "graph", engine="graph")
         return
-    s = _extract(data, tmp_path / "graph", engine="graph", commit_interval_s=0)
+    torch.set_num_threads(2)  # two whole batches on worker threads at once, after the checks
+    s = _extract(data, tmp_path / "graph", engine="graph", commit_interval_s=0, batch_size=4)
     base = data["baseline"]
     pd.testing.assert_frame_equal(s.obs.drop(columns=list(PROB_COLUMNS)),
                                   base.obs.drop(columns=list(PROB_COLUMNS)))
@@ -496,6 +497,29 @@ def test_corrupt_record_errors_with_location_and_store_stays_consistent(
     # the same STORE can be finished by skipping the bad record (a resume, not a redo)
     done = _extract(data, out, spec=spec, workers=2, skip_corrupt=True)
     _check_skipped(done, data, shard1)
+
+
+def test_graph_engine_finishes_the_batches_in_flight_before_a_bad_record(
+    data, corrupt_spec, tmp_path
+):
+    from dvtorch import graph
+
+    if not graph.available():
+        pytest.skip("torch without oneDNN Graph")
+    spec, shard1 = corrupt_spec
+    out = tmp_path / "g"
+    torch.set_num_threads(2)
+    # batches of 4: three checked ones, then batches 3-5 in flight on worker threads when
+    # batch 6 (rows 24-27) stops at the bad row 25
+    with pytest.raises(ExampleFormatError, match="CRC"):
+        _extract(data, out, spec=spec, engine="graph", batch_size=4, commit_interval_s=60)
+    s = open_store(out)
+    assert s.n == 25 and s.meta["cursor"] == {"shard": 1, "record": 5, "position": 25}
+    base = data["baseline"]
+    pd.testing.assert_frame_equal(s.obs.drop(columns=list(PROB_COLUMNS)),
+                                  base.obs.iloc[:25].drop(columns=list(PROB_COLUMNS)))
+    np.testing.assert_allclose(s.layer("mixed10"), base.layer("mixed10")[:25],
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_truncated_last_shard_keeps_every_complete_record(data, tmp_path):

@@ -197,3 +197,54 @@ def test_programs_pool_after_the_conv_but_onnx_exports_keep_keras_order(fp32_mod
     pools = [n for n in g.node if n.op_type == "AveragePool"]
     assert len(pools) == 9 and all(producer.get(p.input[0]) != "Conv" for p in pools)
 
+
+
+def test_submitted_batches_give_the_eager_results_in_flight_together(fp32_model):
+    torch.set_num_threads(2)
+    engine = graph.GraphForward(fp32_model, LAYERS, "max")
+    assert engine.depth == 2
+    sizes = [9, 9, 9, 9, 9, 9, 3, 3]
+    batches = [_pixels(n, 10 + i) for i, n in enumerate(sizes)]
+    with torch.inference_mode():
+        pending = [engine.submit(px) for px in batches]  # all started before any result
+        # a program's first three calls ran here, checked; later ones went to the workers
+        on_workers = [p._future is not None for p in pending]
+        results = [p.result() for p in pending]
+    assert on_workers == [False, False, False, True, True, True, False, False]
+    for px, (probs, acts) in zip(batches, results, strict=True):
+        ref_probs, ref = _eager(fp32_model, px, "max")
+        torch.testing.assert_close(probs, ref_probs, rtol=1e-4, atol=1e-5)
+        for name in LAYERS:
+            assert acts[name].shape == ref[name].shape
+            assert graph._relative_error(acts[name].reshape(px.shape[0], -1),
+                                         ref[name].reshape(px.shape[0], -1)) < 1e-4
+    assert engine.fallback_reason is None
+    assert sorted(engine._programs) == [3, 9]  # whole-batch programs
+    assert len(engine.checks) == 3 + 2
+    assert not torch._C._jit_llga_enabled()  # put back once the last worker call is done
+
+
+def test_a_program_raising_on_a_worker_hands_that_batch_and_later_ones_to_eager(
+        fp32_model, monkeypatch, caplog):
+    torch.set_num_threads(2)
+    engine = graph.GraphForward(fp32_model, LAYERS, "max")
+    with torch.inference_mode():
+        for i in range(graph.CHECK_CALLS):
+            engine.submit(_pixels(9, i)).result()
+
+        def broken(program, pixels):
+            raise RuntimeError("oneDNN Graph: partition execution failed")
+
+        monkeypatch.setattr(engine, "_run_whole", broken)
+        px = _pixels(9, 7)
+        with caplog.at_level(logging.WARNING, logger="dvtorch.graph"):
+            pending = engine.submit(px)
+            probs, acts = pending.result()
+        later = engine.submit(_pixels(9, 8))
+    ref_probs, ref = _eager(fp32_model, px, "max")
+    torch.testing.assert_close(probs, ref_probs, rtol=0, atol=0)  # the eager forward itself
+    assert "partition execution failed" in engine.fallback_reason
+    assert "using the eager forward" in caplog.text
+    assert later._future is None  # no more worker calls once the engine has fallen back
+    torch.testing.assert_close(later.result()[0], _eager(fp32_model, _pixels(9, 8), "max")[0],
+                               rtol=0, atol=0)
