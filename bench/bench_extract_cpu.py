@@ -5,8 +5,9 @@ Both sides read the same gzipped TFRecord shards through the same loader
 comparison is of the whole pipeline, not of a model call on a pre-made tensor. The
 pipelines (each ``--engines`` entry in fp32 and bf16, then onnxruntime) run interleaved for
 ``--rounds`` rounds so that a noisy moment on a shared machine hits all of them alike; the
-medians are reported: examples/s for each, the share of wall time spent waiting for data,
-and the cosine similarity of every other pipeline's max-pooled mixed5 rows to the first
+medians are reported: examples/s for each, the share of wall time the main thread spends
+getting the next batch (loading and decoding: a stall for the eager engine and onnxruntime,
+which wait for it; the ``graph`` engine's worker threads compute meanwhile), and the cosine similarity of every other pipeline's max-pooled mixed5 rows to the first
 engine's fp32 rows (target >= 0.999). The last line is the ratio line (targets: fp32 >= 1.0x
 onnxruntime, bf16 >= 2x onnxruntime fp32), printed for the whole run and for the run after
 its first 10 batches (what a whole-genome run sees: the ``graph`` engine traces, compiles and
@@ -278,7 +279,7 @@ def main() -> None:
             print(f"{k}: {v[0]['n']} ex, median {med[k]:.1f} ex/s over {len(v)} rounds "
                   f"(min {min(x['ex_s'] for x in v):.1f}, max {max(x['ex_s'] for x in v):.1f}), "
                   f"after batch {STEADY_AFTER} {steady[k]:.1f} ex/s, "
-                  f"waiting for data {100 * share:.0f}% of wall")
+                  f"main thread loading data {100 * share:.0f}% of wall")
         ref = stores[engines[0], "fp32"].layer(layers[0])
         for c in contenders[1:]:
             b = stores[c].layer(layers[0])
