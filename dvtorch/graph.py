@@ -12,13 +12,19 @@ PyTorch) and a fusing executor that re-specialises the program on the first call
 new input shape. That executor has been seen to return *wrong* results (the same traced
 graph fed raw uint8 pixels: softmax off by 0.98 from its second call on;
 ``bench/bench_onednn_graph_cpu.py`` reproduces it). So the pixels are scaled outside the
-program; each batch-slice size gets a program of its own (at most ``MAX_PROGRAMS``; other
+program; each input size gets a program of its own (at most ``MAX_PROGRAMS``; other
 sizes run eagerly), so a program only ever sees one input shape; and the first
 ``check_calls`` calls of every program are compared with the eager forward on the same
-batch (run one slice at a time: concurrent first calls have failed inside oneDNN Graph). An output further from float32 than the eager forward's own
-(see ``ERROR_RATIO``), a softmax that is not softmax(logits), or an exception switches the
-engine to the eager forward for good, with a warning that says why; that batch is redone
-eagerly, so nothing wrong or missing reaches the caller.
+batch (run one at a time: concurrent first calls have failed inside oneDNN Graph). An
+output further from float32 than the eager forward's own (see ``ERROR_RATIO``), a softmax
+that is not softmax(logits), or an exception switches the engine to the eager forward for
+good, with a warning that says why; that batch is redone eagerly, so nothing wrong or
+missing reaches the caller.
+
+Two ways to call it: ``engine(pixels)`` splits the batch across the compute threads like
+the eager forward (programs per slice size); ``engine.submit(pixels)`` runs the whole batch
+on one worker thread and returns at once, so that ``depth`` batches run side by side
+(programs per batch size) -- what extraction does (measured faster: README, Performance).
 
 Captured layers are traced outputs, not live hooks: one engine serves one (layers, pool)
 choice, which is what an extraction run needs.
