@@ -449,6 +449,20 @@ def test_a_long_fp32_run_on_a_cpu_with_native_bf16_mentions_bf16(data, tmp_path,
     assert ("--dtype bf16 extracts" in capsys.readouterr().err) == bool(native)
 
 
+def test_a_long_eager_run_mentions_the_graph_engine(data, tmp_path, capsys, monkeypatch):
+    from dvtorch import graph
+
+    _extract(data, tmp_path / "small", limit=BATCH, progress=True)
+    assert "--engine graph" not in capsys.readouterr().err  # a short run: no hint
+    monkeypatch.setattr("probing.extract.BF16_HINT_MIN_BYTES", 1)
+    _extract(data, tmp_path / "eager", limit=BATCH, progress=True)
+    assert ("--engine graph (oneDNN Graph" in capsys.readouterr().err) == graph.available()
+    _extract(data, tmp_path / "graph", limit=BATCH, progress=True,
+             engine="graph" if graph.available() else "eager", dtype="fp32")
+    if graph.available():
+        assert "--engine graph (oneDNN Graph" not in capsys.readouterr().err  # already on it
+
+
 def test_different_extraction_at_same_out_is_refused(data, tmp_path):
     out = tmp_path / "one"
     extract(data["bundle"], data["spec"], out, limit=4, workers=0, device="cpu", progress=False)
