@@ -166,10 +166,11 @@ class GraphForward:
         # eager forward's in the model's dtype (0 for fp32)
         self.checks: list[tuple[float, float]] = []
         self._reference: DeepVariantInceptionV3 | None = None
-        # one traced program per batch-slice size: each then only ever sees one input shape,
-        # so the executor has nothing left to re-specialise once its checked calls are done
+        # one traced program per input size (a batch slice for __call__, a whole batch for
+        # submit): each then only ever sees one input shape, so the executor has nothing
+        # left to re-specialise once its checked calls are done
         self._programs: dict[int, torch.jit.ScriptModule] = {}
-        self._checked: dict[int, int] = {}  # slice size -> checked calls passed
+        self._checked: dict[int, int] = {}  # input size -> checked calls passed
         # the programs' output layout (the same for every program), set by the first trace:
         # column widths of softmax and each tap, and each tap's per-example shape
         self._widths: list[int] | None = None
@@ -186,22 +187,17 @@ class GraphForward:
         for size in sizes:
             if size not in self._programs:
                 self._programs[size] = self._trace(pixels[:size])
-        programs, dtype = self._programs, self.dtype
-
-        def run(p: torch.Tensor) -> torch.Tensor:
-            return programs[p.shape[0]](scale_pixels(p, dtype))
-
         seen = min(self._checked.get(size, 0) for size in sizes)
         try:
             with _onednn_fusion():
                 if ways > 1 and seen >= self.check_calls:
-                    flat = parallel.run_split(run, pixels, ways)
+                    flat = parallel.run_split(self._run, pixels, ways)
                 else:
                     # While a program is new the executor profiles, fuses and compiles its
                     # partitions; two threads doing that at once have failed ("partition
                     # compile failed", "Partition inputs are missing"), so the slices of the
                     # checked calls run one after the other, here.
-                    flat = torch.cat([run(p) for p in torch.tensor_split(pixels, ways)])
+                    flat = torch.cat([self._run(p) for p in torch.tensor_split(pixels, ways)])
         except RuntimeError as err:
             return self._fall_back(_raised(err), sizes, seen, pixels)
         if seen < self.check_calls:
@@ -234,20 +230,23 @@ class GraphForward:
         if seen < self.check_calls:
             try:
                 with _onednn_fusion():
-                    flat = self._programs[n](scale_pixels(pixels, self.dtype))
+                    flat = self._run(pixels)
             except RuntimeError as err:
                 return PendingForward(self, pixels, value=self._fall_back(
                     _raised(err), [n], seen, pixels))
             wrong = self._gate(flat, pixels, [n], seen)
             return PendingForward(self, pixels,
                                   value=wrong if wrong is not None else self._split(flat))
-        future = parallel.worker_pool(self.depth).submit(self._run_whole, self._programs[n],
-                                                         pixels)
+        future = parallel.worker_pool(self.depth).submit(self._run_on_worker, pixels)
         return PendingForward(self, pixels, future=future)
 
-    def _run_whole(self, program: torch.jit.ScriptModule, pixels: torch.Tensor) -> torch.Tensor:
+    def _run(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The program for this input size on the scaled pixels: the flat output."""
+        return self._programs[pixels.shape[0]](scale_pixels(pixels, self.dtype))
+
+    def _run_on_worker(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), _onednn_fusion():
-            return program(scale_pixels(pixels, self.dtype))
+            return self._run(pixels)
 
     def _gate(self, flat: torch.Tensor, pixels: torch.Tensor, sizes: list[int], seen: int
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
@@ -268,7 +267,7 @@ class GraphForward:
                    pixels: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """Switch to the eager forward for good, saying why; with ``pixels``, run it on them."""
-        self.fallback_reason = (f"oneDNN Graph program: {why} (batch slices {sizes}, call "
+        self.fallback_reason = (f"oneDNN Graph program: {why} (input sizes {sizes}, call "
                                 f"{seen + 1}); using the eager forward from here on")
         _LOG.warning(self.fallback_reason)
         return None if pixels is None else self._eager(pixels)

@@ -232,10 +232,10 @@ def test_a_program_raising_on_a_worker_hands_that_batch_and_later_ones_to_eager(
         for i in range(graph.CHECK_CALLS):
             engine.submit(_pixels(9, i)).result()
 
-        def broken(program, pixels):
+        def broken(pixels):
             raise RuntimeError("oneDNN Graph: partition execution failed")
 
-        monkeypatch.setattr(engine, "_run_whole", broken)
+        monkeypatch.setattr(engine, "_run_on_worker", broken)
         px = _pixels(9, 7)
         with caplog.at_level(logging.WARNING, logger="dvtorch.graph"):
             pending = engine.submit(px)
