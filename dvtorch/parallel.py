@@ -127,6 +127,18 @@ def worker_pool(n: int) -> ThreadPoolExecutor:
         return pool
 
 
+def _run_collecting(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    inference: bool) -> tuple[torch.Tensor, dict]:
+    """``fn(x)`` in this worker thread, with what its hooks handed to :func:`defer` of its hooks."""
+    _LOCAL.parts = {}
+    try:
+        with torch.inference_mode(inference), torch.no_grad():
+            out = fn(x)
+        return out, _LOCAL.parts
+    finally:
+        _LOCAL.parts = None
+
+
 def run_split(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
               ways: int) -> torch.Tensor:
     """``fn(x)`` computed as ``ways`` single-threaded ``fn`` calls on dim-0 slices of ``x``.
@@ -135,18 +147,43 @@ def run_split(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     """
     inference = torch.is_inference_mode_enabled()
     slices = torch.tensor_split(x, ways, dim=0)
-
-    def work(xs: torch.Tensor):
-        _LOCAL.parts = {}
-        try:
-            with torch.inference_mode(inference), torch.no_grad():
-                out = fn(xs)
-            return out, _LOCAL.parts
-        finally:
-            _LOCAL.parts = None
-
-    results = list(worker_pool(ways).map(work, slices))
+    results = list(worker_pool(ways).map(lambda xs: _run_collecting(fn, xs, inference),
+                                         slices))
     first = results[0][1]
     for key, (commit, _) in first.items():
         commit(torch.cat([parts[key][1] for _, parts in results], 0))
     return torch.cat([out for out, _ in results], 0)
+
+
+def whole_batch_depth(modules: Iterable[nn.Module]) -> int:
+    """How many whole batches :func:`submit_whole` should run side by side: the compute
+    threads, or 0 where that is not the way to run (one thread, already inside a worker,
+    or a hook that is not :func:`split_safe` on ``modules``)."""
+    n = torch.get_num_threads()
+    if n < 2 or in_worker() or not hooks_allow_split(modules):
+        return 0
+    return n
+
+
+def submit_whole(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 depth: int) -> Callable[[], torch.Tensor]:
+    """Start ``fn(x)`` on the whole batch in one of ``depth`` single-threaded workers and
+    return at once; the returned getter waits for it, commits what its hooks handed to
+    :func:`defer` (in the caller's thread) and returns the output.
+
+    Why: with ``depth`` batches in flight, one per core, no core waits for the slower half
+    of a split batch, nothing synchronises inside a forward, and the caller's thread is
+    free meanwhile (extraction decodes the next batch). Call the getters in submission
+    order when hooks commit into shared state (``dvtorch.hooks.capture`` keeps the last
+    committed batch). Only for inference; inference mode is carried into the worker.
+    """
+    future = worker_pool(depth).submit(_run_collecting, fn, x,
+                                       torch.is_inference_mode_enabled())
+
+    def result() -> torch.Tensor:
+        out, parts = future.result()
+        for commit, value in parts.values():
+            commit(value)
+        return out
+
+    return result

@@ -36,6 +36,7 @@ import torch
 
 import dvtorch
 from dvtorch import graph as dvgraph
+from dvtorch import parallel
 from dvtorch.allocator import reuse_freed_memory
 from dvtorch.cpu import native_bf16
 from dvtorch.errors import DvprobeError, ExampleFormatError
@@ -259,23 +260,39 @@ def _forward(model: torch.nn.Module, names: Sequence[str], pool: str,
     returns a getter of its ``(probs, {layer: pooled})``; ``ahead`` batches may be started
     before the oldest one's result is taken.
 
-    The oneDNN Graph engine runs whole batches on worker threads, one more queued than it
-    has threads, so a core that finishes never waits for the loader. The eager model runs
-    under capture hooks kept for the whole run, one batch ahead (on CUDA the host work of
-    a batch overlaps the device's forward of the next; on CPU that is just ordering).
+    On CPU with two or more compute threads both engines run whole batches on worker
+    threads (one compute thread each), one more batch queued than there are threads, so a
+    core that finishes never waits for the loader or for the other core. Otherwise the
+    eager model runs in this thread, one batch ahead (on CUDA the host work of a batch
+    overlaps the device's forward of the next; on CPU that is just ordering). The eager
+    model's capture hooks stay on for the whole run; results are taken in input order.
     """
     if graph_engine is not None:
         yield (lambda x: graph_engine.submit(x).result), graph_engine.depth + 1
         return
     with capture(model, names, pool=pool) as acts:
-        def start(x: torch.Tensor) -> Callable[[], _Result]:
-            with autocast:
-                probs = model(x)
+        def taken(probs: torch.Tensor) -> _Result:
             out = {n: acts[n] for n in names}
             acts.clear()
-            return lambda: (probs, out)
+            return probs, out
 
-        yield start, 1
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        depth = parallel.whole_batch_depth(model.modules()) if on_cpu else 0
+        if depth:
+            def start_on_worker(x: torch.Tensor) -> Callable[[], _Result]:
+                probs = parallel.submit_whole(model, x, depth)
+                return lambda: taken(probs())
+
+            yield start_on_worker, depth + 1
+            return
+
+        def start_here(x: torch.Tensor) -> Callable[[], _Result]:
+            with autocast:
+                probs = model(x)
+            result = taken(probs)
+            return lambda: result
+
+        yield start_here, 1
 
 
 def extract(

@@ -513,20 +513,20 @@ def test_corrupt_record_errors_with_location_and_store_stays_consistent(
     _check_skipped(done, data, shard1)
 
 
-def test_graph_engine_finishes_the_batches_in_flight_before_a_bad_record(
-    data, corrupt_spec, tmp_path
-):
+@pytest.mark.parametrize("engine", ["eager", "graph"])
+def test_batches_in_flight_are_finished_before_a_bad_record(data, corrupt_spec, tmp_path,
+                                                             engine):
     from dvtorch import graph
 
-    if not graph.available():
+    if engine == "graph" and not graph.available():
         pytest.skip("torch without oneDNN Graph")
     spec, shard1 = corrupt_spec
-    out = tmp_path / "g"
+    out = tmp_path / engine
     torch.set_num_threads(2)
-    # batches of 4: three checked ones, then batches 3-5 in flight on worker threads when
-    # batch 6 (rows 24-27) stops at the bad row 25
+    # batches of 4 on worker threads (graph: after three checked ones), up to three in
+    # flight when batch 6 (rows 24-27) stops at the bad row 25
     with pytest.raises(ExampleFormatError, match="CRC"):
-        _extract(data, out, spec=spec, engine="graph", batch_size=4, commit_interval_s=60)
+        _extract(data, out, spec=spec, engine=engine, batch_size=4, commit_interval_s=60)
     s = open_store(out)
     assert s.n == 25 and s.meta["cursor"] == {"shard": 1, "record": 5, "position": 25}
     base = data["baseline"]
@@ -534,6 +534,31 @@ def test_graph_engine_finishes_the_batches_in_flight_before_a_bad_record(
                                   base.obs.iloc[:25].drop(columns=list(PROB_COLUMNS)))
     np.testing.assert_allclose(s.layer("mixed10"), base.layer("mixed10")[:25],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_eager_cpu_runs_whole_batches_on_worker_threads_with_one_threads_rows(
+    data, tmp_path, monkeypatch
+):
+    from dvtorch import parallel
+
+    calls = []
+    real = parallel.submit_whole
+
+    def spy(fn, x, depth):
+        calls.append((x.shape[0], depth))
+        return real(fn, x, depth)
+
+    monkeypatch.setattr(parallel, "submit_whole", spy)
+    torch.set_num_threads(1)
+    try:
+        one = _extract(data, tmp_path / "one", batch_size=4, commit_interval_s=0)
+    finally:
+        torch.set_num_threads(2)
+    assert calls == []  # one compute thread: the batch runs in the calling thread
+    two = _extract(data, tmp_path / "two", batch_size=4, commit_interval_s=0)
+    assert [n for n, _ in calls] == [4] * (N // 4) + ([N % 4] if N % 4 else [])
+    assert {d for _, d in calls} == {2}
+    _assert_same_store(two, one)
 
 
 def test_truncated_last_shard_keeps_every_complete_record(data, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -134,3 +136,71 @@ def test_split_forward_works_in_a_forked_child(models, x):
         pytest.fail("forked child hung in a split forward")
     assert p.exitcode == 0
     assert q.get(timeout=5) == pytest.approx(want, rel=1e-5)
+
+
+# ---- whole batches in flight (submit_whole) ---------------------------------------------
+
+
+def test_whole_batches_in_flight_equal_the_plain_forward_with_their_own_captures(models, x):
+    torch.set_num_threads(2)
+    model = models[True]
+    threads = []
+    depth = parallel.whole_batch_depth(model.modules())
+    assert depth == 2
+    batches = [x[:4], x[4:], x[2:7]]
+    with torch.inference_mode():
+        with capture(models[False], ["mixed5", "avg_pool"]) as ref_acts:
+            refs = []
+            for b in batches:
+                refs.append((models[False](b), {n: ref_acts[n] for n in ref_acts}))
+        with capture(model, ["mixed5", "avg_pool"]) as acts:
+            spy = parallel.split_safe(
+                lambda m, i, o: threads.append(threading.current_thread().name))
+            h = model.mixed0.register_forward_hook(spy)
+            try:
+                getters = [parallel.submit_whole(model, b, depth) for b in batches]
+                for get, (ref_probs, ref_caps) in zip(getters, refs, strict=True):
+                    probs = get()  # commits this batch's captures, and only this batch's
+                    torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
+                    for n, want in ref_caps.items():
+                        torch.testing.assert_close(acts[n], want, rtol=1e-5, atol=1e-5)
+            finally:
+                h.remove()
+    # each batch ran whole, on a worker thread, not in the caller's
+    assert len(threads) == 3
+    assert all(t.startswith("dvtorch-split") for t in threads)
+    assert torch.get_num_threads() == 2
+
+
+def test_whole_batches_only_with_threads_to_spare_and_split_safe_hooks(models):
+    model = models[True]
+    torch.set_num_threads(1)
+    try:
+        assert parallel.whole_batch_depth(model.modules()) == 0
+    finally:
+        torch.set_num_threads(2)
+    h = model.mixed3.register_forward_hook(lambda m, i, o: None)
+    try:
+        assert parallel.whole_batch_depth(model.modules()) == 0
+    finally:
+        h.remove()
+    assert parallel.whole_batch_depth(model.modules()) == 2
+    # inside a worker (a nested call) the batch runs in place
+    inner = parallel.submit_whole(lambda t: torch.tensor(parallel.whole_batch_depth([])),
+                                  torch.zeros(1), 2)
+    assert inner().item() == 0
+
+
+def test_whole_batch_errors_surface_at_the_result_and_commit_nothing(models, x, monkeypatch):
+    torch.set_num_threads(2)
+    model = models[True]
+
+    def boom(t):
+        raise RuntimeError("batch failed")
+
+    monkeypatch.setattr(model.mixed10, "forward", boom)
+    with torch.no_grad(), capture(model, "mixed5") as acts:
+        get = parallel.submit_whole(model, x, 2)
+        with pytest.raises(RuntimeError, match="batch failed"):
+            get()
+        assert len(acts) == 0
