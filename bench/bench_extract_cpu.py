@@ -6,8 +6,9 @@ comparison is of the whole pipeline, not of a model call on a pre-made tensor. T
 pipelines (each ``--engines`` entry in fp32 and bf16, then onnxruntime) run interleaved for
 ``--rounds`` rounds so that a noisy moment on a shared machine hits all of them alike; the
 medians are reported: examples/s for each, the share of wall time the main thread spends
-getting the next batch (loading and decoding: a stall for the eager engine and onnxruntime,
-which wait for it; the ``graph`` engine's worker threads compute meanwhile), and the cosine similarity of every other pipeline's max-pooled mixed5 rows to the first
+getting the next batch (loading and decoding: a stall for onnxruntime, which waits for it;
+with 2+ threads both PyTorch engines compute whole batches on worker threads meanwhile),
+and the cosine similarity of every other pipeline's max-pooled mixed5 rows to the first
 engine's fp32 rows (target >= 0.999). The last line is the ratio line (targets: fp32 >= 1.0x
 onnxruntime, bf16 >= 2x onnxruntime fp32), printed for the whole run and for the run after
 its first 10 batches (what a whole-genome run sees: the ``graph`` engine traces, compiles and
