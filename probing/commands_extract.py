@@ -44,8 +44,8 @@ def extract_command(
     engine: str = typer.Option(
         "eager", "--engine",
         help="eager | graph. graph (CPU, fp32/bf16): the forward run as a oneDNN Graph program, "
-             "whole batches per compute thread; measured on an AMX CPU 7-13% faster in fp32 "
-             "(1.03-1.05x onnxruntime) and 1.3-1.4x in bf16 once started (~3 s); checked "
+             "measured on an AMX CPU 6-7% faster in fp32 (1.02-1.04x onnxruntime) and 1.25x "
+             "in bf16 once started (~3 s); checked "
              "against eager on its first batches of each size and falls back to eager (with a "
              "warning) if they differ."),
     overwrite: bool = typer.Option(False, "--overwrite",
