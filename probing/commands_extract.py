@@ -60,13 +60,20 @@ def extract_command(
 
     Re-run the same command after a crash or Ctrl-C to continue where it stopped.
     """
-    from probing.extract import extract
+    from probing.extract import ExtractionInterrupted, extract
 
-    store = extract(bundle, examples, out, layers=_split_layers(layers), pool=pool, device=device,
-            batch_size=batch_size, workers=workers, dtype=dtype, limit=limit,
-            skip_corrupt=skip_corrupt, overwrite=overwrite, engine=engine,
-            progress=not no_progress,
-            commit_interval_s=commit_every)
+    try:
+        store = extract(bundle, examples, out, layers=_split_layers(layers), pool=pool,
+                        device=device, batch_size=batch_size, workers=workers, dtype=dtype,
+                        limit=limit, skip_corrupt=skip_corrupt, overwrite=overwrite,
+                        engine=engine, progress=not no_progress,
+                        commit_interval_s=commit_every)
+    except ExtractionInterrupted as exc:
+        if no_progress:
+            # Progress messages are off, but how an interrupted run was left (what is
+            # committed, how to resume) is its outcome, like an error: say it anyway.
+            typer.echo(str(exc), err=True)
+        raise
     typer.echo(f"{store.path}: {store.n} examples, layers {', '.join(store.layers)}"
                + (f", {store.meta['skipped']['count']} corrupt records skipped"
                   if (store.meta.get("skipped") or {}).get("count") else ""))

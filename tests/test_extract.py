@@ -666,6 +666,32 @@ def test_without_example_info_first_record_shape_is_checked(data, tmp_path):
 # ---- CLI -------------------------------------------------------------------------------
 
 
+def test_cli_interrupted_run_says_how_to_resume_also_without_progress(data, tmp_path,
+                                                                    monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from probing import commands_extract
+    from probing.extract import ExtractionInterrupted
+
+    said = "interrupted: 8 examples are committed in X; run the same command again to resume"
+
+    def interrupted(*args, **kwargs):
+        raise ExtractionInterrupted(said)
+
+    monkeypatch.setattr("probing.extract.extract", interrupted)
+    app = typer.Typer()
+    commands_extract.register(app)
+    app.command("noop")(lambda: None)
+    for quiet in (["--no-progress"], []):
+        r = CliRunner().invoke(app, ["extract", str(data["bundle"]), data["spec"], "--out",
+                                     str(tmp_path / "o"), *quiet])
+        assert r.exit_code != 0
+        # said once: by extract's own log with progress on (patched away here), by the
+        # command with --no-progress
+        assert (said in r.output) == bool(quiet), r.output
+
+
 def test_cli_extract_and_user_error_exit_code(data, tmp_path):
     import typer
     from typer.testing import CliRunner
