@@ -36,7 +36,7 @@ import torch
 
 import dvtorch
 from dvtorch import graph as dvgraph
-from dvtorch import parallel
+from dvtorch import memory, parallel
 from dvtorch.allocator import reuse_freed_memory
 from dvtorch.cpu import native_bf16
 from dvtorch.errors import DvprobeError, ExampleFormatError
@@ -252,23 +252,64 @@ def _defer_sigint():
 _Result = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
+def _whole_batch_depth(model: torch.nn.Module, dev: torch.device,
+                       graph_engine: dvgraph.GraphForward | None, batch_size: int,
+                       shape: tuple[int, int, int], log: Callable[[str], None]) -> int:
+    """How many whole batches run at once on worker threads (see :func:`_forward`); 0 to
+    split each batch across the compute threads or run it in this thread instead.
+
+    Whole batches need ``depth`` batches' worth of activation memory, so they are only
+    used where that fits (:func:`dvtorch.memory.whole_batches_fit`); a run that cannot
+    says so in one line, with what would fit.
+    """
+    if dev.type != "cpu":
+        return 0
+    depth = graph_engine.depth if graph_engine is not None \
+        else parallel.whole_batch_depth(model.modules())
+    if depth < 2:
+        return 0
+    element_size = next(model.parameters()).element_size()
+    available = memory.available_bytes()
+    fits, need = memory.whole_batches_fit(depth, batch_size, shape, element_size, available)
+    if fits:
+        return depth
+    per_example = memory.activation_bytes_per_example(shape, element_size)
+    room = "unknown" if available is None else f"{available / 1e9:.1f} GB"
+    largest = 0 if available is None \
+        else int(memory.IN_FLIGHT_SHARE * available / (depth * per_example))
+    log(f"each batch is split across the {depth} compute threads: {depth} whole batches of "
+        f"{batch_size} at once would need ~{need / 1e9:.1f} GB of activations, more than "
+        f"{memory.IN_FLIGHT_SHARE:.0%} of the memory available ({room})"
+        + (f"; --batch-size {largest} or less would fit (faster)" if largest >= 1 else ""))
+    return 0
+
+
 @contextlib.contextmanager
 def _forward(model: torch.nn.Module, names: Sequence[str], pool: str,
-             graph_engine: dvgraph.GraphForward | None, autocast: Any
+             graph_engine: dvgraph.GraphForward | None, autocast: Any, depth: int
              ) -> Iterator[tuple[Callable[[torch.Tensor], Callable[[], _Result]], int]]:
     """``(start, ahead)`` for one extraction run: ``start(pixels)`` launches a batch and
     returns a getter of its ``(probs, {layer: pooled})``; ``ahead`` batches may be started
     before the oldest one's result is taken.
 
-    On CPU with two or more compute threads both engines run whole batches on worker
-    threads (one compute thread each), one more batch queued than there are threads, so a
-    core that finishes never waits for the loader or for the other core. Otherwise the
-    eager model runs in this thread, one batch ahead (on CUDA the host work of a batch
-    overlaps the device's forward of the next; on CPU that is just ordering). The eager
-    model's capture hooks stay on for the whole run; results are taken in input order.
+    With ``depth`` > 0 (CPU, two or more compute threads, memory to spare: see
+    :func:`_whole_batch_depth`) either engine runs whole batches on ``depth`` worker
+    threads (one compute thread each), one more batch queued, so a core that finishes
+    never waits for the loader or for the other core. Otherwise each batch runs in this
+    thread (on CPU split across the compute threads), one batch ahead (on CUDA the host
+    work of a batch overlaps the device's forward of the next; on CPU that is just
+    ordering). The eager model's capture hooks stay on for the whole run; results are
+    taken in input order.
     """
     if graph_engine is not None:
-        yield (lambda x: graph_engine.submit(x).result), graph_engine.depth + 1
+        if depth:
+            yield (lambda x: graph_engine.submit(x).result), depth + 1
+        else:
+            def start_split(x: torch.Tensor) -> Callable[[], _Result]:
+                result = graph_engine(x)
+                return lambda: result
+
+            yield start_split, 1
         return
     with capture(model, names, pool=pool) as acts:
         def taken(probs: torch.Tensor) -> _Result:
@@ -276,8 +317,6 @@ def _forward(model: torch.nn.Module, names: Sequence[str], pool: str,
             acts.clear()
             return probs, out
 
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        depth = parallel.whole_batch_depth(model.modules()) if on_cpu else 0
         if depth:
             def start_on_worker(x: torch.Tensor) -> Callable[[], _Result]:
                 probs = parallel.submit_whole(model, x, depth)
@@ -473,9 +512,10 @@ def extract(
 
     it = iter(loader)
     graph_engine = dvgraph.GraphForward(model, names, pool) if engine == "graph" else None
+    depth = _whole_batch_depth(model, dev, graph_engine, batch_size, shape, log)
     try:
-        with torch.inference_mode(), _forward(model, names, pool, graph_engine,
-                                              autocast) as (start_batch, ahead):
+        with torch.inference_mode(), _forward(model, names, pool, graph_engine, autocast,
+                                              depth) as (start_batch, ahead):
 
             def finish_all_but(keep: int) -> None:
                 while len(in_flight) > keep:

@@ -666,6 +666,39 @@ def test_without_example_info_first_record_shape_is_checked(data, tmp_path):
 # ---- CLI -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("engine", ["eager", "graph"])
+def test_without_memory_for_whole_batches_each_batch_is_split_and_the_run_says_so(
+    data, tmp_path, monkeypatch, capsys, engine
+):
+    from dvtorch import graph, parallel
+
+    if engine == "graph" and not graph.available():
+        pytest.skip("torch without oneDNN Graph")
+    whole = []
+    real_submit, real_graph_submit = parallel.submit_whole, graph.GraphForward.submit
+    monkeypatch.setattr(parallel, "submit_whole",
+                        lambda *a: whole.append(1) or real_submit(*a))
+    monkeypatch.setattr(graph.GraphForward, "submit",
+                        lambda self, x: whole.append(1) or real_graph_submit(self, x))
+    torch.set_num_threads(2)
+    # 2 whole batches of 8 (fp32, 100 x 221): ~90 MB, more than a quarter of 200 MB
+    monkeypatch.setattr("probing.extract.memory.available_bytes", lambda: 200_000_000)
+    s = _extract(data, tmp_path / "tight", engine=engine, progress=True, commit_interval_s=0)
+    err = capsys.readouterr().err
+    assert whole == []
+    assert "each batch is split across the 2 compute threads" in err
+    assert "--batch-size 4 or less would fit" in err
+    base = data["baseline"]
+    pd.testing.assert_frame_equal(s.obs.drop(columns=list(PROB_COLUMNS)),
+                                  base.obs.drop(columns=list(PROB_COLUMNS)))
+    for name in base.layers:
+        np.testing.assert_allclose(s.layer(name), base.layer(name), rtol=1e-4, atol=1e-4)
+    # with room to spare the same run computes whole batches, silently
+    monkeypatch.setattr("probing.extract.memory.available_bytes", lambda: 8 << 30)
+    _extract(data, tmp_path / "roomy", engine=engine, progress=True, limit=24)
+    assert whole and "split across" not in capsys.readouterr().err
+
+
 def test_cli_interrupted_run_says_how_to_resume_also_without_progress(data, tmp_path,
                                                                     monkeypatch):
     import typer
