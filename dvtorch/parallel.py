@@ -129,7 +129,7 @@ def worker_pool(n: int) -> ThreadPoolExecutor:
 
 def _run_collecting(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                     inference: bool) -> tuple[torch.Tensor, dict]:
-    """``fn(x)`` in this worker thread, with what its hooks handed to :func:`defer` of its hooks."""
+    """``fn(x)`` in this worker thread, and what its hooks handed to :func:`defer`."""
     _LOCAL.parts = {}
     try:
         with torch.inference_mode(inference), torch.no_grad():
