@@ -17,6 +17,12 @@ Forward hooks fire in the worker threads with slice outputs. A hook may opt in w
 batch order and committed once the whole batch is done (``dvtorch.hooks.capture`` does
 this). Any other hook on a submodule disables the split, so plain hooks keep seeing
 full-batch tensors.
+
+A caller with a stream of batches can do better than splitting each one:
+:func:`submit_whole` runs a whole batch on one worker and returns at once, so that
+``n`` batches compute side by side and the caller prepares the next meanwhile (what CPU
+extraction does: +4.6 % fp32, +14.5 % bf16 over split batches; it costs ``n`` batches'
+worth of activation memory, see :mod:`dvtorch.memory`).
 """
 
 from __future__ import annotations
