@@ -466,7 +466,7 @@ def extract(
     if engine == "eager" and dev.type == "cpu" and dtype in ("fp32", "bf16") and long_run \
             and dvgraph.available():
         log("--engine graph (oneDNN Graph, checked against this engine on its first batches) "
-            "measured 6-7% faster in fp32 and 25% in bf16 once started (README, "
+            "measured 6-7% faster in fp32 and 25-30% in bf16 once started (README, "
             "Performance)")
     dataset = ExampleBatches(files, batch_size=batch_size, shape=shape, channels=channels,
                              start=start, limit=limit, skip_corrupt=skip_corrupt)
