@@ -475,6 +475,8 @@ def extract(
                 else contextlib.nullcontext())
     names = [s.name for s in specs]
     store_dtypes = {s.name: np.dtype(s.dtype) for s in specs}
+    graph_engine = dvgraph.GraphForward(model, names, pool) if engine == "graph" else None
+    depth = _whole_batch_depth(model, dev, graph_engine, batch_size, shape, log)
     pending = _Pending(names)
     bar = None
     if progress:
@@ -511,8 +513,6 @@ def extract(
             on_batch(n_before + n_new)
 
     it = iter(loader)
-    graph_engine = dvgraph.GraphForward(model, names, pool) if engine == "graph" else None
-    depth = _whole_batch_depth(model, dev, graph_engine, batch_size, shape, log)
     try:
         with torch.inference_mode(), _forward(model, names, pool, graph_engine, autocast,
                                               depth) as (start_batch, ahead):
