@@ -36,8 +36,7 @@ import contextlib
 import logging
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -237,8 +236,9 @@ class GraphForward:
             wrong = self._gate(flat, pixels, [n], seen)
             return PendingForward(self, pixels,
                                   value=wrong if wrong is not None else self._split(flat))
-        future = parallel.worker_pool(self.depth).submit(self._run_on_worker, pixels)
-        return PendingForward(self, pixels, future=future)
+        return PendingForward(self, pixels,
+                              pending=parallel.submit_whole(self._run_on_worker, pixels,
+                                                            self.depth))
 
     def _run(self, pixels: torch.Tensor) -> torch.Tensor:
         """The program for this input size on the scaled pixels: the flat output."""
@@ -338,22 +338,22 @@ class PendingForward:
     """A batch started by :meth:`GraphForward.submit`; ``result()`` waits for it."""
 
     def __init__(self, engine: GraphForward, pixels: torch.Tensor, *,
-                 future: Future | None = None,
+                 pending: Callable[[], torch.Tensor] | None = None,
                  value: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None):
-        self._engine, self._pixels, self._future, self._value = engine, pixels, future, value
+        self._engine, self._pixels, self._pending, self._value = engine, pixels, pending, value
 
     def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(probs, {layer: pooled})``; runs the eager forward here if the program raised."""
         if self._value is None:
-            assert self._future is not None
+            assert self._pending is not None
             engine, n = self._engine, self._pixels.shape[0]
             try:
-                self._value = engine._split(self._future.result())
+                self._value = engine._split(self._pending())
             except RuntimeError as err:
                 if engine.fallback_reason is None:
                     engine._fall_back(_raised(err), [n], engine._checked.get(n, 0))
                 self._value = engine._eager(self._pixels)
-            self._future = None
+            self._pending = None
         return self._value
 
 

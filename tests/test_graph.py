@@ -208,7 +208,7 @@ def test_submitted_batches_give_the_eager_results_in_flight_together(fp32_model)
     with torch.inference_mode():
         pending = [engine.submit(px) for px in batches]  # all started before any result
         # a program's first three calls ran here, checked; later ones went to the workers
-        on_workers = [p._future is not None for p in pending]
+        on_workers = [p._pending is not None for p in pending]
         results = [p.result() for p in pending]
     assert on_workers == [False, False, False, True, True, True, False, False]
     for px, (probs, acts) in zip(batches, results, strict=True):
@@ -245,6 +245,6 @@ def test_a_program_raising_on_a_worker_hands_that_batch_and_later_ones_to_eager(
     torch.testing.assert_close(probs, ref_probs, rtol=0, atol=0)  # the eager forward itself
     assert "partition execution failed" in engine.fallback_reason
     assert "using the eager forward" in caplog.text
-    assert later._future is None  # no more worker calls once the engine has fallen back
+    assert later._pending is None  # no more worker calls once the engine has fallen back
     torch.testing.assert_close(later.result()[0], _eager(fp32_model, _pixels(9, 8), "max")[0],
                                rtol=0, atol=0)
