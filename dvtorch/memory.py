@@ -2,8 +2,9 @@
 
 Why: CPU extraction runs one whole batch per compute thread at once
 (:func:`dvtorch.parallel.submit_whole`), so its activations take ``threads x batch``
-examples' worth of memory instead of ``batch``: +0.5 GB for the demo on 2 threads, and on
-a 16-thread machine with the default batch of 64, ~6 GB. Extraction only runs that way
+examples' worth of memory instead of ``batch``: +0.5 GB peak RSS for six layers at batch
+64 on 2 threads (measured), and on a 16-thread machine with the default batch of 64, ~6 GB
+(estimated). Extraction only runs that way
 when it fits comfortably (see :func:`whole_batches_fit`) and splits each batch across the
 threads otherwise, which is slower but needs one batch's worth.
 """
@@ -75,3 +76,13 @@ def whole_batches_fit(depth: int, batch_size: int, input_shape: tuple[int, int, 
     if available is None:
         return depth <= 1, need
     return need <= IN_FLIGHT_SHARE * available, need
+
+
+def largest_batch_that_fits(depth: int, input_shape: tuple[int, int, int], element_size: int,
+                            available: int | None) -> int:
+    """The largest batch size :func:`whole_batches_fit` accepts for ``depth`` whole
+    batches (0: not even one example each, or ``available`` unknown)."""
+    if available is None:
+        return 0
+    per_example = activation_bytes_per_example(input_shape, element_size)
+    return int(IN_FLIGHT_SHARE * available / (depth * per_example))

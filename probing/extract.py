@@ -273,10 +273,8 @@ def _whole_batch_depth(model: torch.nn.Module, dev: torch.device,
     fits, need = memory.whole_batches_fit(depth, batch_size, shape, element_size, available)
     if fits:
         return depth
-    per_example = memory.activation_bytes_per_example(shape, element_size)
     room = "unknown" if available is None else f"{available / 1e9:.1f} GB"
-    largest = 0 if available is None \
-        else int(memory.IN_FLIGHT_SHARE * available / (depth * per_example))
+    largest = memory.largest_batch_that_fits(depth, shape, element_size, available)
     log(f"each batch is split across the {depth} compute threads: {depth} whole batches of "
         f"{batch_size} at once would need ~{need / 1e9:.1f} GB of activations, more than "
         f"{memory.IN_FLIGHT_SHARE:.0%} of the memory available ({room})"

@@ -75,3 +75,13 @@ def test_whole_batches_fit_in_a_quarter_of_what_is_available(depth, batch, avail
     ok, need = memory.whole_batches_fit(depth, batch, (100, 221, 7), 4, available)
     assert ok is fits
     assert need == depth * batch * memory.activation_bytes_per_example((100, 221, 7), 4)
+
+
+@pytest.mark.parametrize(("depth", "available"), [(2, 2 * GB), (8, 10 * GB), (16, 64 * GB)])
+def test_the_largest_batch_that_fits_is_the_fit_rules_boundary(depth, available):
+    shape = (100, 221, 7)
+    largest = memory.largest_batch_that_fits(depth, shape, 4, available)
+    assert largest >= 1
+    assert memory.whole_batches_fit(depth, largest, shape, 4, available)[0]
+    assert not memory.whole_batches_fit(depth, largest + 1, shape, 4, available)[0]
+    assert memory.largest_batch_that_fits(depth, shape, 4, None) == 0
