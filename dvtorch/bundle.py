@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dvtorch.errors import BundleError
-from dvtorch.files import sha256_file
+from dvtorch.files import give_default_mode, sha256_file
 from dvtorch.inception import (
     ConvBN,
     DeepVariantInceptionV3,
@@ -76,6 +76,7 @@ def save_bundle(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tenso
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        give_default_mode(tmp, directory=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                    for k, v in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE))
@@ -95,6 +96,7 @@ def save_bundle(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tenso
         full.setdefault("untrained", False)
         (tmp / META_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
         for f in tmp.iterdir():
+            give_default_mode(f)  # safetensors writes its file 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if out.exists():  # overwrite=True: move the old one aside, then swap.

@@ -26,6 +26,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from dvtorch.errors import ExampleFormatError
+from dvtorch.files import give_default_mode
 from probing import protos
 from probing.channels import channel_name
 from probing.tfrecord import ReadStats, expand_spec, iter_records
@@ -237,7 +238,7 @@ def parse_example(
 
     locus_v = _feature(fmap, K_LOCUS, "bytes_list", spath, record, required=False)
     locus = (
-        _single(locus_v, K_LOCUS, spath, record).decode("ascii", "replace")
+        _single(locus_v, K_LOCUS, spath, record).decode("utf-8", "replace")
         if locus_v is not None
         else make_locus(chrom, start, end)
     )
@@ -249,6 +250,9 @@ def parse_example(
     )
     label_v = _feature(fmap, K_LABEL, "int64_list", spath, record, required=False)
     label = int(_single(label_v, K_LABEL, spath, record)) if label_v is not None else None
+    if label is not None and label not in (0, 1, 2):
+        raise ExampleFormatError(spath, record, f"feature '{K_LABEL}' is {label}, not a "
+                                 "genotype class (0 hom-ref, 1 het, 2 hom-alt)")
     seq_v = _feature(fmap, K_SEQ_TYPE, "int64_list", spath, record, required=False)
     seq_type = int(_single(seq_v, K_SEQ_TYPE, spath, record)) if seq_v is not None else None
 
@@ -460,8 +464,8 @@ def _validate_info(data: Any, path: Path) -> dict:
 
 def _load_info(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ExampleFormatError(path, None, f"corrupt example_info.json: {e}") from e
     except OSError as e:
         raise ExampleFormatError(path, None, f"cannot read: {e.strerror or e}") from e
@@ -516,6 +520,7 @@ def write_example_info(
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        give_default_mode(tmp)
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh)
             fh.write("\n")

@@ -43,7 +43,7 @@ from dvtorch.errors import DvprobeError, ExampleFormatError
 from dvtorch.files import sha256_file
 from dvtorch.hooks import capture
 from dvtorch.layers import layer_info
-from probing.examples import check_example_info, parse_example, read_example_info
+from probing.examples import DVExample, check_example_info, parse_example, read_example_info
 from probing.loader import Batch, Cursor, ExampleBatches, make_loader
 from probing.store import LayerSpec, Store, StoreWriter
 from probing.tfrecord import expand_spec, iter_records
@@ -137,16 +137,34 @@ def check_inputs(files: Sequence[str], spec: str, shape: tuple[int, int, int],
         return {"source": "example_info.json", "shape": list(info.get("shape", [])),
                 "channels": list(info.get("channels", []))}
     for path in files:
-        for rec, payload in iter_records(path, skip_corrupt=True):
-            ex = parse_example(payload, path=path, record=rec, expected_shape=None)
-            got = tuple(int(s) for s in ex.image.shape)
-            if got != tuple(shape):
-                raise ExampleFormatError(
-                    path, rec, f"examples have image shape {list(got)} but the model expects "
-                    f"{list(shape)} (no example_info.json found next to the examples, so "
-                    "channels could not be compared)")
-            return {"source": "first record", "shape": list(got), "channels": None}
+        first = _first_example(path)
+        if first is None:
+            continue
+        rec, ex = first
+        got = tuple(int(s) for s in ex.image.shape)
+        if got != tuple(shape):
+            raise ExampleFormatError(
+                path, rec, f"examples have image shape {list(got)} but the model expects "
+                f"{list(shape)} (no example_info.json found next to the examples, so "
+                "channels could not be compared)")
+        return {"source": "first record", "shape": list(got), "channels": None}
     return {"source": "none (no readable record)", "shape": None, "channels": None}
+
+
+def _first_example(path: str) -> tuple[int, DVExample] | None:
+    """The first record of ``path`` that reads and parses, with its index; None if none
+    does before the file ends or its framing breaks. Damaged records are left for the
+    extraction itself to report, or to skip under ``--skip-corrupt``: nothing is said here.
+    """
+    try:
+        for rec, payload in iter_records(path):
+            try:
+                return rec, parse_example(payload, path=path, record=rec, expected_shape=None)
+            except ExampleFormatError:
+                continue
+    except ExampleFormatError:
+        pass
+    return None
 
 
 def _layer_specs(model: torch.nn.Module, shape: tuple[int, int, int], layers: Sequence[str],
@@ -386,8 +404,8 @@ def extract(
         raise DvprobeError(f"--batch-size must be >= 1, got {batch_size}")
     if workers is not None and workers < 0:
         raise DvprobeError(f"--workers must be >= 0, got {workers}")
-    if limit is not None and limit < 0:
-        raise DvprobeError(f"--limit must be >= 0, got {limit}")
+    if limit is not None and limit < 1:
+        raise DvprobeError(f"--limit must be >= 1, got {limit}")
     dev = resolve_device(device)
     if workers is None:
         workers = default_workers(dev)
@@ -566,6 +584,15 @@ def extract(
             bar.close()
     elapsed = time.perf_counter() - t_start
     skipped = writer.meta.get("skipped") or {"count": 0, "first": []}
+    if writer.n_committed == 0:
+        # An empty STORE only fails later ("the STORE has no examples"); say it now, and
+        # leave no empty STORE behind to be resumed or mistaken for a result.
+        writer.discard()
+        first = skipped["first"][0] if skipped["first"] else None
+        why = (f"every record read was corrupt and skipped ({skipped['count']}; first: "
+               f"{first['file']}, record {first['record']}: {first['reason']})" if first
+               else "it holds no records")
+        raise DvprobeError(f"{examples}: nothing to extract: {why}; no STORE was written")
     summary = {
         "n": writer.n_committed,
         "n_this_run": n_new,

@@ -25,6 +25,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from dvtorch.errors import DvprobeError, ExampleFormatError
 from probing.examples import parse_example
 from probing.pileup import pileup_attributes
 from probing.tfrecord import ReadStats, iter_records
+
+_LOG = logging.getLogger(__name__)
 
 # obs columns the loader fills (extract adds the model outputs); order = docs/architecture.md
 META_COLUMNS: tuple[str, ...] = (
@@ -243,8 +246,10 @@ class ExampleBatches(IterableDataset):
                     error = exc
                     end = Cursor(si, rec, end.position - len(items) + j)
                     break
-                skipped.append({"file": self.files[si], "record": rec,
-                                "reason": str(getattr(exc, "reason", exc))})
+                reason = str(getattr(exc, "reason", exc))
+                skipped.append({"file": self.files[si], "record": rec, "reason": reason})
+                _LOG.warning("skipping corrupt record %s, record %d: %s", self.files[si], rec,
+                             reason)
                 continue
             images[n] = ex.image
             n += 1

@@ -24,6 +24,7 @@ flight and never duplicates rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from dvtorch.errors import DvprobeError
+from dvtorch.files import give_default_mode
 
 FORMAT = "dvprobe-store"
 FORMAT_VERSION = 1
@@ -54,6 +56,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        give_default_mode(tmp)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -73,6 +76,46 @@ def _write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     df.to_parquet(tmp, index=False)
     os.replace(tmp, path)
+
+
+def _read_meta(meta_path: Path) -> dict:
+    """A STORE's ``store.json``, or a StoreError saying why it is not one (unreadable, not
+    JSON, or JSON that some other program wrote)."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise StoreError(f"{meta_path}: unreadable ({e}); not a dvprobe STORE, or a damaged "
+                         "one") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = (f"format {meta['format']!r}" if isinstance(meta, dict) and "format" in meta
+                 else "no format")
+        raise StoreError(f"{meta_path}: not written by dvprobe ({found}, not {FORMAT!r}); "
+                         f"{meta_path.parent} is not a STORE and is left as it is")
+    return meta
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf where two JSON values differ (for messages)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(old.keys() | new.keys(), key=str):
+            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    if old == new:
+        return []
+    def short(value: Any) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{prefix.rstrip('.')}: {short(old)} there, {short(new)} now"]
+
+
+def _comparable(inputs: Any) -> Any:
+    """Extraction inputs as compared for resuming: the order of ``layers`` does not change
+    what a STORE holds (layers are stored by name)."""
+    if isinstance(inputs, dict) and isinstance(inputs.get("layers"), list):
+        return {**inputs, "layers": sorted(inputs["layers"])}
+    return inputs
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -137,9 +180,7 @@ class Store:
         meta_path = self.path / _META
         if not meta_path.is_file():
             raise StoreError(f"{self.path}: not a dvprobe STORE (no {_META})")
-        self.meta: dict = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise StoreError(f"{meta_path}: format is {self.meta.get('format')!r}, not {FORMAT!r}")
+        self.meta: dict = _read_meta(meta_path)
         self._obs: pd.DataFrame | None = None
 
     # -- rows ---------------------------------------------------------------------------
@@ -218,6 +259,7 @@ class Store:
         shape = (self.n, spec.dim)
         if self.n == 0:
             return np.zeros(shape, dtype=spec.dtype)
+        _check_layer_file(path, self.n, spec.dim * np.dtype(spec.dtype).itemsize)
         arr = np.memmap(path, dtype=spec.dtype, mode="r", shape=shape)
         return arr if mmap else np.array(arr)
 
@@ -249,6 +291,7 @@ class Store:
         runs_dir.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=runs_dir))
         try:
+            give_default_mode(tmp, directory=True)
             meta = dict(meta)
             if obs is not None:
                 obs.reset_index(drop=True).to_parquet(tmp / "obs.parquet", index=False)
@@ -280,7 +323,11 @@ class Store:
         p = self.path / "runs" / name
         if not (p / "run.json").is_file():
             raise StoreError(f"{self.path}: no run {name!r}; runs: {self.runs}")
-        meta = json.loads((p / "run.json").read_text())
+        try:
+            meta = json.loads((p / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{p / 'run.json'}: unreadable ({e}); rerun the analysis that "
+                             f"wrote run {name!r}") from e
         obs = pd.read_parquet(p / "obs.parquet") if (p / "obs.parquet").is_file() else pd.DataFrame()
         arrays: dict[str, np.ndarray] = {}
         if (p / "arrays.npz").is_file():
@@ -296,6 +343,20 @@ class Store:
 def open_store(path: str | os.PathLike) -> Store:
     """Open a STORE written by ``dvprobe extract`` (complete, or partial after a crash)."""
     return Store(path)
+
+
+def _check_layer_file(path: Path, n: int, rowbytes: int) -> None:
+    """Refuse a layer file that holds fewer than the ``n`` committed rows."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise StoreError(f"{path}: missing or unreadable ({e.strerror or e}) although "
+                         f"store.json commits {n} rows: the STORE is damaged; rerun the "
+                         "extraction with --overwrite") from e
+    if size < n * rowbytes:
+        raise StoreError(f"{path}: holds {size // rowbytes} complete rows but store.json "
+                         f"commits {n}: the file was cut short and the STORE is damaged; "
+                         "rerun the extraction with --overwrite")
 
 
 class StoreWriter:
@@ -315,18 +376,27 @@ class StoreWriter:
              layers: list[LayerSpec], *, overwrite: bool = False) -> StoreWriter:
         path = Path(path)
         meta_path = path / _META
-        if meta_path.is_file() and overwrite:
-            shutil.rmtree(path)
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{path} is a file, not a STORE directory; choose another --out")
         if meta_path.is_file():
-            old = json.loads(meta_path.read_text())
-            for key in ("inputs", "layers"):
-                want = json.loads(json.dumps(meta.get(key) if key != "layers"
-                                             else {s.name: s.to_json() for s in layers}))
-                if old.get(key) != want:
-                    raise StoreError(
-                        f"{path} already holds a different extraction ({key} differ); "
-                        "pass --overwrite to replace it or choose another --out"
-                    )
+            # Also with overwrite: a store.json some other program wrote does not make its
+            # directory ours to delete.
+            old = _read_meta(meta_path)
+            if overwrite:
+                shutil.rmtree(path)
+        if meta_path.is_file():
+            # what the user asked for differently; else how the layers are stored
+            differ = _differences(_comparable(old.get("inputs")),
+                                  _comparable(json.loads(json.dumps(meta.get("inputs")))),
+                                  "") or _differences(
+                old.get("layers"), {s.name: s.to_json() for s in layers}, "layers.")
+            if differ:
+                raise StoreError(
+                    f"{path} already holds a different extraction ("
+                    + "; ".join(differ[:4]) + (f"; {len(differ) - 4} more" if len(differ) > 4
+                                               else "")
+                    + "); pass --overwrite to replace it or choose another --out"
+                )
             w = cls(path, old)
             w._truncate_to_commit()
             return w
@@ -351,11 +421,15 @@ class StoreWriter:
         return bool(self.meta.get("complete"))
 
     def _truncate_to_commit(self) -> None:
+        """Drop whatever a crash left beyond the last commit; refuse a STORE that holds
+        less than it committed (a layer file cut short or deleted: resuming would append
+        after a gap)."""
         n = self.n_committed
         for s in self.specs.values():
             f = self.path / "layers" / f"{s.name}.bin"
             rowbytes = s.dim * np.dtype(s.dtype).itemsize
-            with open(f, "ab") as fh:
+            _check_layer_file(f, n, rowbytes)
+            with open(f, "r+b") as fh:
                 fh.truncate(n * rowbytes)
         keep = set(self.meta["obs_parts"])
         for p in (self.path / "obs").glob("*.parquet"):
@@ -394,6 +468,17 @@ class StoreWriter:
         meta.update(meta_fields or {})
         atomic_write_json(self.path / _META, meta)
         self.meta = meta
+
+    def discard(self) -> None:
+        """Remove this STORE (an extraction that committed nothing): the files extraction
+        writes, then the directory if nothing else is in it."""
+        for s in self.specs.values():
+            (self.path / "layers" / f"{s.name}.bin").unlink(missing_ok=True)
+        shutil.rmtree(self.path / "obs", ignore_errors=True)
+        (self.path / _META).unlink(missing_ok=True)
+        for d in (self.path / "layers", self.path):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
     def update_meta(self, **fields: Any) -> None:
         meta = dict(self.meta)

@@ -14,8 +14,10 @@ Error policy: every problem a user's file can have raises
 :class:`dvtorch.errors.ExampleFormatError` naming the file, the record index and a reason
 that contains "CRC", "corrupt" or "truncated". With ``skip_corrupt=True`` a record whose
 *payload* CRC fails is skipped and counted (the length was verified, so the reader can step
-over it). A failed *length* CRC cannot be skipped: the reader no longer knows where the
-next record starts, so it stops that file with an error even under ``skip_corrupt``.
+over it). Damage to the framing itself -- a failed *length* CRC, a record or gzip stream
+cut short, corrupt gzip data -- leaves the reader not knowing where the next record starts:
+without ``skip_corrupt`` that is an error; with it, the rest of *that file* is skipped as
+one counted, reported skip (at the first record it cuts into) and the next file is read.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import BinaryIO
 import google_crc32c
 
 from dvtorch.errors import ExampleFormatError
+from dvtorch.files import give_default_mode
 
 try:
     # zlib-ng reads the same gzip format with a 3-20x faster inflate. Inflating is most of
@@ -288,59 +291,92 @@ def iter_records(
         )
     if stats is not None:
         stats.files += 1
+
+    def skip(record: int, reason: str) -> None:
+        if record < start:
+            return  # counted and reported by the run that read it
+        if stats is not None:
+            stats.note_skip(spath, record, reason)
+        else:
+            log.warning("skipping corrupt record %s, record %d: %s", spath, record, reason)
+
     with _open_stream(spath) as (stream, gz):
-        rd = _ChunkReader(stream, spath, gz)
-        idx = 0
-        while not rd.at_eof(idx):
-            header = rd.read(12, idx)
-            if len(header) < 12:
-                raise ExampleFormatError(
-                    spath,
-                    idx,
-                    f"truncated record header ({len(header)} of 12 bytes before end of data)",
-                )
-            length, len_crc = _HEADER.unpack(header)
-            if masked_crc32c(header[:8]) != len_crc:
-                # No resync possible: the next record's offset depends on this length.
-                raise ExampleFormatError(
-                    spath,
-                    idx,
-                    "length CRC mismatch: record header is corrupt; cannot find the next "
-                    "record, so the rest of this file is unreadable"
-                    + (" (skip_corrupt cannot skip this)" if skip_corrupt else "")
-                    + ("" if gz else "; is this a TFRecord file?"),
-                )
-            if length > _MAX_RECORD:
-                raise ExampleFormatError(
-                    spath, idx, f"corrupt record header: implausible length {length}"
-                )
-            payload = rd.read(length, idx)
-            if len(payload) < length:
-                raise ExampleFormatError(
-                    spath,
-                    idx,
-                    f"truncated record: {len(payload)} of {length} payload bytes before end of data",
-                )
-            tail = rd.read(4, idx)
-            if len(tail) < 4:
-                raise ExampleFormatError(
-                    spath, idx, "truncated record: payload CRC missing at end of data"
-                )
-            if masked_crc32c(payload) != _U32.unpack(tail)[0]:
-                reason = f"payload CRC mismatch ({length}-byte record is corrupt)"
+        records = _framed_records(_ChunkReader(stream, spath, gz), spath, gz)
+        while True:
+            try:
+                idx, payload, intact = next(records)
+            except StopIteration:
+                return
+            except ExampleFormatError as e:
+                # The framing is lost: nothing after this point can be located.
+                if not skip_corrupt:
+                    raise
+                skip(e.record if e.record is not None else 0,
+                     f"{e.reason}; the rest of this file is skipped")
+                return
+            if not intact:
+                reason = f"payload CRC mismatch ({len(payload)}-byte record is corrupt)"
                 if not skip_corrupt:
                     raise ExampleFormatError(spath, idx, reason)
-                if stats is not None:
-                    stats.note_skip(spath, idx, reason)
-                else:
-                    log.warning("skipping corrupt record %s, record %d: %s", spath, idx, reason)
-                idx += 1
+                skip(idx, reason)
                 continue
             if idx >= start:
                 if stats is not None:
                     stats.records += 1
                 yield idx, payload
-            idx += 1
+
+
+def _framed_records(rd: _ChunkReader, spath: str, gz: bool
+                    ) -> Iterator[tuple[int, bytes, bool]]:
+    """``(record_index, payload, payload CRC ok)`` for every framed record of one stream;
+    raises ExampleFormatError where the framing is lost (see the module docstring)."""
+    idx = 0
+    while not _at_end(rd, idx):
+        header = rd.read(12, idx)
+        if len(header) < 12:
+            raise ExampleFormatError(
+                spath,
+                idx,
+                f"truncated record header ({len(header)} of 12 bytes before end of data)",
+            )
+        length, len_crc = _HEADER.unpack(header)
+        if masked_crc32c(header[:8]) != len_crc:
+            # No resync possible: the next record's offset depends on this length.
+            raise ExampleFormatError(
+                spath,
+                idx,
+                "length CRC mismatch: record header is corrupt, so the next record "
+                "cannot be found" + ("" if gz else " (is this a TFRecord file?)"),
+            )
+        if length > _MAX_RECORD:
+            raise ExampleFormatError(
+                spath, idx, f"corrupt record header: implausible length {length}"
+            )
+        payload = rd.read(length, idx)
+        if len(payload) < length:
+            raise ExampleFormatError(
+                spath,
+                idx,
+                f"truncated record: {len(payload)} of {length} payload bytes before end of data",
+            )
+        tail = rd.read(4, idx)
+        if len(tail) < 4:
+            raise ExampleFormatError(
+                spath, idx, "truncated record: payload CRC missing at end of data"
+            )
+        yield idx, payload, masked_crc32c(payload) == _U32.unpack(tail)[0]
+        idx += 1
+
+
+def _at_end(rd: _ChunkReader, idx: int) -> bool:
+    """Whether the stream ends before record ``idx``. Damage found there, after the last
+    complete record, is said to be there rather than blamed on a record ``idx`` that does
+    not exist (e.g. a gzip trailer whose checksum fails: some record was bit-rotted)."""
+    try:
+        return rd.at_eof(idx)
+    except ExampleFormatError as e:  # raised only when no byte of record idx is left
+        where = f"after record {idx - 1}, the last complete one" if idx else "before any record"
+        raise ExampleFormatError(e.path, idx, f"{e.reason} ({where})") from e
 
 
 def count_records(path: str | os.PathLike, *, skip_corrupt: bool = False) -> int:
@@ -370,6 +406,7 @@ class TFRecordWriter:
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
         )
         self._tmp = Path(tmp)
+        give_default_mode(tmp)
         self._raw: BinaryIO = os.fdopen(fd, "wb")
         self._out: BinaryIO = (
             gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=level, mtime=0)  # type: ignore[assignment]

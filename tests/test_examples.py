@@ -247,6 +247,22 @@ def test_wrong_image_size_and_shape():
         parse_example(_encoded(), expected_shape=(100, 221, 7))
 
 
+@pytest.mark.parametrize("label", [3, 7, -1, 2**62])
+def test_a_label_that_is_not_a_genotype_class_is_refused(label):
+    """DeepVariant's labels are 0/1/2; anything else is a damaged or foreign record, not an
+    example without a label."""
+    ex = protos.Example.FromString(_encoded(label=1))
+    ex.features.feature["label"].int64_list.value[0] = label
+    with pytest.raises(ExampleFormatError, match=f"'label' is {label}, not a genotype class"):
+        parse_example(ex.SerializeToString(), path="x.gz", record=11)
+
+
+def test_a_utf8_locus_is_kept_as_written():
+    ex = protos.Example.FromString(_encoded())
+    ex.features.feature["locus"].bytes_list.value[0] = "chrÉ:1-2".encode()
+    assert parse_example(ex.SerializeToString()).locus == "chrÉ:1-2"
+
+
 def test_wrong_feature_type_and_garbage():
     ex = protos.Example.FromString(_encoded())
     ex.features.feature["image/shape"].bytes_list.value.append(b"10,21,7")
@@ -391,6 +407,9 @@ def test_bad_example_info(tmp_path: Path):
         read_example_info(spec)
     p.write_text("{not json")
     with pytest.raises(ExampleFormatError, match="corrupt"):
+        read_example_info(spec)
+    p.write_bytes(b'{"version": "\xff\xfe", "shape": [10, 21, 7]}')
+    with pytest.raises(ExampleFormatError, match="corrupt example_info.json: 'utf-8' codec"):
         read_example_info(spec)
 
 

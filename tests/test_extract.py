@@ -463,15 +463,98 @@ def test_a_long_eager_run_mentions_the_graph_engine(data, tmp_path, capsys, monk
         assert "--engine graph (oneDNN Graph" not in capsys.readouterr().err  # already on it
 
 
-def test_different_extraction_at_same_out_is_refused(data, tmp_path):
+def test_different_extraction_at_same_out_is_refused_saying_what_differs(data, tmp_path):
     out = tmp_path / "one"
     extract(data["bundle"], data["spec"], out, limit=4, workers=0, device="cpu", progress=False)
-    with pytest.raises(StoreError, match="different extraction"):
+    with pytest.raises(StoreError, match=r'different extraction \(layers: \["mixed10", '
+                                         r'"mixed5"\] there, \["mixed5"\] now\)'):
         _extract(data, out, layers=["mixed5"], limit=4)
-    with pytest.raises(StoreError, match="different extraction"):
+    with pytest.raises(StoreError, match='pool: "max" there, "mean" now'):
         _extract(data, out, pool="mean", limit=4)
+    # the order layers are named in does not change what the STORE holds
+    assert _extract(data, out, layers=["mixed10", "mixed5"], limit=4).n == 4
     s = _extract(data, out, pool="mean", limit=4, overwrite=True)
     assert s.layer_specs["mixed5"].pool == "mean" and s.n == 4
+
+
+def test_overwrite_never_deletes_a_directory_dvprobe_did_not_write(data, tmp_path):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "store.json").write_text('{"my": "config"}')
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(StoreError, match="not written by dvprobe.*left as it is"):
+        _extract(data, out, limit=2, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "store.json"]
+
+
+def test_an_out_that_is_a_file_or_a_damaged_store_is_refused_in_one_line(data, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("hello")
+    with pytest.raises(StoreError, match="is a file, not a STORE directory"):
+        _extract(data, afile, limit=2)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "store.json").write_text("{not json")
+    with pytest.raises(StoreError, match="store.json: unreadable"):
+        _extract(data, damaged, limit=2)
+    with pytest.raises(StoreError, match="unreadable"):
+        open_store(damaged)
+
+
+def test_a_layer_file_shorter_than_its_commits_is_refused_not_zero_filled(data, tmp_path):
+    out = tmp_path / "cut"
+
+    def crash(n_done: int) -> None:
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _extract(data, out, commit_interval_s=0, on_batch=crash)
+    rowbytes = 768 * 4
+    layer = out / "layers" / "mixed5.bin"
+    assert layer.stat().st_size == BATCH * rowbytes
+    os.truncate(layer, 3 * rowbytes)
+    with pytest.raises(StoreError, match=f"holds 3 complete rows but store.json commits {BATCH}"):
+        open_store(out).layer("mixed5")
+    with pytest.raises(StoreError, match="cut short.*--overwrite"):
+        _extract(data, out)
+    assert layer.stat().st_size == 3 * rowbytes  # left as found
+
+
+def test_an_input_without_examples_is_an_error_and_leaves_no_store(data, tmp_path):
+    empty = tmp_path / "empty.tfrecord.gz"
+    empty.write_bytes(gzip.compress(b""))
+    out = tmp_path / "o"
+    with pytest.raises(DvprobeError, match="nothing to extract: it holds no records"):
+        _extract(data, out, spec=str(empty))
+    assert not out.exists()
+    junk = tmp_path / "junk.tfrecord"
+    junk.write_bytes(b"this is not a TFRecord file at all")
+    with pytest.raises(DvprobeError, match=r"every record read was corrupt and skipped \(1; "
+                                           r"first: .*junk.tfrecord, record 0: length CRC"):
+        _extract(data, out, spec=str(junk), skip_corrupt=True)
+    assert not out.exists()
+
+
+def test_skip_corrupt_reads_on_past_a_shard_whose_framing_is_lost(data, tmp_path):
+    """A corrupt length in shard 0 (a record can no longer be located): under
+    --skip-corrupt the rest of shard 0 is one reported skip and shard 1 is read whole."""
+    spec = _write_shards(tmp_path / "lost", data["truth"])
+    shard0 = spec.replace("@2.gz", "-00000-of-00002.gz")
+
+    def flip_length(raw: bytearray) -> None:
+        off, _ = _record_offsets(bytes(raw))[5]
+        raw[off - 12] ^= 0x01
+
+    _rewrite_gz(shard0, flip_length)
+    out = tmp_path / "o"
+    with pytest.raises(ExampleFormatError, match="record 5: length CRC"):
+        _extract(data, out, spec=spec)
+    s = _extract(data, out, spec=spec, skip_corrupt=True)  # resumes at record 5
+    keep = list(range(5)) + list(range(PER_SHARD, N))
+    assert s.complete and s.meta["skipped"]["count"] == 1
+    assert "rest of this file is skipped" in s.meta["skipped"]["first"][0]["reason"]
+    pd.testing.assert_frame_equal(s.obs, data["baseline"].obs.iloc[keep].reset_index(drop=True))
+    np.testing.assert_array_equal(s.layer("mixed10"), data["baseline"].layer("mixed10")[keep])
 
 
 # ---- corrupt records -------------------------------------------------------------------

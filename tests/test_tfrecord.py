@@ -163,17 +163,66 @@ def test_skip_corrupt_counts_and_continues(tmp_path: Path):
     assert [(r, "CRC" in why) for _, r, why in stats.skipped] == [(0, True), (3, True)]
 
 
-def test_corrupt_length_cannot_be_skipped(tmp_path: Path):
+def test_corrupt_length_is_an_error_naming_the_record(tmp_path: Path):
     f = tmp_path / "c.tfrecord"
     write_records(f, PAYLOADS)
     raw = bytearray(f.read_bytes())
     raw[_offsets(PAYLOADS)[1]] ^= 0x04  # length field of record 1
     f.write_bytes(bytes(raw))
-    it = iter_records(f, skip_corrupt=True)
+    it = iter_records(f)
     assert next(it)[0] == 0
-    with pytest.raises(ExampleFormatError, match=r"length CRC.*cannot") as ei:
+    with pytest.raises(ExampleFormatError, match=r"length CRC.*cannot be found") as ei:
         next(it)
     assert ei.value.record == 1
+
+
+def test_skip_corrupt_skips_the_rest_of_a_file_whose_framing_is_lost(tmp_path: Path):
+    """Past a corrupt length nothing can be located: the rest of the file is one counted
+    skip at the record it cuts into, and reading goes on with the caller's next file."""
+    f = tmp_path / "c.tfrecord"
+    write_records(f, PAYLOADS)
+    raw = bytearray(f.read_bytes())
+    raw[_offsets(PAYLOADS)[2]] ^= 0x04  # length field of record 2
+    f.write_bytes(bytes(raw))
+    stats = ReadStats()
+    got = list(iter_records(f, skip_corrupt=True, stats=stats))
+    assert [i for i, _ in got] == [0, 1]
+    assert stats.corrupt_skipped == 1
+    (path, record, why), = stats.skipped
+    assert record == 2 and "length CRC" in why and "rest of this file is skipped" in why
+
+
+def test_a_skip_before_the_resume_point_is_not_counted_again(tmp_path: Path):
+    """A resumed run re-frames the records before its cursor; skips there were counted and
+    reported by the run that read them."""
+    f = tmp_path / "c.tfrecord"
+    write_records(f, PAYLOADS)
+    raw = bytearray(f.read_bytes())
+    raw[_offsets(PAYLOADS)[1] + 12] ^= 0x01  # payload of record 1
+    raw[_offsets(PAYLOADS)[3]] ^= 0x04  # length field of record 3
+    f.write_bytes(bytes(raw))
+    stats = ReadStats()
+    got = list(iter_records(f, skip_corrupt=True, start=2, stats=stats))
+    assert [i for i, _ in got] == [2]
+    assert [r for _, r, _ in stats.skipped] == [3]
+    later = ReadStats()
+    assert list(iter_records(f, skip_corrupt=True, start=4, stats=later)) == []
+    assert later.skipped == []
+
+
+@pytest.mark.usefixtures("gzip_reader")
+def test_skip_corrupt_keeps_every_intact_record_of_a_truncated_gzip(tmp_path: Path):
+    f = tmp_path / "t.tfrecord.gz"
+    payloads = [bytes([i]) * 20_000 + bytes(range(256)) * 40 for i in range(6)]
+    write_records(f, payloads)
+    full = [i for i, _ in iter_records(f)]
+    raw = f.read_bytes()
+    f.write_bytes(raw[: len(raw) - 30])  # the trailer and the end of the last record
+    stats = ReadStats()
+    got = [i for i, _ in iter_records(f, skip_corrupt=True, stats=stats)]
+    assert got == full[: len(got)] and len(got) >= 1
+    (_, record, why), = stats.skipped
+    assert record == len(got) and "truncated" in why
 
 
 @pytest.mark.parametrize("cut", [5, 12 + 3, 16 + 5 + 12 + 2])
