@@ -7,6 +7,7 @@ file only assembles them; the work happens in importable functions.
 from __future__ import annotations
 
 import importlib
+import os
 
 import typer
 
@@ -44,6 +45,16 @@ def main() -> None:
         code = app(standalone_mode=False)
     except DvprobeError as exc:
         typer.secho(f"dvprobe: error: {exc}", err=True, fg=typer.colors.RED)
+        raise SystemExit(exc.exit_code) from None
+    except OSError as exc:
+        # A path the user gave that cannot be read or written (missing, a file where a
+        # directory is needed, no permission): one line naming it, not a traceback.
+        # DVPROBE_DEBUG=1 shows the traceback.
+        if os.environ.get("DVPROBE_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.secho(f"dvprobe: error: {where}{exc.strerror or exc}", err=True,
+                    fg=typer.colors.RED)
         raise SystemExit(2) from None
     except Abort:
         typer.echo("Aborted.", err=True)

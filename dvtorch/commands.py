@@ -94,7 +94,8 @@ def verify_cmd(
 ) -> None:
     """Re-check parity: TF source (if installed) vs onnxruntime vs native torch vs onnx2torch.
 
-    Exits 0 when every layer is within relative 1e-4, else prints the table and exits 2.
+    Exits 0 when every layer is within relative 1e-4, else prints the table and exits 3
+    (2: bad input).
     """
     from dvtorch.verify import verify
 

@@ -1,10 +1,14 @@
-"""Errors a user can cause (bad files, bad options). The CLI prints them as one line, exit 2."""
+"""Errors a user can cause (bad files, bad options). The CLI prints them as one line and
+exits with the error's ``exit_code``: 2, except 3 for a failed parity check, so that a
+script can tell "the model does not match its source" from "the command was wrong"."""
 
 from __future__ import annotations
 
 
 class DvprobeError(Exception):
     """Base class: the message alone must tell the user what was wrong and where."""
+
+    exit_code = 2
 
 
 class ConversionError(DvprobeError):
@@ -17,6 +21,8 @@ class BundleError(DvprobeError):
 
 class ParityError(DvprobeError):
     """Converted model outputs differ from the source beyond the documented tolerance."""
+
+    exit_code = 3
 
 
 class ExampleFormatError(DvprobeError):

@@ -29,18 +29,20 @@ def extract_command(
                                help="Comma-separated layer names (dvprobe layers lists them)."),
     pool: str = typer.Option("max", "--pool",
                              help="max | mean (over H,W -> C values) | flatten (H*W*C, float16)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1,
+                                   help="Examples per batch (one forward each)."),
     workers: int | None = typer.Option(
         None, "--workers", min=0,
         help="Data-loading processes (0 = in the main process). Default: on CPU 1 if a core is "
              "free beyond torch's threads, else 0; on CUDA min(4, cores - 1)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 (fp16: cuda only)."),
-    limit: int | None = typer.Option(None, "--limit", min=0,
+    limit: int | None = typer.Option(None, "--limit", min=1,
                                      help="Only the first N records of the input."),
     skip_corrupt: bool = typer.Option(
         False, "--skip-corrupt",
-        help="Skip records that fail CRC / parsing (counted in store.json) instead of failing."),
+        help="Skip records that fail CRC / parsing (counted in store.json) instead of failing; "
+             "where a file's framing is lost, skip the rest of that file."),
     engine: str = typer.Option(
         "eager", "--engine",
         help="eager | graph. graph (CPU, fp32/bf16): the forward run as a oneDNN Graph program, "

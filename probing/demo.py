@@ -247,6 +247,12 @@ def run_demo(
     layers = list(layers)
     if "mixed5" not in layers:
         raise DvprobeError(f"the demo clusters mixed5 (as the blog); --layers {layers} lacks it")
+    # Refuse a bad device or model now, not after simulating and making examples.
+    from probing.extract import resolve_device
+
+    resolve_device(device)
+    if model:
+        read_meta(model)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}

@@ -83,11 +83,17 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; refuse cuda when torch cannot see a GPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise DvprobeError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DvprobeError("--device cuda requested but torch sees no CUDA device")
-    if dev.type not in ("cpu", "cuda"):
-        raise DvprobeError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DvprobeError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA "
+                           f"device(s), numbered from 0")
     return dev
 
 

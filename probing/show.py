@@ -171,14 +171,22 @@ def find_examples(spec: str | os.PathLike, locus: str, limit: int = 16) -> list[
     chrom, start0, end = parse_locus(locus)
     names = {chrom, _alt_chrom(chrom)}
     found: list[DVExample] = []
+    nearest: tuple[int, str] | None = None  # (distance, "locus (key)") on the same contig
     for ex in read_examples(spec):
-        if ex.chrom in names and ex.start == start0 and (end is None or ex.end == end):
+        if ex.chrom not in names:
+            continue
+        if ex.start == start0 and (end is None or ex.end == end):
             ex.image = np.array(ex.image)
             found.append(ex)
             if len(found) >= limit:
                 break
+        elif nearest is None or abs(ex.start - start0) < nearest[0]:
+            nearest = (abs(ex.start - start0), f"{ex.chrom}:{ex.start + 1} (key {ex.key})")
     if not found:
-        raise ShowError(f"{spec}: no example at {locus} (position = 1-based variant start)")
+        # A STORE's keys and obs 'pos' are 0-based (Variant.start); --locus is 1-based.
+        hint = f"; nearest: {nearest[1]}" if nearest else ""
+        raise ShowError(f"{spec}: no example at {locus} (position = 1-based variant start, "
+                        f"i.e. obs 'pos' + 1){hint}")
     return found
 
 

@@ -857,6 +857,25 @@ def test_cli_extract_and_user_error_exit_code(data, tmp_path):
     assert "--pool must be one of" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("case", ["device", "out_under_a_file"])
+def test_cli_bad_device_or_unwritable_out_is_one_line_not_a_traceback(data, tmp_path, case):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    args = {"device": ["--device", "gpu", "--out", str(tmp_path / "o")],
+            "out_under_a_file": ["--device", "cpu", "--out", str(afile / "store")]}[case]
+    proc = subprocess.run(
+        [sys.executable, "-c", "import cli; cli.main()", "extract", str(data["bundle"]),
+         data["spec"], "--limit", "2", "--no-progress", *args],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    expected = {"device": "--device must be auto, cpu, cuda or cuda:N, got 'gpu'",
+                "out_under_a_file": f"{afile}"}[case]
+    assert last.startswith("dvprobe: error:") and expected in last, proc.stderr
+
+
 # ---- TensorFlow's own activations --------------------------------------------------------
 
 

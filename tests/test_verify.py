@@ -139,11 +139,14 @@ def test_cli_verify_exit_codes(ckpt_bundle: Path, tmp_path: Path, monkeypatch, c
     code, out, err = _run_cli(
         monkeypatch, capsys, "verify", str(bad), "--batch", "2", "--source", gone
     )
-    assert code == 2
+    assert code == 3  # a parity failure, told apart from bad input (2) by scripts
     assert "FAIL" in out  # the table is printed before the error
     *progress_lines, error_line = err.strip().splitlines()
     assert all(line.startswith("[dvprobe] running") for line in progress_lines), err
     assert "exceed relative" in error_line  # the error itself is one line
+
+    code, _, err = _run_cli(monkeypatch, capsys, "verify", str(tmp_path / "no-such-bundle"))
+    assert code == 2 and "no-such-bundle" in err
 
 
 @pytest.mark.tf
