@@ -23,6 +23,10 @@ app = typer.Typer(
     "cluster, annotate and report.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    # Plain help: typer's rich help shows every flag as taking a value (`--json <bool>`),
+    # and `--json true` is then refused; plain help prints flags as flags.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 110},  # use a wide terminal's width
 )
 
 COMMAND_MODULES = (

@@ -50,7 +50,7 @@ def simulate_cmd(
     indel_rate: float = typer.Option(1.2e-4, help="Germline small indels per bp."),
     n_mosaic: int = typer.Option(40, help="Mosaic SNVs."),
     mosaic_vaf: str = typer.Option("0.03,0.20", help="Mosaic VAF range lo,hi."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", "--no-progress", help="No progress bar."),
 ) -> None:
     """Simulate a diploid sample with planted LINEs, segdup, CN gain, low-complexity
     repeats, germline and mosaic variants (FASTA, BAM, truth VCFs, rmsk, BEDs)."""
@@ -124,7 +124,7 @@ def make_examples_cmd(
     no_het_alt_images: bool = typer.Option(
         False, "--no-het-alt-images", help="Multi-allelic: only single-alt examples."
     ),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", "--no-progress", help="No progress bar."),
 ) -> None:
     """Encode DeepVariant-format pileup examples (100x221x7 WGS channels) with pysam."""
     from probing.make_examples import make_examples
@@ -165,7 +165,7 @@ def demo_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
     batch_size: int = typer.Option(32, "--batch-size"),
     backend: str = typer.Option("auto", help="Analysis backend: auto | cuml | sklearn."),
-    quiet: bool = typer.Option(False, "--quiet", help="Only the final summary."),
+    quiet: bool = typer.Option(False, "--quiet", "--no-progress", help="Only the final summary."),
 ) -> None:
     """Run the whole job on simulated data: simulate -> make-examples -> extract -> cluster
     (k-means, hierarchical, multi-layer) -> annotate with the planted truth -> enrich -> report.
