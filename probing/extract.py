@@ -549,6 +549,9 @@ def extract(
                 t_wait += time.perf_counter() - t0
                 if batch is None:
                     break
+                for skip in batch.skipped:  # here, once, in input order, whoever decoded it
+                    _LOG.warning("skipping corrupt record %s, record %d: %s", skip["file"],
+                                 skip["record"], skip["reason"])
                 if batch.n == 0:
                     # Every record of this batch was corrupt and skipped, or its first
                     # record is bad: the cursor moves on to where it ends.

@@ -25,7 +25,6 @@ Why this shape:
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,8 +38,6 @@ from dvtorch.errors import DvprobeError, ExampleFormatError
 from probing.examples import parse_example
 from probing.pileup import pileup_attributes
 from probing.tfrecord import ReadStats, iter_records
-
-_LOG = logging.getLogger(__name__)
 
 # obs columns the loader fills (extract adds the model outputs); order = docs/architecture.md
 META_COLUMNS: tuple[str, ...] = (
@@ -155,7 +152,7 @@ class ExampleBatches(IterableDataset):
             where[0] = si
             path = self.files[si]
             first = self.start.record if si == self.start.shard else 0
-            stats = ReadStats()
+            stats = ReadStats(report=False)  # extraction reports each skip once
             seen = 0
             for rec, payload in iter_records(path, skip_corrupt=self.skip_corrupt, start=first,
                                              stats=stats):
@@ -246,10 +243,8 @@ class ExampleBatches(IterableDataset):
                     error = exc
                     end = Cursor(si, rec, end.position - len(items) + j)
                     break
-                reason = str(getattr(exc, "reason", exc))
-                skipped.append({"file": self.files[si], "record": rec, "reason": reason})
-                _LOG.warning("skipping corrupt record %s, record %d: %s", self.files[si], rec,
-                             reason)
+                skipped.append({"file": self.files[si], "record": rec,
+                                "reason": str(getattr(exc, "reason", exc))})
                 continue
             images[n] = ex.image
             n += 1

@@ -107,12 +107,16 @@ class ReadStats:
     records: int = 0
     corrupt_skipped: int = 0
     skipped: list[tuple[str, int, str]] = field(default_factory=list)
+    #: log each skip (silent data loss is the worst outcome); False where the caller
+    #: reports them itself (extraction, whose loader processes all read every record)
+    report: bool = True
 
     def note_skip(self, path: str, record: int, reason: str) -> None:
-        """Record one skipped record (and log it: silent data loss is the worst outcome)."""
+        """Record one skipped record (and log it unless the caller reports skips)."""
         self.corrupt_skipped += 1
         self.skipped.append((path, record, reason))
-        log.warning("skipping corrupt record %s, record %d: %s", path, record, reason)
+        if self.report:
+            log.warning("skipping corrupt record %s, record %d: %s", path, record, reason)
 
 
 def is_gzip(path: str | os.PathLike) -> bool:

@@ -685,6 +685,20 @@ def test_skip_corrupt_counts_and_reports(data, corrupt_spec, tmp_path):
     _check_skipped(s, data, shard1)
 
 
+def test_each_skip_is_reported_once_also_with_loader_processes(data, corrupt_spec, tmp_path):
+    """Every loader process frames every record; the skip is still said once."""
+    spec, shard1 = corrupt_spec
+    proc = subprocess.run(
+        [sys.executable, "-c", "import cli; cli.main()", "extract", str(data["bundle"]), spec,
+         "--out", str(tmp_path / "s"), "--skip-corrupt", "--workers", "2", "--batch-size", "8",
+         "--device", "cpu", "--no-progress"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "skipping corrupt record" in line]
+    assert len(said) == 1 and f"{Path(shard1).name}, record 5: payload CRC" in said[0], said
+
+
 def test_corrupt_payload_that_passes_crc_is_reported_by_parser(data, tmp_path):
     """A record whose bytes are not a tf.Example at all (valid framing) -> parse error."""
     d = tmp_path / "bad"
