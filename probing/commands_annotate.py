@@ -25,7 +25,7 @@ def _split(text: str | None) -> list[str] | None:
 
 def _warnings_to_stderr() -> None:
     """Annotation warnings (chromosome renames ...) must be seen, not buried in a log."""
-    for name in ("probing.annotate", "probing.report"):
+    for name in ("probing.annotate", "probing.enrich", "probing.report"):
         lg = logging.getLogger(name)
         if not lg.handlers:
             h = logging.StreamHandler()
@@ -87,7 +87,9 @@ def register(app: typer.Typer) -> None:
         run: str = typer.Option(..., "--run", help="analysis run name"),
         by: str = typer.Option(..., "--by", help="boolean attributes, comma list: LINE "
                                "(= rmsk_LINE), mosaic, label=1 ..."),
-        level: str = typer.Option("cluster", "--level", help="cluster | level1 | node"),
+        level: str = typer.Option("cluster", "--level",
+                                  help="cluster | level1 | node (level1, node: hierarchical "
+                                       "runs)"),
         continuous: str = typer.Option(None, "--continuous",
                                        help="numeric columns summarised per cluster "
                                             "(default depth,mean_mapq,frac_low_mapq,"
@@ -99,6 +101,9 @@ def register(app: typer.Typer) -> None:
         """Per cluster x attribute: shares, fold enrichment, Fisher p, BH q."""
         from probing import enrich as en
 
+        _warnings_to_stderr()
+        if out is not None:
+            en.check_output(out)
         res = en.enrich(store, run, _split(by) or [], level=level,
                         continuous=_split(continuous))
         for ld in res.landings:

@@ -19,6 +19,7 @@ where a labelled set landed ("41/42 in cluster 10").
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -33,6 +34,12 @@ from dvtorch.errors import DvprobeError
 from probing.store import Run, Store, open_store
 
 CONTINUOUS_DEFAULT = ("depth", "mean_mapq", "frac_low_mapq", "mean_baseq", "alt_fraction")
+#: columns of a run that ``--level`` may name: flat clusters, hierarchy level 1, hierarchy node
+LEVELS = ("cluster", "level1", "node")
+#: ``--out`` suffixes :func:`write_enrichment` writes
+OUT_SUFFIXES = (".csv", ".md", ".markdown")
+
+log = logging.getLogger(__name__)
 
 
 class EnrichmentError(DvprobeError):
@@ -73,11 +80,18 @@ def sorted_levels(values: Sequence) -> list[str]:
     return sorted({str(v) for v in values}, key=_natural_key)
 
 
+def run_levels(run: Run) -> list[str]:
+    """The clusterings of ``run`` that enrichment can group by (``level2`` alone is not
+    one: sub-cluster 0 of every level-1 cluster would be pooled into one group)."""
+    return [lv for lv in LEVELS if lv in run.obs.columns]
+
+
 def cluster_labels(run: Run, level: str) -> pd.Series:
-    """The run's labels at ``level`` as strings (``cluster``, ``level1``, ``node``...)."""
-    if level not in run.obs.columns:
-        avail = [c for c in run.obs.columns if c != "key"]
-        raise EnrichmentError(f"run {run.name!r} has no column {level!r}; it has {avail}")
+    """The run's labels at ``level`` as strings (``cluster``, ``level1``, ``node``)."""
+    valid = run_levels(run)
+    if level not in valid:
+        raise EnrichmentError(f"--level {level!r}: run {run.name!r} can be grouped by "
+                              f"{' | '.join(valid) or 'nothing (it has no clusters)'}")
     return run.obs[level].astype(str).reset_index(drop=True)
 
 
@@ -101,10 +115,17 @@ def resolve_attribute(frame: pd.DataFrame, spec: str) -> tuple[str, np.ndarray]:
             if vals <= {0, 1}:
                 return col, s.fillna(0).astype(int).to_numpy() == 1
             raise EnrichmentError(
-                f"attribute {col!r} is not boolean (values like {sorted(map(str, vals))[:5]}); "
-                f"use {col}=VALUE for a categorical column, or --continuous for numbers")
+                f"attribute {col!r} is not boolean (values like {_examples(s, vals)}); "
+                f"use {col}=VALUE for a categorical column, or --continuous {col} for numbers")
     bools = [c for c in frame.columns if frame[c].dtype == bool]
     raise EnrichmentError(f"no attribute {spec!r} (nor rmsk_{spec}); boolean columns: {bools}")
+
+
+def _examples(s: pd.Series, vals: set, n: int = 5) -> str:
+    """The first ``n`` distinct values, numbers in numeric order (1, 2, 10; not 1, 10, 11)."""
+    if pd.api.types.is_numeric_dtype(s):
+        return ", ".join(f"{v:g}" for v in sorted(vals)[:n])
+    return ", ".join(sorted(map(str, vals), key=_natural_key)[:n])
 
 
 def _frame(store: Store, run: Run) -> pd.DataFrame:
@@ -208,27 +229,36 @@ class Landing:
     total: int
     counts: pd.Series  # cluster -> count (only clusters holding the set)
 
-    def where(self) -> str:
-        """``"41/42 in cluster 10 (1 in 3)"`` (``"empty set"`` when nothing is labelled)."""
+    def where(self, limit: int | None = 4) -> str:
+        """``"41/42 in cluster 10 (1 in 3)"`` (``"empty set"`` when nothing is labelled);
+        at most ``limit`` clusters are named (None: all of them)."""
         if self.total == 0:
             return "empty set"
         top, k = self.counts.index[0], int(self.counts.iloc[0])
-        rest = ", ".join(f"{int(v)} in {c}" for c, v in self.counts.iloc[1:4].items())
-        return (f"{k}/{self.total} in cluster {top}"
-                + (f" ({rest}{', ...' if len(self.counts) > 4 else ''})" if rest else ""))
+        shown = self.counts.iloc[1:limit]
+        rest = ", ".join(f"{int(v)} in {c}" for c, v in shown.items())
+        more = ", ..." if len(self.counts) > 1 + len(shown) else ""
+        return f"{k}/{self.total} in cluster {top}" + (f" ({rest}{more})" if rest else "")
 
-    def summary(self) -> str:
-        return f"{self.name}: {self.where()}"
+    def summary(self, limit: int | None = 4) -> str:
+        return f"{self.name}: {self.where(limit)}"
 
 
 def landing(labels: pd.Series | np.ndarray, mask: np.ndarray | None, name: str) -> Landing:
     """Counts of the set ``mask`` (all rows when None, e.g. an applied run) per cluster."""
     labels = pd.Series(np.asarray(labels)).astype(str)
     sel = labels if mask is None else labels[np.asarray(mask, dtype=bool)]
-    vc = sel.value_counts()
+    return landing_from_counts(sel.value_counts(), name)
+
+
+def landing_from_counts(counts: pd.Series, name: str) -> Landing:
+    """A :class:`Landing` from counts per cluster (zeros dropped; largest first, ties in
+    natural order), e.g. one row of ``dvprobe apply --label-col``'s cross-table."""
+    vc = pd.Series(counts).astype(int)
+    vc.index = vc.index.astype(str)
+    vc = vc[vc > 0]
     order = sorted(vc.index, key=lambda c: (-int(vc[c]), _natural_key(c)))
-    vc = vc.loc[order]
-    return Landing(name, int(len(sel)), vc)
+    return Landing(name, int(vc.sum()), vc.loc[order])
 
 
 @dataclass
@@ -249,13 +279,21 @@ def enrichment(store: Store | str | os.PathLike, run: str, by: Sequence[str],
 
 
 def enrich(store: Store | str | os.PathLike, run: str, by: Sequence[str],
-           level: str = "cluster", continuous: Sequence[str] | None = None) -> Enrichment:
+           level: str = "cluster", continuous: Sequence[str] | None = None, *,
+           warn_partial: bool = True) -> Enrichment:
     """Full result: enrichment table, continuous summaries and landing summaries.
 
     A landing line is produced for every attribute (where its True rows fell) and, when the
     run was produced by ``apply``, for the whole STORE (every row is the applied set).
+    A partial STORE (extraction stopped) is enriched with a logged warning; callers that
+    enrich many runs of one STORE (the report) pass ``warn_partial=False`` and say it once.
     """
+    from probing.analysis.guard import partial_store_warning
+
     store = _as_store(store)
+    note = partial_store_warning(store) if warn_partial else None
+    if note:
+        log.warning(note)
     r = store.load_run(run)
     labels = cluster_labels(r, level)
     frame = _frame(store, r)
@@ -295,16 +333,25 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join([head, sep, *body]) + "\n"
 
 
+def check_output(out: str | os.PathLike) -> Path:
+    """Refuse an ``--out`` :func:`write_enrichment` cannot write, before computing anything."""
+    out = Path(out)
+    if out.suffix not in OUT_SUFFIXES:
+        raise EnrichmentError(f"{out}: output must end in .csv or .md, not "
+                              f"{out.suffix or 'no suffix'!r}")
+    return out
+
+
 def write_enrichment(res: Enrichment, out: str | os.PathLike) -> Path:
     """Write ``.csv`` (enrichment table; continuous summary beside it as ``*.continuous.csv``)
     or ``.md`` (all tables and landing lines in one document)."""
-    out = Path(out)
+    out = check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".csv":
         res.table.to_csv(out, index=False)
         if len(res.continuous):
             res.continuous.to_csv(out.with_suffix(".continuous.csv"), index=False)
-    elif out.suffix in (".md", ".markdown"):
+    else:
         parts = [f"# Enrichment: run `{res.run}`, level `{res.level}`\n"]
         if res.landings:
             parts.append("## Where labelled sets landed\n")
@@ -315,6 +362,4 @@ def write_enrichment(res: Enrichment, out: str | os.PathLike) -> Path:
         if len(res.continuous):
             parts += ["## Continuous attributes\n", to_markdown(res.continuous)]
         out.write_text("\n".join(parts))
-    else:
-        raise EnrichmentError(f"{out}: output must end in .csv or .md")
     return out

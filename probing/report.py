@@ -38,6 +38,7 @@ import pandas as pd
 
 from dvtorch.errors import DvprobeError
 from probing import enrich as en
+from probing.analysis.guard import partial_store_warning
 from probing.show import channel_pngs, data_uri, read_store_examples, store_channels
 from probing.store import Run, Store, open_store
 
@@ -325,7 +326,7 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
                           f"(runs: {store.runs}); run `dvprobe cluster` first")
     obs = store.obs
     n = len(obs)
-    warnings: list[str] = []
+    warnings: list[str] = [w for w in [partial_store_warning(store)] if w]
     bool_cols = _bool_columns(obs)
     attrs: dict[str, np.ndarray] = {}
     for a in (attributes if attributes is not None else bool_cols):
@@ -386,8 +387,8 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
                                                        f"{r.name} ({desc}) - {lv}", lv),
                                       f"{len(order)} clusters. Click a point to see its "
                                       "pileup (when a thumbnail exists).", True, sec))
-        res = en.enrich(store, r.name, list(attrs), level="cluster",
-                        continuous=cont_cols) if labels is not None else None
+        res = en.enrich(store, r.name, list(attrs), level="cluster", continuous=cont_cols,
+                        warn_partial=False) if labels is not None else None
         lands = {ld.name: ld.summary() for ld in res.landings} if res else {}
         for a, m in attrs.items():
             if has_umap:

@@ -373,3 +373,169 @@ def test_user_errors(blob_store, tmp_path):
         pa.kmeans(blob_store, "mixed5", k=500, pca=None, **SK)
     with pytest.raises(StoreError, match="no run"):
         pa.apply(blob_store, "missing", blob_store, **SK)
+
+
+# -- audit: apply across extractions, overwriting, early option checks, partial STOREs ------
+
+MODEL_A, MODEL_B = "a1" * 32, "b2" * 32
+EXTRACTED = {"bundle_sha256": MODEL_A, "pool": "max", "dtype": "fp32"}
+
+
+@pytest.fixture()
+def logged(caplog):
+    """caplog for the engine's logger even after a CLI test turned its propagation off."""
+    lg = logging.getLogger("dvprobe.analysis")
+    caplog.set_level(logging.INFO, logger="dvprobe.analysis")
+    direct = not lg.propagate
+    if direct:
+        lg.addHandler(caplog.handler)
+    yield caplog
+    if direct:
+        lg.removeHandler(caplog.handler)
+
+
+def _fitted(tmp_path, blob_data, **inputs):
+    """A STORE extracted as EXTRACTED with a fitted k-means run "km", and new examples of
+    the same data extracted with ``inputs`` changed (plus how every layer was pooled)."""
+    x, _ = blob_data
+    pool = inputs.pop("layer_pool", "max")
+    src = make_store(tmp_path / "src", {"mixed5": x}, inputs=EXTRACTED)
+    tgt = make_store(tmp_path / "tgt", {"mixed5": x[:30]}, inputs={**EXTRACTED, **inputs},
+                     pool=pool)
+    pa.kmeans(src, "mixed5", k=4, pca=8, run="km", **SK)
+    return src, tgt
+
+
+def test_apply_refuses_a_store_of_another_model(tmp_path, blob_data):
+    src, tgt = _fitted(tmp_path, blob_data, bundle_sha256=MODEL_B)
+    with pytest.raises(pa.AnalysisError, match=r"different models \(bundle sha256 "
+                       r"a1a1a1a1a1a1 vs b2b2b2b2b2b2\)"):
+        pa.apply(src, "km", tgt, **SK)
+    assert tgt.runs == []
+
+
+def test_apply_refuses_a_store_pooled_differently(tmp_path, blob_data):
+    src, tgt = _fitted(tmp_path, blob_data, pool="mean", layer_pool="mean")
+    with pytest.raises(pa.AnalysisError, match=f"layer 'mixed5' is max-pooled in {src.path} "
+                       f"and mean-pooled in {tgt.path}; re-extract {tgt.path} with --pool max"):
+        pa.apply(src, "km", tgt, **SK)
+    assert tgt.runs == []
+
+
+def test_apply_across_dtypes_of_one_model_warns_once(tmp_path, blob_data, logged):
+    src, tgt = _fitted(tmp_path, blob_data, dtype="bf16")
+    res = pa.apply(src, "km", tgt, **SK)
+    assert int(res.counts["n"].sum()) == 30
+    warns = [r.getMessage() for r in logged.records if r.levelno == logging.WARNING]
+    assert len(warns) == 1 and "fp32" in warns[0] and "bf16" in warns[0]
+
+
+def test_apply_never_replaces_the_run_it_applies(blob_store):
+    fitted = pa.kmeans(blob_store, "mixed5", k=4, pca=8, run="km", **SK)
+    with pytest.raises(pa.AnalysisError, match="--name 'km' is the run being applied"):
+        pa.apply(blob_store, "km", blob_store, name="km", overwrite=True, **SK)
+    assert blob_store.load_run("km").meta["created"] == fitted.meta["created"]
+    assert "applied_from" not in blob_store.load_run("km").meta
+
+
+def test_api_replaces_runs_unless_told_not_to(blob_store):
+    pa.kmeans(blob_store, "mixed5", k=4, pca=8, run="km", **SK)
+    assert pa.kmeans(blob_store, "mixed5", k=3, pca=8, run="km", **SK).meta["cluster"]["k"] == 3
+    with pytest.raises(pa.AnalysisError, match="run 'km' already exists .* --overwrite"):
+        pa.kmeans(blob_store, "mixed5", k=5, pca=8, run="km", overwrite=False, **SK)
+    pa.apply(blob_store, "km", blob_store, name="again", **SK)
+    with pytest.raises(pa.AnalysisError, match="run 'again' already exists .* --name"):
+        pa.apply(blob_store, "km", blob_store, name="again", overwrite=False, **SK)
+    assert blob_store.load_run("km").meta["cluster"]["k"] == 3
+
+
+def test_default_names_carry_k_and_the_layer_count(blob_store):
+    assert pa.hierarchical_kmeans(blob_store, k=2, split="2,2", pca=8, **SK).name == \
+        "hkmeans2-mixed5"
+    assert pa.hierarchical_kmeans(blob_store, k=3, split="auto", pca=8, **SK).name == \
+        "hkmeans3-mixed5"
+    assert pa.kmeans(blob_store, k=4, pca=8, **SK).name == "kmeans4-mixed5"
+    assert pa.pca(blob_store, n_components=3, **SK).name == "pca-mixed5"
+
+
+def test_multilayer_default_name_is_readable(tmp_path, blob_data):
+    x, _ = blob_data
+    st = make_store(tmp_path / "two", {"mixed3": x[:, :12], "mixed5": x[:, 12:]})
+    r = pa.multilayer(st, ["mixed3", "mixed5"], per_layer_pca=4, pca=4, k=3, umap=False, **SK)
+    assert r.name == "multilayer3-2layers"
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda s: pa.kmeans(s, k=0, **SK), "--k must be >= 1, got 0"),
+    (lambda s: pa.kmeans(s, k=-2, **SK), "--k must be >= 1, got -2"),
+    (lambda s: pa.kmeans(s, k=401, **SK), "--k 401: 400 fitted rows cannot form 401"),
+    (lambda s: pa.kmeans(s, k=300, fit_sample=200, **SK), "200 fitted rows cannot form 300"),
+    (lambda s: pa.hierarchical_kmeans(s, k=3, split="2,2", **SK), "--split gives 2"),
+    (lambda s: pa.kmeans(s, normalize="zscore", **SK), "--normalize must be one of"),
+    (lambda s: pa.kmeans(s, pca=-5, **SK), "--pca must be >= 1, got -5"),
+    (lambda s: pa.kmeans(s, run="../km", **SK), "--run '../km': not a valid run name"),
+    (lambda s: pa.kmeans(s, run=".km", **SK), "not a valid run name"),
+    (lambda s: pa.reduce(s, n_components=0, **SK), "--n-components must be >= 1, got 0"),
+    (lambda s: pa.reduce(s, method="umap", n_components=0, **SK), "--n-components must"),
+    (lambda s: pa.multilayer(s, ["mixed5"], per_layer_pca=0, **SK), "--layer-pca must"),
+])
+def test_bad_options_fail_before_any_fitting(blob_store, monkeypatch, call, message):
+    from probing.analysis import api
+
+    monkeypatch.setattr(api, "fit_features", lambda *a, **k: pytest.fail("fitted first"))
+    with pytest.raises(pa.AnalysisError, match=re.escape(message)):
+        call(blob_store)
+    assert blob_store.runs == []
+
+
+def test_apply_checks_label_col_before_transforming(blob_store, monkeypatch):
+    pa.kmeans(blob_store, "mixed5", k=4, pca=8, run="km", **SK)
+    monkeypatch.setattr(FeatureModel, "transform", lambda *a: pytest.fail("transformed"))
+    with pytest.raises(pa.AnalysisError, match="no obs column 'mosiac' for --label-col"):
+        pa.apply(blob_store, "km", blob_store, name="x", label_col="mosiac", **SK)
+
+
+def test_partial_store_is_analysed_with_one_warning(tmp_path, blob_data, logged):
+    x, _ = blob_data
+    part = make_store(tmp_path / "part", {"mixed5": x[:300]}, complete=False)
+    assert not part.complete
+    r = pa.kmeans(tmp_path / "part", "mixed5", k=4, pca=8, run="km", **SK)
+    assert len(r.obs) == 300
+
+    def partial_lines():
+        return [m for m in logged.messages if "partial STORE" in m]
+
+    (line,) = partial_lines()
+    assert f"{part.path}: partial STORE (300 examples): extraction did not finish" in line
+    assert "rerun `dvprobe extract`" in line
+    logged.clear()
+    pa.reduce(tmp_path / "part", n_components=3, **SK)
+    pa.apply(tmp_path / "part", "km", tmp_path / "part", name="again", **SK)
+    assert len(partial_lines()) == 2  # one per call, also when apply reads it twice
+
+
+def test_complete_store_gives_no_partial_warning(blob_store, logged):
+    pa.kmeans(blob_store, "mixed5", k=4, pca=8, run="km", **SK)
+    assert not [m for m in logged.messages if "partial STORE" in m]
+
+
+def test_apply_prints_where_examples_landed(tmp_path):
+    centers = np.random.default_rng(9).normal(0, 10, size=(4, 24))
+    x, y = blobs(400, 24, centers, seed=10)
+    xn, yn = blobs(40, 24, centers[:3], seed=11)  # 14 from blob 0, 13 each from 1 and 2
+    src = make_store(tmp_path / "src", {"mixed5": x})
+    tgt = make_store(tmp_path / "tgt", {"mixed5": xn}, {"mosaic": yn == 0})
+    fitted = pa.kmeans(src, "mixed5", k=4, pca=8, run="km", **SK)
+    c0 = int(fitted.obs["cluster"][y == 0].iloc[0])
+    text = str(pa.apply(src, "km", tgt, label_col="mosaic", **SK))
+    assert "fraction" not in text  # no raw pandas frame
+    assert f"\n40 examples by cluster: 14/40 in cluster {c0} (13 in " in text
+    assert re.search(rf"^mosaic=True: 14/14 in cluster {c0}$", text, re.M)
+    assert re.search(r"^mosaic=False: 13/26 in cluster \d \(13 in \d\)$", text, re.M)
+
+
+def test_silhouettes_are_logged_with_three_digits():
+    from probing.analysis.hierarchical import format_scores
+
+    assert format_scores({2: 0.27903512120246887, 3: 0.16125114262104034}) == \
+        "{2: 0.279, 3: 0.161}"

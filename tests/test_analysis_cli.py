@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import typer
@@ -147,3 +149,103 @@ def test_user_errors_are_dvprobe_errors(app, tmp_path):
     ):
         res = CliRunner().invoke(app, [str(a) for a in args])
         assert isinstance(res.exception, AnalysisError), res.output
+
+
+# -- audit: overwriting, 0 is not "default", options a method would ignore, output order ----
+
+def _fails(app, args) -> BaseException:
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code != 0, res.output
+    return res.exception
+
+
+SK = ["--backend", "sklearn"]
+
+
+@pytest.fixture()
+def store12(tmp_path):
+    x, y = blobs(240, 10, 12, seed=3)
+    return make_store(tmp_path / "s", {"mixed3": x[:, :5], "mixed5": x}), tmp_path / "s"
+
+
+def test_cluster_reduce_apply_refuse_to_replace_a_run_without_overwrite(app, store12):
+    st, path = store12
+    _ok(app, ["cluster", path, "--k", 3, "--pca", 4, "--run", "km", *SK])
+    exc = _fails(app, ["cluster", path, "--k", 4, "--pca", 4, "--run", "km", *SK])
+    assert isinstance(exc, AnalysisError)
+    assert str(exc) == (f"run 'km' already exists in {path}; pass --overwrite to replace it "
+                        "or choose another --run")
+    assert st.load_run("km").meta["cluster"]["k"] == 3
+    _ok(app, ["cluster", path, "--k", 4, "--pca", 4, "--run", "km", "--overwrite", *SK])
+    assert st.load_run("km").meta["cluster"]["k"] == 4
+
+    _ok(app, ["reduce", path, "--n-components", 2, *SK])
+    assert "--overwrite" in str(_fails(app, ["reduce", path, "--n-components", 3, *SK]))
+    _ok(app, ["reduce", path, "--n-components", 3, "--overwrite", *SK])
+
+    _ok(app, ["apply", path, "--run", "km", "--to", path, "--name", "again", *SK])
+    exc = _fails(app, ["apply", path, "--run", "km", "--to", path, "--name", "again", *SK])
+    assert "run 'again' already exists" in str(exc) and "--name" in str(exc)
+    _ok(app, ["apply", path, "--run", "km", "--to", path, "--name", "again", "--overwrite",
+              *SK])
+    exc = _fails(app, ["apply", path, "--run", "km", "--to", path, "--name", "km",
+                       "--overwrite", *SK])
+    assert "is the run being applied" in str(exc)
+    assert "applied_from" not in st.load_run("km").meta
+
+
+def test_hkmeans_default_names_differ_by_k(app, store12):
+    st, path = store12
+    _ok(app, ["cluster", path, "--method", "hkmeans", "--k", 2, "--pca", 4, *SK])
+    _ok(app, ["cluster", path, "--method", "hkmeans", "--k", 3, "--pca", 4, *SK])
+    out = _ok(app, ["cluster", path, "--method", "multilayer", "--layers", "mixed3,mixed5",
+                    "--layer-pca", 4, "--pca", 4, "--k", 12, "--no-umap", *SK])
+    assert "run 'multilayer12-2layers'" in out
+    assert {"hkmeans2-mixed5", "hkmeans3-mixed5", "multilayer12-2layers"} <= set(st.runs)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["cluster", "--k", 0], "--k must be >= 1, got 0"),
+    (["cluster", "--k", -3], "--k must be >= 1, got -3"),
+    (["cluster", "--k", 241], "--k 241: 240 fitted rows cannot form 241 clusters"),
+    (["cluster", "--normalize", "zscore"], "--normalize must be one of none, l2, standardize"),
+    (["cluster", "--run", "a/b"], "--run 'a/b': not a valid run name"),
+    (["cluster", "--method", "hkmeans", "--k", 3, "--split", "2,2"], "--split gives 2"),
+    (["cluster", "--split", "2,2"], "--split is for --method hkmeans or hspectral"),
+    (["cluster", "--layers", "mixed3", "--k", 4],
+     "--layers is for --method multilayer; --method kmeans clusters one layer: use --layer"),
+    (["cluster", "--method", "multilayer", "--layer", "mixed3"], "--layer is for single"),
+    (["reduce", "--n-components", 0], "--n-components must be >= 1, got 0"),
+])
+def test_bad_cluster_and_reduce_options_fail_before_fitting(app, store12, monkeypatch, args,
+                                                            message):
+    from probing.analysis import api
+
+    st, path = store12
+    monkeypatch.setattr(api, "fit_features", lambda *a, **k: pytest.fail("fitted first"))
+    exc = _fails(app, [args[0], path, *args[1:], *SK])
+    assert isinstance(exc, AnalysisError) and message in str(exc), exc
+    assert st.runs == []
+
+
+def test_apply_unknown_label_col_fails_before_transforming(app, store12, monkeypatch):
+    from probing.analysis.features import FeatureModel
+
+    st, path = store12
+    _ok(app, ["cluster", path, "--k", 3, "--pca", 4, "--run", "km", *SK])
+    monkeypatch.setattr(FeatureModel, "transform", lambda *a: pytest.fail("transformed"))
+    exc = _fails(app, ["apply", path, "--run", "km", "--to", path, "--name", "x",
+                       "--label-col", "mosiac", *SK])
+    assert "no obs column 'mosiac' for --label-col" in str(exc)
+
+
+def test_cluster_sizes_print_in_numeric_order(app, store12):
+    _, path = store12
+    out = _ok(app, ["cluster", path, "--k", 12, "--pca", 6, "--run", "k12", *SK])
+    sizes = re.search(r"sizes=\{(.*)\}", out).group(1)
+    assert [int(kv.split(":")[0]) for kv in sizes.split(", ")] == list(range(12))
+    out = _ok(app, ["cluster", path, "--method", "hkmeans", "--k", 2, "--split", "2,2",
+                    "--pca", 6, *SK])
+    sizes = re.search(r"sizes=\{(.*)\}", out).group(1)
+    assert [kv.split(":")[0] for kv in sizes.split(", ")] == ["0", "0.0", "0.1", "1", "1.0",
+                                                              "1.1"]

@@ -11,17 +11,24 @@ from probing.store import LayerSpec, Store, StoreWriter
 
 
 def make_store(path: Path, layers: dict[str, np.ndarray], extra_obs: dict | None = None,
-               batch: int = 128) -> Store:
-    """Write ``layers`` (name -> [n, d]) as a complete STORE, committing in batches."""
+               batch: int = 128, *, inputs: dict | None = None, pool: str = "max",
+               complete: bool = True) -> Store:
+    """Write ``layers`` (name -> [n, d]) as a STORE, committing in batches.
+
+    ``inputs`` are recorded as the extraction's fingerprint (``bundle_sha256``, ``pool``,
+    ``dtype`` ...; default: none of them, like a STORE from before they were recorded),
+    ``pool`` as every layer's pooling; ``complete=False`` leaves it as an interrupted
+    extraction leaves it (rows committed, never finalised).
+    """
     n = len(next(iter(layers.values())))
-    specs = [LayerSpec(name, arr.shape[1]) for name, arr in layers.items()]
-    w = StoreWriter.open(path, {"inputs": {"test": str(path)}}, specs)
+    specs = [LayerSpec(name, arr.shape[1], pool=pool) for name, arr in layers.items()]
+    w = StoreWriter.open(path, {"inputs": inputs or {"test": str(path)}}, specs)
     obs = pd.DataFrame({"key": [f"chr1:{i}:A>C:1" for i in range(n)]})
     for col, vals in (extra_obs or {}).items():
         obs[col] = vals
     for s in range(0, n, batch):
         w.append(obs.iloc[s:s + batch], {k: v[s:s + batch] for k, v in layers.items()})
-    return w.finalize()
+    return w.finalize() if complete else Store(path)
 
 
 def blobs(n: int, d: int, centers: np.ndarray | int, seed: int, std: float = 0.5

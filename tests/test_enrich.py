@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +12,7 @@ from scipy.stats import fisher_exact
 from typer.testing import CliRunner
 
 from probing import enrich as en
-from probing.store import LayerSpec, StoreWriter
+from probing.store import LayerSpec, StoreWriter, open_store
 
 
 def test_bh_by_hand():
@@ -70,6 +72,13 @@ def test_landing_41_of_42():
     assert en.landing(labels[:42], None, "applied").summary().startswith("applied: 41/42 in")
 
 
+def test_landing_names_four_clusters_unless_asked_for_all():
+    ld = en.landing_from_counts(pd.Series({"9": 12, "3": 10, "4": 9, "1": 8, "6": 3, "2": 0}),
+                                "set")
+    assert ld.where() == "12/42 in cluster 9 (10 in 3, 9 in 4, 8 in 1, ...)"
+    assert ld.where(limit=None) == "12/42 in cluster 9 (10 in 3, 9 in 4, 8 in 1, 3 in 6)"
+
+
 def _store(tmp_path, n=200):
     rng = np.random.default_rng(0)
     obs = pd.DataFrame({"key": [f"chr1:{i}:A>G:0" for i in range(n)], "chrom": "chr1",
@@ -113,7 +122,7 @@ def test_enrich_errors(tmp_path):
         en.enrich(s, "km", ["SINE"])
     with pytest.raises(en.EnrichmentError, match="not boolean"):
         en.enrich(s, "km", ["depth"])
-    with pytest.raises(en.EnrichmentError, match="no column 'node'"):
+    with pytest.raises(en.EnrichmentError, match=r"--level 'node': .* grouped by cluster \| level1$"):
         en.enrich(s, "km", ["LINE"], level="node")
     with pytest.raises(en.EnrichmentError, match=r"\.csv or \.md"):
         en.write_enrichment(en.enrich(s, "km", ["LINE"]), tmp_path / "x.txt")
@@ -130,3 +139,71 @@ def test_cli_enrich(tmp_path):
     assert r.exit_code == 0, r.output
     assert "mosaic: 3/4 in cluster 1" in r.output and "| rmsk_LINE | 1 | 50 | 50 |" in r.output
     assert (tmp_path / "e.csv").is_file()
+
+
+# -- audit: valid levels, --out checked first, numeric values, partial STOREs ---------------
+
+def _hier_store(tmp_path):
+    s = _store(tmp_path)
+    cl = np.arange(s.n) % 4
+    s.save_run("hkm", meta={"kind": "hkmeans"},
+               obs=pd.DataFrame({"cluster": cl, "level1": cl // 2, "level2": cl % 2,
+                                 "node": [f"{a}.{b}" for a, b in zip(cl // 2, cl % 2,
+                                                                     strict=True)]}))
+    return s
+
+
+def test_level2_is_not_a_grouping(tmp_path):
+    s = _hier_store(tmp_path)
+    assert en.run_levels(s.load_run("hkm")) == ["cluster", "level1", "node"]
+    with pytest.raises(en.EnrichmentError, match=r"^--level 'level2': run 'hkm' can be "
+                       r"grouped by cluster \| level1 \| node$"):
+        en.enrich(s, "hkm", ["LINE"], level="level2")
+    assert en.enrich(s, "hkm", ["LINE"], level="node").table["cluster"].tolist() == \
+        ["0.0", "0.1", "1.0", "1.1"]
+
+
+def test_numeric_attribute_error_lists_values_in_numeric_order(tmp_path):
+    s = _store(tmp_path)
+    s.add_obs({"nreads": np.arange(s.n) % 13 + 1})
+    with pytest.raises(en.EnrichmentError, match=r"values like 1, 2, 3, 4, 5\); use "
+                       r"nreads=VALUE .* or --continuous nreads"):
+        en.enrich(s, "km", ["nreads"])
+
+
+def _cli(tmp_path, *args):
+    from probing.commands_annotate import register
+
+    app = typer.Typer()
+    register(app)
+    return CliRunner().invoke(app, ["enrich", *map(str, args)])
+
+
+def test_cli_enrich_checks_out_suffix_before_computing(tmp_path, monkeypatch):
+    s = _store(tmp_path)
+    monkeypatch.setattr(en, "enrich", lambda *a, **k: pytest.fail("computed first"))
+    r = _cli(tmp_path, s.path, "--run", "km", "--by", "LINE", "--out", tmp_path / "t.txt")
+    assert isinstance(r.exception, en.EnrichmentError)
+    assert str(r.exception) == f"{tmp_path / 't.txt'}: output must end in .csv or .md, " \
+                               "not '.txt'"
+    assert r.output == ""
+
+
+def test_partial_store_is_enriched_with_one_warning(tmp_path, caplog):
+    w = StoreWriter.open(tmp_path / "p", {"inputs": {}}, [LayerSpec("mixed5", 2)])
+    w.append(pd.DataFrame({"key": list("abcdef"), "flag": [True, False] * 3}),
+             {"mixed5": np.zeros((6, 2), np.float32)})
+    s = open_store(tmp_path / "p")
+    s.save_run("km", meta={"kind": "kmeans"}, obs=pd.DataFrame({"cluster": [0, 1] * 3}))
+    lg = logging.getLogger("probing.enrich")
+    lg.addHandler(caplog.handler)  # the CLI test may have turned propagation off
+    try:
+        with caplog.at_level(logging.WARNING, logger="probing.enrich"):
+            res = en.enrich(s, "km", ["flag"])
+    finally:
+        lg.removeHandler(caplog.handler)
+    assert res.landings[0].summary() == "flag: 3/3 in cluster 0"
+    lines = {r.getMessage() for r in caplog.records if "partial STORE" in r.getMessage()}
+    assert lines == {f"{s.path}: partial STORE (6 examples): extraction did not finish; "
+                     "results cover only these rows (rerun `dvprobe extract` with the same "
+                     "arguments to complete it)"}

@@ -184,6 +184,24 @@ def test_report_without_runs_errors(tmp_path):
         rp.build_report(w.finalize(), tmp_path / "x.html")
 
 
+def test_report_on_a_partial_store_says_so_once(tmp_path):
+    n = 40
+    w = StoreWriter.open(tmp_path / "s", {"inputs": {}}, [LayerSpec("mixed5", 2)])
+    w.append(pd.DataFrame({"key": [f"k{i}" for i in range(n)], "flag": np.arange(n) < 5}),
+             {"mixed5": np.zeros((n, 2), np.float32)})
+    s = open_store(tmp_path / "s")  # extraction stopped: never finalised
+    for run in ("a", "b"):  # every run is enriched; the warning must still come once
+        s.save_run(run, meta={"kind": "kmeans"},
+                   obs=pd.DataFrame({"cluster": np.arange(n) % 3}),
+                   arrays={"umap": np.random.default_rng(0).normal(size=(n, 2))})
+    res = rp.build_report(s, tmp_path / "r.html", thumbnails=0)
+    partial = [w for w in res.warnings if "partial STORE" in w]
+    assert partial == [f"{s.path}: partial STORE ({n} examples): extraction did not finish; "
+                       "results cover only these rows (rerun `dvprobe extract` with the same "
+                       "arguments to complete it)"]
+    assert "partial STORE" in (tmp_path / "r.html").read_text()
+
+
 # -- headless Chromium ---------------------------------------------------------------------
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
@@ -253,7 +271,9 @@ def test_show_from_examples_and_store(store, tmp_path):
     svg = sh.show(store=store.path, key="chr20:10194:A>C:0", out=tmp_path / "b.svg")
     text = svg[0].path.read_text()
     assert "read_base" in text and "insert_size" in text and "chr20:10195-10195" in text
-    with pytest.raises(sh.ShowError, match="no example at chr20:10097"):
+    # the 0-based position (as in keys and obs 'pos') misses, and the error points at it
+    with pytest.raises(sh.ShowError, match=r"no example at chr20:10097 \(position = 1-based "
+                       r".*obs 'pos' \+ 1\); nearest: chr20:10098 \(key chr20:10097:"):
         sh.show(str(shard), locus="chr20:10097", out=tmp_path / "c.png")
 
 

@@ -18,6 +18,11 @@ A run holds (see ``probing/store.py``):
   checked before it is unpickled).
 
 Clusters are always fitted in the normalised/PCA feature space, never in UMAP space.
+
+A call replaces an existing run of the same name (notebooks re-run cells); pass
+``overwrite=False`` to refuse instead, which is what the CLI does unless ``--overwrite`` is
+given. Options are checked before any row is read, and a partial STORE (extraction stopped)
+is analysed with a logged warning.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ import pandas as pd
 
 from probing.analysis.backends import Backend, backend_for_umap, get_backend
 from probing.analysis.cluster import Prototypes, fit_kmeans, fit_spectral
+from probing.analysis.compat import check_applicable
 from probing.analysis.errors import AnalysisError
 from probing.analysis.features import FeatureModel, fit_features
-from probing.analysis.guard import check_scale
-from probing.analysis.hierarchical import Hierarchy, fit_hierarchy, parse_split
+from probing.analysis.guard import check_scale, partial_store_warning
+from probing.analysis.hierarchical import Hierarchy, check_split, fit_hierarchy, parse_split
+from probing.analysis.normalize import NORMALIZE
 from probing.store import Run, Store, open_store
 
 log = logging.getLogger("dvprobe.analysis")
@@ -54,8 +61,54 @@ def _step(what: str):
     log.info("%s done (%.1fs)", what, time.perf_counter() - t)
 
 
-def _as_store(store: Store | str | os.PathLike) -> Store:
-    return store if isinstance(store, Store) else open_store(store)
+def _as_store(store: Store | str | os.PathLike, *, warn: bool = True) -> Store:
+    """Open ``store`` (or take it as is) and warn if its extraction did not finish."""
+    store = store if isinstance(store, Store) else open_store(store)
+    note = partial_store_warning(store) if warn else None
+    if note:
+        log.warning(note)
+    return store
+
+
+def check_run_name(name: str, option: str = "--run") -> str:
+    """Refuse a name ``STORE/runs/<name>`` cannot hold *before* fitting: the STORE itself
+    only checks when saving, i.e. after the slow part."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise AnalysisError(f"{option} {name!r}: not a valid run name (it names a folder "
+                            "in STORE/runs: no '/' or '\\', no leading '.')")
+    return name
+
+
+def check_new_run(store: Store, name: str, overwrite: bool, option: str = "--run") -> None:
+    """Refuse to replace an existing run unless asked to (the CLI's ``--overwrite``)."""
+    if not overwrite and name in store.runs:
+        raise AnalysisError(f"run {name!r} already exists in {store.path}; pass --overwrite "
+                            f"to replace it or choose another {option}")
+
+
+def _at_least_one(value: int | None, option: str) -> None:
+    if value is not None and value < 1:
+        raise AnalysisError(f"{option} must be >= 1, got {value}")
+
+
+def _check_options(kind: str, n_fit: int, normalize: str, pca: int | None, pca2: int | None,
+                   cluster: ClusterSpec | None) -> None:
+    """Option errors that would otherwise surface only after minutes of reading/fitting."""
+    if normalize not in NORMALIZE:
+        raise AnalysisError(f"--normalize must be one of {', '.join(NORMALIZE)}, "
+                            f"not {normalize!r}")
+    _at_least_one(pca, {"multilayer": "--layer-pca", "pca": "--n-components"}.get(kind,
+                                                                                   "--pca"))
+    _at_least_one(pca2, "--pca")
+    if cluster is None:
+        return
+    _at_least_one(cluster.k, "--k")
+    _at_least_one(cluster.n_init, "--n-init")
+    if cluster.k > n_fit:
+        raise AnalysisError(f"--k {cluster.k}: {n_fit} fitted rows cannot form {cluster.k} "
+                            "clusters; use a smaller --k")
+    if cluster.method in ("hkmeans", "hspectral"):
+        check_split(cluster.split, cluster.k)
 
 
 def _fit_rows(n: int, fit_sample: int | None, seed: int) -> np.ndarray | None:
@@ -98,15 +151,21 @@ def _run_analysis(store: Store | str | os.PathLike, *, kind: str, layers: list[s
                   cluster: ClusterSpec | None, umap: bool, umap_components: int = 2,
                   n_neighbors: int = 15, min_dist: float = 0.1, backend: str = "auto",
                   seed: int = 0, fit_sample: int | None = None, run: str | None = None,
-                  params: dict | None = None) -> Run:
-    """Fit features (+ clustering, + UMAP) on a STORE and save everything as one run."""
+                  params: dict | None = None, overwrite: bool = True) -> Run:
+    """Fit features (+ clustering, + UMAP) on a STORE and save everything as one run.
+
+    Every option is checked before any row is read, so a typo costs seconds, not a fit.
+    """
     t0 = time.perf_counter()
     store = _as_store(store)
     if store.n == 0:
         raise AnalysisError(f"{store.path}: the STORE has no examples")
-    be = get_backend(backend)
+    name = check_run_name(run) if run is not None else _default_name(kind, layers, cluster)
     rows = _fit_rows(store.n, fit_sample, seed)
     n_fit = store.n if rows is None else len(rows)
+    _check_options(kind, n_fit, normalize, pca, pca2, cluster)
+    check_new_run(store, name, overwrite)
+    be = get_backend(backend)
     specs = store.layer_specs
     for ly in layers:
         if ly not in specs:
@@ -185,7 +244,6 @@ def _run_analysis(store: Store | str | os.PathLike, *, kind: str, layers: list[s
         umeta = {"n_components": umap_components, "n_neighbors": n_neighbors,
                  "min_dist": min_dist, "impl": impl, "n_fit": n_fit}
 
-    name = run or _default_name(kind, layers, cluster)
     meta = {
         "engine": "dvprobe.analysis", "engine_version": ENGINE_VERSION, "kind": kind,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -200,51 +258,56 @@ def _run_analysis(store: Store | str | os.PathLike, *, kind: str, layers: list[s
 
 
 def _default_name(kind: str, layers: list[str], cluster: ClusterSpec | None) -> str:
-    base = kind if kind != "multilayer" else f"multilayer{len(layers)}"
-    k = f"{cluster.k}" if cluster and kind in ("kmeans", "spectral", "multilayer") else ""
-    return f"{base}{k}-{layers[0] if len(layers) == 1 else 'layers'}"
+    """``<kind><k>-<layer>`` (``kmeans10-mixed5``, ``hkmeans3-mixed5``, ``pca-mixed5``) or
+    ``multilayer12-3layers``: k is in the name so runs with another k never share it."""
+    k = f"{cluster.k}" if cluster else ""
+    return f"{kind}{k}-{layers[0] if len(layers) == 1 else f'{len(layers)}layers'}"
 
 
 # -- public API ------------------------------------------------------------------------------
 
 def pca(store, layer: str = "mixed5", *, n_components: int = 50, normalize: str = "none",
         backend: str = "auto", seed: int = 0, fit_sample: int | None = None,
-        run: str | None = None) -> Run:
+        run: str | None = None, overwrite: bool = True) -> Run:
     """PCA of one layer; ``arrays['pca']`` is ``[n, n_components]``."""
     return _run_analysis(store, kind="pca", layers=[layer], normalize=normalize,
                          pca=n_components, pca2=None, cluster=None, umap=False,
-                         backend=backend, seed=seed, fit_sample=fit_sample, run=run)
+                         backend=backend, seed=seed, fit_sample=fit_sample, run=run,
+                         overwrite=overwrite)
 
 
 def umap(store, layer: str = "mixed5", *, n_components: int = 2, normalize: str = "none",
          pca: int | None = 50, n_neighbors: int = 15, min_dist: float = 0.1,
          backend: str = "auto", seed: int = 0, fit_sample: int | None = None,
-         run: str | None = None) -> Run:
+         run: str | None = None, overwrite: bool = True) -> Run:
     """UMAP of one layer (on its PCA when ``pca`` is set); seeded, and re-appliable."""
     return _run_analysis(store, kind="umap", layers=[layer], normalize=normalize, pca=pca,
                          pca2=None, cluster=None, umap=True, umap_components=n_components,
                          n_neighbors=n_neighbors, min_dist=min_dist, backend=backend,
-                         seed=seed, fit_sample=fit_sample, run=run)
+                         seed=seed, fit_sample=fit_sample, run=run, overwrite=overwrite)
 
 
 def kmeans(store, layer: str = "mixed5", *, k: int = 10, normalize: str = "none",
            pca: int | None = 50, n_init: int = 10, umap: bool = False, backend: str = "auto",
-           seed: int = 0, fit_sample: int | None = None, run: str | None = None) -> Run:
+           seed: int = 0, fit_sample: int | None = None, run: str | None = None,
+           overwrite: bool = True) -> Run:
     """k-means (the blog's k = 10 on mixed5) in the normalised/PCA space."""
     return _run_analysis(store, kind="kmeans", layers=[layer], normalize=normalize, pca=pca,
                          pca2=None, cluster=ClusterSpec("kmeans", k, n_init=n_init),
-                         umap=umap, backend=backend, seed=seed, fit_sample=fit_sample, run=run)
+                         umap=umap, backend=backend, seed=seed, fit_sample=fit_sample, run=run,
+                         overwrite=overwrite)
 
 
 def spectral(store, layer: str = "mixed5", *, k: int = 10, normalize: str = "none",
              pca: int | None = 50, n_landmarks: int = 1000, n_neighbors: int = 15,
              umap: bool = False, backend: str = "auto", seed: int = 0,
-             fit_sample: int | None = None, run: str | None = None) -> Run:
+             fit_sample: int | None = None, run: str | None = None,
+             overwrite: bool = True) -> Run:
     """Landmark spectral clustering (see :mod:`probing.analysis.cluster`)."""
     spec = ClusterSpec("spectral", k, n_landmarks=n_landmarks, n_neighbors=n_neighbors)
     return _run_analysis(store, kind="spectral", layers=[layer], normalize=normalize, pca=pca,
                          pca2=None, cluster=spec, umap=umap, backend=backend, seed=seed,
-                         fit_sample=fit_sample, run=run)
+                         fit_sample=fit_sample, run=run, overwrite=overwrite)
 
 
 def hierarchical_kmeans(store, layer: str = "mixed5", *, k: int = 3,
@@ -252,7 +315,7 @@ def hierarchical_kmeans(store, layer: str = "mixed5", *, k: int = 3,
                         min_cluster_size: int = 50, normalize: str = "none",
                         pca: int | None = 50, n_init: int = 10, umap: bool = False,
                         backend: str = "auto", seed: int = 0, fit_sample: int | None = None,
-                        run: str | None = None) -> Run:
+                        run: str | None = None, overwrite: bool = True) -> Run:
     """The blog's hierarchical k-means: k-means(k), then each cluster split again.
 
     ``split="3,2,4"`` (or a list) gives each level-1 cluster's sub-cluster count; ``"auto"``
@@ -264,7 +327,7 @@ def hierarchical_kmeans(store, layer: str = "mixed5", *, k: int = 3,
                        max_split=max_split, min_cluster_size=min_cluster_size)
     return _run_analysis(store, kind="hkmeans", layers=[layer], normalize=normalize, pca=pca,
                          pca2=None, cluster=spec, umap=umap, backend=backend, seed=seed,
-                         fit_sample=fit_sample, run=run)
+                         fit_sample=fit_sample, run=run, overwrite=overwrite)
 
 
 def hierarchical_spectral(store, layer: str = "mixed5", *, k: int = 3,
@@ -273,20 +336,20 @@ def hierarchical_spectral(store, layer: str = "mixed5", *, k: int = 3,
                           pca: int | None = 50, n_landmarks: int = 1000,
                           n_neighbors: int = 15, umap: bool = False, backend: str = "auto",
                           seed: int = 0, fit_sample: int | None = None,
-                          run: str | None = None) -> Run:
+                          run: str | None = None, overwrite: bool = True) -> Run:
     """Hierarchical clustering with landmark spectral clustering at every node."""
     spec = ClusterSpec("hspectral", k, split=parse_split(split), max_split=max_split,
                        min_cluster_size=min_cluster_size, n_landmarks=n_landmarks,
                        n_neighbors=n_neighbors)
     return _run_analysis(store, kind="hspectral", layers=[layer], normalize=normalize,
                          pca=pca, pca2=None, cluster=spec, umap=umap, backend=backend,
-                         seed=seed, fit_sample=fit_sample, run=run)
+                         seed=seed, fit_sample=fit_sample, run=run, overwrite=overwrite)
 
 
 def multilayer(store, layers: list[str], *, per_layer_pca: int = 200, pca: int = 200,
                k: int = 12, normalize: str = "l2", n_init: int = 10, umap: bool = True,
                backend: str = "auto", seed: int = 0, fit_sample: int | None = None,
-               run: str | None = None) -> Run:
+               run: str | None = None, overwrite: bool = True) -> Run:
     """The blog's multi-layer pipeline: per-layer normalise + PCA(200), concat, PCA(200),
     k-means(12) (+ UMAP for display).
 
@@ -299,7 +362,8 @@ def multilayer(store, layers: list[str], *, per_layer_pca: int = 200, pca: int =
     return _run_analysis(store, kind="multilayer", layers=list(layers), normalize=normalize,
                          pca=per_layer_pca, pca2=pca,
                          cluster=ClusterSpec("kmeans", k, n_init=n_init), umap=umap,
-                         backend=backend, seed=seed, fit_sample=fit_sample, run=run)
+                         backend=backend, seed=seed, fit_sample=fit_sample, run=run,
+                         overwrite=overwrite)
 
 
 # -- apply -----------------------------------------------------------------------------------
@@ -313,32 +377,66 @@ class ApplyResult:
     counts: pd.DataFrame  # per cluster: n, fraction (every fitted cluster listed)
     crosstab: pd.DataFrame | None  # label_col x cluster, when asked
 
-    def __str__(self) -> str:
-        lines = [f"run {self.run.name!r} written to {self.run.path.parent.parent}",
-                 f"{int(self.counts['n'].sum())} examples by {self.column}:",
-                 self.counts[self.counts["n"] > 0].to_string()]
+    def landings(self) -> list:
+        """:class:`probing.enrich.Landing` of the whole applied set, then one per value of
+        ``label_col`` ("mosaic=True: 12/42 in cluster 9 (10 in 3, ...)")."""
+        from probing.enrich import landing_from_counts
+
+        if not self.column:
+            return []
+        lands = [landing_from_counts(self.counts["n"], f"{int(self.counts['n'].sum())} "
+                                                       f"examples by {self.column}")]
         if self.crosstab is not None:
-            lines += ["", self.crosstab.to_string()]
+            col = self.crosstab.index.name
+            lands += [landing_from_counts(row, f"{col}={value}")
+                      for value, row in self.crosstab.iterrows()]
+        return lands
+
+    def __str__(self) -> str:
+        lines = [f"run {self.run.name!r} written to {self.run.path.parent.parent}"]
+        lands = self.landings()
+        if not lands:
+            lines.append(f"{len(self.run.obs)} examples projected (the run has no clusters)")
+        lines += [ld.summary(limit=None) for ld in lands]  # every cluster: it is the result
         return "\n".join(lines)
 
 
+def _same_store(a: Store, b: Store) -> bool:
+    return a.path.resolve() == b.path.resolve()
+
+
 def apply(store, run: str, target, *, name: str | None = None, backend: str = "auto",
-          label_col: str | None = None) -> ApplyResult:
+          label_col: str | None = None, overwrite: bool = True) -> ApplyResult:
     """Push ``target``'s examples through run ``run`` of ``store`` (same fitted models).
 
     Normalisers, PCAs, k-means centres / hierarchy nodes / spectral landmarks and the UMAP are
     re-applied, nothing is refitted (the blog's 42 mosaic examples). Writes run ``name``
-    (default ``"<run>-applied"``) into ``target`` and returns counts per cluster.
+    (default ``"<run>-applied"``) into ``target`` and returns counts per cluster. Refused
+    before any work: a ``target`` extracted with another model or pooling (see
+    :mod:`probing.analysis.compat`), a ``name`` that is ``run`` itself in the same STORE, an
+    existing ``name`` unless ``overwrite``, and a missing ``label_col``.
     """
     src = _as_store(store)
-    tgt = _as_store(target)
+    tgt = _as_store(target, warn=False)
+    if not _same_store(src, tgt):
+        _as_store(tgt)  # its own partial-STORE warning, once
+    out_name = check_run_name(name, "--name") if name is not None else f"{run}-applied"
+    if out_name == run and _same_store(src, tgt):
+        raise AnalysisError(f"--name {out_name!r} is the run being applied: it would replace "
+                            f"the fitted run in {src.path}; choose another --name")
     r = src.load_run(run)
     kind = r.meta.get("kind")
     if r.meta.get("engine") != "dvprobe.analysis" or kind not in KINDS:
         raise AnalysisError(f"run {run!r} in {src.path} was not written by the analysis engine")
     if tgt.n == 0:
         raise AnalysisError(f"{tgt.path}: the STORE has no examples")
+    if label_col is not None and label_col not in tgt.obs.columns:
+        raise AnalysisError(f"{tgt.path}: no obs column {label_col!r} for --label-col; "
+                            f"columns: {list(tgt.obs.columns)}")
+    check_new_run(tgt, out_name, overwrite, "--name")
     fm = FeatureModel.from_run(r.meta, r.arrays)
+    for w in check_applicable(src, tgt, run, fm.layers):
+        log.warning(w)
     with _step(f"apply {run!r}: transform {tgt.n} rows of {tgt.path}"):
         feats = fm.transform(tgt)
     obs = pd.DataFrame(index=range(tgt.n))
@@ -381,24 +479,29 @@ def apply(store, run: str, target, *, name: str | None = None, backend: str = "a
         counts["fraction"] = counts["n"] / max(1, tgt.n)
         meta["landed"] = {c: int(v) for c, v in counts["n"].items() if v}
         if label_col is not None:
-            if label_col not in tgt.obs.columns:
-                raise AnalysisError(f"{tgt.path}: no obs column {label_col!r} for "
-                                    f"--label-col; columns: {list(tgt.obs.columns)}")
-            crosstab = pd.crosstab(tgt.obs[label_col].to_numpy(), obs[column].astype(str).to_numpy(),
+            crosstab = pd.crosstab(tgt.obs[label_col].to_numpy(),
+                                   obs[column].astype(str).to_numpy(),
                                    rownames=[label_col], colnames=[column])
-    saved = tgt.save_run(name or f"{run}-applied", meta=meta, obs=obs, arrays=arrays)
+    saved = tgt.save_run(out_name, meta=meta, obs=obs, arrays=arrays)
     return ApplyResult(saved, column or "", counts, crosstab)
 
 
-def reduce(store, layer: str = "mixed5", *, method: str = "pca", n_components: int | None = None,
-           normalize: str = "none", pca: int | None = 50, backend: str = "auto", seed: int = 0,
-           fit_sample: int | None = None, run: str | None = None) -> Run:
-    """CLI entry: ``method="pca"`` (default 50 components) or ``"umap"`` (default 2-D)."""
-    if method == "pca":
+def reduce(store, layer: str = "mixed5", *, method: str = "pca",
+           n_components: int | None = None, normalize: str = "none", pca: int | None = 50,
+           backend: str = "auto", seed: int = 0, fit_sample: int | None = None,
+           run: str | None = None, overwrite: bool = True) -> Run:
+    """CLI entry: ``method="pca"`` (default 50 components) or ``"umap"`` (default 2-D).
+
+    ``n_components=None`` means the default; 0 is an error, not "the default".
+    """
+    _at_least_one(n_components, "--n-components")
+    if method == "pca":  # (the ``pca`` argument shadows pca() here)
         return _run_analysis(store, kind="pca", layers=[layer], normalize=normalize,
-                             pca=n_components or 50, pca2=None, cluster=None, umap=False,
-                             backend=backend, seed=seed, fit_sample=fit_sample, run=run)
+                             pca=50 if n_components is None else n_components, pca2=None,
+                             cluster=None, umap=False, backend=backend, seed=seed,
+                             fit_sample=fit_sample, run=run, overwrite=overwrite)
     if method == "umap":
-        return umap(store, layer, n_components=n_components or 2, normalize=normalize,
-                    pca=pca, backend=backend, seed=seed, fit_sample=fit_sample, run=run)
+        return umap(store, layer, n_components=2 if n_components is None else n_components,
+                    normalize=normalize, pca=pca, backend=backend, seed=seed,
+                    fit_sample=fit_sample, run=run, overwrite=overwrite)
     raise AnalysisError(f"--method must be pca or umap, not {method!r}")

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from probing.analysis.errors import ScaleError
+
+if TYPE_CHECKING:
+    from probing.store import Store
 
 log = logging.getLogger("dvprobe.analysis")
 
@@ -69,3 +73,16 @@ def check_scale(n_fit: int, d: int, method: str, backend: str, *,
     for w in warns:
         log.warning(w)
     return warns
+
+
+def partial_store_warning(store: Store) -> str | None:
+    """One line saying ``store`` is a partial STORE (extraction stopped), or None.
+
+    A partial STORE is still analysed (its committed rows are valid), but its clusters
+    describe only the examples extracted so far, which a user must know before reading them.
+    """
+    if store.complete:
+        return None
+    return (f"{store.path}: partial STORE ({store.n:,} examples): extraction did not finish; "
+            "results cover only these rows (rerun `dvprobe extract` with the same arguments "
+            "to complete it)")

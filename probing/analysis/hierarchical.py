@@ -92,13 +92,23 @@ def parse_split(split: str | list[int] | None) -> list[int] | None:
     return ks
 
 
-def fit_hierarchy(x: np.ndarray, fit: FlatFit, k1: int, split: list[int] | None, seed: int,
-                  *, max_k: int = 5, min_cluster_size: int = 50) -> Hierarchy:
-    """Fit level 1 with ``k1`` clusters, then each cluster with its own k (see module doc)."""
+def check_split(split: list[int] | None, k1: int) -> None:
+    """An explicit split needs one count per level-1 cluster; checked before any fitting."""
     if split is not None and len(split) != k1:
         raise AnalysisError(f"--split gives {len(split)} sub-cluster counts but the first "
                             f"level has k={k1}; give exactly {k1} (e.g. "
                             f"{','.join(['2'] * k1)}) or 'auto'")
+
+
+def format_scores(scores: dict[int, float]) -> str:
+    """``{2: 0.279, 3: 0.161}``: three significant digits are all a silhouette says."""
+    return "{" + ", ".join(f"{k}: {v:.3g}" for k, v in scores.items()) + "}"
+
+
+def fit_hierarchy(x: np.ndarray, fit: FlatFit, k1: int, split: list[int] | None, seed: int,
+                  *, max_k: int = 5, min_cluster_size: int = 50) -> Hierarchy:
+    """Fit level 1 with ``k1`` clusters, then each cluster with its own k (see module doc)."""
+    check_split(split, k1)
     level1 = fit(x, k1, seed)
     l1 = level1.predict(x)
     children: list[Prototypes] = []
@@ -121,7 +131,8 @@ def fit_hierarchy(x: np.ndarray, fit: FlatFit, k1: int, split: list[int] | None,
                                np.zeros(1, np.int32), 1)
         else:
             child = fit(xc, kc, seed)
+        why = "" if split is not None else f" (silhouette {format_scores(scores.get(c, {}))})"
         log.info("hierarchical: cluster %d (%d rows) -> %d sub-clusters%s", c, xc.shape[0],
-                 kc, "" if split is not None else f" (silhouette {scores.get(c, {})})")
+                 kc, why)
         children.append(child)
     return Hierarchy(level1, children, scores)
