@@ -47,7 +47,7 @@ def extract_command(
         "eager", "--engine",
         help="eager | graph. graph (CPU, fp32/bf16): the forward run as a oneDNN Graph program, "
              "measured on an AMX CPU 6-7% faster in fp32 (1.02-1.04x onnxruntime) and 1.25-1.3x "
-             "in bf16 once started (~3 s); checked "
+             "in bf16 once started (2-3 s); checked "
              "against eager on its first batches of each size and falls back to eager (with a "
              "warning) if they differ."),
     overwrite: bool = typer.Option(False, "--overwrite",
