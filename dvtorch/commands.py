@@ -113,14 +113,21 @@ def verify_cmd(
         raise ParityError(f"{bundle}: {report.failure_summary()}")
 
 
-def layers_cmd(bundle: Annotated[Path, typer.Argument(help="BUNDLE directory.")]) -> None:
+def layers_cmd(
+    bundle: Annotated[Path, typer.Argument(help="BUNDLE directory.")],
+    every: Annotated[bool, typer.Option(
+        "--all", help="Every capturable name, each block's convs (conv2d_N = Keras "
+                      "activation_N) and inner concats included.")] = False,
+) -> None:
     """List capturable layers: name, output shape (H, W, C) and channel count."""
     import dvtorch
-    from dvtorch.layers import layer_info
+    from dvtorch.layers import all_layer_names, layer_info
 
     model = dvtorch.load(bundle, device="cpu")
+    names = all_layer_names(model) if every else None
     rows = [("layer", "shape (H,W,C)", "channels")]
-    rows += [(i.name, "x".join(map(str, i.shape_hwc)), str(i.channels)) for i in layer_info(model)]
+    rows += [(i.name, "x".join(map(str, i.shape_hwc)), str(i.channels))
+             for i in layer_info(model, names=names)]
     widths = [max(len(r[k]) for r in rows) for k in range(3)]
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

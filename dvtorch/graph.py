@@ -42,13 +42,14 @@ import torch
 from torch import nn
 
 from dvtorch import parallel
-from dvtorch.hooks import capture
+from dvtorch.hooks import POOLS, capture
 from dvtorch.inception import (
     DeepVariantInceptionV3,
     fuse_batchnorm,
     optimize_for_inference,
     scale_pixels,
 )
+from dvtorch.layers import resolve
 
 _LOG = logging.getLogger(__name__)
 
@@ -150,6 +151,18 @@ class GraphForward:
             raise ValueError("the oneDNN Graph engine runs on the CPU only")
         self.model = model.eval()
         self.layers = list(layers)
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"duplicate layer names in {self.layers}")
+        for name in self.layers:
+            resolve(model, name)  # an unknown name fails here, not at the first batch
+        if _hook_count(model):
+            # A traced program runs the hooks present when it was traced, once, and never
+            # again; later ones not at all. Hook experiments belong on the eager model.
+            raise ValueError(f"the model has {_hook_count(model)} forward hook(s); a oneDNN "
+                             "Graph program cannot run hooks (it is traced once): remove "
+                             "them, or run the eager model for hook experiments")
         # always traced, for the gate: the embedding, the logits (and the softmax) from it
         self._taps = ["avg_pool", "logits"] + [n for n in self.layers
                                                if n not in ("avg_pool", "logits")]
@@ -176,7 +189,7 @@ class GraphForward:
         self._shapes: dict[str, torch.Size] = {}
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        _check_pixels(pixels)
+        self._check_call(pixels)
         if self.fallback_reason is not None or pixels.shape[0] == 0:
             return self._eager(pixels)
         ways = parallel.split_ways(pixels.shape[0])
@@ -205,6 +218,12 @@ class GraphForward:
                 return wrong
         return self._split(flat)
 
+    def _check_call(self, pixels: torch.Tensor) -> None:
+        _check_pixels(pixels, tuple(self.model.input_shape))
+        if self.fallback_reason is None and _hook_count(self.model):
+            self._fall_back("a forward hook was added to the model, which a traced program "
+                            "would not run", sorted(self._programs), 0)
+
     def submit(self, pixels: torch.Tensor) -> PendingForward:
         """Start ``engine(pixels)`` as one whole-batch call on a worker thread and return at
         once; :meth:`PendingForward.result` gives what ``engine(pixels)`` would.
@@ -217,7 +236,7 @@ class GraphForward:
         at a time, and pass the gate before any call of it runs on a worker; a program that
         raises on a worker switches the engine to eager when its result is asked for.
         """
-        _check_pixels(pixels)
+        self._check_call(pixels)
         n = pixels.shape[0]
         if self.fallback_reason is not None or n == 0 or self.depth < 2:
             return PendingForward(self, pixels, value=self(pixels))
@@ -357,9 +376,21 @@ class PendingForward:
         return self._value
 
 
-def _check_pixels(pixels: torch.Tensor) -> None:
-    if pixels.dtype != torch.uint8 or pixels.dim() != 4:
-        raise ValueError(f"expected uint8 NHWC pixels, got {pixels.dtype} {list(pixels.shape)}")
+def _check_pixels(pixels: torch.Tensor, shape: tuple[int, int, int]) -> None:
+    """Refuse a batch the programs were not made for before it reaches one: a program
+    that raises switches the engine to eager for good, which a caller's slip must not."""
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[1:]) != shape:
+        raise ValueError(f"expected uint8 NHWC pixels [N, {', '.join(map(str, shape))}], got "
+                         f"{pixels.dtype} {list(pixels.shape)}")
+
+
+def _hook_count(model: nn.Module) -> int:
+    """Forward (pre-)hooks on ``model`` and its submodules, global ones included."""
+    from torch.nn.modules import module as _mod
+
+    n = len(getattr(_mod, "_global_forward_hooks", {})) \
+        + len(getattr(_mod, "_global_forward_pre_hooks", {}))
+    return n + sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _raised(err: BaseException) -> str:

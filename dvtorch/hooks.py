@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dvtorch.layers import all_layer_names, resolve
-from dvtorch.parallel import defer, split_safe
+from dvtorch.parallel import defer, in_worker, split_safe
 
 POOLS = ("max", "mean", "flatten", None)
 
@@ -74,6 +74,8 @@ def _select(model: nn.Module, names: Names) -> list[str]:
             raise ValueError("the names filter selected no layer")
         return chosen
     chosen = list(names)
+    if not chosen:
+        raise ValueError("no layer names given")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"duplicate layer names in {chosen}")
     return chosen
@@ -118,7 +120,8 @@ def capture(model: nn.Module, names: Names, pool: str | None = "max") -> Iterato
 
     ``names`` is a layer name, a list of names, or a predicate ``f(name) -> bool`` evaluated
     over :func:`dvtorch.layers.all_layer_names` (TransformerLens-style ``names_filter``).
-    Each forward replaces the previous batch's tensors. Tensors stay on the model's device.
+    Each forward replaces the previous batch's tensors (a layer the last forward did not
+    reach raises KeyError). Tensors stay on the model's device.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -140,7 +143,17 @@ def capture(model: nn.Module, names: Names, pool: str | None = "max") -> Iterato
                 commit(t)
         return hook
 
+    @split_safe
+    def new_forward(_module: nn.Module, _inputs) -> None:
+        # Each forward starts empty, so a layer it does not reach (it raised, or a hook
+        # stopped it early) is a KeyError, not the previous batch's tensor. Inside a
+        # worker's whole-batch or split forward the tensors are committed in the caller's
+        # thread after the forward (dvtorch.parallel), which replaces them there.
+        if not in_worker():
+            acts.clear()
+
     try:
+        handles.append(model.register_forward_pre_hook(new_forward))
         for n, m in modules:
             handles.append(m.register_forward_hook(make_hook(n)))
         yield acts

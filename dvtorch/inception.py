@@ -101,12 +101,41 @@ class ConvBN(nn.Module):
         """Whether optimize_for_inference() gave this block the fused oneDNN conv+ReLU."""
         return self._fused is not None
 
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy`` / pickling: oneDNN's packed weight and op handle can be
+        neither copied nor pickled, so the copy keeps only what to pack them for; it
+        repacks from its own conv weight on its first fused forward (``_current_fused``)."""
+        state = self.__dict__.copy()
+        f = state.get("_fused")
+        if f is not None:
+            state["_fused"] = f._replace(op=None, weight=None, bias=None, source=None)
+        return state
+
+    def _children_hooked(self) -> bool:
+        """Whether a user hook sits on the inner conv / bn / relu (then they must run)."""
+        return any(m._forward_hooks or m._forward_pre_hooks
+                   for m in (self.conv, self.bn, self.relu))
+
+    def _current_fused(self) -> _FusedConv | None:
+        """The fused op, repacked if the conv's weight was replaced or edited in place
+        since it was packed (``load_state_dict``, an ablation under ``no_grad``): the
+        packed copy would otherwise keep computing with the old weights."""
+        f = self._fused
+        w = self.conv.weight
+        if f is not None and (w is not f.source or _version(w) != f.version
+                              or w.data_ptr() != f.data_ptr):
+            # (also a deep copy's or an unpickled model's first forward: source is None)
+            f = self._fused = _fused_conv(self.conv, f.input_size)
+        return f
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self._fused
         # Traced graphs (dvtorch.graph) record the plain conv, bias and ReLU ops, which
         # oneDNN Graph fuses itself; the pre-packed weights would be frozen in as constants.
         if f is not None and x.dtype is f.dtype and x.is_cpu and not torch.is_grad_enabled() \
-                and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing():
+                and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing() \
+                and not self._children_hooked():
+            f = self._current_fused()
             if self.pools_input:
                 # conv1x1(avgpool(x)) + b == avgpool(conv1x1(x) + b): the pooling weights
                 # at every position sum to 1 (padding is not averaged). Pooling the conv's
@@ -125,7 +154,13 @@ class ConvBN(nn.Module):
                 # ONNX exports keep Keras's order: they stand in for tf2onnx's graph.
                 return _avg_pool_same(self.conv(x)).relu_()
             x = _avg_pool_same(x)
-        return self.relu(self.bn(self.conv(x)))
+        y = self.bn(self.conv(x))
+        if isinstance(self.bn, nn.Identity) and (self.conv._forward_hooks
+                                                 or self.bn._forward_hooks):
+            # BN folded: y is the conv's own output, which a hook on the conv may keep;
+            # the in-place ReLU would turn it into the block's output behind its back.
+            y = y.clone()
+        return self.relu(y)
 
 
 class _FusedConv(NamedTuple):
@@ -147,6 +182,12 @@ class _FusedConv(NamedTuple):
     dilation: list[int]
     groups: int
     dtype: torch.dtype
+    # what ``weight`` was packed from: the parameter, its version counter and storage
+    # (ConvBN repacks when any changes) and the input size it was packed for
+    source: torch.Tensor
+    version: int
+    data_ptr: int
+    input_size: list[int]
 
 
 def scale_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -398,6 +439,15 @@ class DeepVariantInceptionV3(nn.Module):
     _MIXED = tuple(f"mixed{i}" for i in range(11))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of NHWC pixels, got {type(x).__name__}"
+                            + (" (torch.from_numpy converts it)" if hasattr(x, "__array__")
+                               else ""))
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            # int64 pixels come easily from torch.tensor(list) or numpy; taken as floats
+            # they would be 0-255 where the model expects (x - 128) / 128.
+            raise TypeError(f"got {x.dtype} pixels: pass raw uint8 pixels (scaled inside the "
+                            "model) or dvtorch.preprocess() output (float)")
         # (Skipped while tracing, e.g. for ONNX export: the shapes are concrete there and a
         # Python comparison of them only makes the tracer warn.)
         if not torch.jit.is_tracing() and (x.dim() != 4
@@ -521,7 +571,11 @@ def optimize_for_inference(model: DeepVariantInceptionV3, dtype: torch.dtype | N
     kernel just reorders again); a bf16 model on a CPU where oneDNN has no bf16
     convolution (below AVX-512) keeps ATen's plain path instead: slow, but it runs. Call it
     again after moving the model to another device/dtype. Hooks on conv blocks still see
-    the block's ReLU output; only the internal ``bn`` / ``relu`` children stop being called.
+    the block's ReLU output; a block whose inner ``conv`` / ``bn`` / ``relu`` child carries
+    a hook runs them one by one so that the hook fires (the conv child's output is then the
+    pre-ReLU value with BN folded in). Weights changed afterwards (``load_state_dict``, an
+    ablation under ``torch.no_grad()``) are repacked on the next forward; an edit through
+    ``.data`` is invisible to that check: call this function again after one.
 
     ``batch_split`` (CPU): with ``torch.get_num_threads() == n > 1``, no-grad forwards run
     as ``n`` single-threaded forwards on slices of the batch in worker threads
@@ -554,7 +608,18 @@ def _fused_conv(conv: nn.Conv2d, input_size: list[int]) -> _FusedConv:
                       weight=conv.weight if packed is None else packed, bias=conv.bias,
                       padding=list(conv.padding), stride=list(conv.stride),
                       dilation=list(conv.dilation), groups=conv.groups,
-                      dtype=conv.weight.dtype)
+                      dtype=conv.weight.dtype, source=conv.weight,
+                      version=_version(conv.weight), data_ptr=conv.weight.data_ptr(),
+                      input_size=list(input_size))
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t``'s in-place version counter; -1 for an inference tensor, which has none (it
+    cannot be edited in place outside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def _pack_weight(conv: nn.Conv2d, input_size: list[int]) -> torch.Tensor | None:

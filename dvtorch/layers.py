@@ -8,6 +8,7 @@ lookup goes through :func:`resolve`, the one place that knows the mapping.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -54,23 +55,32 @@ class LayerInfo:
         return n
 
 
-def _name_index(model: nn.Module) -> dict[str, nn.Module]:
-    """Map each Keras-style leaf name (last path component) to its module.
+def _name_index(model: nn.Module) -> tuple[dict[str, nn.Module], set[str]]:
+    """Map each Keras-style leaf name (last path component) to its module, and the leaf
+    names that occur more than once.
 
-    Nested blocks register children under globally unique Keras names, so the last path
-    component is unique; a duplicate would be a construction bug, hence the assert.
+    Nested blocks register children under globally unique Keras names, so in one network
+    the last path component is unique; internal child names (conv, bn, relu) repeat, and
+    so does everything when a container holds two networks.
     """
     index: dict[str, nn.Module] = {}
+    repeated: set[str] = set()
     for path, module in model.named_modules():
         if not path:
             continue
         leaf = path.rsplit(".", 1)[-1]
         if leaf in index and index[leaf] is not module:
-            # Internal child names (conv, bn, relu) repeat; only expose unique ones.
-            index[leaf] = None  # type: ignore[assignment]
+            repeated.add(leaf)
         else:
             index.setdefault(leaf, module)
-    return {k: v for k, v in index.items() if v is not None}
+    return {k: v for k, v in index.items() if k not in repeated}, repeated
+
+
+# Keras's conv2d_bn names its tensors conv2d_N (the raw conv), batch_normalization_N and
+# activation_N (after BN and ReLU); a ConvBN block's output -- what ``conv2d_N`` captures
+# here, the name DeepVariant users know -- is activation_N, so that name is accepted too.
+_ACTIVATION = re.compile(r"activation(_\d+)?")
+_INTERNAL = ("conv", "bn", "relu", "dense")
 
 
 def all_layer_names(model: DeepVariantInceptionV3) -> list[str]:
@@ -95,17 +105,27 @@ def resolve(model: nn.Module, name: str) -> nn.Module:
     Raises :class:`UnknownLayerError` listing close matches, so a typo such as
     ``mixed_5`` gets "did you mean mixed5" instead of a bare KeyError.
     """
-    index = _name_index(model)
+    index, repeated = _name_index(model)
+    if _ACTIVATION.fullmatch(name):
+        name = name.replace("activation", "conv2d", 1)
     module = index.get(name)
-    if module is None or name in ("conv", "bn", "relu", "dense"):
-        valid = [n for n in index if n not in ("conv", "bn", "relu")]
+    if module is not None and name not in _INTERNAL:
+        return module
+    if name in repeated and name not in _INTERNAL:
+        raise UnknownLayerError(
+            f"layer {name!r} is ambiguous: several submodules of this {type(model).__name__} "
+            "carry that name (two networks in one container?); capture on the DeepVariant "
+            "model itself")
+    if name == "dense":
+        hint = "; the Dense layer's output is 'logits' (its softmax: 'classification')"
+    else:
+        valid = [n for n in index if n not in _INTERNAL and n != name]
         close = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UnknownLayerError(
-            f"unknown layer {name!r}{hint} (known: stem convs/pools, conv2d_1..conv2d_93, "
-            f"{', '.join(LAYER_NAMES[7:])})"
-        )
-    return module
+    raise UnknownLayerError(
+        f"unknown layer {name!r}{hint} (known: conv2d..conv2d_93 (= Keras activation_N), "
+        f"max_pooling2d(_1), {', '.join(LAYER_NAMES[7:])}, concatenate, concatenate_1)"
+    )
 
 
 def layer_info(model: DeepVariantInceptionV3,

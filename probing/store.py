@@ -118,6 +118,12 @@ def _comparable(inputs: Any) -> Any:
     return inputs
 
 
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds, so messages say ``6``, not
+    ``np.int64(6)``."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -222,11 +228,24 @@ class Store:
             self._obs = df
         return self._obs
 
-    def add_obs(self, columns: pd.DataFrame | Mapping[str, Any], overwrite: bool = True) -> None:
-        """Add or replace annotation columns (row-aligned with ``obs``). Written atomically."""
-        new = pd.DataFrame(columns).reset_index(drop=True)
-        if len(new) != self.n:
-            raise StoreError(f"add_obs: {len(new)} rows given, the STORE has {self.n}")
+    def add_obs(self, columns: pd.DataFrame | pd.Series | Mapping[str, Any],
+                overwrite: bool = True) -> None:
+        """Add or replace annotation columns (row-aligned with ``obs``). Written atomically.
+
+        Rows are matched by obs position, the index of ``obs``. A DataFrame or Series keeps
+        its pandas meaning: one indexed by a permutation of those positions (e.g. a column of
+        ``obs.sort_values(...)``) is put back in obs order by its index, not written in the
+        order it happens to be in; any other index is refused rather than guessed at. Lists
+        and arrays are positional, and a scalar is broadcast to every row (``{"batch": 3}``).
+        Extension dtypes (nullable ``Int64``/``boolean``, ``category`` ...) are kept.
+        """
+        new = self._obs_columns(columns)
+        odd = [c for c in new.columns if not isinstance(c, str)]
+        if odd:
+            raise StoreError(f"add_obs: column names must be strings (parquet), not {odd!r}")
+        twice = sorted(new.columns[new.columns.duplicated()].unique())
+        if twice:
+            raise StoreError(f"add_obs: columns {twice} are given more than once")
         base_cols = set(self._base_obs().columns)
         clash = base_cols.intersection(new.columns)
         if clash:
@@ -236,9 +255,60 @@ class Store:
         for c in new.columns:
             if c in ann.columns and not overwrite:
                 raise StoreError(f"add_obs: column {c!r} exists (pass overwrite=True)")
-            ann[c] = new[c].to_numpy()
+        for c in new.columns:
+            # .array, not .to_numpy(): numpy has no NA, so Int64 would turn float64, boolean
+            # object and category plain strings; parquet round-trips the pandas dtypes.
+            ann[c] = new[c].array
         _write_parquet_atomic(ann, ann_path)
         self._obs = None
+
+    def _obs_columns(self, columns: pd.DataFrame | pd.Series | Mapping[str, Any]) -> pd.DataFrame:
+        """``columns`` as a DataFrame indexed 0..n-1 in obs order (see :meth:`add_obs`)."""
+        if isinstance(columns, pd.Series):
+            if columns.name is None:
+                raise StoreError("add_obs: the Series has no name; name it (it becomes the "
+                                 "column name) or pass {name: series}")
+            columns = columns.to_frame()
+        if isinstance(columns, pd.DataFrame):
+            if not len(columns.columns):
+                raise StoreError("add_obs: no columns given")
+            return self._in_obs_order(columns, "the DataFrame")
+        if not columns:
+            raise StoreError("add_obs: no columns given")
+        values = {}
+        for name, v in dict(columns).items():
+            if isinstance(v, pd.Series):
+                v = self._in_obs_order(v, f"column {name!r}").array
+            elif not pd.api.types.is_scalar(v) and len(v) != self.n:
+                raise StoreError(f"add_obs: column {name!r} has {len(v)} rows, the STORE has "
+                                 f"{self.n}")
+            values[name] = v
+        # an explicit index is what lets pandas broadcast scalars to every row
+        return pd.DataFrame(values, index=pd.RangeIndex(self.n))
+
+    def _in_obs_order(self, obj: pd.DataFrame | pd.Series, what: str
+                      ) -> pd.DataFrame | pd.Series:
+        """``obj`` reindexed to obs positions 0..n-1, or a StoreError if its index is not
+        a permutation of them (writing such rows by position would misalign them silently)."""
+        idx, n = obj.index, self.n
+        if idx.equals(pd.RangeIndex(len(idx))):
+            if len(idx) != n:
+                raise StoreError(f"add_obs: {what} has {len(idx)} rows, the STORE has {n}")
+            return obj.set_axis(pd.RangeIndex(n))
+        positions = pd.api.types.is_integer_dtype(idx) and not isinstance(idx, pd.MultiIndex)
+        outside = idx[(idx < 0) | (idx >= n)] if positions else idx
+        if len(outside):
+            problem = f"has labels that are not obs positions (e.g. {_plain(outside[0])!r})"
+        elif not idx.is_unique:
+            problem = f"repeats rows (e.g. {_plain(idx[idx.duplicated()][0])!r})"
+        elif len(idx) != n:
+            missing = pd.RangeIndex(n).difference(idx)
+            problem = f"covers {len(idx)} of the {n} obs rows (e.g. {missing[0]} is missing)"
+        else:
+            return obj.reindex(pd.RangeIndex(n))
+        raise StoreError(f"add_obs: {what}'s index {problem}; rows are matched by obs position "
+                         f"0..{n - 1}: index it like store.obs, or .reset_index(drop=True) if "
+                         "it is in obs order already")
 
     # -- layers -------------------------------------------------------------------------
     @property

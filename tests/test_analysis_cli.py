@@ -173,8 +173,8 @@ def test_cluster_reduce_apply_refuse_to_replace_a_run_without_overwrite(app, sto
     _ok(app, ["cluster", path, "--k", 3, "--pca", 4, "--run", "km", *SK])
     exc = _fails(app, ["cluster", path, "--k", 4, "--pca", 4, "--run", "km", *SK])
     assert isinstance(exc, AnalysisError)
-    assert str(exc) == (f"run 'km' already exists in {path}; pass --overwrite to replace it "
-                        "or choose another --run")
+    assert str(exc) == (f"run 'km' already exists in {path}; pass --overwrite (overwrite=True "
+                        "from Python) to replace it or choose another --run")
     assert st.load_run("km").meta["cluster"]["k"] == 3
     _ok(app, ["cluster", path, "--k", 4, "--pca", 4, "--run", "km", "--overwrite", *SK])
     assert st.load_run("km").meta["cluster"]["k"] == 4

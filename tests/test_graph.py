@@ -12,6 +12,7 @@ from dvtorch.bundle import random_state_dict
 from dvtorch.cpu import mkldnn_bf16
 from dvtorch.hooks import capture
 from dvtorch.inception import DeepVariantInceptionV3, optimize_for_inference
+from dvtorch.layers import UnknownLayerError
 
 pytestmark = pytest.mark.skipif(not graph.available(), reason="torch without oneDNN Graph")
 
@@ -170,9 +171,43 @@ def test_an_exception_in_the_program_falls_back_to_eager(fp32_model, monkeypatch
 def test_refuses_what_it_cannot_run(fp32_model):
     with pytest.raises(ValueError, match="fp32 or bf16"):
         graph.GraphForward(_model().half(), LAYERS)
+    with pytest.raises(UnknownLayerError, match="did you mean mixed5"):
+        graph.GraphForward(fp32_model, ["mixed_5"])  # at construction, not at the first batch
+    with pytest.raises(ValueError, match="pool must be one of"):
+        graph.GraphForward(fp32_model, LAYERS, pool="Max")
     engine = graph.GraphForward(fp32_model, LAYERS)
     with pytest.raises(ValueError, match="uint8 NHWC"):
         engine(torch.zeros(2, *SHAPE))
+    engine(_pixels(2, 0))
+    # a caller's slip (NCHW) is refused before it reaches a program, which would otherwise
+    # have raised and switched the engine to eager for good
+    with pytest.raises(ValueError, match="uint8 NHWC pixels"):
+        engine(_pixels(2, 0).permute(0, 3, 1, 2).contiguous())
+    assert engine.fallback_reason is None
+
+
+def test_hooks_are_refused_at_construction_and_a_later_one_hands_over_to_eager(fp32_model):
+    """A traced program runs the hooks present at tracing once and never again; a hook
+    experiment on the engine would silently measure the unhooked model."""
+    h = fp32_model.mixed5.register_forward_hook(lambda m, i, o: o * 0)
+    try:
+        with pytest.raises(ValueError, match="forward hook"):
+            graph.GraphForward(fp32_model, LAYERS)
+    finally:
+        h.remove()
+    engine = graph.GraphForward(fp32_model, LAYERS)
+    for seed in range(4):
+        engine(_pixels(9, seed))
+    plain = _eager(fp32_model, _pixels(9, 0), "max")[1]["mixed10"]
+    h = fp32_model.mixed5.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    try:
+        got = engine(_pixels(9, 0))[1]["mixed10"]
+        assert "forward hook was added" in engine.fallback_reason
+        ablated = _eager(fp32_model, _pixels(9, 0), "max")[1]["mixed10"]
+    finally:
+        h.remove()
+    assert not torch.allclose(ablated, plain)
+    torch.testing.assert_close(got, ablated)  # the hook ran
 
 
 def test_programs_pool_after_the_conv_but_onnx_exports_keep_keras_order(fp32_model):

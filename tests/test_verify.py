@@ -157,6 +157,10 @@ def test_cli_layers(ckpt_bundle: Path, monkeypatch, capsys) -> None:
     assert lines["mixed5"] == ["4x12x768", "768"]
     assert lines["mixed0"] == ["10x25x256", "256"]
     assert lines["classification"][-1] == "3"
+    assert "conv2d_40" not in lines
+    code, out, _ = _run_cli(monkeypatch, capsys, "layers", str(ckpt_bundle), "--all")
+    every = [line.split()[0] for line in out.splitlines()[1:]]
+    assert code == 0 and len(every) == 114 and "conv2d_40" in every and "concatenate_1" in every
 
 
 def test_report_table_and_json_roundtrip() -> None:

@@ -83,7 +83,8 @@ def check_new_run(store: Store, name: str, overwrite: bool, option: str = "--run
     """Refuse to replace an existing run unless asked to (the CLI's ``--overwrite``)."""
     if not overwrite and name in store.runs:
         raise AnalysisError(f"run {name!r} already exists in {store.path}; pass --overwrite "
-                            f"to replace it or choose another {option}")
+                            "(overwrite=True from Python) to replace it or choose another "
+                            f"{option}")
 
 
 def _at_least_one(value: int | None, option: str) -> None:

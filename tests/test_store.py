@@ -1,0 +1,136 @@
+"""Store.add_obs: annotation columns land on the right rows, keep their dtypes, and bad
+input is refused with a message that says what to do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_analysis_support import make_store
+
+from probing.store import Store, StoreError, open_store
+
+N = 6
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    """Six rows whose ``score`` is deliberately not sorted, so any reordering shows."""
+    score = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2]
+    return make_store(tmp_path / "st", {"l": np.zeros((N, 2), np.float32)},
+                      extra_obs={"score": score}, batch=4)
+
+
+def reopened(store: Store) -> pd.DataFrame:
+    """obs as a fresh reader sees it: what was written to disk, not what is cached."""
+    return open_store(store.path).obs
+
+
+# -- rows: matched by obs position, and a pandas index says which position --------------
+
+def test_a_series_in_another_order_is_put_back_in_obs_order_by_its_index(store):
+    by_score = store.obs.sort_values("score")["score"]
+    assert list(by_score.index) != list(range(N))  # the premise: not in obs order
+    store.add_obs(pd.DataFrame({"score_copy": by_score}))
+    store.add_obs({"score_copy2": by_score})
+    store.add_obs(by_score.rename("score_copy3"))
+    obs = reopened(store)
+    for c in ("score_copy", "score_copy2", "score_copy3"):
+        assert obs[c].tolist() == obs["score"].tolist(), c
+
+
+def test_an_indexed_series_next_to_plain_arrays_does_not_reorder_the_arrays(store):
+    by_score = store.obs.sort_values("score")["score"]
+    store.add_obs({"copy": by_score, "pos": np.arange(N), "listed": list("abcdef")})
+    obs = reopened(store)
+    assert obs["copy"].tolist() == obs["score"].tolist()
+    assert obs["pos"].tolist() == list(range(N))
+    assert obs["listed"].tolist() == list("abcdef")
+
+
+def test_plain_dicts_and_arrays_are_positional(store):
+    store.add_obs({"pos": np.arange(N)[::-1]})
+    assert reopened(store)["pos"].tolist() == list(range(N))[::-1]
+
+
+@pytest.mark.parametrize("index, problem", [
+    (list("abcdef"), r"has labels that are not obs positions \(e.g. 'a'\)"),
+    ([0, 1, 2, 3, 4, 6], r"has labels that are not obs positions \(e.g. 6\)"),
+    ([0, 1, 2, 3, 3, 4], r"repeats rows \(e.g. 3\)"),
+    ([5, 3, 1], r"covers 3 of the 6 obs rows \(e.g. 0 is missing\)"),
+])
+def test_an_index_that_is_not_a_permutation_of_obs_positions_is_refused(store, index, problem):
+    col = pd.Series(np.arange(len(index)), index=index)
+    for given in (pd.DataFrame({"x": col}), {"x": col}):
+        with pytest.raises(StoreError, match=rf"^add_obs: .*index {problem}; rows are matched by "
+                                             r"obs position 0..5: .*\.reset_index\(drop=True\)"):
+            store.add_obs(given)
+    assert "x" not in reopened(store).columns
+
+
+def test_wrong_row_counts_are_refused_naming_the_column(store):
+    with pytest.raises(StoreError, match=r"^add_obs: column 'x' has 3 rows, the STORE has 6$"):
+        store.add_obs({"x": [1, 2, 3]})
+    with pytest.raises(StoreError, match=r"^add_obs: the DataFrame has 7 rows, the STORE has 6$"):
+        store.add_obs(pd.DataFrame({"x": range(7)}))
+
+
+# -- dtypes: what goes in comes back, also after reopening ------------------------------
+
+def test_extension_dtypes_survive_the_round_trip_through_the_store(store):
+    given = {
+        "nint": pd.array([1, None, 3, None, 5, 6], dtype="Int64"),
+        "nbool": pd.array([True, None, False, True, None, False], dtype="boolean"),
+        "cat": pd.Categorical(list("abcabc"), categories=["c", "b", "a"], ordered=True),
+    }
+    store.add_obs(given)
+    store.add_obs(pd.DataFrame({"framed": pd.array([None, 2, 3, 4, 5, 6], dtype="Int64")}))
+    obs = reopened(store)
+    assert obs["nint"].dtype == "Int64" and obs["nint"].isna().tolist() == [0, 1, 0, 1, 0, 0]
+    assert obs["nbool"].dtype == "boolean" and obs["nbool"].isna().sum() == 2
+    assert isinstance(obs["cat"].dtype, pd.CategoricalDtype)
+    assert list(obs["cat"].cat.categories) == ["c", "b", "a"] and obs["cat"].cat.ordered
+    assert obs["framed"].dtype == "Int64" and pd.isna(obs["framed"][0])
+    for c, values in given.items():
+        assert obs[c].equals(pd.Series(values, name=c)), c
+
+
+def test_plain_numpy_dtypes_stay_as_they_were(store):
+    store.add_obs({"i": np.arange(N, dtype=np.int32), "f": np.linspace(0, 1, N)})
+    obs = reopened(store)
+    assert obs["i"].dtype == np.int32 and obs["f"].dtype == np.float64
+
+
+# -- messages and scalars ----------------------------------------------------------------
+
+def test_no_columns_is_refused_as_no_columns_not_as_zero_rows(store):
+    for empty in ({}, pd.DataFrame()):
+        with pytest.raises(StoreError, match=r"^add_obs: no columns given$"):
+            store.add_obs(empty)
+
+
+def test_a_scalar_is_broadcast_to_every_row_also_when_it_is_the_only_column(store):
+    store.add_obs({"const": 1})
+    store.add_obs({"batch": "b7", "pos": np.arange(N)})
+    obs = reopened(store)
+    assert obs["const"].tolist() == [1] * N
+    assert obs["batch"].tolist() == ["b7"] * N
+    assert obs["pos"].tolist() == list(range(N))
+
+
+def test_an_unnamed_series_is_refused_because_it_has_no_column_name(store):
+    with pytest.raises(StoreError, match=r"^add_obs: the Series has no name"):
+        store.add_obs(pd.Series(np.arange(N)))
+
+
+def test_an_existing_column_is_kept_unless_overwrite(store):
+    store.add_obs({"x": np.arange(N)})
+    with pytest.raises(StoreError, match=r"^add_obs: column 'x' exists \(pass overwrite=True\)$"):
+        store.add_obs({"x": np.zeros(N), "y": np.ones(N)}, overwrite=False)
+    obs = reopened(store)
+    assert obs["x"].tolist() == list(range(N)) and "y" not in obs.columns
+
+
+def test_extraction_columns_are_read_only(store):
+    with pytest.raises(StoreError, match=r"^add_obs: \['score'\] are extraction columns"):
+        store.add_obs({"score": np.zeros(N)})
