@@ -476,6 +476,10 @@ def extract(
         return Store(out)
     start = Cursor.from_json(writer.meta.get("cursor"))
     n_before = writer.n_committed
+    if writer.set_aside is not None:
+        log(f"{out}: annotations / runs made on the {n_before} examples committed so far no "
+            f"longer line up once extraction resumes; moved to {writer.set_aside} (annotate "
+            "and cluster again when it completes)")
     if n_before or start.position:
         log(f"{out}: resuming after {n_before} committed examples "
             f"(shard {start.shard}, record {start.record})")

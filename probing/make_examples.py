@@ -54,6 +54,7 @@ Where this differs from DeepVariant (documented on purpose, see the README secti
 
 from __future__ import annotations
 
+import logging
 import re
 import zlib
 from collections import Counter
@@ -69,6 +70,8 @@ from dvtorch.errors import DvprobeError
 from probing import channels as C
 from probing.examples import encode_example, encoded_variant_type, write_example_info
 from probing.tfrecord import TFRecordWriter, shard_name
+
+_LOG = logging.getLogger(__name__)
 
 __all__ = [
     "MakeExamplesError",
@@ -223,8 +226,12 @@ def _load_bed(path: Path, contigs: dict[str, int]) -> list[tuple[str, int, int]]
 class TruthLabeler:
     """Labels from one or more truth VCFs (first genotype column; GT as written)."""
 
-    def __init__(self, paths: Sequence[str | Path]):
+    def __init__(self, paths: Sequence[str | Path], contigs: Sequence[str] | None = None):
+        """``contigs``: the reference's contig names. A truth VCF naming them without (or
+        with) the ``chr`` prefix is matched to them, with a warning; one that places no
+        record on them is refused -- its sites would silently all be labelled hom-ref."""
         self.records: dict[tuple[str, int], list[tuple[str, tuple[str, ...], tuple]]] = {}
+        known = set(contigs) if contigs is not None else None
         for path in paths:
             try:
                 vf = pysam.VariantFile(str(path))
@@ -232,17 +239,38 @@ class TruthLabeler:
                 raise MakeExamplesError(f"{path}: cannot open truth VCF ({exc})") from None
             if not list(vf.header.samples):
                 raise MakeExamplesError(f"{path}: truth VCF has no sample column (need GT)")
+            placed, renamed, off = 0, set(), set()
             with vf:
                 for i, rec in enumerate(vf):
+                    chrom = rec.chrom
+                    if known is not None and chrom not in known:
+                        other = chrom[3:] if chrom.startswith("chr") else f"chr{chrom}"
+                        if other not in known:
+                            off.add(chrom)
+                            continue
+                        renamed.add(chrom)
+                        chrom = other
+                    placed += 1
                     sample = rec.samples[0]
                     gt = sample.get("GT") if "GT" in sample else None
                     if gt is None:
                         raise MakeExamplesError(
                             f"{path}, record {i} ({rec.chrom}:{rec.pos}): no GT field"
                         )
-                    self.records.setdefault((rec.chrom, rec.start), []).append(
+                    self.records.setdefault((chrom, rec.start), []).append(
                         (rec.ref.upper(), tuple(a.upper() for a in (rec.alts or ())), gt)
                     )
+            if off and not placed:
+                raise MakeExamplesError(
+                    f"{path}: no truth record is on a contig of the reference (truth contigs "
+                    f"{sorted(off)[:5]}, reference {sorted(known)[:5]}); every example would "
+                    "be labelled hom-ref")
+            if renamed:
+                _LOG.warning("%s: contigs %s matched to the reference's names with/without "
+                             "'chr'", path, sorted(renamed)[:5])
+            if off:
+                _LOG.warning("%s: records on contigs %s that the reference lacks are not used",
+                             path, sorted(off)[:5])
 
     def label(self, site: Site, subset: Sequence[int]) -> int:
         """How many of the truth GT's alleles are among ``site.alts[subset]`` (0, 1 or 2)."""
@@ -724,6 +752,11 @@ def make_examples(
         raise MakeExamplesError(
             "need 0 <= ref_sites_fraction <= 1, 0 < min_fraction <= 1, min_count >= 1"
         )
+    truth_paths = (
+        [] if truth is None else ([truth] if isinstance(truth, (str, Path)) else list(truth))
+    )
+    # before the candidate scan: a truth file that cannot label anything fails in seconds
+    labeler = TruthLabeler(truth_paths, list(fasta.references)) if truth_paths else None
     rng = np.random.default_rng(seed)
     site_list: list[Site]
     if sites is not None and _is_vcf(Path(sites)):
@@ -755,10 +788,6 @@ def make_examples(
                 )
     if not site_list:
         raise MakeExamplesError(f"{sites or reads}: no sites to make examples for")
-    truth_paths = (
-        [] if truth is None else ([truth] if isinstance(truth, (str, Path)) else list(truth))
-    )
-    labeler = TruthLabeler(truth_paths) if truth_paths else None
     enc = PileupEncoder(
         fasta,
         bam,

@@ -440,6 +440,27 @@ class StoreWriter:
         self.path = path
         self.meta = meta
         self.specs = {k: LayerSpec.from_json(k, v) for k, v in meta["layers"].items()}
+        #: where annotations / runs of the partial STORE were moved when extraction resumed
+        self.set_aside: Path | None = None
+
+    def _set_aside_analyses(self) -> None:
+        """Move annotations and runs made on a partial STORE out of the way of a resumed
+        extraction: they cover its first ``n_committed`` rows only, and would otherwise make
+        every later command refuse the grown STORE (rows no longer line up). Kept, not
+        deleted, under ``STORE/stale-<n>/``."""
+        found = [p for p in (self.path / "annotations.parquet", self.path / "runs")
+                 if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
+        if not found:
+            return
+        dest = self.path / f"stale-{self.n_committed}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.path / f"stale-{self.n_committed}.{n}"
+        dest.mkdir()
+        for p in found:
+            os.replace(p, dest / p.name)
+        self.set_aside = dest
 
     @classmethod
     def open(cls, path: str | os.PathLike, meta: Mapping[str, Any],
@@ -469,6 +490,8 @@ class StoreWriter:
                 )
             w = cls(path, old)
             w._truncate_to_commit()
+            if not w.complete:
+                w._set_aside_analyses()
             return w
         if path.exists() and any(path.iterdir()):
             raise StoreError(f"{path} exists and is not a STORE; refusing to write into it")

@@ -300,6 +300,29 @@ def test_resume_after_crash_gives_the_uninterrupted_rows(data, tmp_path):
     _assert_same_store(resumed, data["baseline"])
 
 
+def test_analyses_of_a_partial_store_are_set_aside_when_extraction_resumes(data, tmp_path):
+    """Annotations and runs made on the rows committed so far would no longer line up with
+    the grown STORE (every later command refused it); they are kept under stale-<n>/."""
+    out = tmp_path / "partial"
+
+    def crash(n_done: int) -> None:
+        if n_done >= 2 * BATCH:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        _extract(data, out, commit_interval_s=0, on_batch=crash)
+    partial = open_store(out)
+    n = partial.n
+    partial.add_obs({"early": np.ones(n, dtype=bool)})
+    partial.save_run("km", meta={"kind": "kmeans"}, obs=pd.DataFrame({"cluster": np.zeros(n)}))
+    done = _extract(data, out)
+    assert done.complete and done.n == N and done.runs == []
+    assert "early" not in done.obs.columns
+    _assert_same_store(done, data["baseline"])
+    stale = out / f"stale-{n}"
+    assert (stale / "annotations.parquet").is_file() and (stale / "runs" / "km").is_dir()
+
+
 def test_torn_tail_after_kill9_is_truncated_and_redone(data, tmp_path):
     """A crash between writing rows and committing leaves bytes past the commit."""
     out = tmp_path / "torn"

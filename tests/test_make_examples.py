@@ -255,6 +255,25 @@ def test_labels_from_truth(tmp_path):
     assert lab.label(Site("c1", 120, 121, "G", ("A",)), (0,)) == 0  # no truth -> hom-ref
 
 
+def test_truth_contigs_named_without_chr_are_matched_and_unplaceable_ones_refused(tmp_path):
+    """A truth VCF naming chr20 as 20 must not silently label every example hom-ref."""
+    def truth(name: str, contig: str) -> Path:
+        vcf = tmp_path / name
+        vcf.write_text(
+            f"##fileformat=VCFv4.2\n##contig=<ID={contig},length=400>\n"
+            '##FORMAT=<ID=GT,Number=1,Type=String,Description="GT">\n'
+            "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\tS\n"
+            f"{contig}\t{SITE + 1}\t.\tC\tT\t.\tPASS\t.\tGT\t0|1\n")
+        return vcf
+
+    site = Site("chr1", SITE, SITE + 1, "C", ("T",))
+    assert TruthLabeler([truth("bare.vcf", "1")], ["chr1"]).label(site, (0,)) == 1
+    assert TruthLabeler([truth("chr.vcf", "chr1")], ["chr1"]).label(site, (0,)) == 1
+    with pytest.raises(MakeExamplesError, match="no truth record is on a contig of the "
+                                                "reference.*labelled hom-ref"):
+        TruthLabeler([truth("other.vcf", "chrUn")], ["chr1"])
+
+
 def test_make_examples_roundtrip_shards_and_info(hand, tmp_path):
     fa, bam, _ = hand
     sites = tmp_path / "sites.vcf"
