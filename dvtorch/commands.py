@@ -52,7 +52,7 @@ def convert_cmd(
     no_parity: Annotated[
         bool, typer.Option("--no-parity", help="Skip the parity check (not recommended).")
     ] = False,
-    batch: Annotated[int, typer.Option("--batch", "--batch-size", help="Pileups used for the parity check.")] = 8,
+    batch: Annotated[int, typer.Option("--batch", "--batch-size", min=1, help="Pileups used for the parity check.")] = 8,
 ) -> None:
     """Convert a DeepVariant model into a dvprobe BUNDLE, checking per-layer parity first."""
     from dvtorch.convert import convert
@@ -85,7 +85,7 @@ def verify_cmd(
         typer.Option("--examples", help="DeepVariant examples spec (default: random pileups)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    batch: Annotated[int, typer.Option("--batch", "--batch-size", help="Number of pileups.")] = 8,
+    batch: Annotated[int, typer.Option("--batch", "--batch-size", min=1, help="Number of pileups.")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random pileups.")] = 0,
     source: Annotated[
         Optional[Path],  # noqa: UP045

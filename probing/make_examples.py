@@ -676,7 +676,12 @@ def _shard_paths(out: str | Path, shards: int | None) -> list[Path]:
         if shards is not None and shards != n:
             raise MakeExamplesError(f"{s}: spec says {n} shards but --shards {shards}")
         return [Path(shard_name(m.group("base"), i, n, m.group("suffix") or "")) for i in range(n)]
+    if shards is not None and shards < 1:
+        raise MakeExamplesError(f"--shards must be >= 1, got {shards}")
     n = shards or 1
+    if Path(s).is_dir():
+        raise MakeExamplesError(f"--out {s} is a directory; give a file name or a sharded "
+                                f"spec inside it, e.g. {s}/examples.tfrecord@4.gz")
     if n == 1:
         return [Path(s)]
     base, suffix = (s[:-3], ".gz") if s.endswith(".gz") else (s, "")

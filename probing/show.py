@@ -155,6 +155,8 @@ def parse_locus(locus: str) -> tuple[str, int, int | None]:
     if start < 1:
         raise ShowError(f"locus {locus!r}: positions are 1-based")
     end = int(m["end"].replace(",", "")) if m["end"] else None
+    if end is not None and end < start:
+        raise ShowError(f"locus {locus!r}: END before START")
     return m["chrom"], start - 1, end
 
 
@@ -182,6 +184,12 @@ def find_examples(spec: str | os.PathLike, locus: str, limit: int = 16) -> list[
                 break
         elif nearest is None or abs(ex.start - start0) < nearest[0]:
             nearest = (abs(ex.start - start0), f"{ex.chrom}:{ex.start + 1} (key {ex.key})")
+    if not found and end is not None:
+        # not the exact span of an example's locus: the examples that start inside it
+        found = [ex for ex in read_examples(spec) if ex.chrom in names
+                 and start0 <= ex.start < end][:limit]
+        for ex in found:
+            ex.image = np.array(ex.image)
     if not found:
         # A STORE's keys and obs 'pos' are 0-based (Variant.start); --locus is 1-based.
         hint = f"; nearest: {nearest[1]}" if nearest else ""
@@ -244,7 +252,7 @@ def read_store_examples(store: Store | str | os.PathLike, rows: Iterable[int],
         path = paths[si]
         if not path.is_file():
             raise ShowError(f"{path}: source examples file of {store.path} is missing (moved? "
-                            "pass --examples with its new location)")
+                            "give its new location as the EXAMPLES argument)")
         last = max(recs)
         for idx, payload in iter_records(path):
             if idx in recs:
@@ -275,6 +283,10 @@ def show(examples: str | os.PathLike | None = None, *, locus: str | None = None,
     ``<out stem>.<i><suffix>``.
     """
     out = Path(out)
+    if not 0 < scale <= 8:
+        raise ShowError(f"--scale must be in (0, 8], got {scale}")
+    if out.is_dir():
+        raise ShowError(f"--out {out} is a directory; give a file name (.png or .svg)")
     if store is not None:
         if key is None:
             raise ShowError("--store needs --key (an obs key, chrom:pos:ref>alt:indices)")

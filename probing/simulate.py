@@ -1021,6 +1021,18 @@ def simulate(
             raise SimulationError(f"{name} must be 0 <= lo <= hi < 0.5, got {(lo, hi)}")
     if line_length < 2000 and n_line_families > 0:
         raise SimulationError("line_length must be >= 2000 bp")
+    # A rate near 1 per bp never finds free positions for its variants (it ran forever).
+    for name, rate in (("snv_rate", snv_rate), ("indel_rate", indel_rate)):
+        if not 0 <= rate <= 0.01:
+            raise SimulationError(f"--{name.replace('_', '-')} must be within 0..0.01 per bp "
+                                  f"(human germline: ~1e-3), got {rate}")
+    counts = {"n_mosaic": n_mosaic, "n_line_families": n_line_families,
+              "line_copies": line_copies, "n_homopolymers": n_homopolymers,
+              "n_strs": n_strs, "n_low_complexity": n_low_complexity,
+              "segdup_length": segdup_length, "cnv_length": cnv_length}
+    negative = {k: v for k, v in counts.items() if v < 0}
+    if negative:
+        raise SimulationError(f"counts and lengths must be >= 0, got {negative}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

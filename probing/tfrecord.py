@@ -23,6 +23,7 @@ one counted, reported skip (at the first record it cuts into) and the next file 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob as _glob
 import gzip
 import logging
@@ -404,6 +405,8 @@ class TFRecordWriter:
 
     def __init__(self, path: str | os.PathLike, compress: bool | None = None, *, level: int = 6):
         self.path = Path(path)
+        if self.path.is_dir():  # refuse before writing a temp file that could not replace it
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(self.path))
         self.compress = self.path.name.endswith(".gz") if compress is None else bool(compress)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(

@@ -48,3 +48,15 @@ def test_atomically_written_files_and_dirs_get_the_umask_mode_not_0600(tmp_path)
     bundle = dvtorch.reference_bundle(tmp_path / "bundle", seed=0)
     assert _mode(bundle) == 0o750
     assert {_mode(p) for p in bundle.iterdir()} == {0o640}
+
+
+def test_writing_over_a_directory_is_refused_without_leaving_a_temp_file(tmp_path):
+    from probing.tfrecord import TFRecordWriter
+
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        atomic_write_json(target, {"a": 1})
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        TFRecordWriter(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -275,6 +275,13 @@ def test_show_from_examples_and_store(store, tmp_path):
     with pytest.raises(sh.ShowError, match=r"no example at chr20:10097 \(position = 1-based "
                        r".*obs 'pos' \+ 1\); nearest: chr20:10098 \(key chr20:10097:"):
         sh.show(str(shard), locus="chr20:10097", out=tmp_path / "c.png")
+    # a range that is not an example's exact span: the examples starting inside it
+    inside = sh.show(str(shard), locus="chr20:10090-10100", out=tmp_path / "d.png")
+    assert [s.example.start for s in inside] == [10_097]
+    with pytest.raises(sh.ShowError, match="END before START"):
+        sh.show(str(shard), locus="chr20:10100-10090", out=tmp_path / "e.png")
+    with pytest.raises(sh.ShowError, match="--scale must be in"):
+        sh.show(str(shard), locus="chr20:10098", out=tmp_path / "f.png", scale=0)
 
 
 def test_store_rows_reread_exactly(store):

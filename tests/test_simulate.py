@@ -262,3 +262,8 @@ def test_bad_parameters(tmp_path):
         simulate(tmp_path, length=50_000, mosaic_vaf=(0.3, 0.1), progress=False)
     with pytest.raises(SimulationError, match="cannot place"):
         simulate(tmp_path, length=30_000, n_line_families=3, line_copies=10, progress=False)
+    # a rate of 2 per bp used to loop forever looking for free positions
+    with pytest.raises(SimulationError, match="--snv-rate must be within 0..0.01"):
+        simulate(tmp_path, length=50_000, snv_rate=2, progress=False)
+    with pytest.raises(SimulationError, match=r"must be >= 0, got \{'n_mosaic': -1\}"):
+        simulate(tmp_path, length=50_000, n_mosaic=-1, progress=False)

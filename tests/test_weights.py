@@ -318,6 +318,20 @@ def test_fetch_completes_a_part_that_was_already_whole(server, tmp_path):
     assert (dest / idx).read_bytes() == blobs[idx]
 
 
+def test_a_mirror_can_be_a_local_directory_but_not_a_bare_host(tmp_path):
+    e = weights.get(NAME)
+    state = ServerState()
+    blobs = publish(state, e)
+    root = tmp_path / "mirror"
+    for path, blob in state.files.items():
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_bytes(blob)
+    dest = weights.fetch(NAME, base_url=str(root), progress=False)
+    assert {f: (dest / f).read_bytes() for f in blobs} == blobs
+    with pytest.raises(weights.WeightsError, match="not a URL .* and not a local directory"):
+        weights.fetch(NAME, base_url="storage.example.org/deepvariant", progress=False)
+
+
 def test_fetch_sha256_mismatch_deletes_file(server, tmp_path):
     base, state = server
     e = weights.get(NAME)

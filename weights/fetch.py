@@ -267,6 +267,18 @@ def _download_once(
     return h.hexdigest(), done
 
 
+def _mirror_url(mirror: str | None) -> str | None:
+    """A mirror as a URL: a local directory (``/data/dv-mirror``) becomes ``file://``; a
+    bare host path (``storage.example.org/dv``) is refused rather than guessed at."""
+    if mirror is None or "://" in mirror:
+        return mirror
+    local = Path(mirror).expanduser()
+    if local.is_dir():
+        return local.resolve().as_uri()
+    raise WeightsError(f"--mirror {mirror!r}: not a URL (https://..., file://...) and not a "
+                       "local directory")
+
+
 def fetch(
     name_or_entry: str | ModelEntry,
     dest: str | Path | None = None,
@@ -291,7 +303,7 @@ def fetch(
     """
     entry = get(name_or_entry) if isinstance(name_or_entry, str) else name_or_entry
     dest = Path(dest).expanduser() if dest is not None else default_dest(entry)
-    mirror = base_url or os.environ.get(MIRROR_ENV) or None
+    mirror = _mirror_url(base_url or os.environ.get(MIRROR_ENV) or None)
     user = dict(sha256 or {})
     unknown = sorted(set(user) - set(entry.files))
     if unknown:
