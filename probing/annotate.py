@@ -19,10 +19,11 @@ merged ends are sorted, so the first interval ending after the query start is th
 candidate), i.e. O((n + m) log m) with no Python loop over examples or pairs. Indexed
 (tabix) files are read only over the chromosomes the STORE holds.
 
-``chr20`` vs ``20`` naming: when a file's chromosome names do not meet the STORE's but do
-after adding/removing a ``chr`` prefix (and ``M``/``MT``), they are renamed and a warning
-says so; when nothing matches at all, annotation refuses (an all-False column would look
-like a finding).
+``chr20`` vs ``20`` naming is reconciled *per contig*: a file contig the STORE lacks but
+whose ``chr``-toggled name (``M`` <-> ``MT``) it holds is renamed (with a warning), so a file
+mixing both conventions loses nothing; records on contigs the STORE lacks under either name
+are counted as unplaced and reported. When nothing matches at all, annotation refuses (an
+all-False column would look like a finding).
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ class AnnotationError(DvprobeError):
     """An annotation file is malformed or cannot be matched to the STORE."""
 
 
+#: per-example columns analysis runs write (their values win over obs in enrich/report, so
+#: an annotation with one of these names would be shadowed and make them fail)
+RUN_COLUMNS = ("key", "cluster", "level1", "level2", "node")
+
+
 @dataclass
 class AnnotationResult:
     """What one annotation did: the column written and counts a user should sanity-check."""
@@ -63,14 +69,22 @@ class AnnotationResult:
     unmatched: int  # VCF: records matching no example; intervals: examples not overlapping
     renamed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    unplaced: int = 0  # records / intervals on contigs the STORE lacks under either name
 
     def summary(self) -> str:
+        """One line with the counts a user should sanity-check (unplaced ones included, since
+        they are the silent loss a naming mismatch causes)."""
         if self.source.startswith("vcf"):
             body = (f"{self.matched}/{self.n_records} VCF records matched an example, "
                     f"{self.unmatched} unmatched; {self.n_true}/{self.n_examples} examples True")
+            what = "records"
         else:
             body = (f"{self.n_true}/{self.n_examples} examples overlap "
                     f"{self.n_records} intervals")
+            what = "intervals"
+        if self.unplaced:
+            body += (f" ({self.unplaced} {what if self.unplaced != 1 else what[:-1]} on "
+                     "contigs not in the STORE)")
         return f"{self.column}: {body}"
 
 
@@ -88,11 +102,22 @@ def _has_tabix_index(path: Path) -> bool:
     return any(Path(str(path) + s).is_file() for s in (".tbi", ".csi"))
 
 
-def _iter_lines(path: Path, chroms: Iterable[str] | None) -> Iterator[tuple[str, str]]:
+class StaleIndexError(AnnotationError):
+    """A tabix index that does not describe its file (the file was rewritten after indexing)."""
+
+
+_REBUILD = {"vcf": "tabix -f -p vcf", "bed": "tabix -f -p bed",
+            "rmsk": "tabix -f -s 6 -b 7 -e 8 -0 (UCSC rmsk.txt with bin)"}
+
+
+def _iter_lines(path: Path, chroms: Iterable[str] | None,
+                preset: str = "bed") -> Iterator[tuple[str, str]]:
     """Yield ``(where, line)`` for data lines; ``where`` names file and line for errors.
 
     A bgzipped file with a tabix index is queried only for ``chroms`` (each spelled as the
-    index spells it); anything else is streamed from the first line.
+    index spells it); anything else is streamed from the first line. An index that no longer
+    matches its file makes pysam fail mid-iteration ("iteration failed"); that is reported
+    as a stale index with the command that rebuilds it (``preset``: vcf | bed | rmsk).
     """
     if not path.is_file():
         raise AnnotationError(f"{path}: no such file")
@@ -108,8 +133,14 @@ def _iter_lines(path: Path, chroms: Iterable[str] | None) -> Iterator[tuple[str,
             for c in chroms:
                 if c not in present:
                     continue
-                for i, line in enumerate(tbx.fetch(c)):
-                    yield f"{path}: {c} record {i + 1}", line
+                try:
+                    for i, line in enumerate(tbx.fetch(c)):
+                        yield f"{path}: {c} record {i + 1}", line
+                except (OSError, ValueError) as exc:
+                    raise StaleIndexError(
+                        f"{path}: its tabix index is out of date or does not match the file "
+                        f"({exc} reading {c}); rebuild it with "
+                        f"`{_REBUILD.get(preset, _REBUILD['bed'])} {path}`") from None
         return
     opener = gzip.open if _is_gzip(path) else open
     try:
@@ -163,7 +194,7 @@ def read_bed(path: str | os.PathLike, chroms: Iterable[str] | None = None) -> In
     """BED / GIAB stratification (0-based half-open, extra columns ignored)."""
     path = Path(path)
     out = Intervals()
-    for where, line in _iter_lines(path, chroms):
+    for where, line in _iter_lines(path, chroms, "bed"):
         if not line.strip() or line.startswith(("#", "track", "browser")):
             continue
         f = line.split("\t")
@@ -194,7 +225,9 @@ def read_rmsk(path: str | os.PathLike, *, repeat_class: Sequence[str] | None = N
     families = set(repeat_family) if repeat_family else None
     out = Intervals()
     fmt: str | None = None
-    for where, line in _iter_lines(path, chroms):
+    seen_classes: set[str] = set()
+    seen_families: set[str] = set()
+    for where, line in _iter_lines(path, chroms, "rmsk"):
         if not line.strip() or line.startswith("#"):
             continue
         if fmt is None:
@@ -211,6 +244,8 @@ def read_rmsk(path: str | os.PathLike, *, repeat_class: Sequence[str] | None = N
                 raise AnnotationError(f"{where}: RepeatMasker .out line has {len(f)} fields, "
                                       f"expected >= 15: {line!r}")
             rclass, _, rfamily = f[10].partition("/")
+            seen_classes.add(rclass)
+            seen_families.add(rfamily)
             if not _repeat_match(rclass, rfamily, classes, families):
                 continue
             b, e = _int(f[5], where, "query begin"), _int(f[6], where, "query end")
@@ -224,10 +259,30 @@ def read_rmsk(path: str | os.PathLike, *, repeat_class: Sequence[str] | None = N
             if len(f) != 16:
                 raise AnnotationError(f"{where}: UCSC rmsk line has {len(f)} tab-separated "
                                       f"columns, expected 17 (or 16 without bin)")
+            seen_classes.add(f[10])
+            seen_families.add(f[11])
             if not _repeat_match(f[10], f[11], classes, families):
                 continue
             out.add(f[4], _int(f[5], where, "genoStart"), _int(f[6], where, "genoEnd"), where)
+    _check_repeat_names(path, "--repeat-class", classes, seen_classes)
+    _check_repeat_names(path, "--repeat-family", families, seen_families)
     return out
+
+
+def _check_repeat_names(path: Path, option: str, wanted: set[str] | None,
+                        seen: set[str]) -> None:
+    """Refuse a class/family the file never names: a typo (``line`` for ``LINE``) would
+    otherwise write an all-False column that reads as "no example is in a LINE"."""
+    if not wanted or not seen:
+        return
+    unknown = sorted(wanted - seen)
+    if not unknown:
+        return
+    by_fold = {v.casefold(): v for v in seen}
+    hints = [f"{u!r} -> {by_fold[u.casefold()]!r}" for u in unknown if u.casefold() in by_fold]
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    raise AnnotationError(f"{path}: {option} {', '.join(map(repr, unknown))} not in the file"
+                          f"{hint}; present: {', '.join(sorted(seen))}")
 
 
 @dataclass
@@ -241,11 +296,30 @@ class VcfRecords:
         return len(self.chrom)
 
 
+def _check_vcf_header(path: Path) -> None:
+    """Refuse a file that is not a VCF (a BED given to ``--vcf`` would silently match
+    nothing): its header must have ``##fileformat=VCF`` or the ``#CHROM`` line."""
+    if not path.is_file():
+        raise AnnotationError(f"{path}: no such file")
+    opener = gzip.open if _is_gzip(path) else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("##fileformat=VCF", "#CHROM")):
+                    return
+                if line.strip() and not line.startswith("#"):
+                    break
+    except (OSError, EOFError) as exc:
+        raise AnnotationError(f"{path}: cannot read: {exc}") from None
+    raise AnnotationError(f"{path}: not a VCF (no '##fileformat=VCF' or '#CHROM' header line)")
+
+
 def read_vcf(path: str | os.PathLike, chroms: Iterable[str] | None = None) -> VcfRecords:
     """CHROM/POS/REF/ALT of a VCF(.gz); POS converted to 0-based."""
     path = Path(path)
+    _check_vcf_header(path)
     out = VcfRecords()
-    for where, line in _iter_lines(path, chroms):
+    for where, line in _iter_lines(path, chroms, "vcf"):
         if not line or line.startswith("#"):
             continue
         f = line.split("\t", 5)
@@ -275,34 +349,50 @@ def _alt_name(c: str) -> str:
 
 def reconcile_chroms(file_chroms: Iterable[str], store_chroms: Iterable[str],
                      source: str) -> tuple[dict[str, str], list[str]]:
-    """Map file chromosome names onto the STORE's (``chr20`` <-> ``20``) when needed.
+    """Map file chromosome names onto the STORE's (``chr20`` <-> ``20``), contig by contig.
 
-    Returns ``(mapping file name -> store name, warnings)``. Names already shared are kept;
-    only when the file has *no* name in common with the STORE but does after toggling the
-    ``chr`` prefix is everything renamed (a half-matching file is left alone: it is more
-    likely a different assembly than a naming convention).
+    Returns ``(mapping file name -> store name, warnings)``. A name the STORE holds is kept;
+    one it lacks is renamed when its ``chr``-toggled form is a STORE name. Deciding per
+    contig (not for the whole file) matters because files mixing conventions exist, and an
+    all-or-nothing rename silently dropped every interval of the other convention. When no
+    contig can be placed at all, annotation refuses: an all-False column looks like a finding.
     """
     fc, sc = set(file_chroms), set(store_chroms)
-    if not fc or fc & sc:
+    if not fc:
         return {}, []
-    mapping = {c: _alt_name(c) for c in fc if _alt_name(c) in sc}
-    if not mapping:
+    mapping = {c: _alt_name(c) for c in fc if c not in sc and _alt_name(c) in sc}
+    if not (fc & sc) and not mapping:
         raise AnnotationError(
             f"{source}: no chromosome name in common with the STORE (file: "
             f"{sorted(fc)[:5]}..., STORE: {sorted(sc)[:5]}...); wrong assembly or file?")
+    if not mapping:
+        return {}, []
     ex = next(iter(sorted(mapping.items())))
     return mapping, [f"{source}: chromosome names renamed to the STORE's convention "
                      f"({ex[0]} -> {ex[1]}, {len(mapping)} names)"]
 
 
+def _unplaced_warning(source: str, n: int, chroms: Iterable[str], what: str) -> str:
+    names = sorted(set(chroms))
+    more = ", ..." if len(names) > 5 else ""
+    what = what if n != 1 else what.rstrip("s")
+    return (f"{source}: {n} {what} on contigs not in the STORE under either naming "
+            f"({', '.join(names[:5])}{more}); they annotate nothing")
+
+
 def _query_names(path: Path, store_chroms: set[str]) -> list[str]:
-    """Chromosome names to fetch from an indexed file (the STORE's, as the file spells them)."""
+    """Chromosome names to fetch from an indexed file: each STORE contig as the file spells
+    it (per contig, so a file mixing ``20`` and ``chr21`` is read over both)."""
     contigs = _tabix_contigs(path)
     if contigs is None:
         return sorted(store_chroms)
-    mapping, _ = reconcile_chroms(contigs, store_chroms, str(path)) if contigs else ({}, [])
-    inv = {v: k for k, v in mapping.items()}
-    return sorted(inv.get(c, c) for c in store_chroms)
+    present = set(contigs)
+    if present and not any(c in present or _alt_name(c) in present for c in store_chroms):
+        reconcile_chroms(present, store_chroms, str(path))  # raises: nothing in common
+    out = set()
+    for c in store_chroms:
+        out.add(c if c in present or _alt_name(c) not in present else _alt_name(c))
+    return sorted(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -359,6 +449,14 @@ def _as_store(store: Store | str | os.PathLike) -> Store:
     return store if isinstance(store, Store) else open_store(store)
 
 
+def _require_examples(store: Store, path: Path) -> None:
+    """An empty STORE (extraction committed nothing yet) has no obs columns to match on;
+    say so instead of failing on a missing ``chrom`` column."""
+    if store.n == 0:
+        raise AnnotationError(f"{store.path}: the STORE has no examples yet (0 committed); "
+                              f"nothing to annotate with {path}")
+
+
 def _require_obs(store: Store, cols: Sequence[str]) -> pd.DataFrame:
     obs = store.obs
     missing = [c for c in cols if c not in obs.columns]
@@ -367,10 +465,46 @@ def _require_obs(store: Store, cols: Sequence[str]) -> pd.DataFrame:
     return obs
 
 
-def _check_name(name: str) -> str:
+def default_name(kind: str, path: str | os.PathLike,
+                 repeat_class: Sequence[str] | None = None,
+                 repeat_family: Sequence[str] | None = None) -> str:
+    """The column an annotation writes without ``--name`` (BED/VCF: file stem; rmsk:
+    ``rmsk_<class>[_<family>]``), so a command can check all its names before writing."""
+    name = Path(path).name
+    if kind == "bed":
+        return re.sub(r"(\.bed)?(\.b?gz)?$", "", name)
+    if kind == "vcf":
+        return re.sub(r"(\.vcf)?(\.b?gz)?$", "", name)
+    parts = ["rmsk", *(["+".join(repeat_class)] if repeat_class else []),
+             *(["+".join(repeat_family)] if repeat_family else [])]
+    return "_".join(parts).replace("+", "_").replace("?", "")
+
+
+def check_name(store: Store, name: str, *, overwrite: bool = False,
+               from_file: str | os.PathLike | None = None) -> str:
+    """Refuse a column name that would corrupt the STORE's meaning or lose data.
+
+    * not a plain identifier-like name (``from_file``: it came from that file's name);
+    * an extraction column (read-only) or a column analysis runs write per example
+      (``cluster`` ...): a run's column shadows it, so enrich/report would fail on it forever;
+    * an existing annotation column, unless ``overwrite`` (re-annotating silently replaced
+      a column a user may have built other results on).
+    """
+    origin = (f" (taken from the file name {Path(from_file).name!r}; set one with --name)"
+              if from_file is not None else "")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", name):
-        raise AnnotationError(f"column name {name!r}: use letters, digits, _ . - "
+        raise AnnotationError(f"column name {name!r}{origin}: use letters, digits, _ . - "
                               "(starting with a letter or _)")
+    if name in RUN_COLUMNS:
+        raise AnnotationError(f"column name {name!r}{origin}: reserved for analysis runs' "
+                              "per-example columns; choose another --name")
+    base = set(store._base_obs().columns) if store.n else set()
+    if name in base:
+        raise AnnotationError(f"column name {name!r}{origin}: an extraction column of "
+                              f"{store.path} (read-only); choose another --name")
+    if not overwrite and name in store.obs.columns:
+        raise AnnotationError(f"column {name!r} already exists in {store.path}; pass "
+                              "--overwrite to replace it, or choose another --name")
     return name
 
 
@@ -383,6 +517,10 @@ def _annotate_intervals(store: Store, iv: Intervals, column: str, by: str,
     if len(iv) == 0:
         warns.append(f"{source}: no intervals (after filters); {column} is all False")
     fchrom = np.array([mapping.get(c, c) for c in iv.chrom], dtype=object)
+    placed = np.isin(fchrom, np.unique(chrom_obs)) if len(iv) else np.zeros(0, bool)
+    unplaced = int((~placed).sum())
+    if unplaced:
+        warns.append(_unplaced_warning(source, unplaced, fchrom[~placed], "intervals"))
     starts = np.asarray(iv.start, dtype=np.int64)
     ends = np.asarray(iv.end, dtype=np.int64)
     hit = np.zeros(len(obs), dtype=bool)
@@ -396,19 +534,23 @@ def _annotate_intervals(store: Store, iv: Intervals, column: str, by: str,
     for w in warns:
         log.warning(w)
     return AnnotationResult(column, source, len(obs), n_true, len(iv), n_true,
-                            len(obs) - n_true, mapping, warns)
+                            len(obs) - n_true, mapping, warns, unplaced)
 
 
 def annotate_bed(store: Store | str | os.PathLike, path: str | os.PathLike,
-                 name: str | None = None, by: str = "variant") -> AnnotationResult:
+                 name: str | None = None, by: str = "variant", *,
+                 overwrite: bool = True) -> AnnotationResult:
     """Boolean column: does the example's variant (or pileup window) overlap the BED?
 
     Works for any BED(.gz), including GIAB stratification files. ``name`` defaults to the
-    file stem without ``.bed``/``.gz`` (e.g. ``GRCh38_segdups``).
+    file stem without ``.bed``/``.gz`` (e.g. ``GRCh38_segdups``). ``overwrite=False`` (the
+    CLI's default) refuses an existing column.
     """
     store = _as_store(store)
     path = Path(path)
-    column = _check_name(name or re.sub(r"(\.bed)?(\.b?gz)?$", "", path.name))
+    _require_examples(store, path)
+    column = check_name(store, name or default_name("bed", path), overwrite=overwrite,
+                        from_file=None if name else path)
     chroms = _query_names(path, set(store.obs["chrom"].astype(str)))
     iv = read_bed(path, chroms)
     return _annotate_intervals(store, iv, column, by, f"bed {path}")
@@ -417,35 +559,45 @@ def annotate_bed(store: Store | str | os.PathLike, path: str | os.PathLike,
 def annotate_rmsk(store: Store | str | os.PathLike, path: str | os.PathLike,
                   name: str | None = None, by: str = "variant",
                   repeat_class: Sequence[str] | None = None,
-                  repeat_family: Sequence[str] | None = None) -> AnnotationResult:
+                  repeat_family: Sequence[str] | None = None, *,
+                  overwrite: bool = True) -> AnnotationResult:
     """Boolean column from RepeatMasker (UCSC rmsk.txt or .out), filtered by class/family.
 
     The default column name is ``rmsk_<class>[_<family>]`` (``rmsk_LINE``, ``rmsk_LINE_L1``,
-    ``rmsk_L1`` for a family alone, ``rmsk`` for every repeat).
+    ``rmsk_L1`` for a family alone, ``rmsk`` for every repeat). A class or family the file
+    never names is refused (with the names present), not turned into an all-False column.
     """
     store = _as_store(store)
     path = Path(path)
-    if name is None:
-        parts = ["rmsk", *(["+".join(repeat_class)] if repeat_class else []),
-                 *(["+".join(repeat_family)] if repeat_family else [])]
-        name = "_".join(parts).replace("+", "_").replace("?", "")
-    column = _check_name(name)
+    _require_examples(store, path)
+    column = check_name(store, name or default_name("rmsk", path, repeat_class, repeat_family),
+                        overwrite=overwrite)
     chroms = _query_names(path, set(store.obs["chrom"].astype(str)))
     iv = read_rmsk(path, repeat_class=repeat_class, repeat_family=repeat_family, chroms=chroms)
     return _annotate_intervals(store, iv, column, by, f"rmsk {path}")
 
 
 def annotate_vcf(store: Store | str | os.PathLike, path: str | os.PathLike,
-                 name: str | None = None, match_alleles: bool = False) -> AnnotationResult:
+                 name: str | None = None, match_alleles: bool = False, by: str = "variant",
+                 *, overwrite: bool = True) -> AnnotationResult:
     """Boolean column: is the example's variant in the VCF (same chrom and start)?
 
     With ``match_alleles`` REF must be equal and one of the example's *selected* alt alleles
     (``alt_allele_indices``) must be among the record's ALTs; without it a position match
-    suffices (so a multi-allelic site's examples all match).
+    suffices (so a multi-allelic site's examples all match). ``by="locus"`` instead marks
+    examples whose pileup window holds a record's POS (as ``--by locus`` does for BEDs);
+    alleles cannot be matched then (the record is a different site).
     """
     store = _as_store(store)
     path = Path(path)
-    column = _check_name(name or re.sub(r"(\.vcf)?(\.b?gz)?$", "", path.name))
+    if by not in ("variant", "locus"):
+        raise AnnotationError(f"by must be 'variant' or 'locus', got {by!r}")
+    if by == "locus" and match_alleles:
+        raise AnnotationError(f"{path}: --match-alleles compares an example's own site; it "
+                              "cannot be combined with --by locus")
+    _require_examples(store, path)
+    column = check_name(store, name or default_name("vcf", path), overwrite=overwrite,
+                        from_file=None if name else path)
     obs = _require_obs(store, ["chrom", "pos", "ref", "alt", "alt_allele_indices"])
     chrom_obs = obs["chrom"].astype(str).to_numpy()
     chroms = _query_names(path, set(chrom_obs))
@@ -454,13 +606,35 @@ def annotate_vcf(store: Store | str | os.PathLike, path: str | os.PathLike,
     mapping, warns = reconcile_chroms(set(rec.chrom), set(chrom_obs), source)
     if len(rec) == 0:
         warns.append(f"{source}: no records; {column} is all False")
+    rchrom = np.array([mapping.get(c, c) for c in rec.chrom], dtype=object)
+    rpos = np.asarray(rec.pos0, dtype=np.int64)
+    placed = np.isin(rchrom, np.unique(chrom_obs)) if len(rec) else np.zeros(0, bool)
+    unplaced = int((~placed).sum())
+    if unplaced:
+        warns.append(_unplaced_warning(source, unplaced, rchrom[~placed], "records"))
 
+    if by == "locus":
+        hit, matched = _vcf_by_locus(store, obs, chrom_obs, rchrom, rpos)
+    else:
+        hit, matched = _vcf_by_site(obs, chrom_obs, rchrom, rpos, rec, match_alleles)
+    if len(rec) and matched == 0:
+        warns.append(f"{source}: none of {len(rec)} records matched an example; "
+                     f"{column} is all False (wrong file, assembly or coordinates?)")
+    store.add_obs({column: hit})
+    for w in warns:
+        log.warning(w)
+    return AnnotationResult(column, source, len(obs), int(hit.sum()), len(rec), matched,
+                            len(rec) - matched, mapping, warns, unplaced)
+
+
+def _vcf_by_site(obs: pd.DataFrame, chrom_obs: np.ndarray, rchrom: np.ndarray,
+                 rpos: np.ndarray, rec: VcfRecords,
+                 match_alleles: bool) -> tuple[np.ndarray, int]:
+    """Examples at a record's (chrom, POS) (and alleles); returns (hit, records matched)."""
     # Join on (chrom, pos) via a merge of two small frames (vectorised, no pair loops).
     ex = pd.DataFrame({"chrom": chrom_obs, "pos": obs["pos"].to_numpy(np.int64),
                        "row": np.arange(len(obs))})
-    vr = pd.DataFrame({"chrom": [mapping.get(c, c) for c in rec.chrom],
-                       "pos": np.asarray(rec.pos0, dtype=np.int64),
-                       "rec": np.arange(len(rec))})
+    vr = pd.DataFrame({"chrom": rchrom.astype(str), "pos": rpos, "rec": np.arange(len(rpos))})
     m = ex.merge(vr, on=["chrom", "pos"], how="inner")
     if match_alleles and len(m):
         ref = obs["ref"].astype(str).str.upper().to_numpy()
@@ -477,9 +651,21 @@ def annotate_vcf(store: Store | str | os.PathLike, path: str | os.PathLike,
         m = m[keep]
     hit = np.zeros(len(obs), dtype=bool)
     hit[m["row"].to_numpy()] = True
-    store.add_obs({column: hit})
-    matched = int(m["rec"].nunique())
-    for w in warns:
-        log.warning(w)
-    return AnnotationResult(column, source, len(obs), int(hit.sum()), len(rec), matched,
-                            len(rec) - matched, mapping, warns)
+    return hit, int(m["rec"].nunique())
+
+
+def _vcf_by_locus(store: Store, obs: pd.DataFrame, chrom_obs: np.ndarray, rchrom: np.ndarray,
+                  rpos: np.ndarray) -> tuple[np.ndarray, int]:
+    """Examples whose pileup window ``[pos - half, pos + half + 1)`` holds a record's POS;
+    a record counts as matched when it lies in any example's window."""
+    qs, qe = _query_window(store, obs, "locus")
+    hit = np.zeros(len(obs), dtype=bool)
+    matched = 0
+    for c in np.unique(chrom_obs):
+        rows = np.flatnonzero(chrom_obs == c)
+        p = rpos[rchrom == c]
+        ms, me = merge_intervals(p, p + 1)
+        hit[rows] = overlaps(qs[rows], qe[rows], ms, me)
+        ws, we = merge_intervals(qs[rows], qe[rows])
+        matched += int(overlaps(p, p + 1, ws, we).sum())
+    return hit, matched

@@ -54,10 +54,14 @@ def register(app: typer.Typer) -> None:
                                            help="with --vcf: REF and a selected ALT must match"),
         name: str = typer.Option(None, "--name", help="column name (one source only)"),
         by: str = typer.Option("variant", "--by",
-                               help="variant: [pos, end) | locus: the pileup window pos±110"),
+                               help="variant: [pos, end) (VCF: same POS) | locus: the pileup "
+                                    "window pos±110 overlaps / holds a record"),
+        overwrite: bool = typer.Option(False, "--overwrite",
+                                       help="replace annotation columns that already exist"),
     ) -> None:
         """Add boolean obs columns from BED / RepeatMasker / VCF files."""
         from probing import annotate as an
+        from probing.store import open_store
 
         _warnings_to_stderr()
         sources = len(bed or []) + (rmsk is not None) + (vcf is not None)
@@ -69,15 +73,39 @@ def register(app: typer.Typer) -> None:
             raise CliUsageError("annotate: --repeat-class/--repeat-family need --rmsk")
         if match_alleles and vcf is None:
             raise CliUsageError("annotate: --match-alleles needs --vcf")
+        if match_alleles and by == "locus":
+            raise CliUsageError("annotate: --match-alleles compares an example's own site; "
+                                "it cannot be combined with --by locus")
+        # Every column name is checked before anything is written, so a clash in the second
+        # source does not leave the first one's column behind.
+        planned = [(b, name or an.default_name("bed", b)) for b in bed or []]
+        if rmsk is not None:
+            planned.append((rmsk, name or an.default_name("rmsk", rmsk, _split(repeat_class),
+                                                          _split(repeat_family))))
+        if vcf is not None:
+            planned.append((vcf, name or an.default_name("vcf", vcf)))
+        seen: dict[str, Path] = {}
+        for path, col in planned:
+            if col in seen:
+                raise CliUsageError(f"annotate: {seen[col]} and {path} would both write column "
+                                    f"{col!r}; annotate them in separate commands with --name")
+            seen[col] = path
+        st = open_store(store)
+        if st.n:
+            for path, col in planned:
+                an.check_name(st, col, overwrite=overwrite,
+                              from_file=None if name or path == rmsk else path)
         results = []
         for b in bed or []:
-            results.append(an.annotate_bed(store, b, name=name, by=by))
+            results.append(an.annotate_bed(st, b, name=name, by=by, overwrite=overwrite))
         if rmsk is not None:
-            results.append(an.annotate_rmsk(store, rmsk, name=name, by=by,
+            results.append(an.annotate_rmsk(st, rmsk, name=name, by=by,
                                             repeat_class=_split(repeat_class),
-                                            repeat_family=_split(repeat_family)))
+                                            repeat_family=_split(repeat_family),
+                                            overwrite=overwrite))
         if vcf is not None:
-            results.append(an.annotate_vcf(store, vcf, name=name, match_alleles=match_alleles))
+            results.append(an.annotate_vcf(st, vcf, name=name, match_alleles=match_alleles,
+                                           by=by, overwrite=overwrite))
         for r in results:
             typer.echo(r.summary())
 
@@ -111,7 +139,9 @@ def register(app: typer.Typer) -> None:
         shown = res.table[res.table["count"] >= min_count]
         typer.echo(en.to_markdown(shown))
         if out is not None:
-            typer.echo(f"wrote {en.write_enrichment(res, out)}")
+            en.write_enrichment(res, out)
+            for written in en.enrichment_outputs(res, out):
+                typer.echo(f"wrote {written}")
 
     @app.command("report")
     def report_cmd(

@@ -138,6 +138,25 @@ def _frame(store: Store, run: Run) -> pd.DataFrame:
                       extra.reset_index(drop=True)], axis=1)
 
 
+def continuous_columns(frame: pd.DataFrame, asked: Sequence[str] | None,
+                       where: str) -> list[str]:
+    """The ``--continuous`` columns to summarise: ``asked`` must exist and be numeric (a
+    string column such as ``chrom`` has no median; refusing it beats a float-conversion
+    traceback); the defaults are used where present."""
+    if asked is None:
+        return [c for c in CONTINUOUS_DEFAULT if c in frame.columns]
+    cols = list(asked)
+    missing = [c for c in cols if c not in frame.columns]
+    if missing:
+        raise EnrichmentError(f"no continuous column(s) {missing} in {where}")
+    bad = [c for c in cols if not pd.api.types.is_numeric_dtype(frame[c])]
+    if bad:
+        raise EnrichmentError(f"--continuous {', '.join(bad)}: not numeric in {where} "
+                              f"({', '.join(f'{c}: {frame[c].dtype}' for c in bad)}); "
+                              f"test a categorical column as an attribute {bad[0]}=VALUE instead")
+    return cols
+
+
 def enrichment_table(labels: pd.Series | np.ndarray, attrs: dict[str, np.ndarray]) -> pd.DataFrame:
     """Per (attribute, cluster) counts, shares, fold, Fisher p and BH q (see module doc)."""
     labels = pd.Series(np.asarray(labels)).astype(str)
@@ -298,11 +317,8 @@ def enrich(store: Store | str | os.PathLike, run: str, by: Sequence[str],
     labels = cluster_labels(r, level)
     frame = _frame(store, r)
     attrs = dict(resolve_attribute(frame, b) for b in by)
-    cont_cols = list(CONTINUOUS_DEFAULT if continuous is None else continuous)
-    missing = [c for c in cont_cols if c not in frame.columns]
-    if missing and continuous is not None:
-        raise EnrichmentError(f"no continuous column(s) {missing} in {store.path}")
-    cont = {c: frame[c].to_numpy(dtype=float) for c in cont_cols if c in frame.columns}
+    cont_cols = continuous_columns(frame, continuous, str(store.path))
+    cont = {c: frame[c].to_numpy(dtype=float) for c in cont_cols}
     lands = [landing(labels, m, name) for name, m in attrs.items()]
     if r.meta.get("applied_from"):
         af = r.meta["applied_from"]
@@ -340,6 +356,15 @@ def check_output(out: str | os.PathLike) -> Path:
         raise EnrichmentError(f"{out}: output must end in .csv or .md, not "
                               f"{out.suffix or 'no suffix'!r}")
     return out
+
+
+def enrichment_outputs(res: Enrichment, out: str | os.PathLike) -> list[Path]:
+    """Every file :func:`write_enrichment` writes for ``out`` (a ``.csv`` gets its continuous
+    summary beside it), so the CLI can name each one instead of only the one asked for."""
+    out = check_output(out)
+    if out.suffix == ".csv" and len(res.continuous):
+        return [out, out.with_suffix(".continuous.csv")]
+    return [out]
 
 
 def write_enrichment(res: Enrichment, out: str | os.PathLike) -> Path:

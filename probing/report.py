@@ -332,8 +332,10 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
     for a in (attributes if attributes is not None else bool_cols):
         col, mask = en.resolve_attribute(obs, a)
         attrs[col] = mask
-    cont_cols = [c for c in (continuous if continuous is not None else CONTINUOUS_DEFAULT)
-                 if c in obs.columns]
+    # Asked-for columns must exist and be numeric (as enrich requires): silently skipping
+    # a misspelt one hid it from the report; the defaults are used where present.
+    cont_cols = ([c for c in CONTINUOUS_DEFAULT if c in obs.columns] if continuous is None
+                 else en.continuous_columns(obs, continuous, str(store.path)))
     # "Rare": small enough to keep every row and still leave most of the budget to the
     # uniform sample (so --max-points stays a real cap).
     rare_cap = min(rare_max, max(1, max_points // 4))

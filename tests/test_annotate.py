@@ -237,3 +237,146 @@ def test_cli_annotate(store, tmp_path):
     assert r.exit_code == 0 and "2/4 VCF records matched an example, 2 unmatched" in r.output
     r = CliRunner().invoke(app, ["annotate", str(store.path)])
     assert r.exit_code != 0
+
+
+# -- audit: per-contig naming, VCF --by locus, refusals, stale indexes, empty STOREs --------
+
+
+def _cli(*args):
+    from probing.commands_annotate import register
+
+    app = typer.Typer()
+    register(app)
+    return CliRunner().invoke(app, ["annotate", *map(str, args)])
+
+
+def test_mixed_contig_naming_is_reconciled_per_contig(store, tmp_path):
+    # chr20 rows renamed to 20, chr21 kept, one contig the STORE lacks under any name.
+    bed = write(tmp_path / "mixed.bed", "20\t100\t101\nchr21\t50\t51\nchrM\t0\t10\n")
+    res = an.annotate_bed(store, bed, name="mixed")
+    assert col(store, "mixed") == [False, True, False, False, True, False]
+    assert res.renamed == {"20": "chr20"} and res.unplaced == 1
+    assert res.summary() == ("mixed: 2/6 examples overlap 3 intervals "
+                             "(1 interval on contigs not in the STORE)")
+    vcf = write(tmp_path / "mixed.vcf", "#CHROM\tPOS\tID\tREF\tALT\n20\t100\t.\tA\tG\n"
+                                        "chr21\t51\t.\tT\tC\nchr9\t5\t.\tA\tC\n")
+    res = an.annotate_vcf(store, vcf, name="mixedv")
+    assert col(store, "mixedv") == [True, False, False, False, True, False]
+    assert (res.matched, res.unplaced) == (2, 1)
+
+
+def test_indexed_mixed_naming_reads_both_conventions(store, tmp_path):
+    gz = bgzip_index(write(tmp_path / "m.bed", "20\t100\t101\nchr21\t50\t51\n"), "bed")
+    an.annotate_bed(store, gz, name="m")
+    assert col(store, "m") == [False, True, False, False, True, False]
+
+
+def test_vcf_by_locus_marks_windows_holding_a_record(store, tmp_path):
+    # r5 (pos 5000) window is [4890, 5111): POS 5111 (pos0 5110) inside, POS 5112 outside.
+    vcf = write(tmp_path / "near.vcf", "#CHROM\tPOS\tID\tREF\tALT\nchr20\t5111\t.\tA\tG\n"
+                                       "chr20\t9000\t.\tA\tG\n")
+    res = an.annotate_vcf(store, vcf, name="near", by="locus")
+    assert col(store, "near")[5] is True and (res.matched, res.unmatched) == (1, 1)
+    far = write(tmp_path / "far.vcf", "#CHROM\tPOS\tID\tREF\tALT\nchr20\t5112\t.\tA\tG\n")
+    an.annotate_vcf(store, far, name="far", by="locus")
+    assert col(store, "far")[5] is False
+    with pytest.raises(an.AnnotationError, match="cannot be combined with --by locus"):
+        an.annotate_vcf(store, vcf, name="x", by="locus", match_alleles=True)
+    r = _cli(store.path, "--vcf", vcf, "--by", "locus", "--name", "near_cli")
+    assert r.exit_code == 0, r.output
+    assert col(store, "near_cli") == col(store, "near")
+
+
+def test_vcf_refuses_non_vcf_and_warns_on_zero_matches(store, tmp_path, caplog):
+    bed = write(tmp_path / "line.bed", "chr20\t100\t200\n")
+    with pytest.raises(an.AnnotationError, match=r"line\.bed: not a VCF \(no "):
+        an.annotate_vcf(store, bed, name="v")
+    assert "v" not in open_store(store.path).obs.columns
+    miss = write(tmp_path / "miss.vcf", "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\n"
+                                        "chr20\t7\t.\tA\tG\n")
+    with caplog.at_level("WARNING", logger="probing.annotate"):
+        res = an.annotate_vcf(store, miss)
+    assert any("none of 1 records matched an example" in w for w in res.warnings)
+    assert "none of 1 records matched" in caplog.text
+
+
+def test_existing_duplicate_and_reserved_names_are_refused(store, tmp_path):
+    bed = write(tmp_path / "line.bed", "chr20\t100\t200\n")
+    empty = write(tmp_path / "empty.bed", "")
+    an.annotate_bed(store, bed)
+    with pytest.raises(an.AnnotationError, match=r"column 'line' already exists .* --overwrite"):
+        an.annotate_bed(store, empty, name="line", overwrite=False)
+    an.annotate_bed(store, empty, name="line", overwrite=True)
+    assert not any(col(store, "line"))
+    r = _cli(store.path, "--bed", bed, "--name", "line")
+    assert r.exit_code != 0 and "already exists" in str(r.exception)
+    assert _cli(store.path, "--bed", bed, "--name", "line", "--overwrite").exit_code == 0
+    (tmp_path / "b").mkdir()
+    other = write(tmp_path / "b" / "line.bed", "chr21\t0\t100\n")
+    r = _cli(store.path, "--bed", bed, "--bed", other, "--overwrite")
+    assert "would both write column 'line'" in str(r.exception)
+    for reserved in ("cluster", "level1", "level2", "node", "key"):
+        with pytest.raises(an.AnnotationError, match="reserved for analysis runs"):
+            an.annotate_bed(store, bed, name=reserved)
+    with pytest.raises(an.AnnotationError, match=r"'pos': an extraction column .* choose "
+                                                 r"another --name"):
+        an.annotate_bed(store, bed, name="pos")
+
+
+def test_bad_name_from_file_stem_says_where_it_came_from(store, tmp_path):
+    bed = write(tmp_path / "1kg-mask.bed", "chr20\t100\t200\n")
+    with pytest.raises(an.AnnotationError, match=r"'1kg-mask' \(taken from the file name "
+                                                 r"'1kg-mask\.bed'; set one with --name\)"):
+        an.annotate_bed(store, bed)
+    assert an.annotate_bed(store, bed, name="kg_mask").n_true == 2
+
+
+def test_stale_tabix_index_says_how_to_rebuild(store, tmp_path, monkeypatch):
+    gz = bgzip_index(write(tmp_path / "t.vcf", VCF), "vcf")
+    real = pysam.TabixFile
+
+    class Stale:
+        """pysam's behaviour on a regenerated file: open works, fetch fails mid-iteration."""
+
+        def __init__(self, path):
+            self._tbx = real(path)
+            self.contigs = self._tbx.contigs
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._tbx.close()
+
+        def fetch(self, chrom):
+            raise ValueError("iteration failed (error code -2)")
+
+    monkeypatch.setattr(pysam, "TabixFile", Stale)
+    with pytest.raises(an.StaleIndexError, match=r"t\.vcf\.gz: its tabix index is out of date"
+                                                 r".* rebuild it with `tabix -f -p vcf "):
+        an.annotate_vcf(store, gz, name="stale")
+
+
+def test_unknown_repeat_class_or_family_is_refused(store, tmp_path):
+    rm = write(tmp_path / "rmsk.txt", RMSK)
+    with pytest.raises(an.AnnotationError, match=r"--repeat-class 'line' not in the file "
+                       r"\(did you mean 'line' -> 'LINE'\?\); present: LINE, SINE"):
+        an.annotate_rmsk(store, rm, repeat_class=["line"])
+    with pytest.raises(an.AnnotationError, match=r"--repeat-family 'Bogus' .* present: Alu, "
+                                                 r"L1, L2"):
+        an.annotate_rmsk(store, rm, repeat_family=["Bogus"])
+    assert "rmsk_line" not in open_store(store.path).obs.columns
+
+
+def test_store_without_examples_says_so(tmp_path):
+    StoreWriter.open(tmp_path / "empty", {"inputs": {}, "input_shape": [100, 221, 7]},
+                         [LayerSpec("mixed5", 2)])
+    s = open_store(tmp_path / "empty")  # opened, nothing committed yet
+    bed = write(tmp_path / "a.bed", "chr20\t1\t5\n")
+    vcf = write(tmp_path / "a.vcf", VCF)
+    for call in (lambda: an.annotate_bed(s, bed), lambda: an.annotate_vcf(s, vcf),
+                 lambda: an.annotate_rmsk(s, write(tmp_path / "r.txt", RMSK))):
+        with pytest.raises(an.AnnotationError, match="the STORE has no examples yet"):
+            call()
+    r = _cli(s.path, "--bed", bed)
+    assert "no examples yet" in str(r.exception)

@@ -207,3 +207,22 @@ def test_partial_store_is_enriched_with_one_warning(tmp_path, caplog):
     assert lines == {f"{s.path}: partial STORE (6 examples): extraction did not finish; "
                      "results cover only these rows (rerun `dvprobe extract` with the same "
                      "arguments to complete it)"}
+
+
+def test_continuous_must_exist_and_be_numeric(tmp_path):
+    s = _store(tmp_path)
+    with pytest.raises(en.EnrichmentError, match=r"^--continuous chrom: not numeric in .* "
+                                                 r"\(chrom: "):
+        en.enrich(s, "km", ["LINE"], continuous=["chrom"])
+    with pytest.raises(en.EnrichmentError, match=r"no continuous column\(s\) \['bogus'\]"):
+        en.enrich(s, "km", ["LINE"], continuous=["bogus"])
+    assert set(en.enrich(s, "km", ["LINE"], continuous=["depth"]).continuous["attribute"]) \
+        == {"depth"}
+
+
+def test_cli_enrich_names_every_file_it_writes(tmp_path):
+    s = _store(tmp_path)
+    r = _cli(tmp_path, s.path, "--run", "km", "--by", "LINE", "--out", tmp_path / "x.csv")
+    assert r.exit_code == 0, r.output
+    assert f"wrote {tmp_path / 'x.csv'}\n" in r.output
+    assert f"wrote {tmp_path / 'x.continuous.csv'}\n" in r.output

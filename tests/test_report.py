@@ -25,6 +25,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from probing import enrich as en
 from probing import report as rp
 from probing import show as sh
 from probing.examples import encode_example, write_example_info
@@ -322,3 +323,12 @@ def test_cli_report_and_show(store, tmp_path):
                                  "chr20:10000:A>C:0", "--out", str(tmp_path / "s.png")])
     assert r.exit_code == 0 and "chr20:10001-10001  A>C  label hom-ref (0)" in r.output
     assert open_store(store.path).n == 300
+
+
+def test_report_refuses_missing_or_non_numeric_continuous(store, tmp_path):
+    """A misspelt --continuous used to be dropped silently (enrich refused it)."""
+    with pytest.raises(en.EnrichmentError, match=r"no continuous column\(s\) \['bogus'\]"):
+        rp.build_report(store, tmp_path / "b.html", continuous=["bogus"], thumbnails=0)
+    with pytest.raises(en.EnrichmentError, match=r"^--continuous key: not numeric"):
+        rp.build_report(store, tmp_path / "k.html", continuous=["key"], thumbnails=0)
+    assert not (tmp_path / "b.html").exists()
