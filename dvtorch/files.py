@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 CHUNK = 1 << 20  # checkpoints are ~90 MB: hash them streamed, 1 MiB at a time
 
@@ -41,3 +44,24 @@ def give_default_mode(path: str | os.PathLike, *, directory: bool = False) -> No
     STORE. This applies the umask as usual (0644 / 0755 under the common 022).
     """
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new file, never a torn one
+    (a temp file beside it, fsynced, renamed over it), with the mode a plain ``open`` gives.
+    """
+    path = Path(path)
+    if path.is_dir():  # refuse before writing a temp file that could not replace it
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        give_default_mode(tmp)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

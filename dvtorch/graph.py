@@ -42,14 +42,13 @@ import torch
 from torch import nn
 
 from dvtorch import parallel
-from dvtorch.hooks import POOLS, capture
+from dvtorch.hooks import capture, check_pool, resolve_layers
 from dvtorch.inception import (
     DeepVariantInceptionV3,
     fuse_batchnorm,
     optimize_for_inference,
     scale_pixels,
 )
-from dvtorch.layers import resolve
 
 _LOG = logging.getLogger(__name__)
 
@@ -151,12 +150,8 @@ class GraphForward:
             raise ValueError("the oneDNN Graph engine runs on the CPU only")
         self.model = model.eval()
         self.layers = list(layers)
-        if pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"duplicate layer names in {self.layers}")
-        for name in self.layers:
-            resolve(model, name)  # an unknown name fails here, not at the first batch
+        check_pool(pool)
+        resolve_layers(model, self.layers)  # an unknown name fails here, not at a batch
         if _hook_count(model):
             # A traced program runs the hooks present when it was traced, once, and never
             # again; later ones not at all. Hook experiments belong on the eager model.
@@ -386,11 +381,8 @@ def _check_pixels(pixels: torch.Tensor, shape: tuple[int, int, int]) -> None:
 
 def _hook_count(model: nn.Module) -> int:
     """Forward (pre-)hooks on ``model`` and its submodules, global ones included."""
-    from torch.nn.modules import module as _mod
-
-    n = len(getattr(_mod, "_global_forward_hooks", {})) \
-        + len(getattr(_mod, "_global_forward_pre_hooks", {}))
-    return n + sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return len(parallel.global_forward_hooks()) \
+        + sum(1 for _ in parallel.forward_hooks(model.modules()))
 
 
 def _raised(err: BaseException) -> str:

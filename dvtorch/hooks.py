@@ -41,8 +41,7 @@ def pool_activation(t: torch.Tensor, pool: str | None) -> torch.Tensor:
     Vector outputs (``avg_pool``, ``logits``, ``classification``) are returned unchanged by
     every mode: there is nothing to pool. bfloat16/float16 results are returned as float32.
     """
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    check_pool(pool)
     if t.dim() == 2:
         return _as_float32(t)
     if t.dim() != 4:
@@ -64,6 +63,20 @@ def _as_float32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
+def check_pool(pool: str | None) -> None:
+    """Refuse a pooling mode :func:`pool_activation` does not know."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+def resolve_layers(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` for each of ``names``: duplicates and unknown names refused
+    (before any hook is registered; also by engines that capture in a traced program)."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate layer names in {names}")
+    return [(n, resolve(model, n)) for n in names]
+
+
 def _select(model: nn.Module, names: Names) -> list[str]:
     """Normalise ``names``: one name, a list of names, or a predicate over all layer names."""
     if isinstance(names, str):
@@ -76,8 +89,6 @@ def _select(model: nn.Module, names: Names) -> list[str]:
     chosen = list(names)
     if not chosen:
         raise ValueError("no layer names given")
-    if len(set(chosen)) != len(chosen):
-        raise ValueError(f"duplicate layer names in {chosen}")
     return chosen
 
 
@@ -123,10 +134,9 @@ def capture(model: nn.Module, names: Names, pool: str | None = "max") -> Iterato
     Each forward replaces the previous batch's tensors (a layer the last forward did not
     reach raises KeyError). Tensors stay on the model's device.
     """
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    check_pool(pool)
     chosen = _select(model, names)
-    modules = [(n, resolve(model, n)) for n in chosen]  # raises on unknown names first
+    modules = resolve_layers(model, chosen)  # raises on unknown names first
     acts = Activations(chosen, pool)
     handles = []
 

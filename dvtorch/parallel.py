@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -77,20 +77,25 @@ def defer(key: Hashable, value: torch.Tensor, commit: Callable[[torch.Tensor], N
     return True
 
 
-def hooks_allow_split(modules: Iterable[nn.Module]) -> bool:
-    """No forward (pre-)hook that is not :func:`split_safe`, global ones included."""
+def global_forward_hooks() -> list[Callable]:
+    """The forward (pre-)hooks registered for every module (``register_module_forward_hook``)."""
     from torch.nn.modules import module as _mod
 
-    for table in (getattr(_mod, "_global_forward_hooks", {}),
-                  getattr(_mod, "_global_forward_pre_hooks", {})):
-        if table:
-            return False
+    return [*getattr(_mod, "_global_forward_hooks", {}).values(),
+            *getattr(_mod, "_global_forward_pre_hooks", {}).values()]
+
+
+def forward_hooks(modules: Iterable[nn.Module]) -> Iterator[Callable]:
+    """Every forward (pre-)hook registered on ``modules`` themselves."""
     for m in modules:
-        for table in (m._forward_hooks, m._forward_pre_hooks):
-            for h in table.values():
-                if not getattr(h, _SAFE_ATTR, False):
-                    return False
-    return True
+        yield from m._forward_hooks.values()
+        yield from m._forward_pre_hooks.values()
+
+
+def hooks_allow_split(modules: Iterable[nn.Module]) -> bool:
+    """No global forward (pre-)hook, and none on ``modules`` that is not :func:`split_safe`."""
+    return not global_forward_hooks() and all(getattr(h, _SAFE_ATTR, False)
+                                              for h in forward_hooks(modules))
 
 
 def split_ways(batch: int) -> int:

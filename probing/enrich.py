@@ -370,12 +370,12 @@ def enrichment_outputs(res: Enrichment, out: str | os.PathLike) -> list[Path]:
 def write_enrichment(res: Enrichment, out: str | os.PathLike) -> Path:
     """Write ``.csv`` (enrichment table; continuous summary beside it as ``*.continuous.csv``)
     or ``.md`` (all tables and landing lines in one document)."""
-    out = check_output(out)
+    out, *beside = enrichment_outputs(res, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".csv":
         res.table.to_csv(out, index=False)
-        if len(res.continuous):
-            res.continuous.to_csv(out.with_suffix(".continuous.csv"), index=False)
+        for path in beside:  # the continuous summary, when there is one
+            res.continuous.to_csv(path, index=False)
     else:
         parts = [f"# Enrichment: run `{res.run}`, level `{res.level}`\n"]
         if res.landings:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from dvtorch.errors import ExampleFormatError
-from dvtorch.files import give_default_mode
+from dvtorch.files import atomic_write_bytes
 from probing import protos
 from probing.channels import channel_name
 from probing.tfrecord import ReadStats, expand_spec, iter_records
@@ -517,17 +516,7 @@ def write_example_info(
         "channels": [int(c) for c in channels],
     }
     _validate_info(data, p)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        give_default_mode(tmp)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-            fh.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(p, (json.dumps(data) + "\n").encode())
     return p
 
 

@@ -46,7 +46,7 @@ from dvtorch.layers import layer_info
 from probing.examples import DVExample, check_example_info, parse_example, read_example_info
 from probing.loader import Batch, Cursor, ExampleBatches, make_loader
 from probing.store import LayerSpec, Store, StoreWriter
-from probing.tfrecord import expand_spec, iter_records
+from probing.tfrecord import expand_spec, iter_records, report_skip
 
 POOLS = ("max", "mean", "flatten")
 _LOG = logging.getLogger(__name__)
@@ -554,8 +554,7 @@ def extract(
                 if batch is None:
                     break
                 for skip in batch.skipped:  # here, once, in input order, whoever decoded it
-                    _LOG.warning("skipping corrupt record %s, record %d: %s", skip["file"],
-                                 skip["record"], skip["reason"])
+                    report_skip(skip["file"], skip["record"], skip["reason"])
                 if batch.n == 0:
                     # Every record of this batch was corrupt and skipped, or its first
                     # record is bad: the cursor moves on to where it ends.

@@ -25,7 +25,6 @@ flight and never duplicates rows.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -40,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from dvtorch.errors import DvprobeError
-from dvtorch.files import give_default_mode
+from dvtorch.files import atomic_write_bytes, give_default_mode
 
 FORMAT = "dvprobe-store"
 FORMAT_VERSION = 1
@@ -49,25 +48,6 @@ _META = "store.json"
 
 class StoreError(DvprobeError):
     """A STORE is missing, inconsistent or used in a way its contents do not allow."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new file, never a torn one."""
-    path = Path(path)
-    if path.is_dir():  # refuse before writing a temp file that could not replace it
-        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        give_default_mode(tmp)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -140,6 +120,11 @@ class LayerSpec:
     dtype: str = "float32"
     pool: str | None = "max"
     map_shape: tuple[int, ...] | None = None  # the layer's [H, W, C] before pooling
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one example's row in ``layers/<name>.bin``."""
+        return self.dim * np.dtype(self.dtype).itemsize
 
     def to_json(self) -> dict:
         return {
@@ -332,7 +317,7 @@ class Store:
         shape = (self.n, spec.dim)
         if self.n == 0:
             return np.zeros(shape, dtype=spec.dtype)
-        _check_layer_file(path, self.n, spec.dim * np.dtype(spec.dtype).itemsize)
+        _check_layer_file(path, self.n, spec.row_bytes)
         arr = np.memmap(path, dtype=spec.dtype, mode="r", shape=shape)
         return arr if mmap else np.array(arr)
 
@@ -478,24 +463,8 @@ class StoreWriter:
             old = _read_meta(meta_path)
             if overwrite:
                 shutil.rmtree(path)
-        if meta_path.is_file():
-            # what the user asked for differently; else how the layers are stored
-            differ = _differences(_comparable(old.get("inputs")),
-                                  _comparable(json.loads(json.dumps(meta.get("inputs")))),
-                                  "") or _differences(
-                old.get("layers"), {s.name: s.to_json() for s in layers}, "layers.")
-            if differ:
-                raise StoreError(
-                    f"{path} already holds a different extraction ("
-                    + "; ".join(differ[:4]) + (f"; {len(differ) - 4} more" if len(differ) > 4
-                                               else "")
-                    + "); pass --overwrite to replace it or choose another --out"
-                )
-            w = cls(path, old)
-            w._truncate_to_commit()
-            if not w.complete:
-                w._set_aside_analyses()
-            return w
+            else:
+                return cls._reopen(path, old, meta, layers)
         if path.exists() and any(path.iterdir()):
             raise StoreError(f"{path} exists and is not a STORE; refusing to write into it")
         (path / "layers").mkdir(parents=True, exist_ok=True)
@@ -507,6 +476,29 @@ class StoreWriter:
             (path / "layers" / f"{s.name}.bin").touch()
         atomic_write_json(meta_path, full)
         return cls(path, full)
+
+    @classmethod
+    def _reopen(cls, path: Path, old: dict, meta: Mapping[str, Any],
+                layers: list[LayerSpec]) -> StoreWriter:
+        """The STORE at ``path`` (whose ``store.json`` is ``old``) for resuming the same
+        extraction, tidied to its last commit; refused, saying how, if it holds another."""
+        # what the user asked for differently; else how the layers are stored
+        differ = _differences(_comparable(old.get("inputs")),
+                              _comparable(json.loads(json.dumps(meta.get("inputs")))),
+                              "") or _differences(
+            old.get("layers"), {s.name: s.to_json() for s in layers}, "layers.")
+        if differ:
+            raise StoreError(
+                f"{path} already holds a different extraction ("
+                + "; ".join(differ[:4]) + (f"; {len(differ) - 4} more" if len(differ) > 4
+                                           else "")
+                + "); pass --overwrite to replace it or choose another --out"
+            )
+        w = cls(path, old)
+        w._truncate_to_commit()
+        if not w.complete:
+            w._set_aside_analyses()
+        return w
 
     @property
     def n_committed(self) -> int:
@@ -523,10 +515,9 @@ class StoreWriter:
         n = self.n_committed
         for s in self.specs.values():
             f = self.path / "layers" / f"{s.name}.bin"
-            rowbytes = s.dim * np.dtype(s.dtype).itemsize
-            _check_layer_file(f, n, rowbytes)
+            _check_layer_file(f, n, s.row_bytes)
             with open(f, "r+b") as fh:
-                fh.truncate(n * rowbytes)
+                fh.truncate(n * s.row_bytes)
         keep = set(self.meta["obs_parts"])
         for p in (self.path / "obs").glob("*.parquet"):
             if p.name not in keep:
@@ -552,7 +543,7 @@ class StoreWriter:
             if a.shape != (k, s.dim):
                 raise StoreError(f"append: {name} has shape {a.shape}, expected {(k, s.dim)}")
             with open(self.path / "layers" / f"{name}.bin", "r+b") as fh:
-                fh.seek(n * s.dim * a.itemsize)
+                fh.seek(n * s.row_bytes)
                 fh.write(a.tobytes())
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -117,7 +117,12 @@ class ReadStats:
         self.corrupt_skipped += 1
         self.skipped.append((path, record, reason))
         if self.report:
-            log.warning("skipping corrupt record %s, record %d: %s", path, record, reason)
+            report_skip(path, record, reason)
+
+
+def report_skip(path: str, record: int, reason: str) -> None:
+    """The one line that says a record was skipped (wherever skips are reported)."""
+    log.warning("skipping corrupt record %s, record %d: %s", path, record, reason)
 
 
 def is_gzip(path: str | os.PathLike) -> bool:
@@ -294,16 +299,12 @@ def iter_records(
         raise ExampleFormatError(
             spath, None, "empty file (0 bytes): not a TFRecord file (truncated or never written)"
         )
-    if stats is not None:
-        stats.files += 1
+    stats = ReadStats() if stats is None else stats
+    stats.files += 1
 
     def skip(record: int, reason: str) -> None:
-        if record < start:
-            return  # counted and reported by the run that read it
-        if stats is not None:
+        if record >= start:  # earlier ones were counted and reported by the run that read them
             stats.note_skip(spath, record, reason)
-        else:
-            log.warning("skipping corrupt record %s, record %d: %s", spath, record, reason)
 
     with _open_stream(spath) as (stream, gz):
         records = _framed_records(_ChunkReader(stream, spath, gz), spath, gz)
@@ -326,8 +327,7 @@ def iter_records(
                 skip(idx, reason)
                 continue
             if idx >= start:
-                if stats is not None:
-                    stats.records += 1
+                stats.records += 1
                 yield idx, payload
 
 

@@ -9,6 +9,7 @@ import pytest
 
 import dvtorch
 from dvtorch.files import CHUNK, give_default_mode, sha256_file
+from probing.examples import write_example_info
 from probing.store import atomic_write_json
 from probing.tfrecord import write_records
 
@@ -45,6 +46,8 @@ def test_atomically_written_files_and_dirs_get_the_umask_mode_not_0600(tmp_path)
     assert _mode(tmp_path / "store.json") == 0o640
     write_records(tmp_path / "x.tfrecord.gz", [b"abc"])
     assert _mode(tmp_path / "x.tfrecord.gz") == 0o640
+    assert _mode(write_example_info(tmp_path / "x.tfrecord.gz", (100, 221, 7),
+                                    [1, 2, 3, 4, 5, 6, 19], "1.6.0")) == 0o640
     bundle = dvtorch.reference_bundle(tmp_path / "bundle", seed=0)
     assert _mode(bundle) == 0o750
     assert {_mode(p) for p in bundle.iterdir()} == {0o640}

@@ -26,14 +26,13 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dvtorch.files import sha256_file
+from dvtorch.files import atomic_write_bytes, sha256_file
 from weights.registry import (
     CONFIDENCE_LEVELS,
     MIRROR_ENV,
@@ -111,16 +110,7 @@ def read_lock(dest: Path) -> dict:
 
 def _write_json_atomic(path: Path, doc: dict) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(doc, fh, indent=2)
-                fh.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
     except OSError as exc:
         raise DiskWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
 
