@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from dvtorch.errors import DvprobeError
+from probing.examples import alternate_contig_name
 from probing.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -340,13 +341,6 @@ def read_vcf(path: str | os.PathLike, chroms: Iterable[str] | None = None) -> Vc
 # --------------------------------------------------------------------------------------
 
 
-def _alt_name(c: str) -> str:
-    if c.startswith("chr"):
-        base = c[3:]
-        return "MT" if base == "M" else base
-    return "chrM" if c == "MT" else f"chr{c}"
-
-
 def reconcile_chroms(file_chroms: Iterable[str], store_chroms: Iterable[str],
                      source: str) -> tuple[dict[str, str], list[str]]:
     """Map file chromosome names onto the STORE's (``chr20`` <-> ``20``), contig by contig.
@@ -360,7 +354,7 @@ def reconcile_chroms(file_chroms: Iterable[str], store_chroms: Iterable[str],
     fc, sc = set(file_chroms), set(store_chroms)
     if not fc:
         return {}, []
-    mapping = {c: _alt_name(c) for c in fc if c not in sc and _alt_name(c) in sc}
+    mapping = {c: alternate_contig_name(c) for c in fc if c not in sc and alternate_contig_name(c) in sc}
     if not (fc & sc) and not mapping:
         raise AnnotationError(
             f"{source}: no chromosome name in common with the STORE (file: "
@@ -387,11 +381,11 @@ def _query_names(path: Path, store_chroms: set[str]) -> list[str]:
     if contigs is None:
         return sorted(store_chroms)
     present = set(contigs)
-    if present and not any(c in present or _alt_name(c) in present for c in store_chroms):
+    if present and not any(c in present or alternate_contig_name(c) in present for c in store_chroms):
         reconcile_chroms(present, store_chroms, str(path))  # raises: nothing in common
     out = set()
     for c in store_chroms:
-        out.add(c if c in present or _alt_name(c) not in present else _alt_name(c))
+        out.add(c if c in present or alternate_contig_name(c) not in present else alternate_contig_name(c))
     return sorted(out)
 
 

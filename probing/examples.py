@@ -114,6 +114,15 @@ def encoded_variant_type(ref: str, alts: Sequence[str]) -> int:
     return VARIANT_TYPE_UNKNOWN
 
 
+def alternate_contig_name(c: str) -> str:
+    """The same contig in the other naming convention: ``chr20`` <-> ``20``, ``chrM`` <->
+    ``MT`` (UCSC vs Ensembl/GRCh), for matching files that name contigs differently."""
+    if c.startswith("chr"):
+        base = c[3:]
+        return "MT" if base == "M" else base
+    return "chrM" if c == "MT" else f"chr{c}"
+
+
 def make_locus(chrom: str, start: int, end: int) -> str:
     """``"<chrom>:<start+1>-<end>"`` exactly as make_examples writes the ``locus`` feature."""
     return f"{chrom}:{int(start) + 1}-{int(end)}"

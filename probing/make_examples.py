@@ -68,7 +68,12 @@ from tqdm import tqdm
 
 from dvtorch.errors import DvprobeError
 from probing import channels as C
-from probing.examples import encode_example, encoded_variant_type, write_example_info
+from probing.examples import (
+    alternate_contig_name,
+    encode_example,
+    encoded_variant_type,
+    write_example_info,
+)
 from probing.tfrecord import TFRecordWriter, shard_name
 
 _LOG = logging.getLogger(__name__)
@@ -244,7 +249,7 @@ class TruthLabeler:
                 for i, rec in enumerate(vf):
                     chrom = rec.chrom
                     if known is not None and chrom not in known:
-                        other = chrom[3:] if chrom.startswith("chr") else f"chr{chrom}"
+                        other = alternate_contig_name(chrom)
                         if other not in known:
                             off.add(chrom)
                             continue
