@@ -89,8 +89,10 @@ def verify_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random pileups.")] = 0,
     source: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--source", help="Original model, if moved since conversion."),
+        typer.Option("--source", help="Original model, if moved since conversion (must exist)."),
     ] = None,
+    no_tf: Annotated[bool, typer.Option(
+        "--no-tf", help="Leave TensorFlow out (onnxruntime becomes the reference).")] = False,
 ) -> None:
     """Re-check parity: TF source (if installed) vs onnxruntime vs native torch vs onnx2torch.
 
@@ -105,6 +107,7 @@ def verify_cmd(
         batch=batch,
         seed=seed,
         source=source,
+        skip_tf=no_tf,
         check=False,
         progress=_progress,
     )

@@ -432,13 +432,17 @@ def verify(
     seed: int = 0,
     source: str | Path | None = None,
     *,
+    skip_tf: bool = False,
     check: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> ParityReport:
     """Re-check a BUNDLE: TF source (if available) vs onnxruntime vs native vs onnx2torch.
 
     ``source`` overrides the source path recorded in ``bundle.json`` (e.g. after moving the
-    checkpoint). With ``check`` (default) a failing report raises :class:`ParityError`; the
+    checkpoint); one given explicitly must exist (a typo would otherwise quietly drop the
+    TensorFlow check and still PASS), while a *recorded* source that has gone is reported as
+    skipped. ``skip_tf`` leaves TensorFlow out on purpose (onnxruntime becomes the
+    reference). With ``check`` (default) a failing report raises :class:`ParityError`; the
     CLI passes ``check=False`` to print the table first.
     """
     import dvtorch
@@ -460,7 +464,15 @@ def verify(
     )
     if kind in ("checkpoint", "savedmodel") and src_path is not None:
         exists = Path(f"{src_path}.index").is_file() if kind == "checkpoint" else src_path.is_dir()
-        if not tf_available():
+        if source is not None and not exists:
+            what = f"{src_path}.index" if kind == "checkpoint" else "a SavedModel directory"
+            raise BundleError(
+                f"source {src_path}: no {kind} there (looked for {what}); give the moved "
+                "source's path, or leave TensorFlow out on purpose (--no-tf, skip_tf=True)"
+            )
+        if skip_tf:
+            skipped["tensorflow"] = "skipped on request"
+        elif not tf_available():
             skipped["tensorflow"] = "not installed (pip install 'dvprobe[convert]')"
         elif not exists:
             skipped["tensorflow"] = f"source {src_path} no longer exists"
@@ -476,7 +488,7 @@ def verify(
             if kind == "savedmodel":
                 backends["savedmodel-signature"] = savedmodel_signature_backend(src_path)
     elif kind in ("checkpoint", "savedmodel"):
-        skipped["tensorflow"] = "bundle records no source path"
+        skipped["tensorflow"] = "skipped on request" if skip_tf else "bundle records no source path"
 
     if onnx_path.is_file():
         onnx_bytes = onnx_path.read_bytes()

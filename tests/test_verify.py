@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dvtorch.errors import ParityError
+from dvtorch.errors import BundleError, ParityError
 
 
 def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -78,13 +78,32 @@ def test_verify_against_tf_source(ckpt_bundle: Path) -> None:
 
 @pytest.mark.tf
 def test_verify_without_source_uses_onnxruntime(ckpt_bundle: Path, tmp_path: Path) -> None:
-    """If the source is gone, ORT becomes the reference and the reason is reported."""
+    """A recorded source that has gone is skipped with the reason; ORT becomes the reference."""
     from dvtorch.verify import verify
 
-    report = verify(ckpt_bundle, batch=2, source=tmp_path / "moved.ckpt")
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpt_bundle, moved)
+    meta = json.loads((moved / "bundle.json").read_text())
+    meta["source"]["path"] = str(tmp_path / "moved.ckpt")
+    (moved / "bundle.json").write_text(json.dumps(meta))
+    report = verify(moved, batch=2)
     assert report.reference == "onnxruntime"
     assert "no longer exists" in report.skipped["tensorflow"]
     assert report.passed
+
+
+@pytest.mark.tf
+def test_verify_refuses_an_explicit_source_that_is_not_there(
+    ckpt_bundle: Path, tmp_path: Path
+) -> None:
+    """A mistyped --source must not quietly drop the TensorFlow check and still PASS."""
+    from dvtorch.verify import verify
+
+    with pytest.raises(BundleError, match=r"typo\.ckpt: no checkpoint there.*--no-tf"):
+        verify(ckpt_bundle, batch=2, source=tmp_path / "typo.ckpt")
+    report = verify(ckpt_bundle, batch=2, skip_tf=True)
+    assert report.reference == "onnxruntime"
+    assert report.skipped["tensorflow"] == "skipped on request"
 
 
 @pytest.mark.tf
@@ -93,9 +112,9 @@ def test_verify_detects_swapped_bn_stats(ckpt_bundle: Path, tmp_path: Path) -> N
 
     bad = _corrupt_copy(ckpt_bundle, tmp_path / "bad")
     with pytest.raises(ParityError, match="exceed relative") as exc:
-        verify(bad, batch=2, source=tmp_path / "gone.ckpt")
+        verify(bad, batch=2, skip_tf=True)
     assert "torch" in str(exc.value)
-    report = verify(bad, batch=2, source=tmp_path / "gone.ckpt", check=False)
+    report = verify(bad, batch=2, skip_tf=True, check=False)
     failed = {(r.candidate, r.layer) for r in report.rows if not r.passed}
     # The error starts at mixed2 and propagates; earlier layers still agree.
     for cand in ("torch", "torch-unfused"):
@@ -105,15 +124,14 @@ def test_verify_detects_swapped_bn_stats(ckpt_bundle: Path, tmp_path: Path) -> N
 
 @pytest.mark.tf
 def test_commands_verify_and_layers(ckpt_bundle: Path, tmp_path: Path) -> None:
-    gone = str(tmp_path / "gone.ckpt")
-    result = _invoke("verify", str(ckpt_bundle), "--batch", "2", "--source", gone)
+    result = _invoke("verify", str(ckpt_bundle), "--batch", "2", "--no-tf")
     assert result.exit_code == 0, result.output
     assert "mixed5" in result.output and "PASS" in result.output
-    result = _invoke("verify", str(ckpt_bundle), "--json", "--batch", "2", "--source", gone)
+    result = _invoke("verify", str(ckpt_bundle), "--json", "--batch", "2", "--no-tf")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["passed"] is True
     bad = _corrupt_copy(ckpt_bundle, tmp_path / "bad")
-    result = _invoke("verify", str(bad), "--batch", "2", "--source", gone)
+    result = _invoke("verify", str(bad), "--batch", "2", "--no-tf")
     assert result.exit_code != 0 and isinstance(result.exception, ParityError)
     assert "FAIL" in result.stdout  # the table is printed before the error
     result = _invoke("layers", str(ckpt_bundle))
@@ -122,22 +140,22 @@ def test_commands_verify_and_layers(ckpt_bundle: Path, tmp_path: Path) -> None:
 
 @pytest.mark.tf
 def test_cli_verify_exit_codes(ckpt_bundle: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    gone = str(tmp_path / "gone.ckpt")  # skip TF here: the TF path is covered above
+    # --no-tf: the TF path is covered above
     code, out, _ = _run_cli(
-        monkeypatch, capsys, "verify", str(ckpt_bundle), "--batch", "2", "--source", gone
+        monkeypatch, capsys, "verify", str(ckpt_bundle), "--batch", "2", "--no-tf"
     )
     assert code == 0, out
     assert "mixed5" in out and "PASS" in out
 
     code, out, _ = _run_cli(
-        monkeypatch, capsys, "verify", str(ckpt_bundle), "--json", "--batch", "2", "--source", gone
+        monkeypatch, capsys, "verify", str(ckpt_bundle), "--json", "--batch", "2", "--no-tf"
     )
     assert code == 0
     assert json.loads(out)["passed"] is True
 
     bad = _corrupt_copy(ckpt_bundle, tmp_path / "bad")
     code, out, err = _run_cli(
-        monkeypatch, capsys, "verify", str(bad), "--batch", "2", "--source", gone
+        monkeypatch, capsys, "verify", str(bad), "--batch", "2", "--no-tf"
     )
     assert code == 3  # a parity failure, told apart from bad input (2) by scripts
     assert "FAIL" in out  # the table is printed before the error
@@ -147,6 +165,11 @@ def test_cli_verify_exit_codes(ckpt_bundle: Path, tmp_path: Path, monkeypatch, c
 
     code, _, err = _run_cli(monkeypatch, capsys, "verify", str(tmp_path / "no-such-bundle"))
     assert code == 2 and "no-such-bundle" in err
+
+    code, _, err = _run_cli(
+        monkeypatch, capsys, "verify", str(ckpt_bundle), "--source", str(tmp_path / "typo.ckpt")
+    )
+    assert code == 2 and "typo.ckpt: no checkpoint there" in err
 
 
 @pytest.mark.tf
