@@ -50,6 +50,9 @@ def simulate_cmd(
     indel_rate: float = typer.Option(1.2e-4, help="Germline small indels per bp."),
     n_mosaic: int = typer.Option(40, help="Mosaic SNVs."),
     mosaic_vaf: str = typer.Option("0.03,0.20", help="Mosaic VAF range lo,hi."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the files of an earlier simulation in --out."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "--no-progress", help="No progress bar."),
 ) -> None:
     """Simulate a diploid sample with planted LINEs, segdup, CN gain, low-complexity
@@ -79,6 +82,7 @@ def simulate_cmd(
         indel_rate=indel_rate,
         n_mosaic=n_mosaic,
         mosaic_vaf=_pair(mosaic_vaf, "mosaic-vaf"),
+        overwrite=overwrite,
         progress=not quiet,
     )
     import json
@@ -124,6 +128,9 @@ def make_examples_cmd(
     no_het_alt_images: bool = typer.Option(
         False, "--no-het-alt-images", help="Multi-allelic: only single-alt examples."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace output files that already exist."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "--no-progress", help="No progress bar."),
 ) -> None:
     """Encode DeepVariant-format pileup examples (100x221x7 WGS channels) with pysam."""
@@ -143,6 +150,7 @@ def make_examples_cmd(
         min_fraction=min_fraction,
         ref_sites_fraction=ref_sites_fraction,
         het_alt_images=not no_het_alt_images,
+        overwrite=overwrite,
         progress=not quiet,
     )
     typer.echo(res.summary())

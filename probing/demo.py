@@ -282,6 +282,7 @@ def run_demo(
                 length=length,
                 coverage=coverage,
                 n_mosaic=n_mosaic,
+                overwrite=True,  # an unfinished earlier attempt (no done mark)
                 progress=progress,
                 **(sim_options or {}),
             )
@@ -302,7 +303,7 @@ def run_demo(
             return
         directory.mkdir(parents=True, exist_ok=True)
         res = make_examples(ref, bam, examples_spec, truth=[germline, mosaic],
-                            progress=progress, **options)
+                            overwrite=True, progress=progress, **options)
         log(res.summary())
         _mark(directory, {"n": res.n_examples})
 

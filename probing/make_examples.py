@@ -735,6 +735,7 @@ def make_examples(
     min_baseq: int = C.MIN_BASE_QUALITY,
     seed: int = SUBSAMPLE_SEED,
     compress_level: int = 1,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> MakeExamplesResult:
     """Write DeepVariant-format examples for ``sites`` (VCF: those variants; BED: candidate
@@ -743,6 +744,8 @@ def make_examples(
 
     ``compress_level`` is the gzip level: 1 by default because level 6 spends ~5 ms per
     150 kB pileup (4x level 1) for files only ~30 % smaller; any level reads the same.
+    Existing output files (a DeepVariant run's examples, say) are replaced only with
+    ``overwrite``; that is checked before any work.
     """
     fasta = _open_fasta(ref)
     bam = _open_bam(reads)
@@ -762,6 +765,12 @@ def make_examples(
         raise MakeExamplesError(
             "need 0 <= ref_sites_fraction <= 1, 0 < min_fraction <= 1, min_count >= 1"
         )
+    paths = _shard_paths(out, shards)
+    present = [str(p) for p in paths if p.exists()]
+    if present and not overwrite:
+        what = (f"{present[0]} and {len(present) - 1} more shards already exist"
+                if len(present) > 1 else f"{present[0]} already exists")
+        raise MakeExamplesError(f"{what}; give another --out, or --overwrite to replace")
     truth_paths = (
         [] if truth is None else ([truth] if isinstance(truth, (str, Path)) else list(truth))
     )
@@ -809,7 +818,6 @@ def make_examples(
         seed=seed,
         contig_lengths=contigs,
     )
-    paths = _shard_paths(out, shards)
     n = len(paths)
     bounds = [round(i * len(site_list) / n) for i in range(n + 1)]
     labels: Counter[int] = Counter()

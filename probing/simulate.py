@@ -966,6 +966,21 @@ def _write_rmsk(
 
 # ----------------------------------------------------------------------------- API
 
+# What :func:`simulate` writes into its directory, by role (indexes beside them).
+SIM_FILES = {
+    "reference": "ref.fa",
+    "bam": "reads.bam",
+    "truth_vcf": "truth.vcf.gz",
+    "mosaic_vcf": "mosaic.vcf.gz",
+    "rmsk": "rmsk.txt",
+    "lowmappability": "lowmappability.bed",
+    "segdup": "segdup.bed",
+    "lowcomplexity": "lowcomplexity.bed",
+    "line_bed": "line.bed",
+    "cnv_gain": "cnv_gain.bed",
+    "manifest": "truth.json",
+}
+
 
 def simulate(
     out: str | Path,
@@ -996,6 +1011,7 @@ def simulate(
     str_indel_fraction: float = 0.3,
     n_mosaic: int = 40,
     mosaic_vaf: tuple[float, float] = (0.03, 0.20),
+    overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Path]:
     """Simulate a sample with planted concepts into directory ``out``.
@@ -1003,9 +1019,10 @@ def simulate(
     Returns the written files by role (``reference``, ``bam``, ``truth_vcf``,
     ``mosaic_vcf``, ``rmsk``, ``lowmappability``, ``segdup``, ``lowcomplexity``,
     ``line_bed``, ``cnv_gain``, ``manifest``). Same seed and parameters -> identical files
-    (the BAM byte-for-byte up to the pysam/htslib version in its header).
+    (the BAM byte-for-byte up to the pysam/htslib version in its header). Files of an
+    earlier simulation in ``out`` are replaced only with ``overwrite``.
     """
-    params = {k: v for k, v in locals().items() if k not in ("out", "progress")}
+    params = {k: v for k, v in locals().items() if k not in ("out", "progress", "overwrite")}
     if length < 20_000:
         raise SimulationError(f"--length {length} is too small (need >= 20000 bp)")
     if not contigs or len(set(contigs)) != len(contigs):
@@ -1034,6 +1051,14 @@ def simulate(
     if negative:
         raise SimulationError(f"counts and lengths must be >= 0, got {negative}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SimulationError(f"--out {out} is a file; give a directory")
+    present = sorted(name for name in SIM_FILES.values() if (out / name).exists())
+    if present and not overwrite:
+        raise SimulationError(
+            f"{out}: already holds {', '.join(present)} (an earlier simulation?); "
+            "give a new directory or --overwrite to replace them"
+        )
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
@@ -1088,19 +1113,7 @@ def simulate(
     )
     _multimap(rng, reads, seqs, copies, cons_len)
 
-    files = {
-        "reference": out / "ref.fa",
-        "bam": out / "reads.bam",
-        "truth_vcf": out / "truth.vcf.gz",
-        "mosaic_vcf": out / "mosaic.vcf.gz",
-        "rmsk": out / "rmsk.txt",
-        "lowmappability": out / "lowmappability.bed",
-        "segdup": out / "segdup.bed",
-        "lowcomplexity": out / "lowcomplexity.bed",
-        "line_bed": out / "line.bed",
-        "cnv_gain": out / "cnv_gain.bed",
-        "manifest": out / "truth.json",
-    }
+    files = {role: out / name for role, name in SIM_FILES.items()}
     order = list(seqs)
     _write_fasta(files["reference"], seqs)
     n_written = _write_bam(files["bam"], reads, seqs, progress)

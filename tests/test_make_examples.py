@@ -422,6 +422,18 @@ def test_cli_commands(hand, tmp_path):
     assert res.exit_code == 0, res.output
     assert "in 2 shard(s)" in res.output
     assert len(list(read_examples(str(tmp_path / "e@2.gz")))) >= 3
+    # the same --out again (it could be a DeepVariant run's examples) is refused up front
+    args = ["make-examples", "--ref", str(fa), "--reads", str(bam), "--candidates", "--quiet",
+            "--ref-sites-fraction", "0.5", "--out", str(tmp_path / "e@2.gz")]
+    before = [p.read_bytes() for p in sorted(tmp_path.glob("e-0000*-of-00002.gz"))]
+    res = runner.invoke(app, args)
+    assert isinstance(res.exception, DvprobeError), res.output
+    assert "e-00000-of-00002.gz and 1 more shards already exist" in str(res.exception)
+    assert "--overwrite" in str(res.exception)
+    assert [p.read_bytes() for p in sorted(tmp_path.glob("e-0000*-of-00002.gz"))] == before
+    res = runner.invoke(app, [*args, "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert [p.read_bytes() for p in sorted(tmp_path.glob("e-0000*-of-00002.gz"))] != before
     res = runner.invoke(
         app,
         ["make-examples", "--ref", str(fa), "--reads", str(bam), "--out", str(tmp_path / "x.gz")],

@@ -112,7 +112,8 @@ def test_files_valid_and_indexed(sim, manifest):
 
 
 def test_deterministic(sim, manifest, tmp_path):
-    again = simulate(tmp_path, **SMALL)
+    (tmp_path / "ref.fa").write_text(">stale\nACGT\n")  # from an earlier run: replaced
+    again = simulate(tmp_path, overwrite=True, **SMALL)
     assert json.loads(again["manifest"].read_text()) == manifest
     assert again["reference"].read_bytes() == sim["reference"].read_bytes()
     a = [str(r) for r in pysam.VariantFile(str(sim["truth_vcf"]))]
@@ -253,6 +254,16 @@ def test_planted_concepts(sim, tmp_path):
     assert all(p.exists() for p in c.values())
     with pytest.raises(SimulationError, match="truth.json"):
         planted_concepts(tmp_path)
+
+
+def test_earlier_simulation_is_not_replaced_without_overwrite(tmp_path):
+    (tmp_path / "reads.bam").write_bytes(b"an earlier run's reads")
+    (tmp_path / "truth.json").write_text("{}")
+    with pytest.raises(SimulationError, match=r"already holds reads\.bam, truth\.json.*--overwrite"):
+        simulate(tmp_path, progress=False)  # refused before any work
+    assert (tmp_path / "reads.bam").read_bytes() == b"an earlier run's reads"
+    with pytest.raises(SimulationError, match="is a file"):
+        simulate(tmp_path / "truth.json", progress=False)
 
 
 def test_bad_parameters(tmp_path):
