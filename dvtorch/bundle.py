@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,34 @@ ONNX_FILE = "model.onnx"
 WGS_CHANNELS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 19)
 
 
+def check_replaceable(out: str | os.PathLike, keep: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse to replace ``out`` unless it is a dvprobe BUNDLE that holds none of ``keep``.
+
+    Why: replacing renames the old directory away and deletes it. Pointed by mistake at a
+    home directory, a weights download or the very checkpoint being converted, that is data
+    loss, so only a directory whose ``bundle.json`` dvprobe wrote may go.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    root = out.resolve()
+    for path in keep:
+        p = Path(path).resolve()
+        if p == root or root in p.parents:
+            raise BundleError(f"{out}: holds the source {path}; writing the bundle there would "
+                              "delete it; choose another --out")
+    if not out.is_dir():
+        raise BundleError(f"{out}: is a file, not a BUNDLE; only a BUNDLE is ever replaced: "
+                          "remove it yourself or choose another --out")
+    try:
+        meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BundleError(f"{out}: not a dvprobe BUNDLE (no {META_FILE} of ours), so it is not "
+                          "replaced; choose another --out or remove it yourself")
+
+
 def save_bundle(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
                 meta: Mapping[str, Any], onnx_bytes: bytes | None = None,
                 overwrite: bool = False) -> Path:
@@ -73,6 +101,7 @@ def save_bundle(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tenso
     _check_state_dict(state_dict, input_shape, out)
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: already exists (pass overwrite=True to replace it)")
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -100,6 +129,7 @@ def save_bundle(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tenso
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if out.exists():  # overwrite=True: move the old one aside, then swap.
+            check_replaceable(out)  # it may have appeared meanwhile
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old / "b")
             os.replace(tmp, out)
@@ -149,14 +179,20 @@ def read_meta(bundle: str | os.PathLike) -> dict:
     return meta
 
 
+#: ``dtype`` spellings :func:`load` accepts besides torch dtypes (the CLI's ``--dtype``).
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+               "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
 def load(bundle: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None, fuse_bn: bool = True,
+         dtype: torch.dtype | str | None = None, fuse_bn: bool = True,
          optimize: bool | None = None) -> DeepVariantInceptionV3:
     """Load a BUNDLE as a native model in eval mode, with ``.bundle_meta`` attached.
 
     * ``dtype``: ``None`` / ``torch.float32`` or ``torch.bfloat16`` (measured ~2x faster
       than float32 on CPUs with AVX-512 BF16, ~3x with AMX; pooled embeddings agree with
-      float32 to cosine > 0.999).
+      float32 to cosine > 0.999); ``torch.float16`` for GPUs. The names ``"fp32"``,
+      ``"bf16"``, ``"fp16"`` work too.
       Inputs stay float32: the model casts on entry; the softmax is computed in float32.
     * ``fuse_bn``: fold BatchNorm into the convs (exact up to rounding).
     * ``optimize``: also apply :func:`dvtorch.inception.optimize_for_inference`
@@ -166,6 +202,11 @@ def load(bundle: str | os.PathLike, device: str | torch.device = "cpu",
     The weights file's sha256 must match ``bundle.json``; any mismatch raises
     :class:`BundleError`.
     """
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)} or a "
+                             "torch dtype")
+        dtype = DTYPE_NAMES[dtype]
     path = Path(bundle)
     meta = read_meta(path)
     weights = path / WEIGHTS_FILE

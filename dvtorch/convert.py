@@ -17,6 +17,7 @@ Pipeline (one direction only, every step checked):
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import json
 import shutil
@@ -27,10 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dvtorch.bundle import check_replaceable
 from dvtorch.errors import ConversionError
 from dvtorch.files import sha256_file
 
 Progress = Callable[[str], None]
+
+#: The lock file ``dvprobe weights fetch`` writes into a download directory
+#: (the same name as ``weights.fetch.LOCK_NAME``; tests/test_convert.py checks they agree).
+DOWNLOAD_LOCK = "checksums.json"
 SourceKind = str  # "checkpoint" | "savedmodel" | "onnx"
 
 EXAMPLE_INFO = "example_info.json"
@@ -76,12 +82,14 @@ def locate_source(source: str | Path) -> Source:
         return Source("onnx", path, [path])
     if path.is_dir():
         if (path / "saved_model.pb").is_file():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
+            files = sorted(p for p in path.rglob("*") if p.is_file()
+                           and p.name != DOWNLOAD_LOCK and not p.name.endswith(".part"))
             if not (path / "variables" / "variables.index").is_file():
                 raise ConversionError(
                     f"{path}: SavedModel has no variables/variables.index; the download is "
                     "incomplete"
                 )
+            _data_shards(path / "variables" / "variables")
             return Source("savedmodel", path, files)
         raise ConversionError(
             f"{path}: not a model directory (no saved_model.pb); pass a SavedModel directory, "
@@ -89,24 +97,34 @@ def locate_source(source: str | Path) -> Source:
         )
     index = Path(f"{path}.index")
     if index.is_file():
-        data = sorted(index.parent.glob(f"{path.name}.data-*-of-*"))
-        if not data:
-            raise ConversionError(
-                f"{path}: checkpoint data file {path}.data-00000-of-00001 is missing (only "
-                f"{index.name} found); download it next to the .index"
-            )
-        total = int(data[0].name.rsplit("-of-", 1)[1])
-        expected = [Path(f"{path}.data-{i:05d}-of-{total:05d}") for i in range(total)]
-        absent = [p for p in expected if not p.is_file()]
-        if absent:
-            raise ConversionError(f"{path}: checkpoint data file {absent[0]} is missing")
-        return Source("checkpoint", path, [index, *expected])
+        return Source("checkpoint", path, [index, *_data_shards(path)])
+    if list(path.parent.glob(f"{glob.escape(path.name)}.data-*-of-*")):
+        raise ConversionError(
+            f"{path}: checkpoint index {index} is missing (only the .data file is there); "
+            "download it next to the .data"
+        )
     if path.is_file():
         raise ConversionError(
             f"{path}: unrecognised model file; expected a checkpoint prefix (with .index and "
             ".data-00000-of-00001 beside it), a SavedModel directory or an .onnx file"
         )
     raise ConversionError(f"{path}: no such checkpoint prefix, SavedModel directory or .onnx file")
+
+
+def _data_shards(prefix: Path) -> list[Path]:
+    """The ``<prefix>.data-0000N-of-0000M`` files of a checkpoint, all of them or an error."""
+    data = sorted(prefix.parent.glob(f"{glob.escape(prefix.name)}.data-*-of-*"))
+    if not data:
+        raise ConversionError(
+            f"{prefix}: checkpoint data file {prefix}.data-00000-of-00001 is missing (only "
+            f"{prefix.name}.index found); download it next to the .index"
+        )
+    total = int(data[0].name.rsplit("-of-", 1)[1])
+    expected = [Path(f"{prefix}.data-{i:05d}-of-{total:05d}") for i in range(total)]
+    absent = [p for p in expected if not p.is_file()]
+    if absent:
+        raise ConversionError(f"{prefix}: checkpoint data file {absent[0]} is missing")
+    return expected
 
 
 def _parse_ints(text: str | Sequence[int] | None, what: str) -> list[int] | None:
@@ -184,6 +202,11 @@ def resolve_example_info(
             f"{src.path}: missing example_info.json (looked for {looked}); pass "
             "--example-info FILE, or both --shape H,W,C and --channels c1,c2,… "
             "(e.g. --shape 100,221,7 --channels 1,2,3,4,5,6,19)"
+        )
+    if min(final_shape[:2]) < 75 or final_shape[2] < 1:
+        raise ConversionError(
+            f"{src.path}: input shape {list(final_shape)}: H and W must be at least 75 "
+            "(Inception-v3's smallest input) and C at least 1; DeepVariant WGS is 100,221,7"
         )
     if len(final_channels) != final_shape[2]:
         raise ConversionError(
@@ -300,8 +323,13 @@ def convert(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConversionError(f"{out}: already exists; pass --overwrite to replace it")
+    _check_parent(out)
     src = locate_source(source)
+    check_replaceable(out, keep=src.files)
     t0 = time.time()
+    _say(progress, f"hashing {len(src.files)} source files")
+    hashes = {_rel(f, src): sha256_file(f) for f in src.files}
+    download = _check_download(src, hashes)
 
     keras_model = None
     if src.kind == "onnx":
@@ -320,6 +348,7 @@ def convert(
         from dvtorch import keras_dv
 
         keras_dv.import_tf()
+        _check_opset(opset)
         import tf_keras
 
         tf_keras.backend.clear_session()  # deterministic Keras layer names → ONNX node names
@@ -339,11 +368,8 @@ def convert(
     state_dict = state_dict_from_onnx(proto)
     onnx_bytes = proto.SerializeToString()
 
-    files = list(src.files)
-    if info.path is not None and info.path not in files:
-        files.append(info.path)
-    _say(progress, f"hashing {len(files)} source files")
-    hashes = {_rel(f, src): sha256_file(f) for f in files}
+    if info.path is not None and info.path not in src.files:
+        hashes[_rel(info.path, src)] = sha256_file(info.path)
 
     parity: dict[str, Any] | None = None
     if check_parity:
@@ -367,7 +393,8 @@ def convert(
         _say(progress, f"parity ok: {report.summary_line()}")
 
     meta = {
-        "source": {"kind": src.kind, "path": str(src.path.resolve()), "files": hashes},
+        "source": {"kind": src.kind, "path": str(src.path.resolve()), "files": hashes,
+                   **({"download": download} if download else {})},
         "deepvariant_version": info.version,
         "input_shape": list(info.shape),
         "channels": info.channels,
@@ -377,7 +404,10 @@ def convert(
         "untrained": False,
     }
     _write_atomically(
-        out, overwrite, lambda target: save_bundle(target, state_dict, meta, onnx_bytes=onnx_bytes)
+        out,
+        overwrite,
+        lambda target: save_bundle(target, state_dict, meta, onnx_bytes=onnx_bytes),
+        keep=src.files,
     )
     _say(progress, f"wrote {out} in {time.time() - t0:.0f}s")
     return out
@@ -399,7 +429,62 @@ def _rel(path: Path, src: Source) -> str:
         return str(path.resolve())
 
 
-def _write_atomically(out: Path, overwrite: bool, write: Callable[[Path], Any]) -> None:
+def _check_download(src: Source, hashes: dict[str, str]) -> dict[str, Any] | None:
+    """Check the source against the ``checksums.json`` that ``dvprobe weights fetch`` left
+    beside it, and return the download's provenance for ``bundle.json`` (None: no lock).
+
+    Why: a file cut short or altered after the download otherwise surfaces as an unreadable
+    checkpoint, or as a parity failure that reads like a bug in the port.
+    """
+    from weights.fetch import read_lock
+
+    base = src.path if src.kind == "savedmodel" else src.path.parent
+    lock = read_lock(base)
+    if not lock:
+        return None
+    for name, rec in lock["files"].items():
+        have = hashes.get(name)
+        if have is None or not rec.get("sha256") or have == rec["sha256"]:
+            continue
+        size = (base / name).stat().st_size
+        raise ConversionError(
+            f"{base / name}: differs from its download recorded in {base / DOWNLOAD_LOCK} "
+            f"({size} bytes now, {rec.get('size')} then; sha256 {have[:12]}…, then "
+            f"{rec['sha256'][:12]}…): cut short or changed since; fetch it again "
+            f"(dvprobe weights fetch {lock.get('name')})"
+        )
+    return {
+        "name": lock.get("name"),
+        "deepvariant_version": lock.get("deepvariant_version"),
+        "confidence": lock.get("confidence"),
+        "files": {name: {k: rec.get(k) for k in ("url", "fetched", "verified_against")}
+                  for name, rec in lock["files"].items()},
+    }
+
+
+def _check_parent(out: Path) -> None:
+    """Fail before the conversion's minutes, not after, when OUT cannot be created."""
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConversionError(f"--out {out}: {parent} is a file, not a directory")
+            return
+
+
+def _check_opset(opset: int) -> None:
+    """An opset tf2onnx can write, checked before the checkpoint is restored."""
+    import tf2onnx
+
+    known = sorted(tf2onnx.constants.OPSET_TO_IR_VERSION)
+    if opset not in known:
+        raise ConversionError(
+            f"--opset {opset}: tf2onnx {tf2onnx.__version__} writes opsets "
+            f"{known[0]}..{known[-1]} (default 17)"
+        )
+
+
+def _write_atomically(out: Path, overwrite: bool, write: Callable[[Path], Any],
+                      keep: Sequence[Path] = ()) -> None:
     """Write into a staging sibling, then rename; on any failure OUT is left untouched."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -409,6 +494,7 @@ def _write_atomically(out: Path, overwrite: bool, write: Callable[[Path], Any]) 
         if out.exists():
             if not overwrite:
                 raise ConversionError(f"{out}: appeared while converting; pass --overwrite")
+            check_replaceable(out, keep)
             old = staging / "old"
             out.rename(old)
             try:

@@ -383,6 +383,26 @@ class _Softmax(nn.Module):
         return torch.softmax(x.float(), dim=-1)
 
 
+#: Beyond this a float input cannot be ``(x - 128) / 128`` of pixels (which lie in [-1, 1)).
+#: Generous, so perturbation or attribution experiments slightly outside still run.
+SCALED_LIMIT = 1.5
+
+
+def _check_scaled(x: torch.Tensor) -> None:
+    """Refuse float pixels that were never scaled (DeepVariant's most common port bug).
+
+    ``torch.from_numpy(img).float()`` gives 0..254 floats; taken as scaled input they give
+    confident, wrong genotypes (a softmax 0.9 away) with no error anywhere.
+    """
+    lo, hi = torch.aminmax(x.detach())
+    if hi.item() > SCALED_LIMIT or lo.item() < -SCALED_LIMIT:
+        raise ValueError(
+            f"float pixels span {lo.item():g}..{hi.item():g}: the model takes raw uint8 "
+            "pixels (scaled inside) or dvtorch.preprocess() output, which lies in [-1, 1); "
+            "pass the uint8 tensor itself, or preprocess it"
+        )
+
+
 class DeepVariantInceptionV3(nn.Module):
     """DeepVariant's Inception-v3 classifier; NHWC float input, softmax ``[N, num_classes]``.
 
@@ -464,6 +484,10 @@ class DeepVariantInceptionV3(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
             x = scale_pixels(x, self.dense.weight.dtype)
+        elif not torch.jit.is_tracing() and x.numel() and x.device.type != "meta":
+            # Here, not in forward(): split slices run on single-threaded workers, and an
+            # OpenMP reduction on the caller's thread hangs a forked child (test_parallel).
+            _check_scaled(x)
         x = x.permute(0, 3, 1, 2)  # NCHW view, channels-last strides: no copy.
         # A bf16 model takes the usual float32 input (cast here, after the zero-copy view).
         x = x.to(self.dense.weight.dtype)

@@ -150,6 +150,25 @@ class CheckpointLayout:
     variables: dict[str, tuple[int, ...]] = field(repr=False)  # checkpoint key -> shape
 
 
+def _unreadable(prefix: str | Path, exc: BaseException) -> ConversionError:
+    """The error for checkpoint bytes TF cannot read: a cut-short or corrupted download.
+
+    Why a message of its own: TF reports these as IndexError("Read less bytes than
+    requested") or a DataLossError about checksums, which read like a bug or a wrong model.
+    """
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return ConversionError(
+        f"{prefix}: the checkpoint's data cannot be read ({type(exc).__name__}: {first}); a "
+        "file is truncated or corrupt: download it again (`dvprobe weights fetch` checks "
+        "sha256)"
+    )
+
+
+def _is_damage(tf: Any, exc: BaseException) -> bool:
+    """Whether ``exc`` from TF's checkpoint reader means damaged bytes (not a wrong model)."""
+    return isinstance(exc, (IndexError, tf.errors.DataLossError, tf.errors.OutOfRangeError))
+
+
 def _read_object_graph(reader: Any, prefix: str | Path) -> Any:
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
@@ -194,7 +213,10 @@ def inspect_checkpoint(prefix: str | Path) -> CheckpointLayout:
             f"{prefix}: cannot read TensorFlow checkpoint ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
-    graph = _read_object_graph(reader, prefix)
+    try:
+        graph = _read_object_graph(reader, prefix)
+    except (IndexError, tf.errors.OpError) as exc:
+        raise _unreadable(prefix, exc) from exc
     shapes = reader.get_variable_to_shape_map()
     for root, model_node in (("model/", _child(graph, 0, "model")), ("", 0)):
         first = _child(graph, model_node, "layer_with_weights-0")
@@ -269,7 +291,9 @@ def restore_weights(model: tf_keras.Model, prefix: str | Path, info: CheckpointL
         status = ckpt.read(str(prefix))
         status.assert_existing_objects_matched()
         status.expect_partial()  # optimizer slots, save_counter, EMA copies are not ours
-    except (AssertionError, ValueError, tf.errors.OpError) as exc:
+    except (AssertionError, ValueError, IndexError, tf.errors.OpError) as exc:
+        if _is_damage(tf, exc):
+            raise _unreadable(prefix, exc) from exc
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConversionError(
             f"{prefix}: checkpoint does not match DeepVariant's {info.layout} Inception-v3 "
@@ -277,7 +301,10 @@ def restore_weights(model: tf_keras.Model, prefix: str | Path, info: CheckpointL
         ) from None
 
     reader = tf.train.load_checkpoint(str(prefix))
-    source = _fingerprints([reader.get_tensor(k) for k in info.variables])
+    try:
+        source = _fingerprints([reader.get_tensor(k) for k in info.variables])
+    except (IndexError, tf.errors.OpError) as exc:
+        raise _unreadable(prefix, exc) from exc
     restored = _fingerprints([w.numpy() for w in model.weights])
     if source != restored:
         unmatched = sum((source - restored).values())

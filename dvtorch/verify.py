@@ -425,6 +425,29 @@ def parity_for_conversion(
     )
 
 
+def _check_onnx(path: Path, data: bytes, meta: dict, shape: tuple[int, ...]) -> None:
+    """The bundle's ONNX is the one converted, and takes the input bundle.json says.
+
+    Why before any parity: a modified model.onnx or an edited input_shape otherwise shows up
+    as a parity failure of the PyTorch port, or an onnxruntime traceback.
+    """
+    import hashlib
+
+    from dvtorch.convert import load_onnx, onnx_input_shape
+
+    recorded = (meta.get("files") or {}).get(path.name)
+    actual = hashlib.sha256(data).hexdigest()
+    if recorded and actual != recorded:
+        raise BundleError(f"{path}: sha256 {actual[:12]}... does not match bundle.json "
+                          f"({recorded[:12]}...); the file is corrupt or was modified")
+    graph = onnx_input_shape(load_onnx(path))
+    if any(g is not None and g != s for g, s in zip(graph, shape, strict=True)):
+        raise BundleError(
+            f"{path.parent / 'bundle.json'}: input_shape {list(shape)} but {path.name} takes "
+            f"{['?' if g is None else g for g in graph]} (H, W, C); bundle.json was edited"
+        )
+
+
 def verify(
     bundle: str | Path,
     examples: str | None = None,
@@ -454,6 +477,14 @@ def verify(
     onnx_path = bundle / "model.onnx"
     skipped: dict[str, str] = {}
     backends: dict[str, Backend] = {}
+
+    onnx_bytes = b""
+    if onnx_path.is_file():  # checked before TF's restore, which takes a while
+        onnx_bytes = onnx_path.read_bytes()
+        _check_onnx(onnx_path, onnx_bytes, meta, shape)
+    elif (meta.get("files") or {}).get(onnx_path.name):
+        raise BundleError(f"{onnx_path}: missing, though bundle.json records it (the bundle is "
+                          "incomplete); copy it back or convert again")
 
     src_meta = meta.get("source") or {}
     kind = src_meta.get("kind")
@@ -490,11 +521,9 @@ def verify(
     elif kind in ("checkpoint", "savedmodel"):
         skipped["tensorflow"] = "skipped on request" if skip_tf else "bundle records no source path"
 
-    if onnx_path.is_file():
-        onnx_bytes = onnx_path.read_bytes()
+    if onnx_bytes:
         backends["onnxruntime"] = ort_backend(onnx_bytes)
     else:
-        onnx_bytes = b""
         skipped["onnxruntime"] = f"{onnx_path} absent (reference bundle)"
     backends["torch"] = torch_backend(model)
     backends["torch-unfused"] = torch_backend(dvtorch.load(bundle, device="cpu", fuse_bn=False))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dvtorch.errors import ConversionError, ParityError
+from dvtorch.errors import BundleError, ConversionError, ParityError
 
 MIXED = [f"mixed{i}" for i in range(11)]
 INPUT_SHAPE = (100, 221, 7)  # the WGS shape the conftest models are built with
@@ -279,9 +279,108 @@ def test_existing_out_needs_overwrite(dv_onnx_path: Path, tmp_path: Path) -> Non
     (out / "keep.txt").write_text("x")
     with pytest.raises(ConversionError, match="--overwrite"):
         convert(dv_onnx_path, out, channels="1,2,3,4,5,6,19")
-    assert (out / "keep.txt").exists()
+    # --overwrite replaces bundles only: a directory of someone else's is never deleted
+    with pytest.raises(BundleError, match="not a dvprobe BUNDLE"):
+        convert(dv_onnx_path, out, channels="1,2,3,4,5,6,19", overwrite=True)
+    assert (out / "keep.txt").read_text() == "x"
+    shutil.rmtree(out)
+    convert(dv_onnx_path, out, channels="1,2,3,4,5,6,19", check_parity=False)
+    first = json.loads((out / "bundle.json").read_text())
     convert(dv_onnx_path, out, channels="1,2,3,4,5,6,19", overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "bundle.json").is_file()
+    second = json.loads((out / "bundle.json").read_text())
+    assert first["parity"] is None and second["parity"]["passed"]  # replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
+
+
+@pytest.mark.tf
+def test_overwrite_never_deletes_the_source(dv_keras_ckpt: Path, tmp_path: Path) -> None:
+    """`--out` naming the checkpoint's own directory (or one above it) is refused up front."""
+    from dvtorch.convert import convert
+
+    prefix = _copy_ckpt(dv_keras_ckpt, tmp_path / "download")
+    before = sorted(p.name for p in prefix.parent.iterdir())
+    for out in (prefix.parent, tmp_path):
+        with pytest.raises(BundleError, match="holds the source"):
+            convert(prefix, out, overwrite=True)
+    assert sorted(p.name for p in prefix.parent.iterdir()) == before
+
+
+def test_out_under_a_file_is_refused_before_converting(tmp_path: Path) -> None:
+    from dvtorch.convert import convert
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConversionError, match="afile is a file, not a directory"):
+        convert(tmp_path / "nothing.ckpt", tmp_path / "afile" / "sub")
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_damaged_checkpoint_data_is_one_line(damage: str, dv_keras_ckpt: Path,
+                                             tmp_path: Path) -> None:
+    """An interrupted or bit-rotted download: TF's IndexError / DataLossError, named as such."""
+    from dvtorch.convert import convert
+
+    prefix = _copy_ckpt(dv_keras_ckpt, tmp_path / "m")
+    data = Path(f"{prefix}.data-00000-of-00001")
+    blob = bytearray(data.read_bytes())
+    if damage == "truncated":
+        data.write_bytes(blob[: len(blob) // 2])
+    else:
+        blob[len(blob) // 3] ^= 0xFF
+        data.write_bytes(blob)
+    with pytest.raises(ConversionError, match="truncated or corrupt: download it again"):
+        convert(prefix, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.tf
+def test_download_record_is_checked_and_kept(dv_keras_ckpt: Path, tmp_path: Path) -> None:
+    """checksums.json from `dvprobe weights fetch` beside the source: checked, then recorded."""
+    from dvtorch.convert import DOWNLOAD_LOCK, convert
+    from dvtorch.files import sha256_file
+    from weights.fetch import LOCK_FORMAT, LOCK_NAME
+
+    assert DOWNLOAD_LOCK == LOCK_NAME
+    prefix = _copy_ckpt(dv_keras_ckpt, tmp_path / "m")
+    data = Path(f"{prefix}.data-00000-of-00001")
+    lock = {"format": LOCK_FORMAT, "name": "deepvariant-1.6.1-wgs-checkpoint",
+            "deepvariant_version": "1.6.1", "confidence": "official",
+            "files": {data.name: {"sha256": "0" * 64, "size": 1, "url": "https://x/y",
+                                  "fetched": "2026-11-29T00:00:00+00:00",
+                                  "verified_against": "trust-on-first-use"}}}
+    (prefix.parent / LOCK_NAME).write_text(json.dumps(lock))
+    with pytest.raises(ConversionError, match=r"differs from its download recorded in .*"
+                                              r"checksums\.json.*fetch it again"):
+        convert(prefix, tmp_path / "out", check_parity=False)
+    lock["files"][data.name]["sha256"] = sha256_file(data)
+    (prefix.parent / LOCK_NAME).write_text(json.dumps(lock))
+    out = convert(prefix, tmp_path / "out", check_parity=False)
+    source = json.loads((out / "bundle.json").read_text())["source"]
+    assert source["download"]["name"] == "deepvariant-1.6.1-wgs-checkpoint"
+    assert source["download"]["files"][data.name]["url"] == "https://x/y"
+    assert LOCK_NAME not in source["files"]
+
+
+@pytest.mark.tf
+def test_incomplete_sources_name_the_missing_file(dv_keras_ckpt: Path, dv_savedmodel: Path,
+                                                  tmp_path: Path) -> None:
+    from dvtorch.convert import convert
+
+    prefix = _copy_ckpt(dv_keras_ckpt, tmp_path / "noindex")
+    Path(f"{prefix}.index").unlink()
+    with pytest.raises(ConversionError, match=r"checkpoint index .*ckpt\.index is missing"):
+        convert(prefix, tmp_path / "out")
+    sm = tmp_path / "sm"
+    shutil.copytree(dv_savedmodel, sm)
+    next((sm / "variables").glob("variables.data-*")).unlink()
+    with pytest.raises(ConversionError, match=r"variables\.data-00000-of-00001 is missing"):
+        convert(sm, tmp_path / "out")
+    for shape in ("0,0,7", "-5,221,7", "60,221,7"):
+        with pytest.raises(ConversionError, match="H and W must be at least 75"):
+            convert(dv_keras_ckpt, tmp_path / "out", shape=shape)
+    with pytest.raises(ConversionError, match=r"--opset 99: tf2onnx .* writes opsets"):
+        convert(dv_keras_ckpt, tmp_path / "out", opset=99)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.tf

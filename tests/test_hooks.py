@@ -20,7 +20,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def x():
-    return torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+    return torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
 def _raw_nchw(model, name, x):

@@ -118,11 +118,30 @@ def test_unknown_layer_names_get_suggestions():
 def test_forward_takes_nhwc_and_returns_probabilities():
     model = DeepVariantInceptionV3(SMALL).eval()
     with torch.no_grad():
-        p = model(torch.randn(2, *SMALL))
+        p = model(torch.rand(2, *SMALL) * 2 - 1)
     assert p.shape == (2, 3)
     torch.testing.assert_close(p.sum(1), torch.ones(2))
     with pytest.raises(ValueError, match="NHWC"):
         model(torch.randn(2, SMALL[2], SMALL[0], SMALL[1]))
+
+
+def test_load_takes_the_cli_dtype_names(tmp_path):
+    b = reference_bundle(tmp_path / "b", seed=0)
+    assert load(b, dtype="bf16").dense.weight.dtype == torch.bfloat16
+    assert load(b, dtype="fp32").dense.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype 'int8': use one of fp32, float32, bf16"):
+        load(b, dtype="int8")
+
+
+def test_unscaled_float_pixels_are_refused():
+    """``torch.from_numpy(img).float()`` is 0..254: taken as scaled it gives wrong genotypes."""
+    model = DeepVariantInceptionV3(SMALL).eval()
+    raw = torch.randint(0, 255, (2, *SMALL), dtype=torch.uint8)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"span 0\.\.25\d.*uint8.*preprocess"):
+        model(raw.float())
+    with torch.no_grad():  # the same pixels as uint8 or preprocessed are fine, and agree
+        torch.testing.assert_close(model(raw), model(preprocess(raw)))
+        model(preprocess(raw) * 1.4)  # a perturbation experiment slightly outside [-1, 1)
 
 
 def test_branch_average_pool_excludes_padding_like_tensorflow():
@@ -135,7 +154,7 @@ def test_branch_average_pool_excludes_padding_like_tensorflow():
 
 def test_batchnorm_folding_is_equivalent():
     model = _randomise_bn(DeepVariantInceptionV3(SMALL))
-    x = torch.randn(3, *SMALL)
+    x = torch.rand(3, *SMALL) * 2 - 1
     with torch.no_grad(), capture(model, ["mixed5", "avg_pool"], pool=None) as ref:
         p_ref = model(x)
     ref = dict(ref)
@@ -150,7 +169,7 @@ def test_batchnorm_folding_is_equivalent():
 
 def test_optimized_inference_matches_eager_and_keeps_hooks():
     model = _randomise_bn(DeepVariantInceptionV3(SMALL), seed=1)
-    x = torch.randn(4, *SMALL)
+    x = torch.rand(4, *SMALL) * 2 - 1
     with torch.no_grad(), capture(model, ["conv2d_40", "mixed7"], pool="mean") as ref:
         p_ref = model(x)
     ref = dict(ref)
@@ -180,7 +199,7 @@ def test_fused_conv_path_runs_only_where_it_is_exact():
     """Inference on CPU takes the fused op in all 94 blocks; grad, autocast and a model cast
     after optimize_for_inference take the plain path and still compute the same."""
     model = _randomise_bn(DeepVariantInceptionV3(SMALL), seed=4)
-    x = torch.randn(2, *SMALL)
+    x = torch.rand(2, *SMALL) * 2 - 1
     with torch.no_grad():
         p_ref = model(x)
     optimize_for_inference(model, batch_size=2, batch_split=False)
@@ -216,7 +235,7 @@ def test_pool_branches_average_pool_inside_their_conv_block_on_both_paths():
     # mixed0-2, mixed4-7 and mixed9-10 each end with one average-pool branch
     assert pooled == ["conv2d_11", "conv2d_18", "conv2d_25", "conv2d_39", "conv2d_49",
                       "conv2d_59", "conv2d_69", "conv2d_84", "conv2d_93"]
-    x = torch.randn(3, *SMALL)
+    x = torch.rand(3, *SMALL) * 2 - 1
     with torch.no_grad(), capture(model, pooled, pool=None) as ref:
         model(x)
     ref = dict(ref)

@@ -31,7 +31,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def x():
-    return torch.randn(N, *SHAPE, generator=torch.Generator().manual_seed(1))
+    return torch.rand(N, *SHAPE, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
 
 @pytest.fixture

@@ -107,6 +107,37 @@ def test_verify_refuses_an_explicit_source_that_is_not_there(
 
 
 @pytest.mark.tf
+def test_verify_checks_the_bundle_files_before_any_parity(ckpt_bundle: Path,
+                                                          tmp_path: Path) -> None:
+    """A modified or missing model.onnx, or an edited input_shape, is named as such: not a
+    parity failure that would blame the PyTorch port, not an onnxruntime traceback."""
+    from dvtorch.verify import verify
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(ckpt_bundle, tampered)
+    blob = bytearray((tampered / "model.onnx").read_bytes())
+    blob[len(blob) // 2] ^= 0x01  # inside an initializer: still a loadable graph
+    (tampered / "model.onnx").write_bytes(blob)
+    with pytest.raises(BundleError, match=r"model\.onnx: sha256 .* was modified"):
+        verify(tampered, batch=2, skip_tf=True)
+
+    missing = tmp_path / "missing"
+    shutil.copytree(ckpt_bundle, missing)
+    (missing / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="missing, though bundle.json records it"):
+        verify(missing, batch=2)
+
+    edited = tmp_path / "edited"
+    shutil.copytree(ckpt_bundle, edited)
+    meta = json.loads((edited / "bundle.json").read_text())
+    meta["input_shape"] = [100, 199, 7]
+    (edited / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"input_shape \[100, 199, 7\] but model\.onnx takes "
+                                          r"\[100, 221, 7\]"):
+        verify(edited, batch=2, skip_tf=True)
+
+
+@pytest.mark.tf
 def test_verify_detects_swapped_bn_stats(ckpt_bundle: Path, tmp_path: Path) -> None:
     from dvtorch.verify import verify
 

@@ -351,6 +351,36 @@ def test_fetch_sha256_mismatch_deletes_file(server, tmp_path):
     assert not (tmp_path / "dl2" / "fingerprint.pb").exists()
 
 
+def test_a_file_on_disk_that_does_not_match_is_kept_until_a_verified_one_replaces_it(
+    server, tmp_path
+):
+    """A mistyped --sha256 (or a mirror that is down) must not cost a hand-copied file."""
+    base, state = server
+    e = weights.get(NAME)
+    blobs = publish(state, e)
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    (dest / "saved_model.pb").write_bytes(blobs["saved_model.pb"])  # copied in by hand
+    typo = {"saved_model.pb": "b" * 64}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(weights.DownloadError, match="connection refused") as info:
+        weights.fetch(NAME, dest, base_url=f"http://127.0.0.1:{port}/", progress=False,
+                      sha256=typo)
+    assert "does not match either and was left as it is" in str(info.value)
+    assert (dest / "saved_model.pb").read_bytes() == blobs["saved_model.pb"]
+    with pytest.raises(weights.ChecksumError, match="from user") as info:
+        weights.fetch(NAME, dest, base_url=base, progress=False, sha256=typo)
+    assert "left as it is" in str(info.value)
+    assert (dest / "saved_model.pb").read_bytes() == blobs["saved_model.pb"]
+    # a corrupted file is replaced once a download matches the expected digest
+    (dest / "saved_model.pb").write_bytes(b"bit rot")
+    good = {"saved_model.pb": sha(blobs["saved_model.pb"])}
+    weights.fetch(NAME, dest, base_url=base, progress=False, sha256=good)
+    assert (dest / "saved_model.pb").read_bytes() == blobs["saved_model.pb"]
+
+
 def test_fetch_correct_sha256_is_recorded_as_verified(server, tmp_path):
     base, state = server
     e = weights.get(NAME)

@@ -88,8 +88,9 @@ def fetch_cmd(
         Optional[str],  # noqa: UP045
         typer.Option(
             "--mirror",
-            help="Replaces https://storage.googleapis.com/deepvariant/ (also "
-            "$DVPROBE_WEIGHTS_MIRROR); the mirror keeps the models/DeepVariant/... paths.",
+            help="A URL or a local directory replacing https://storage.googleapis.com/"
+            "deepvariant/ (also $DVPROBE_WEIGHTS_MIRROR); the mirror keeps the "
+            "models/DeepVariant/... paths.",
         ),
     ] = None,
     sha256: Annotated[

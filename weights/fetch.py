@@ -9,7 +9,8 @@ Design points (each one is a failure seen with ~100 MB downloads over flaky link
 * sha256 is computed while streaming (the bytes already in a ``.part`` are hashed once before
   resuming), so verification costs no second pass over the file.
 * Known digests (``--sha256`` from the user, then the registry, then the local lock file) are
-  enforced; a mismatch deletes the bad bytes. With none known, the digest seen now is recorded
+  enforced; a mismatching download is deleted (a mismatching file already on disk is kept
+  until a verified download replaces it). With none known, the digest seen now is recorded
   (trust on first use) and enforced on every later download into the same directory.
 * Only a complete, verified file is renamed to its final name (``os.replace``), so a final
   name always means "complete"; ``checksums.json`` is rewritten atomically after each file
@@ -269,6 +270,23 @@ def _mirror_url(mirror: str | None) -> str | None:
                        "local directory")
 
 
+def _download_with_retries(url: str, part: Path, entry: ModelEntry, file: str,
+                           progress: bool, timeout: float, retries: int) -> tuple[str, int]:
+    """``_download_once``, resumed up to ``retries`` times after a dropped connection."""
+    attempts = 0
+    while True:
+        try:
+            return _download_once(url, part, entry, file, progress, timeout)
+        except _Interrupted as exc:
+            attempts += 1
+            if attempts > retries:
+                have = part.stat().st_size if part.exists() else 0
+                raise DownloadError(
+                    f"{url}: {exc}; gave up after {attempts} attempt(s). {have} bytes kept "
+                    f"in {part}; run the same fetch again to resume"
+                ) from None
+
+
 def fetch(
     name_or_entry: str | ModelEntry,
     dest: str | Path | None = None,
@@ -335,6 +353,7 @@ def fetch(
                 expected, origin = cand.lower(), src
                 break
 
+        kept = ""  # a file on disk that does not match: kept until a verified one replaces it
         if final.is_file():
             digest = sha256_file(final)
             if expected is None or digest == expected:
@@ -347,28 +366,27 @@ def fetch(
                 }
                 _write_json_atomic(dest / LOCK_NAME, doc)
                 continue
-            final.unlink()  # present but wrong (corrupted or replaced): download again
+            # Present but not matching: corrupted, replaced, or the expected digest is a typo.
+            # Deleting it here lost hand-copied files whenever the download then failed.
+            kept = (f"; {final} on disk (sha256 {digest}) does not match either and was left "
+                    "as it is")
+            print(f"[dvprobe] {final}: sha256 {digest} does not match {expected} (from "
+                  f"{origin}); downloading it again", file=sys.stderr)
 
         _ensure_dir(final.parent)
-        attempts = 0
-        while True:
-            try:
-                digest, size = _download_once(url, part, entry, file, progress, timeout)
-                break
-            except _Interrupted as exc:
-                attempts += 1
-                if attempts > retries:
-                    kept = part.stat().st_size if part.exists() else 0
-                    raise DownloadError(
-                        f"{url}: {exc}; gave up after {attempts} attempt(s). {kept} bytes kept "
-                        f"in {part}; run the same fetch again to resume"
-                    ) from None
+        try:
+            digest, size = _download_with_retries(url, part, entry, file, progress, timeout,
+                                                  retries)
+        except DownloadError as exc:
+            if kept:
+                raise DownloadError(f"{exc}{kept}") from None
+            raise
 
         if expected is not None and digest != expected:
             part.unlink(missing_ok=True)
             raise ChecksumError(
                 f"{url}: sha256 mismatch for {file}: got {digest}, expected {expected} "
-                f"(from {origin}); the downloaded file was deleted"
+                f"(from {origin}); the downloaded file was deleted{kept}"
                 + (
                     f". If upstream legitimately changed, delete {dest / LOCK_NAME} to accept "
                     "the new file"
