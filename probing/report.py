@@ -482,7 +482,9 @@ def _projection_figure(r: Run, af: dict, rows: np.ndarray, pts: pd.DataFrame, xi
                           f"{r.name}: applied to run {af.get('run')}", "cluster")
     chart: alt.TopLevelMixin = fg
     if bg is not None:
-        back = alt.Chart(bg).mark_circle(size=8, color="#d0d0d0", opacity=0.5).encode(
+        # InlineData, not the DataFrame: altair refuses a DataFrame over 5,000 rows
+        # (MaxRowsError), and the background is subsampled to --max-points already.
+        back = alt.Chart(alt.InlineData(values=_records(bg))).mark_circle(size=8, color="#d0d0d0", opacity=0.5).encode(
             x=f"{xi}:Q", y=f"{yi}:Q")
         chart = alt.layer(back, fg).properties(width=520, height=420)
     return Figure("", f"{r.name}: projection", chart,

@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,48 @@ class LayerSpec:
                    tuple(ms) if ms else None)
 
 
+class RunArrays(Mapping[str, np.ndarray]):
+    """A run's ``arrays.npz``, each array read when first asked for (then kept).
+
+    Why lazy: a report needs a run's ``umap`` and ``enrich`` its labels, while ``pca`` of
+    300k rows x 768 is ~0.9 GB; reading every array of every run made ``report`` grow with
+    the number of runs. The archive stays open, so a run overwritten meanwhile cannot mix
+    into this one.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._npz = np.load(path, allow_pickle=False)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._cache:
+            if key not in self._npz.files:
+                raise KeyError(key)
+            self._cache[key] = self._npz[key]
+        return self._cache[key]
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the array
+        return key in self._npz.files
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._npz.files)
+
+    def __len__(self) -> int:
+        return len(self._npz.files)
+
+    def __del__(self) -> None:
+        npz = getattr(self, "_npz", None)
+        if npz is not None:
+            npz.close()
+
+
+def _in_row_order(index: pd.Index, n: int) -> bool:
+    """Whether ``index`` is still ``0..n-1`` in order (cheap for the usual RangeIndex)."""
+    if isinstance(index, pd.RangeIndex):
+        return index.start == 0 and index.step == 1 and len(index) == n
+    return len(index) == n and bool((index.to_numpy() == np.arange(n)).all())
+
+
 @dataclass
 class Run:
     """One analysis result: parameters, per-example columns and arrays (coords, models)."""
@@ -148,7 +190,7 @@ class Run:
     name: str
     meta: dict
     obs: pd.DataFrame
-    arrays: dict[str, np.ndarray]
+    arrays: Mapping[str, np.ndarray]
     path: Path
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -203,7 +245,14 @@ class Store:
 
     @property
     def obs(self) -> pd.DataFrame:
-        """Per-example metadata (+ annotation columns), one row per example in input order."""
+        """Per-example metadata (+ annotation columns), one row per example in input order.
+
+        The frame is cached. If it was reordered or cut in place (``obs.sort_values(...,
+        inplace=True)`` in a notebook), it is read again: runs, annotations and enrichment
+        pair obs with layer rows by position, and a sorted cache gave runs scrambled keys.
+        """
+        if self._obs is not None and not _in_row_order(self._obs.index, self.n):
+            self._obs = None
         if self._obs is None:
             df = self._base_obs()
             ann = self.path / "annotations.parquet"
@@ -387,10 +436,8 @@ class Store:
             raise StoreError(f"{p / 'run.json'}: unreadable ({e}); rerun the analysis that "
                              f"wrote run {name!r}") from e
         obs = pd.read_parquet(p / "obs.parquet") if (p / "obs.parquet").is_file() else pd.DataFrame()
-        arrays: dict[str, np.ndarray] = {}
-        if (p / "arrays.npz").is_file():
-            with np.load(p / "arrays.npz", allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
+        npz = p / "arrays.npz"
+        arrays: Mapping[str, np.ndarray] = RunArrays(npz) if npz.is_file() else {}
         return Run(name, meta, obs, arrays, p)
 
     def __repr__(self) -> str:

@@ -364,6 +364,32 @@ def test_scale_guard(blob_store, monkeypatch, caplog):
     assert "kmeans10-mixed5" not in blob_store.runs
 
 
+def test_scale_guard_counts_every_rows_features_and_suggests_with_margin(blob_store,
+                                                                        monkeypatch):
+    """--fit-sample bounds the fit, not the [n, d] features of all rows computed after it."""
+    # 100 fitted rows x 24 x 4 B x 3 = 28.8 kB pass; all 400 rows x 24 x 4 B x 1.5 = 57.6 kB not
+    monkeypatch.setattr(guard, "available_memory", lambda: 50_000)
+    with pytest.raises(ScaleError, match=r"24 features of all 400 rows .*\(--pca 50"):
+        pa.kmeans(blob_store, "mixed5", k=4, pca=None, fit_sample=100, **SK)
+    pa.kmeans(blob_store, "mixed5", k=4, pca=8, fit_sample=100, run="ok", **SK)  # 400 x 8 fits
+    with pytest.raises(ScaleError) as info:
+        guard.check_scale(10_000_000, 768, "kmeans", "sklearn", available=2**34)
+    suggested = int(re.search(r"--fit-sample (\d+)", str(info.value)).group(1))
+    # following the advice passes, with room to spare (it used to sit at the very edge)
+    assert guard.check_scale(suggested, 768, "kmeans", "sklearn", available=2**34) == []
+    assert guard.estimate_bytes(suggested, 768, "kmeans") <= 0.41 * 2**34
+
+
+def test_a_reordered_obs_cannot_scramble_a_runs_keys(blob_store):
+    """A notebook sorting ``store.obs`` in place must not change which key a row gets."""
+    keys = blob_store.obs["key"].to_numpy().copy()
+    blob_store.obs.sort_values("key", ascending=False, inplace=True)
+    r = pa.kmeans(blob_store, "mixed5", k=4, pca=8, run="sorted", **SK)
+    assert (r.obs["key"].to_numpy() == keys).all()
+    assert (blob_store.load_run("sorted").obs["key"].to_numpy() == keys).all()
+    assert (blob_store.obs["key"].to_numpy() == keys).all()  # read again in row order
+
+
 def test_user_errors(blob_store, tmp_path):
     with pytest.raises(AnalysisError, match="no layer 'mixed9'"):
         pa.kmeans(blob_store, "mixed9", k=3, **SK)

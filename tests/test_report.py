@@ -178,6 +178,27 @@ def test_report_projection(store, tmp_path):
     assert "applied set: 41/42 in cluster 3 (1 in 1)" in page
 
 
+def test_report_projection_over_a_large_source_umap(tmp_path):
+    """The README flow on a real-sized STORE: a source UMAP above altair's 5,000-row limit."""
+    n = 6000
+    rng = np.random.default_rng(2)
+    w = StoreWriter.open(tmp_path / "big", {"inputs": {}}, [LayerSpec("mixed5", 2)])
+    w.append(pd.DataFrame({"key": [f"k{i}" for i in range(n)]}),
+             {"mixed5": np.zeros((n, 2), np.float32)})
+    w.finalize().save_run("src", meta={"kind": "kmeans"},
+                          obs=pd.DataFrame({"cluster": np.arange(n) % 4}),
+                          arrays={"umap": rng.normal(size=(n, 2))})
+    w = StoreWriter.open(tmp_path / "new", {"inputs": {}}, [LayerSpec("mixed5", 2)])
+    w.append(pd.DataFrame({"key": ["a", "b"]}), {"mixed5": np.zeros((2, 2), np.float32)})
+    t = w.finalize()
+    t.save_run("src-applied", meta={"kind": "kmeans", "applied_from": {
+        "store": str(tmp_path / "big"), "run": "src"}},
+        obs=pd.DataFrame({"cluster": [1, 2]}), arrays={"umap": rng.normal(size=(2, 2))})
+    res = rp.build_report(t, tmp_path / "p.html", thumbnails=0)
+    assert "src-applied: projection" in res.figures
+    assert not [w for w in res.warnings if "projection" in w]
+
+
 def test_report_without_runs_errors(tmp_path):
     w = StoreWriter.open(tmp_path / "s", {"inputs": {}}, [LayerSpec("mixed5", 2)])
     w.append(pd.DataFrame({"key": ["a"]}), {"mixed5": np.zeros((1, 2), np.float32)})

@@ -134,3 +134,18 @@ def test_an_existing_column_is_kept_unless_overwrite(store):
 def test_extraction_columns_are_read_only(store):
     with pytest.raises(StoreError, match=r"^add_obs: \['score'\] are extraction columns"):
         store.add_obs({"score": np.zeros(N)})
+
+
+def test_a_runs_arrays_are_read_when_asked_for(store):
+    """A report wants one run's ``umap``, not its ``pca`` (GBs at scale) nor every run's."""
+    rng = np.random.default_rng(0)
+    pca, umap = rng.normal(size=(store.n, 50)), rng.normal(size=(store.n, 2))
+    store.save_run("r", meta={"kind": "kmeans"}, obs=pd.DataFrame({"cluster": np.zeros(store.n)}),
+                   arrays={"pca": pca, "umap": umap})
+    arrays = store.load_run("r").arrays
+    assert sorted(arrays) == ["pca", "umap"] and len(arrays) == 2 and "pca" in arrays
+    np.testing.assert_array_equal(arrays["umap"], umap)
+    assert list(arrays._cache) == ["umap"]  # pca untouched
+    np.testing.assert_array_equal(dict(arrays)["pca"], pca)
+    with pytest.raises(KeyError):
+        arrays["labels"]

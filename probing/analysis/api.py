@@ -42,7 +42,7 @@ from probing.analysis.cluster import Prototypes, fit_kmeans, fit_spectral
 from probing.analysis.compat import check_applicable
 from probing.analysis.errors import AnalysisError
 from probing.analysis.features import FeatureModel, fit_features
-from probing.analysis.guard import check_scale, partial_store_warning
+from probing.analysis.guard import check_all_rows, check_scale, partial_store_warning
 from probing.analysis.hierarchical import Hierarchy, check_split, fit_hierarchy, parse_split
 from probing.analysis.normalize import NORMALIZE
 from probing.store import Run, Store, open_store
@@ -176,6 +176,11 @@ def _run_analysis(store: Store | str | os.PathLike, *, kind: str, layers: list[s
     if kind == "multilayer":
         guard_method = "multilayer"
     check_scale(n_fit, d_in, guard_method, be.name)
+    # --fit-sample bounds the fit; the features of every row come after it
+    per_layer = sum(min(pca, specs[ly].dim) if pca else specs[ly].dim for ly in layers)
+    check_all_rows(store.n, min(pca2, per_layer) if pca2 else per_layer)
+    if fit_sample is not None and rows is None and fit_sample != store.n:
+        log.info("--fit-sample %d >= %d rows: fitting on all of them", fit_sample, store.n)
     log.info("%s on %s: %d rows (%d fitted) x %d features, backend %s", kind, layers,
              store.n, n_fit, d_in, be.name)
 
@@ -438,6 +443,7 @@ def apply(store, run: str, target, *, name: str | None = None, backend: str = "a
     fm = FeatureModel.from_run(r.meta, r.arrays)
     for w in check_applicable(src, tgt, run, fm.layers):
         log.warning(w)
+    check_all_rows(tgt.n, fm.out_dim)
     with _step(f"apply {run!r}: transform {tgt.n} rows of {tgt.path}"):
         feats = fm.transform(tgt)
     obs = pd.DataFrame(index=range(tgt.n))

@@ -28,7 +28,17 @@ CPU_SLOW_ROWS = {"umap": 150_000, "spectral": 500_000, "hspectral": 500_000}
 
 
 def available_memory() -> int:
-    """Bytes of RAM available now (psutil if installed, else /proc/meminfo, else sysconf)."""
+    """Bytes of RAM this process can use now: MemAvailable lowered to a container's or batch
+    job's cgroup limit (``dvtorch.memory``, as extraction uses), else psutil, else sysconf.
+
+    Why the cgroup: on a 256 GB host with an 8 GB job limit, the host's figure lets a fit
+    through that the job's OOM killer then ends.
+    """
+    from dvtorch.memory import available_bytes
+
+    found = available_bytes()
+    if found is not None:
+        return int(found)
     try:
         import psutil
 
@@ -59,7 +69,9 @@ def check_scale(n_fit: int, d: int, method: str, backend: str, *,
     need = estimate_bytes(n_fit, d, method)
     if need > fraction * avail:
         per_row = max(1, estimate_bytes(1, d, method))
-        fit_n = max(1000, int(fraction * avail // per_row) // 1000 * 1000)
+        # Half of what would just pass: the factor is coarse (k-means peaked at 3.2x, not
+        # 3.0x) and free memory moves, so a suggestion at the edge was itself refused.
+        fit_n = max(1000, int(fraction * avail / 2 // per_row) // 1000 * 1000)
         raise ScaleError(
             f"{method} on {n_fit:,} rows x {d} features needs ~{need / 2**30:.1f} GiB, "
             f"{avail / 2**30:.1f} GiB is available: use --fit-sample {fit_n} (fit on a "
@@ -73,6 +85,23 @@ def check_scale(n_fit: int, d: int, method: str, backend: str, *,
     for w in warns:
         log.warning(w)
     return warns
+
+
+def check_all_rows(n: int, out_dim: int, *, available: int | None = None,
+                   fraction: float = 0.8) -> None:
+    """Raise :class:`ScaleError` if the ``[n, out_dim]`` features of *every* row (computed
+    after the fit, to label all rows) would not fit.
+
+    Why apart from :func:`check_scale`: ``--fit-sample`` bounds the fit, not this matrix,
+    which without PCA is as wide as the layer (5 M rows of mixed10: ~41 GB).
+    """
+    avail = available_memory() if available is None else available
+    need = n * out_dim * 4 * 1.5  # the matrix + one chunk's working copies, generously
+    if need > fraction * avail:
+        raise ScaleError(
+            f"the {out_dim} features of all {n:,} rows need ~{need / 2**30:.1f} GiB after the "
+            f"fit, {avail / 2**30:.1f} GiB is available: reduce with PCA first (--pca 50, "
+            "the default; multilayer: --layer-pca / --pca) or use narrower layers")
 
 
 def partial_store_warning(store: Store) -> str | None:
