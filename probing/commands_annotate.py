@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
         continuous: str = typer.Option(None, "--continuous",
                                        help="numeric columns (default depth,mean_mapq,"
                                             "alt_fraction)"),
-        thumbnails: int = typer.Option(120, "--thumbnails",
+        thumbnails: int = typer.Option(120, "--thumbnails", min=0,
                                        help="pileup thumbnails embedded (0 = none)"),
         examples: str = typer.Option(None, "--examples",
                                      help="where the STORE's examples shards are now "

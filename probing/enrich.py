@@ -341,11 +341,20 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _fmt_cell(column: str, v) -> str:
+    # A p or q of exactly 0 is a float underflow at large n (Fisher's test), not certainty.
+    if column in ("p", "q") and isinstance(v, (float, np.floating)) and v == 0:
+        return "< 1e-300"
+    return _fmt(v)
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub-flavoured markdown table (no ``tabulate`` dependency)."""
     head = "| " + " | ".join(map(str, df.columns)) + " |"
     sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    cols = [str(c) for c in df.columns]
+    body = ["| " + " | ".join(_fmt_cell(c, v) for c, v in zip(cols, row, strict=True)) + " |"
+            for row in df.itertuples(index=False)]
     return "\n".join([head, sep, *body]) + "\n"
 
 

@@ -476,8 +476,8 @@ def extract(
         return Store(out)
     start = Cursor.from_json(writer.meta.get("cursor"))
     n_before = writer.n_committed
-    if writer.set_aside is not None:
-        log(f"{out}: annotations / runs made on the {n_before} examples committed so far no "
+    if writer.set_aside is not None:  # said also with --no-progress: files were moved
+        _log(True)(f"{out}: annotations / runs made on the {n_before} examples committed so far no "
             f"longer line up once extraction resumes; moved to {writer.set_aside} (annotate "
             "and cluster again when it completes)")
     if n_before or start.position:

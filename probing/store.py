@@ -77,8 +77,15 @@ def _read_meta(meta_path: Path) -> dict:
     return meta
 
 
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf where two JSON values differ (for messages)."""
+    """``key: old there, new now`` for every leaf where two JSON values differ (for
+    messages). Lists are compared item by item, so a changed input file is named rather
+    than two lists cut to the same first 60 characters."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(old.keys() | new.keys(), key=str):
@@ -86,11 +93,19 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
         return out
     if old == new:
         return []
-    def short(value: Any) -> str:
-        text = json.dumps(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    return [f"{prefix.rstrip('.')}: {short(old)} there, {short(new)} now"]
+    where = prefix.rstrip(".")
+    whole = f"{where}: {_short(old)} there, {_short(new)} now"
+    if isinstance(old, list) and isinstance(new, list) and "..." in whole:
+        out = [] if len(old) == len(new) else [f"{where}: {len(old)} there, {len(new)} now"]
+        for i in range(max(len(old), len(new))):
+            if i >= len(new):
+                out.append(f"{where}[{i}]: {_short(old[i])} there, absent now")
+            elif i >= len(old):
+                out.append(f"{where}[{i}]: absent there, {_short(new[i])} now")
+            else:
+                out += _differences(old[i], new[i], f"{where}[{i}].")
+        return out
+    return [whole]
 
 
 def _comparable(inputs: Any) -> Any:

@@ -226,3 +226,10 @@ def test_cli_enrich_names_every_file_it_writes(tmp_path):
     assert r.exit_code == 0, r.output
     assert f"wrote {tmp_path / 'x.csv'}\n" in r.output
     assert f"wrote {tmp_path / 'x.continuous.csv'}\n" in r.output
+
+
+def test_p_and_q_that_underflow_are_not_printed_as_zero():
+    """Fisher's p at large n underflows to 0.0; a table must not claim certainty."""
+    table = en.to_markdown(pd.DataFrame({"attribute": ["LINE"], "fold": [0.0], "p": [0.0],
+                                         "q": [2e-5]}))
+    assert table.splitlines()[-1] == "| LINE | 0 | < 1e-300 | 2e-05 |"

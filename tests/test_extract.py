@@ -300,7 +300,8 @@ def test_resume_after_crash_gives_the_uninterrupted_rows(data, tmp_path):
     _assert_same_store(resumed, data["baseline"])
 
 
-def test_analyses_of_a_partial_store_are_set_aside_when_extraction_resumes(data, tmp_path):
+def test_analyses_of_a_partial_store_are_set_aside_when_extraction_resumes(data, tmp_path,
+                                                                          capsys):
     """Annotations and runs made on the rows committed so far would no longer line up with
     the grown STORE (every later command refused it); they are kept under stale-<n>/."""
     out = tmp_path / "partial"
@@ -315,7 +316,9 @@ def test_analyses_of_a_partial_store_are_set_aside_when_extraction_resumes(data,
     n = partial.n
     partial.add_obs({"early": np.ones(n, dtype=bool)})
     partial.save_run("km", meta={"kind": "kmeans"}, obs=pd.DataFrame({"cluster": np.zeros(n)}))
-    done = _extract(data, out)
+    capsys.readouterr()
+    done = _extract(data, out)  # progress=False: the move is still said
+    assert f"moved to {out / f'stale-{n}'}" in capsys.readouterr().err
     assert done.complete and done.n == N and done.runs == []
     assert "early" not in done.obs.columns
     _assert_same_store(done, data["baseline"])
@@ -494,6 +497,12 @@ def test_different_extraction_at_same_out_is_refused_saying_what_differs(data, t
         _extract(data, out, layers=["mixed5"], limit=4)
     with pytest.raises(StoreError, match='pool: "max" there, "mean" now'):
         _extract(data, out, pool="mean", limit=4)
+    # a dropped input file is named, not hidden in two lists cut to the same 60 characters
+    from probing.tfrecord import expand_spec
+
+    first, second = (Path(p).name for p in expand_spec(data["spec"]))
+    with pytest.raises(StoreError, match=r": 2 there, 1 now; .*\[1\]: \{\"name\": \"" + second):
+        _extract(data, out, spec=str(Path(data["spec"]).parent / first), limit=4)
     # the order layers are named in does not change what the STORE holds
     assert _extract(data, out, layers=["mixed10", "mixed5"], limit=4).n == 4
     s = _extract(data, out, pool="mean", limit=4, overwrite=True)
