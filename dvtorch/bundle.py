@@ -207,6 +207,10 @@ def load(bundle: str | os.PathLike, device: str | torch.device = "cpu",
             raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)} or a "
                              "torch dtype")
         dtype = DTYPE_NAMES[dtype]
+    dev = torch.device(device)  # before hashing the weights: a bad device fails at once
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BundleError(f"device {device!r}: torch sees no CUDA GPU here (torch "
+                          f"{torch.__version__}); use device='cpu'")
     path = Path(bundle)
     meta = read_meta(path)
     weights = path / WEIGHTS_FILE

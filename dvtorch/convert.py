@@ -198,10 +198,13 @@ def resolve_example_info(
             if src.kind == "savedmodel"
             else f"{src.path.parent / EXAMPLE_INFO}"
         )
+        need = ("--channels c1,c2,… (the graph gives the shape; e.g. --channels "
+                "1,2,3,4,5,6,19)" if final_shape is not None and final_channels is None else
+                "both --shape H,W,C and --channels c1,c2,… (e.g. --shape 100,221,7 "
+                "--channels 1,2,3,4,5,6,19)")
         raise ConversionError(
             f"{src.path}: missing example_info.json (looked for {looked}); pass "
-            "--example-info FILE, or both --shape H,W,C and --channels c1,c2,… "
-            "(e.g. --shape 100,221,7 --channels 1,2,3,4,5,6,19)"
+            f"--example-info FILE, or {need}"
         )
     if min(final_shape[:2]) < 75 or final_shape[2] < 1:
         raise ConversionError(

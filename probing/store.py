@@ -382,7 +382,13 @@ class Store:
         if self.n == 0:
             return np.zeros(shape, dtype=spec.dtype)
         _check_layer_file(path, self.n, spec.row_bytes)
-        arr = np.memmap(path, dtype=spec.dtype, mode="r", shape=shape)
+        try:
+            arr = np.memmap(path, dtype=spec.dtype, mode="r", shape=shape)
+        except OSError as e:  # ENOMEM under `ulimit -v`, as on many HPC clusters
+            raise StoreError(
+                f"{path}: cannot memory-map {self.n:,} x {spec.dim} rows ({e.strerror or e}); "
+                "a memory map needs virtual address space the size of the file: raise "
+                "`ulimit -v` or analyse with --fit-sample") from e
         return arr if mmap else np.array(arr)
 
     # -- runs ---------------------------------------------------------------------------

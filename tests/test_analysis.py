@@ -395,6 +395,8 @@ def test_user_errors(blob_store, tmp_path):
         pa.kmeans(blob_store, "mixed9", k=3, **SK)
     with pytest.raises(AnalysisError, match="at least one layer"):
         pa.multilayer(blob_store, [], **SK)
+    with pytest.raises(AnalysisError, match="names mixed5 more than once"):
+        pa.multilayer(blob_store, ["mixed5", "mixed5"], **SK)
     with pytest.raises(AnalysisError, match="cannot form"):
         pa.kmeans(blob_store, "mixed5", k=500, pca=None, **SK)
     with pytest.raises(StoreError, match="no run"):

@@ -263,6 +263,15 @@ def test_channel_mismatch_onnx(dv_onnx_path: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.tf
+def test_an_onnx_source_needs_only_its_channels(dv_onnx_path: Path, tmp_path: Path) -> None:
+    from dvtorch.convert import convert
+
+    with pytest.raises(ConversionError, match=r"or --channels c1,c2,… \(the graph gives the "
+                                              r"shape"):
+        convert(dv_onnx_path, tmp_path / "out")
+
+
+@pytest.mark.tf
 def test_channels_flag_disagrees_with_shape(dv_onnx_path: Path, tmp_path: Path) -> None:
     from dvtorch.convert import convert
 

@@ -131,6 +131,9 @@ def test_load_takes_the_cli_dtype_names(tmp_path):
     assert load(b, dtype="fp32").dense.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="dtype 'int8': use one of fp32, float32, bf16"):
         load(b, dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(BundleError, match="device 'cuda': torch sees no CUDA GPU"):
+            load(b, device="cuda")
 
 
 def test_unscaled_float_pixels_are_refused():

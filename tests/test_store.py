@@ -149,3 +149,14 @@ def test_a_runs_arrays_are_read_when_asked_for(store):
     np.testing.assert_array_equal(dict(arrays)["pca"], pca)
     with pytest.raises(KeyError):
         arrays["labels"]
+
+
+def test_a_layer_that_cannot_be_mapped_names_the_file_and_the_limit(store, monkeypatch):
+    import errno
+
+    def no_address_space(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(np, "memmap", no_address_space)
+    with pytest.raises(StoreError, match=r"layers/l\.bin: cannot memory-map 6 x 2 rows .*ulimit -v"):
+        store.layer("l")

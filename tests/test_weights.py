@@ -328,6 +328,9 @@ def test_a_mirror_can_be_a_local_directory_but_not_a_bare_host(tmp_path):
         (root / path.lstrip("/")).write_bytes(blob)
     dest = weights.fetch(NAME, base_url=str(root), progress=False)
     assert {f: (dest / f).read_bytes() for f in blobs} == blobs
+    with pytest.raises(weights.DownloadError, match="not in the mirror .* keep the bucket's"):
+        weights.fetch("deepvariant-1.6.1-wes-savedmodel", tmp_path / "wes", base_url=str(root),
+                      progress=False)
     with pytest.raises(weights.WeightsError, match="not a URL .* and not a local directory"):
         weights.fetch(NAME, base_url="storage.example.org/deepvariant", progress=False)
 

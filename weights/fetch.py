@@ -159,6 +159,12 @@ def _open(url: str, offset: int, timeout: float, entry: ModelEntry):
             raise DownloadError(f"{url}: cannot resolve host ({reason}); offline?") from None
         if isinstance(reason, (TimeoutError, ConnectionError)):
             raise _Interrupted(f"{type(reason).__name__}: {reason}") from None
+        if isinstance(reason, FileNotFoundError):  # a file:// (local directory) mirror
+            raise DownloadError(
+                f"{url}: not in the mirror (it must keep the bucket's models/DeepVariant/... "
+                f"layout) — registry entry {entry.name} has confidence '{entry.confidence}': "
+                f"{_CONFIDENCE_HINT[entry.confidence]}"
+            ) from None
         raise DownloadError(f"{url}: {reason}") from None
     except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         raise _Interrupted(f"{type(exc).__name__}: {exc}") from None

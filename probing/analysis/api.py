@@ -171,6 +171,9 @@ def _run_analysis(store: Store | str | os.PathLike, *, kind: str, layers: list[s
     for ly in layers:
         if ly not in specs:
             raise AnalysisError(f"{store.path}: no layer {ly!r}; it holds {sorted(specs)}")
+    twice = sorted({ly for ly in layers if layers.count(ly) > 1})
+    if twice:
+        raise AnalysisError(f"--layers names {', '.join(twice)} more than once")
     d_in = sum(specs[ly].dim for ly in layers)
     guard_method = "umap" if umap else (cluster.method if cluster else "pca")
     if kind == "multilayer":
