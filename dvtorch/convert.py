@@ -20,7 +20,9 @@ from __future__ import annotations
 import glob
 import importlib.metadata
 import json
+import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -486,11 +488,33 @@ def _check_opset(opset: int) -> None:
         )
 
 
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.staging-{socket.gethostname()}-"
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """Remove staging directories of OUT left by a conversion killed on this host (up to
+    ~175 MB each, hidden); one whose process still runs, or another host's, is left alone."""
+    prefix = _staging_prefix(out)
+    for d in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = d.name[len(prefix):].split("-", 1)[0]
+        if not (d.is_dir() and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
+
+
 def _write_atomically(out: Path, overwrite: bool, write: Callable[[Path], Any],
                       keep: Sequence[Path] = ()) -> None:
     """Write into a staging sibling, then rename; on any failure OUT is left untouched."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    _remove_dead_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out) + f"{os.getpid()}-",
+                                    dir=out.parent))
     target = staging / "bundle"
     try:
         write(target)
