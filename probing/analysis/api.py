@@ -257,7 +257,7 @@ def _run_analysis(store: Store | str | os.PathLike, *, kind: str, layers: list[s
         "engine": "dvprobe.analysis", "engine_version": ENGINE_VERSION, "kind": kind,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "store": str(store.path), "n": store.n, "n_fit": n_fit, "fit_sample": fit_sample,
-        "seed": seed, "backend": be.name, "features": fm.to_meta(), "cluster": cmeta,
+        "seed": seed, "backend": be.name, "backend_version": be.version, "features": fm.to_meta(), "cluster": cmeta,
         "umap": umeta, "params": params or {},
         "seconds": round(time.perf_counter() - t0, 2),
     }

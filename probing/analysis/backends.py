@@ -20,11 +20,17 @@ What a backend lacks, and what happens then:
   ~1k centres over all points) run on the GPU, the spectral step over <= a few thousand
   landmarks runs on the host with scikit-learn. This is logged.
 * A UMAP model pickled by one implementation can only be re-applied by the same
-  implementation (a cuML UMAP needs cuML to unpickle). ``apply`` refuses with a clear message
-  otherwise; PCA / k-means / hierarchical / spectral models are plain arrays and apply anywhere.
+  implementation (a cuML UMAP needs cuML to unpickle), and cuML documents that its pickles need
+  the cuML *version* that wrote them. ``apply`` refuses with a clear message otherwise; PCA /
+  k-means / hierarchical / spectral models are plain arrays and apply anywhere.
 * PCA component signs differ between libraries; both backends are post-processed with the same
   rule (the largest-magnitude loading of every component is positive, scikit-learn's
-  ``svd_flip(u_based_decision=False)`` convention), so coordinates agree across backends.
+  ``svd_flip(u_based_decision=False)`` convention). The components then agree numerically
+  (cuML: covariance eigendecomposition; scikit-learn picks its solver by shape), not bit for bit.
+* cuML honours a process-wide output type over the estimator's ``output_type``; every cuML call
+  here runs under ``cuml.using_output_type("numpy")`` so that results are numpy either way.
+* cuML's UMAP is always seeded here (reproducible runs), which makes cuML use exact
+  (brute-force) neighbours and a deterministic optimiser: slower than its unseeded mode.
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ class Backend(Protocol):
     """What every backend provides. Inputs are float32 ``[n, d]`` numpy arrays."""
 
     name: str
+    version: str  # "<library> <version>", recorded with every run
 
     def pca(self, x: np.ndarray, n_components: int, seed: int) -> PCAModel: ...
 
@@ -115,6 +122,12 @@ class SklearnBackend:
     """CPU backend: scikit-learn for PCA / k-means, umap-learn for UMAP."""
 
     name = "sklearn"
+
+    @property
+    def version(self) -> str:
+        import sklearn
+
+        return f"scikit-learn {sklearn.__version__}"
 
     def pca(self, x: np.ndarray, n_components: int, seed: int) -> PCAModel:
         from sklearn.decomposition import PCA
@@ -149,6 +162,10 @@ class SklearnBackend:
         return np.asarray(model.transform(x), dtype=np.float32)
 
 
+#: Rows per cuML UMAP ``transform`` call: cuML has failed on single calls of ~2M rows.
+CUML_TRANSFORM_CHUNK = 250_000
+
+
 class CumlBackend:
     """GPU backend on RAPIDS cuML; every result is converted back to numpy."""
 
@@ -163,33 +180,51 @@ class CumlBackend:
         if not gpu_available():
             raise BackendError("--backend cuml: no CUDA GPU is visible; use --backend sklearn")
         self._cuml = cuml
+        self.version = f"cuml {cuml.__version__}"
+
+    def _numpy(self):
+        """cuML's context that makes every result numpy, whatever the global setting."""
+        return self._cuml.using_output_type("numpy")
 
     def pca(self, x: np.ndarray, n_components: int, seed: int) -> PCAModel:
-        p = self._cuml.PCA(n_components=n_components, svd_solver="full",
-                           output_type="numpy").fit(x)
-        ev = np.asarray(p.explained_variance_, dtype=np.float64)
-        evr = np.asarray(p.explained_variance_ratio_, dtype=np.float64)
-        return PCAModel(canonical_signs(np.asarray(p.components_)),
-                        np.asarray(p.mean_, dtype=np.float32), ev, evr)
+        with self._numpy():
+            p = self._cuml.PCA(n_components=n_components, svd_solver="full",
+                               output_type="numpy").fit(x)
+            ev = np.asarray(p.explained_variance_, dtype=np.float64)
+            evr = np.asarray(p.explained_variance_ratio_, dtype=np.float64)
+            return PCAModel(canonical_signs(np.asarray(p.components_)),
+                            np.asarray(p.mean_, dtype=np.float32), ev, evr)
 
     def kmeans(self, x: np.ndarray, k: int, seed: int, n_init: int,
                max_iter: int = 300) -> np.ndarray:
-        km = self._cuml.KMeans(n_clusters=k, n_init=n_init, random_state=seed,
-                               max_iter=max_iter, init="scalable-k-means++",
-                               output_type="numpy").fit(x)
-        return np.asarray(km.cluster_centers_, dtype=np.float32)
+        with self._numpy():
+            km = self._cuml.KMeans(n_clusters=k, n_init=n_init, random_state=seed,
+                                   max_iter=max_iter, init="scalable-k-means++",
+                                   output_type="numpy").fit(x)
+            return np.asarray(km.cluster_centers_, dtype=np.float32)
 
     def umap_fit(self, x: np.ndarray, n_components: int, n_neighbors: int, min_dist: float,
                  seed: int) -> tuple[np.ndarray, bytes, str]:
-        model = self._cuml.UMAP(n_components=n_components, n_neighbors=n_neighbors,
-                                min_dist=min_dist, random_state=seed, output_type="numpy")
-        emb = model.fit_transform(x)
-        return (np.asarray(emb, dtype=np.float32), pickle.dumps(model, protocol=5),
-                f"cuml {self._cuml.__version__}")
+        log.info("cuML UMAP seeded (random_state=%d): reproducible, with exact neighbours "
+                 "(slower than cuML's unseeded mode)", seed)
+        with self._numpy():
+            model = self._cuml.UMAP(n_components=n_components, n_neighbors=n_neighbors,
+                                    min_dist=min_dist, random_state=seed, output_type="numpy")
+            emb = np.asarray(model.fit_transform(x), dtype=np.float32)
+        return emb, pickle.dumps(model, protocol=5), self.version
 
     def umap_transform(self, blob: bytes, x: np.ndarray) -> np.ndarray:
-        model = pickle.loads(blob)  # noqa: S301 - sha256-checked by Run.file_bytes
-        return np.asarray(model.transform(x), dtype=np.float32)
+        try:
+            model = pickle.loads(blob)  # noqa: S301 - sha256-checked by Run.file_bytes
+        except Exception as exc:  # a pickle of another cuML version, a missing class ...
+            raise BackendError(f"cannot load this run's cuML UMAP with {self.version} "
+                               f"({type(exc).__name__}: {exc}); refit it") from exc
+        out = np.empty((len(x), int(getattr(model, "n_components", 2))), dtype=np.float32)
+        with self._numpy():
+            for s in range(0, len(x), CUML_TRANSFORM_CHUNK):
+                part = x[s:s + CUML_TRANSFORM_CHUNK]
+                out[s:s + len(part)] = np.asarray(model.transform(part), dtype=np.float32)
+        return out
 
 
 def gpu_available() -> bool:
@@ -206,6 +241,16 @@ def gpu_available() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:
         return False
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory of the current CUDA device (cupy, which cuML uses), or None."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.memGetInfo()[0])
+    except Exception:
+        return None
 
 
 def cuml_usable() -> bool:
@@ -244,11 +289,19 @@ def umap_impl_compatible(impl: str, backend: Backend) -> bool:
 
 def backend_for_umap(impl: str, preferred: Backend) -> Backend:
     """The backend able to transform with a stored UMAP of implementation ``impl``."""
-    if umap_impl_compatible(impl, preferred):
-        return preferred
     if impl.startswith("cuml"):
-        if not cuml_usable():
+        if preferred.name == "cuml":
+            chosen = preferred
+        elif not cuml_usable():
             raise BackendError(f"this run's UMAP was fitted with {impl}; re-applying it needs "
                                "cuML on a CUDA GPU (or refit with --backend sklearn)")
-        return CumlBackend()
+        else:
+            chosen = CumlBackend()
+        if chosen.version != impl:  # cuML: "requires the same cuML version used for training"
+            raise BackendError(f"this run's UMAP was fitted with {impl}, but {chosen.version} "
+                               f"is installed; cuML loads only its own version's models: "
+                               f"install {impl.replace(' ', '==')} or refit the run")
+        return chosen
+    if umap_impl_compatible(impl, preferred):
+        return preferred
     return SklearnBackend()

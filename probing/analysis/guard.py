@@ -66,6 +66,13 @@ def check_scale(n_fit: int, d: int, method: str, backend: str, *,
     ``n_fit`` rows of ``d`` float32 features will be fitted with ``method`` on ``backend``.
     """
     avail = available_memory() if available is None else available
+    where = "RAM"
+    if backend == "cuml" and available is None:  # the fit's copies live on the GPU
+        from probing.analysis.backends import gpu_free_bytes
+
+        gpu = gpu_free_bytes()
+        if gpu is not None and gpu < avail:
+            avail, where = gpu, "GPU memory"
     need = estimate_bytes(n_fit, d, method)
     if need > fraction * avail:
         per_row = max(1, estimate_bytes(1, d, method))
@@ -74,7 +81,7 @@ def check_scale(n_fit: int, d: int, method: str, backend: str, *,
         fit_n = max(1000, int(fraction * avail / 2 // per_row) // 1000 * 1000)
         raise ScaleError(
             f"{method} on {n_fit:,} rows x {d} features needs ~{need / 2**30:.1f} GiB, "
-            f"{avail / 2**30:.1f} GiB is available: use --fit-sample {fit_n} (fit on a "
+            f"{avail / 2**30:.1f} GiB of {where} is available: use --fit-sample {fit_n} (fit on a "
             "random subset, then apply the fitted models to every row), fewer/narrower "
             "layers, or --backend cuml on a GPU machine")
     warns = []
