@@ -969,3 +969,18 @@ def test_default_workers_follow_free_cores(monkeypatch, cpus, threads, device, e
     monkeypatch.setattr(ex, "_usable_cpus", lambda: cpus)
     monkeypatch.setattr(ex.torch, "get_num_threads", lambda: threads)
     assert ex.default_workers(torch.device(device)) == expected
+
+
+def test_cuda_extraction_runs_ieee_fp32_with_cudnn_autotuning_and_restores_the_flags():
+    """PyTorch's default cuDNN convolutions are TF32 (~1e-3): not what a float32 STORE says."""
+    from probing.extract import _cudnn_flags
+
+    c = torch.backends.cudnn
+    before = (c.benchmark, c.conv.fp32_precision if hasattr(c, "conv") else c.allow_tf32)
+    with _cudnn_flags(torch.device("cuda"), "fp32"):
+        assert c.benchmark and not c.allow_tf32
+    with _cudnn_flags(torch.device("cuda"), "bf16"):
+        assert c.benchmark and c.allow_tf32
+    with _cudnn_flags(torch.device("cpu"), "fp32"):
+        assert c.benchmark == before[0]
+    assert (c.benchmark, c.conv.fp32_precision if hasattr(c, "conv") else c.allow_tf32) == before
