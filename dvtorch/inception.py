@@ -394,10 +394,10 @@ def _check_scaled(x: torch.Tensor) -> None:
     ``torch.from_numpy(img).float()`` gives 0..254 floats; taken as scaled input they give
     confident, wrong genotypes (a softmax 0.9 away) with no error anywhere.
     """
-    lo, hi = torch.aminmax(x.detach())
-    if hi.item() > SCALED_LIMIT or lo.item() < -SCALED_LIMIT:
+    lo, hi = torch.stack(torch.aminmax(x.detach())).float().tolist()  # one device sync
+    if hi > SCALED_LIMIT or lo < -SCALED_LIMIT:
         raise ValueError(
-            f"float pixels span {lo.item():g}..{hi.item():g}: the model takes raw uint8 "
+            f"float pixels span {lo:g}..{hi:g}: the model takes raw uint8 "
             "pixels (scaled inside) or dvtorch.preprocess() output, which lies in [-1, 1); "
             "pass the uint8 tensor itself, or preprocess it"
         )
