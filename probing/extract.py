@@ -93,6 +93,20 @@ def _cudnn_flags(dev: torch.device, dtype: str) -> contextlib.AbstractContextMan
                    allow_tf32=dtype != "fp32")
 
 
+def estimate_total(end: Cursor, sizes: list[int]) -> int | None:
+    """Records in the whole input, estimated from the shards read to the end so far.
+
+    Why: the progress bar of a whole-genome run (hours, gzip shards whose record counts are
+    unknown without reading them) should show a total and an ETA once one shard is done;
+    shards of one make_examples run hold records of similar size.
+    """
+    done_bytes = sum(sizes[: end.shard])
+    if end.shard == 0 or done_bytes == 0:
+        return None
+    records_done = end.position - end.record  # records of the shards before this one
+    return round(records_done * sum(sizes) / done_bytes)
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; refuse cuda when torch cannot see a GPU."""
     if device == "auto":
@@ -519,6 +533,7 @@ def extract(
     depth = _whole_batch_depth(model, dev, graph_engine, batch_size, shape, log)
     pending = _Pending(names)
     bar = None
+    sizes = [os.path.getsize(f) for f in files]
     if progress:
         from tqdm.auto import tqdm
 
@@ -543,6 +558,12 @@ def extract(
             pending.add(obs, arrs, batch)
             n_new += batch.n
         if bar is not None:
+            if limit is None and len(sizes) > 1:
+                total = estimate_total(batch.end, sizes)
+                if total is not None:
+                    bar.total = max(total, bar.n + batch.n)
+                bar.set_postfix_str(f"shard {min(batch.end.shard + 1, len(sizes))}/"
+                                    f"{len(sizes)}", refresh=False)
             bar.update(batch.n)
         now = time.perf_counter()
         if now - last_commit >= commit_interval_s or pending.nbytes >= COMMIT_MAX_BYTES:

@@ -984,3 +984,15 @@ def test_cuda_extraction_runs_ieee_fp32_with_cudnn_autotuning_and_restores_the_f
     with _cudnn_flags(torch.device("cpu"), "fp32"):
         assert c.benchmark == before[0]
     assert (c.benchmark, c.conv.fp32_precision if hasattr(c, "conv") else c.allow_tf32) == before
+
+
+def test_the_total_is_estimated_from_the_shards_read_to_the_end():
+    """gzip shards' record counts are unknown until read: the bar's total (and ETA) comes
+    from the records per byte of the shards already done."""
+    from probing.extract import estimate_total
+    from probing.loader import Cursor
+
+    sizes = [100, 100, 200]
+    assert estimate_total(Cursor(shard=0, record=40, position=40), sizes) is None
+    assert estimate_total(Cursor(shard=1, record=5, position=55), sizes) == 200
+    assert estimate_total(Cursor(shard=2, record=0, position=90), sizes) == 180
