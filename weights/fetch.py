@@ -374,7 +374,7 @@ def fetch(
                 continue
             # Present but not matching: corrupted, replaced, or the expected digest is a typo.
             # Deleting it here lost hand-copied files whenever the download then failed.
-            kept = (f"; {final} on disk (sha256 {digest}) does not match either and was left "
+            kept = (f"; {final} on disk (sha256 {digest}) does not match {expected} and was left "
                     "as it is")
             print(f"[dvprobe] {final}: sha256 {digest} does not match {expected} (from "
                   f"{origin}); downloading it again", file=sys.stderr)
