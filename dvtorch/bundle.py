@@ -16,7 +16,6 @@ instead of producing subtly wrong activations.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dvtorch.errors import BundleError
-from dvtorch.files import give_default_mode, sha256_file
+from dvtorch.files import give_default_mode, sha256_bytes, sha256_file
 from dvtorch.inception import (
     ConvBN,
     DeepVariantInceptionV3,
@@ -112,7 +111,7 @@ def save_bundle(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tenso
         files = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
         if onnx_bytes is not None:
             (tmp / ONNX_FILE).write_bytes(onnx_bytes)
-            files[ONNX_FILE] = hashlib.sha256(onnx_bytes).hexdigest()
+            files[ONNX_FILE] = sha256_bytes(onnx_bytes)
         full = dict(meta)
         full.update({
             "format": FORMAT,
@@ -179,6 +178,13 @@ def read_meta(bundle: str | os.PathLike) -> dict:
     return meta
 
 
+def check_recorded_sha256(path: Path, expected: str, actual: str) -> None:
+    """Refuse a bundle file whose sha256 is not the one ``bundle.json`` recorded for it."""
+    if actual != expected:
+        raise BundleError(f"{path}: sha256 {actual[:12]}... does not match bundle.json "
+                          f"({expected[:12]}...); the file is corrupt or was modified")
+
+
 #: ``dtype`` spellings :func:`load` accepts besides torch dtypes (the CLI's ``--dtype``).
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -216,11 +222,7 @@ def load(bundle: str | os.PathLike, device: str | torch.device = "cpu",
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{weights}: missing (the bundle is incomplete)")
-    expected = meta["files"][WEIGHTS_FILE]
-    actual = sha256_file(weights)
-    if actual != expected:
-        raise BundleError(f"{weights}: sha256 {actual[:12]}... does not match bundle.json "
-                          f"({expected[:12]}...); the file is corrupt or was modified")
+    check_recorded_sha256(weights, meta["files"][WEIGHTS_FILE], sha256_file(weights))
     try:
         sd = load_file(str(weights))
     except (SafetensorError, OSError) as e:

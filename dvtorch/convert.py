@@ -33,12 +33,12 @@ from typing import Any
 from dvtorch.bundle import check_replaceable
 from dvtorch.errors import ConversionError
 from dvtorch.files import sha256_file
+from weights.fetch import LOCK_NAME, read_lock
 
 Progress = Callable[[str], None]
 
-#: The lock file ``dvprobe weights fetch`` writes into a download directory
-#: (the same name as ``weights.fetch.LOCK_NAME``; tests/test_convert.py checks they agree).
-DOWNLOAD_LOCK = "checksums.json"
+#: The lock file ``dvprobe weights fetch`` writes into a download directory.
+DOWNLOAD_LOCK = LOCK_NAME
 SourceKind = str  # "checkpoint" | "savedmodel" | "onnx"
 
 EXAMPLE_INFO = "example_info.json"
@@ -244,12 +244,13 @@ def converter_versions() -> dict[str, str | None]:
 # --------------------------------------------------------------------------- ONNX handling
 
 
-def load_onnx(path: Path) -> Any:
-    """Read and check an ONNX file; a truncated or garbage file gives a ConversionError."""
+def load_onnx(path: Path, data: bytes | None = None) -> Any:
+    """Read and check an ONNX file (``data``: its bytes, when already read); a truncated or
+    garbage file gives a ConversionError."""
     import onnx
 
     try:
-        model = onnx.load(str(path))
+        model = onnx.load_from_string(data) if data is not None else onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as exc:  # DecodeError, ValidationError, ...
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -441,8 +442,6 @@ def _check_download(src: Source, hashes: dict[str, str]) -> dict[str, Any] | Non
     Why: a file cut short or altered after the download otherwise surfaces as an unreadable
     checkpoint, or as a parity failure that reads like a bug in the port.
     """
-    from weights.fetch import read_lock
-
     base = src.path if src.kind == "savedmodel" else src.path.parent
     lock = read_lock(base)
     if not lock:

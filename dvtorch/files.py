@@ -20,6 +20,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data`` already in memory."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def _umask() -> int:
     """The process's umask. Read from /proc where Linux offers it (``os.umask`` can only
     be read by setting it, which would briefly change it for every thread)."""

@@ -431,16 +431,14 @@ def _check_onnx(path: Path, data: bytes, meta: dict, shape: tuple[int, ...]) -> 
     Why before any parity: a modified model.onnx or an edited input_shape otherwise shows up
     as a parity failure of the PyTorch port, or an onnxruntime traceback.
     """
-    import hashlib
-
+    from dvtorch.bundle import check_recorded_sha256
     from dvtorch.convert import load_onnx, onnx_input_shape
+    from dvtorch.files import sha256_bytes
 
     recorded = (meta.get("files") or {}).get(path.name)
-    actual = hashlib.sha256(data).hexdigest()
-    if recorded and actual != recorded:
-        raise BundleError(f"{path}: sha256 {actual[:12]}... does not match bundle.json "
-                          f"({recorded[:12]}...); the file is corrupt or was modified")
-    graph = onnx_input_shape(load_onnx(path))
+    if recorded:
+        check_recorded_sha256(path, recorded, sha256_bytes(data))
+    graph = onnx_input_shape(load_onnx(path, data))
     if any(g is not None and g != s for g, s in zip(graph, shape, strict=True)):
         raise BundleError(
             f"{path.parent / 'bundle.json'}: input_shape {list(shape)} but {path.name} takes "

@@ -25,7 +25,6 @@ flight and never duplicates rows.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from dvtorch.errors import DvprobeError
-from dvtorch.files import atomic_write_bytes, give_default_mode
+from dvtorch.files import atomic_write_bytes, give_default_mode, sha256_bytes
 
 FORMAT = "dvprobe-store"
 FORMAT_VERSION = 1
@@ -120,10 +119,6 @@ def _plain(value: Any) -> Any:
     """A numpy scalar as the Python value it holds, so messages say ``6``, not
     ``np.int64(6)``."""
     return value.item() if isinstance(value, np.generic) else value
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
