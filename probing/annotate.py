@@ -366,12 +366,19 @@ def reconcile_chroms(file_chroms: Iterable[str], store_chroms: Iterable[str],
                      f"({ex[0]} -> {ex[1]}, {len(mapping)} names)"]
 
 
-def _unplaced_warning(source: str, n: int, chroms: Iterable[str], what: str) -> str:
-    names = sorted(set(chroms))
-    more = ", ..." if len(names) > 5 else ""
-    what = what if n != 1 else what.rstrip("s")
-    return (f"{source}: {n} {what} on contigs not in the STORE under either naming "
-            f"({', '.join(names[:5])}{more}); they annotate nothing")
+def _count_unplaced(chroms: np.ndarray, chrom_obs: np.ndarray, source: str, what: str,
+                    warns: list[str]) -> int:
+    """Records / intervals on contigs (already reconciled) the STORE does not hold: counted,
+    and named in a warning appended to ``warns``."""
+    off = chroms[~np.isin(chroms, np.unique(chrom_obs))] if len(chroms) else chroms
+    n = len(off)
+    if n:
+        names = sorted(set(off))
+        more = ", ..." if len(names) > 5 else ""
+        what = what if n != 1 else what.rstrip("s")
+        warns.append(f"{source}: {n} {what} on contigs not in the STORE under either naming "
+                     f"({', '.join(names[:5])}{more}); they annotate nothing")
+    return n
 
 
 def _query_names(path: Path, store_chroms: set[str]) -> list[str]:
@@ -384,8 +391,9 @@ def _query_names(path: Path, store_chroms: set[str]) -> list[str]:
     if present and not any(c in present or alternate_contig_name(c) in present for c in store_chroms):
         reconcile_chroms(present, store_chroms, str(path))  # raises: nothing in common
     out = set()
-    for c in store_chroms:
-        out.add(c if c in present or alternate_contig_name(c) not in present else alternate_contig_name(c))
+    for c in store_chroms:  # as the file spells it: its own name first, else the other one
+        alt = alternate_contig_name(c)
+        out.add(alt if c not in present and alt in present else c)
     return sorted(out)
 
 
@@ -511,10 +519,7 @@ def _annotate_intervals(store: Store, iv: Intervals, column: str, by: str,
     if len(iv) == 0:
         warns.append(f"{source}: no intervals (after filters); {column} is all False")
     fchrom = np.array([mapping.get(c, c) for c in iv.chrom], dtype=object)
-    placed = np.isin(fchrom, np.unique(chrom_obs)) if len(iv) else np.zeros(0, bool)
-    unplaced = int((~placed).sum())
-    if unplaced:
-        warns.append(_unplaced_warning(source, unplaced, fchrom[~placed], "intervals"))
+    unplaced = _count_unplaced(fchrom, chrom_obs, source, "intervals", warns)
     starts = np.asarray(iv.start, dtype=np.int64)
     ends = np.asarray(iv.end, dtype=np.int64)
     hit = np.zeros(len(obs), dtype=bool)
@@ -602,10 +607,7 @@ def annotate_vcf(store: Store | str | os.PathLike, path: str | os.PathLike,
         warns.append(f"{source}: no records; {column} is all False")
     rchrom = np.array([mapping.get(c, c) for c in rec.chrom], dtype=object)
     rpos = np.asarray(rec.pos0, dtype=np.int64)
-    placed = np.isin(rchrom, np.unique(chrom_obs)) if len(rec) else np.zeros(0, bool)
-    unplaced = int((~placed).sum())
-    if unplaced:
-        warns.append(_unplaced_warning(source, unplaced, rchrom[~placed], "records"))
+    unplaced = _count_unplaced(rchrom, chrom_obs, source, "records", warns)
 
     if by == "locus":
         hit, matched = _vcf_by_locus(store, obs, chrom_obs, rchrom, rpos)

@@ -307,12 +307,11 @@ def enrich(store: Store | str | os.PathLike, run: str, by: Sequence[str],
     A partial STORE (extraction stopped) is enriched with a logged warning; callers that
     enrich many runs of one STORE (the report) pass ``warn_partial=False`` and say it once.
     """
-    from probing.analysis.guard import partial_store_warning
+    from probing.analysis.guard import warn_if_partial
 
     store = _as_store(store)
-    note = partial_store_warning(store) if warn_partial else None
-    if note:
-        log.warning(note)
+    if warn_partial:
+        warn_if_partial(store, log)
     r = store.load_run(run)
     labels = cluster_labels(r, level)
     frame = _frame(store, r)
@@ -341,10 +340,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
+#: How a p or q of exactly 0 is shown: a float underflow at large n (Fisher's test), not
+#: certainty (tables here and in the report).
+P_UNDERFLOW = "< 1e-300"
+
+
 def _fmt_cell(column: str, v) -> str:
-    # A p or q of exactly 0 is a float underflow at large n (Fisher's test), not certainty.
     if column in ("p", "q") and isinstance(v, (float, np.floating)) and v == 0:
-        return "< 1e-300"
+        return P_UNDERFLOW
     return _fmt(v)
 
 

@@ -499,8 +499,8 @@ def _table_html(df: pd.DataFrame) -> str:
             d[c] = (d[c] * 100).map(lambda v: "" if pd.isna(v) else f"{v:.1f} %")
     for c in ("p", "q"):
         if c in d:
-            d[c] = d[c].map(lambda v: "" if pd.isna(v) else "< 1e-300" if v == 0
-                            else f"{v:.2e}")  # 0: a float underflow, not certainty
+            d[c] = d[c].map(lambda v: "" if pd.isna(v) else en.P_UNDERFLOW if v == 0
+                            else f"{v:.2e}")
     if "fold" in d:
         d["fold"] = d["fold"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
     return d.to_html(index=False, classes="tbl", border=0, escape=True)

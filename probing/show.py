@@ -173,6 +173,9 @@ def find_examples(spec: str | os.PathLike, locus: str, limit: int = 16) -> list[
     chrom, start0, end = parse_locus(locus)
     names = {chrom, _alt_chrom(chrom)}
     found: list[DVExample] = []
+    # with an END that is not the exact span of an example's locus: the examples that start
+    # inside it (collected in the same pass; files can be large)
+    inside: list[DVExample] = []
     nearest: tuple[int, str] | None = None  # (distance, "locus (key)") on the same contig
     for ex in read_examples(spec):
         if ex.chrom not in names:
@@ -182,14 +185,13 @@ def find_examples(spec: str | os.PathLike, locus: str, limit: int = 16) -> list[
             found.append(ex)
             if len(found) >= limit:
                 break
-        elif nearest is None or abs(ex.start - start0) < nearest[0]:
-            nearest = (abs(ex.start - start0), f"{ex.chrom}:{ex.start + 1} (key {ex.key})")
-    if not found and end is not None:
-        # not the exact span of an example's locus: the examples that start inside it
-        found = [ex for ex in read_examples(spec) if ex.chrom in names
-                 and start0 <= ex.start < end][:limit]
-        for ex in found:
+            continue
+        if end is not None and start0 <= ex.start < end and len(inside) < limit:
             ex.image = np.array(ex.image)
+            inside.append(ex)
+        if nearest is None or abs(ex.start - start0) < nearest[0]:
+            nearest = (abs(ex.start - start0), f"{ex.chrom}:{ex.start + 1} (key {ex.key})")
+    found = found or inside
     if not found:
         # A STORE's keys and obs 'pos' are 0-based (Variant.start); --locus is 1-based.
         hint = f"; nearest: {nearest[1]}" if nearest else ""

@@ -41,8 +41,8 @@ from probing.analysis.backends import Backend, backend_for_umap, get_backend
 from probing.analysis.cluster import Prototypes, fit_kmeans, fit_spectral
 from probing.analysis.compat import check_applicable
 from probing.analysis.errors import AnalysisError
-from probing.analysis.features import FeatureModel, fit_features
-from probing.analysis.guard import check_all_rows, check_scale, partial_store_warning
+from probing.analysis.features import FeatureModel, check_layers, fit_features
+from probing.analysis.guard import check_all_rows, check_scale, warn_if_partial
 from probing.analysis.hierarchical import Hierarchy, check_split, fit_hierarchy, parse_split
 from probing.analysis.normalize import NORMALIZE
 from probing.store import Run, Store, open_store
@@ -64,9 +64,8 @@ def _step(what: str):
 def _as_store(store: Store | str | os.PathLike, *, warn: bool = True) -> Store:
     """Open ``store`` (or take it as is) and warn if its extraction did not finish."""
     store = store if isinstance(store, Store) else open_store(store)
-    note = partial_store_warning(store) if warn else None
-    if note:
-        log.warning(note)
+    if warn:
+        warn_if_partial(store, log)
     return store
 
 
@@ -167,13 +166,8 @@ def _run_analysis(store: Store | str | os.PathLike, *, kind: str, layers: list[s
     _check_options(kind, n_fit, normalize, pca, pca2, cluster)
     check_new_run(store, name, overwrite)
     be = get_backend(backend)
+    check_layers(store, layers)
     specs = store.layer_specs
-    for ly in layers:
-        if ly not in specs:
-            raise AnalysisError(f"{store.path}: no layer {ly!r}; it holds {sorted(specs)}")
-    twice = sorted({ly for ly in layers if layers.count(ly) > 1})
-    if twice:
-        raise AnalysisError(f"--layers names {', '.join(twice)} more than once")
     d_in = sum(specs[ly].dim for ly in layers)
     guard_method = "umap" if umap else (cluster.method if cluster else "pca")
     if kind == "multilayer":

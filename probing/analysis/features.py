@@ -124,16 +124,23 @@ class FeatureModel:
         return cls(layers, dims, f["normalize"], norm, pca, pca2)
 
 
+def check_layers(store: Store, layers: list[str]) -> None:
+    """Every layer in ``store``, none named twice (checked before anything is read)."""
+    specs = store.layer_specs
+    for ly in layers:
+        if ly not in specs:
+            raise AnalysisError(f"{store.path}: no layer {ly!r}; it holds {sorted(specs)}")
+    twice = sorted({ly for ly in layers if layers.count(ly) > 1})
+    if twice:
+        raise AnalysisError(f"--layers names {', '.join(twice)} more than once")
+
+
 def fit_features(store: Store, layers: list[str], *, normalize: str, pca: int | None,
                  pca2: int | None, backend: Backend, seed: int,
                  rows: np.ndarray | None = None) -> FeatureModel:
     """Fit the feature pipeline on ``rows`` (sorted indices; None = all rows) of ``store``."""
+    check_layers(store, layers)
     specs = store.layer_specs
-    missing = [ly for ly in layers if ly not in specs]
-    if missing:
-        raise AnalysisError(f"{store.path}: no layer(s) {missing}; it holds {sorted(specs)}")
-    if len(set(layers)) != len(layers):
-        raise AnalysisError(f"layers listed twice: {layers}")
     norm: dict[str, NormParams] = {}
     pcas: dict[str, PCAModel | None] = {}
     parts = []

@@ -122,3 +122,10 @@ def partial_store_warning(store: Store) -> str | None:
     return (f"{store.path}: partial STORE ({store.n:,} examples): extraction did not finish; "
             "results cover only these rows (rerun `dvprobe extract` with the same arguments "
             "to complete it)")
+
+
+def warn_if_partial(store: Store, logger: logging.Logger) -> None:
+    """Log :func:`partial_store_warning` when ``store`` is partial."""
+    note = partial_store_warning(store)
+    if note:
+        logger.warning(note)
