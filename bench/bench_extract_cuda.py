@@ -3,7 +3,8 @@
 Measures, on the same synthetic (or given) examples:
 
 1. model-only forward throughput on a device-resident batch (NHWC input -> channels_last
-   NCHW view, weights in channels_last), fp32 / bf16 autocast, optionally ``torch.compile``
+   NCHW view, weights in channels_last), fp32 / bf16 as extraction casts the model, optionally
+   ``torch.compile``
    -- the ceiling the pipeline should approach;
 2. ``extract`` end to end (gz shards -> worker decode + pileup attributes -> pinned H2D ->
    forward with capture hooks -> STORE commits) for fp32 and bf16, with its data-loading

@@ -13,8 +13,11 @@ float32), and the activations after BN+ReLU are well inside float16's range, wit
 significant digits, which is more than clustering / PCA need.
 
 Mixed precision (``dtype``): ``bf16`` loads the model in bfloat16 (CPU or CUDA; pooled
-embeddings agree with float32 to cosine > 0.999), ``fp16`` runs under CUDA autocast (CPU
-autocast has no fp16); activations are converted to the storage dtype after pooling.
+embeddings agree with float32 to cosine > 0.999) and ``fp16`` in float16 (CUDA only), with the
+softmax in float32 either way. A model cast gives bit-for-bit what autocast of the float32
+model gives (every weight autocast would cast is cast once; pooled rows and probabilities
+compared), without autocast's per-forward cast of each weight: inference tensors are never
+in its cache. Activations are converted to the storage dtype on the device, after pooling.
 """
 
 from __future__ import annotations
@@ -336,7 +339,7 @@ def _whole_batch_depth(model: torch.nn.Module, dev: torch.device,
 
 @contextlib.contextmanager
 def _forward(model: torch.nn.Module, names: Sequence[str], pool: str,
-             graph_engine: dvgraph.GraphForward | None, autocast: Any, depth: int
+             graph_engine: dvgraph.GraphForward | None, depth: int
              ) -> Iterator[tuple[Callable[[torch.Tensor], Callable[[], _Result]], int]]:
     """``(start, ahead)`` for one extraction run: ``start(pixels)`` launches a batch and
     returns a getter of its ``(probs, {layer: pooled})``; ``ahead`` batches may be started
@@ -376,9 +379,7 @@ def _forward(model: torch.nn.Module, names: Sequence[str], pool: str,
             return
 
         def start_here(x: torch.Tensor) -> Callable[[], _Result]:
-            with autocast:
-                probs = model(x)
-            result = taken(probs)
+            result = taken(model(x))
             return lambda: result
 
         yield start_here, 1
@@ -444,7 +445,8 @@ def extract(
     if workers is None:
         workers = default_workers(dev)
     if dtype == "fp16" and dev.type != "cuda":
-        raise DvprobeError("--dtype fp16 needs --device cuda (CPU autocast supports bf16 only)")
+        raise DvprobeError("--dtype fp16 needs --device cuda (on a CPU, --dtype bf16 is the fast "
+                           "half precision)")
     if engine == "graph":
         if dev.type != "cpu":
             raise DvprobeError(f"--engine graph runs on the CPU only, not {dev.type} "
@@ -461,15 +463,14 @@ def extract(
     if dev.type == "cpu":
         # glibc would otherwise page-fault every forward's activations back in (~5% fp32).
         reuse_freed_memory()
-    # bf16: the model itself in bfloat16 (dvtorch.load casts inputs on entry, keeps the
-    # softmax in float32) -- as accurate as autocast and a little faster, since weights are
-    # cast / pre-packed once. fp16 (CUDA): autocast, which keeps reductions in float32.
-    model = dvtorch.load(bundle, device=str(dev),
-                         dtype=torch.bfloat16 if dtype == "bf16" else None)
+    # bf16 / fp16: the model itself in that dtype (dvtorch.load casts inputs on entry, keeps
+    # the softmax in float32): the same numbers as autocast (module docstring), with weights
+    # cast / pre-packed once instead of on every forward.
+    half = DTYPES[dtype] if dtype != "fp32" else None
+    model = dvtorch.load(bundle, device=str(dev), dtype=half)
     if dev.type == "cpu" and batch_size != _PACKED_BATCH:
         # oneDNN weights are pre-packed for one batch size; repack for ours (idempotent).
-        dvtorch.optimize_for_inference(model, dtype=torch.bfloat16 if dtype == "bf16"
-                                       else None, batch_size=batch_size)
+        dvtorch.optimize_for_inference(model, dtype=half, batch_size=batch_size)
     if dev.type == "cuda":
         # NHWC input is permuted to a channels_last NCHW view; channels_last weights let
         # cuDNN run NHWC kernels without layout conversions.
@@ -525,10 +526,8 @@ def extract(
     dataset = ExampleBatches(files, batch_size=batch_size, shape=shape, channels=channels,
                              start=start, limit=limit, skip_corrupt=skip_corrupt)
     loader = make_loader(dataset, workers=workers, pin_memory=dev.type == "cuda")
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if dtype == "fp16"
-                else contextlib.nullcontext())
     names = [s.name for s in specs]
-    store_dtypes = {s.name: np.dtype(s.dtype) for s in specs}
+    store_dtypes = {s.name: getattr(torch, s.dtype) for s in specs}
     graph_engine = dvgraph.GraphForward(model, names, pool) if engine == "graph" else None
     depth = _whole_batch_depth(model, dev, graph_engine, batch_size, shape, log)
     pending = _Pending(names)
@@ -550,9 +549,9 @@ def extract(
         nonlocal n_new, last_commit
         probs_dev, acts_dev = result()
         probs = probs_dev.float().cpu().numpy()
-        arrs = {n: acts_dev[n].to(torch.float32).cpu().numpy().astype(store_dtypes[n],
-                                                                      copy=False)
-                for n in names}
+        # Converted on the device: a flattened layer crosses to the host as float16, half the
+        # bytes (torch and numpy both round to nearest even: the same values).
+        arrs = {n: acts_dev[n].to(store_dtypes[n]).cpu().numpy() for n in names}
         obs = _obs_frame(batch, probs)
         with _defer_sigint():  # a batch is queued whole or not at all
             pending.add(obs, arrs, batch)
@@ -576,8 +575,7 @@ def extract(
     it = iter(loader)
     try:
         with torch.inference_mode(), _cudnn_flags(dev, dtype), \
-                _forward(model, names, pool, graph_engine, autocast, depth) as (start_batch,
-                                                                               ahead):
+                _forward(model, names, pool, graph_engine, depth) as (start_batch, ahead):
 
             def finish_all_but(keep: int) -> None:
                 while len(in_flight) > keep:

@@ -239,6 +239,23 @@ def test_flatten_is_hwc_float16(data, tmp_path):
     )
 
 
+def test_flattened_rows_rounded_to_float16_by_torch_equal_numpys_rounding():
+    """Extraction converts flattened maps to float16 on the device (half the bytes to copy);
+    torch must round exactly as numpy's astype did: ties to even, subnormals, overflow."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.standard_normal(200_000).astype(np.float32) * 10.0 ** rng.integers(-9, 6, 200_000),
+        np.float32([65504, 65519.99, 65520, 1e9, -1e9, 6e-8, 2.9e-8, 3e-8, 0.0, -0.0]),
+        # every tie between adjacent float16 values around 1 and 1000
+        ((np.arange(1024, 2048, dtype=np.float32) + 0.5) / 1024).astype(np.float32),
+        ((np.arange(1024, 2048, dtype=np.float32) + 0.5) / 1024 * 512).astype(np.float32),
+    ]).astype(np.float32)
+    via_torch = torch.from_numpy(x).to(torch.float16).numpy()
+    with np.errstate(over="ignore"):  # overflow to inf is part of what is compared
+        via_numpy = x.astype(np.float16)
+    assert via_torch.view(np.uint16).tolist() == via_numpy.view(np.uint16).tolist()
+
+
 def test_bf16_close_to_fp32_and_fp16_refused_on_cpu(data, tmp_path):
     s = _extract(data, tmp_path / "bf16", dtype="bf16", limit=8)
     a, b = s.layer("mixed5"), data["baseline"].layer("mixed5")[:8]

@@ -361,6 +361,27 @@ def test_bf16_embeddings_agree_with_float32(ref_bundle):
     assert cos.min().item() >= 0.999
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_computes_what_autocast_of_the_float32_model_does(small_bundle,
+                                                                                dtype):
+    """Why extraction casts the model (once) instead of running the float32 model under
+    autocast, which re-casts every weight on every inference forward: the numbers are the
+    same, bit for bit (the plain path, which is what CUDA runs)."""
+    fp32 = load(small_bundle, optimize=False)
+    half = load(small_bundle, dtype=dtype, optimize=False)
+    x = torch.randint(0, 256, (3, *SMALL), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(5))
+    names = ["conv2d", "mixed0", "mixed5", "mixed10", "avg_pool"]
+    with torch.inference_mode(), capture(fp32, names) as a, torch.autocast("cpu", dtype=dtype):
+        p_auto = fp32(x)
+    with torch.inference_mode(), capture(half, names) as b:
+        p_cast = half(x)
+    assert half.dense.weight.dtype == dtype and p_cast.dtype == torch.float32
+    assert torch.equal(p_cast, p_auto)
+    for name in names:
+        assert torch.equal(b[name], a[name]), name
+
+
 def test_reference_bundle_is_deterministic_by_seed(small_bundle, tmp_path):
     again = reference_bundle(tmp_path / "again", seed=3, input_shape=SMALL)
     other = reference_bundle(tmp_path / "other", seed=4, input_shape=SMALL)

@@ -8,6 +8,7 @@ each recovery path of :mod:`weights.fetch` is exercised on real sockets.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import google_crc32c
 import pytest
 from typer.testing import CliRunner
 
@@ -35,6 +37,10 @@ class ServerState:
     files: dict[str, bytes] = field(default_factory=dict)
     drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes, then hang up (once)
     ignore_range: bool = False
+    # GCS's x-goog-hash: "md5+crc32c" (a plain object), "crc32c" (a composite one), or None
+    goog_hash: str | None = None
+    damage: dict[str, int] = field(default_factory=dict)  # path -> byte to flip in transit (once)
+    extra_headers: dict[str, str] = field(default_factory=dict)
     log: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -79,7 +85,16 @@ class _Handler(BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Type", "application/octet-stream")
+        if st.goog_hash:  # the whole object's hashes, also on a ranged answer, like GCS
+            self.send_header("x-goog-hash", f"crc32c={gcs_crc32c(data)}")
+            if "md5" in st.goog_hash:
+                self.send_header("x-goog-hash", f"md5={gcs_md5(data)}")
+        for k, v in st.extra_headers.items():
+            self.send_header(k, v)
         self.end_headers()
+        flip = st.damage.pop(self.path, None)
+        if flip is not None:
+            body = body[:flip] + bytes([body[flip] ^ 0x01]) + body[flip + 1:]
         cut = st.drop_after.pop(self.path, None)
         if cut is not None:  # send part of the body, then hang up mid-file
             self.wfile.write(body[:cut])
@@ -130,6 +145,14 @@ def publish(state: ServerState, entry: weights.ModelEntry, seed: int = 0) -> dic
 
 def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
+
+
+def gcs_md5(b: bytes) -> str:
+    return base64.b64encode(hashlib.md5(b).digest()).decode()
+
+
+def gcs_crc32c(b: bytes) -> str:
+    return base64.b64encode(google_crc32c.value(b).to_bytes(4, "big")).decode()
 
 
 @pytest.fixture(autouse=True)
@@ -411,6 +434,87 @@ def test_fetch_trust_on_first_use_detects_changed_upstream(server, tmp_path):
     assert "delete" in str(info.value) and not (dest / "saved_model.pb").exists()
 
 
+def test_every_download_is_checked_against_the_hashes_google_states_for_the_object(
+        server, tmp_path):
+    """No registry digest is known, yet a first download from the bucket is not blind trust:
+    GCS sends each object's MD5 and CRC32C (x-goog-hash, whole object, also when resumed)."""
+    base, state = server
+    e = weights.get(NAME)
+    blobs = publish(state, e)
+    state.goog_hash = "md5+crc32c"
+    big = "variables/variables.data-00000-of-00001"
+    state.drop_after["/" + e.bucket_path + big] = 70_001  # resumed: hash spans both transfers
+    dest = weights.fetch(NAME, tmp_path / "dl", base_url=base, progress=False)
+    assert [r["status"] for r in state.requests_for(big)] == [200, 206]
+    lock = json.loads((dest / "checksums.json").read_text())
+    for f, blob in blobs.items():
+        rec = lock["files"][f]
+        assert rec["verified_against"] == "server md5 (x-goog-hash)"
+        assert rec["server_hash"] == {"md5": gcs_md5(blob), "crc32c": gcs_crc32c(blob)}
+        assert rec["sha256"] == sha(blob)
+
+
+def test_a_download_damaged_on_the_way_is_deleted_and_the_next_fetch_gets_it_right(
+        server, tmp_path):
+    base, state = server
+    e = weights.get(NAME)
+    blobs = publish(state, e)
+    state.goog_hash = "md5+crc32c"
+    big = "variables/variables.data-00000-of-00001"
+    state.damage["/" + e.bucket_path + big] = 12_345
+    dest = tmp_path / "dl"
+    with pytest.raises(weights.ChecksumError, match=r"arrived damaged: its MD5 is .*x-goog-hash"
+                       r".*run the same fetch again"):
+        weights.fetch(NAME, dest, base_url=base, progress=False)
+    assert not (dest / big).exists() and not (dest / (big + ".part")).exists()
+    assert big not in json.loads((dest / "checksums.json").read_text())["files"]
+
+    weights.fetch(NAME, dest, base_url=base, progress=False)  # the flip happened once
+    assert (dest / big).read_bytes() == blobs[big]
+
+
+def test_a_composite_object_is_checked_by_its_crc32c_alone(server, tmp_path):
+    base, state = server
+    e = weights.get(CKPT)
+    publish(state, e)
+    state.goog_hash = "crc32c"  # composite objects have no MD5
+    data = "deepvariant.wgs.ckpt.data-00000-of-00001"
+    state.damage["/" + e.bucket_path + data] = 7
+    with pytest.raises(weights.ChecksumError, match="its CRC32C is"):
+        weights.fetch(CKPT, tmp_path / "ck", base_url=base, progress=False)
+    dest = weights.fetch(CKPT, tmp_path / "ck", base_url=base, progress=False)
+    rec = json.loads((dest / "checksums.json").read_text())["files"][data]
+    assert rec["verified_against"] == "server crc32c (x-goog-hash)"
+
+
+def test_hashes_of_a_gzip_stored_object_served_decoded_are_not_compared(server, tmp_path):
+    """GCS hashes the stored (compressed) bytes; a decoded answer cannot be checked by them."""
+    base, state = server
+    e = weights.get(NAME)
+    publish(state, e)
+    state.goog_hash = "md5+crc32c"
+    state.extra_headers["x-goog-stored-content-encoding"] = "gzip"
+    dest = weights.fetch(NAME, tmp_path / "dl", base_url=base, progress=False)
+    recs = json.loads((dest / "checksums.json").read_text())["files"].values()
+    assert {r["verified_against"] for r in recs} == {"trust-on-first-use"}
+    assert all("server_hash" not in r for r in recs)
+
+
+def test_server_hashes_reads_one_or_several_x_goog_hash_headers():
+    from email.message import Message
+
+    from weights.fetch import server_hashes
+
+    two = Message()
+    two["x-goog-hash"] = "crc32c=n03x6A=="
+    two["x-goog-hash"] = "md5=Ojk9c3dhfxgoKVVHYwFbHQ=="
+    one = Message()
+    one["X-Goog-Hash"] = "crc32c=n03x6A==, md5=Ojk9c3dhfxgoKVVHYwFbHQ=="
+    want = {"crc32c": "n03x6A==", "md5": "Ojk9c3dhfxgoKVVHYwFbHQ=="}
+    assert server_hashes(two) == want and server_hashes(one) == want
+    assert server_hashes(Message()) == {} and server_hashes(None) == {}
+
+
 def test_fetch_404_names_url_and_confidence(server, tmp_path):
     base, state = server
     e = weights.get("deepvariant-1.6.1-wes-savedmodel")  # nothing published
@@ -509,6 +613,14 @@ def test_cli_weights_fetch_prints_convert_command(server, tmp_path):
     assert "shape [100, 221, 7]" in res.output
     lock = json.loads((dest / "checksums.json").read_text())
     assert lock["files"]["deepvariant.wgs.ckpt.index"]["verified_against"] == "user"
+    assert (f"(1 matched a known sha256, {len(e.files) - 1} recorded on first use (nothing to "
+            "check against))") in res.output
+
+    state.goog_hash = "md5+crc32c"
+    res = _cli("weights", "fetch", CKPT, "--dest", str(tmp_path / "ck2"), "--mirror", base,
+               "--no-progress")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert f"({len(e.files)} matched the server's own hash)" in res.output
 
     res = _cli("weights", "fetch", CKPT, "--dest", str(dest), "--sha256", "x=1")
     assert isinstance(res.exception, weights.WeightsError)

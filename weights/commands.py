@@ -8,6 +8,7 @@ command, since conversion is the only thing a downloaded model is for here.
 
 from __future__ import annotations
 
+import collections
 import json
 import shlex
 from pathlib import Path
@@ -125,7 +126,10 @@ def fetch_cmd(
     lock = read_lock(path)
     total = sum(f["size"] for f in lock["files"].values())
     typer.echo(f"{entry.name}: {len(entry.files)} files, {total:,} bytes in {path}")
-    typer.echo(f"checksums: {path / LOCK_NAME}")
+    how = collections.Counter(_checked_by(f.get("verified_against", ""))
+                              for f in lock["files"].values())
+    typer.echo(f"checksums: {path / LOCK_NAME} ("
+               + ", ".join(f"{n} {what}" for what, n in sorted(how.items())) + ")")
     info = path / "example_info.json"
     if info.is_file():
         try:
@@ -145,6 +149,15 @@ def fetch_cmd(
     bundle = Path("bundles") / entry.name.removesuffix(f"-{entry.format}")
     typer.echo("next:")
     typer.echo(f"  dvprobe convert {shlex.quote(str(source))} --out {shlex.quote(str(bundle))}")
+
+
+def _checked_by(verified_against: str) -> str:
+    """A lock entry's ``verified_against`` in a few words for the summary line."""
+    if verified_against.startswith("server"):
+        return "matched the server's own hash"
+    if verified_against == "trust-on-first-use":
+        return "recorded on first use (nothing to check against)"
+    return "matched a known sha256"
 
 
 def register(app: typer.Typer) -> None:

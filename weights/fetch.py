@@ -8,10 +8,16 @@ Design points (each one is a failure seen with ~100 MB downloads over flaky link
   different offset makes us restart that file from byte 0 rather than splice wrong bytes.
 * sha256 is computed while streaming (the bytes already in a ``.part`` are hashed once before
   resuming), so verification costs no second pass over the file.
+* Google's bucket states each object's own MD5 / CRC32C in an ``x-goog-hash`` header (for
+  the whole object, also on a ranged GET); every download that gets one is checked against
+  it, so a transfer corrupted or cut short on the way is caught even where no digest is
+  known (every registry digest is null: none could be read from the bucket when the
+  registry was written). A mismatch deletes the download and says to fetch again.
 * Known digests (``--sha256`` from the user, then the registry, then the local lock file) are
   enforced; a mismatching download is deleted (a mismatching file already on disk is kept
   until a verified download replaces it). With none known, the digest seen now is recorded
-  (trust on first use) and enforced on every later download into the same directory.
+  (checked against the server's hash when it sent one, else trust on first use) and enforced
+  on every later download into the same directory.
 * Only a complete, verified file is renamed to its final name (``os.replace``), so a final
   name always means "complete"; ``checksums.json`` is rewritten atomically after each file
   with sha256, size, URL and time, for ``dvprobe convert`` to record in the bundle.
@@ -19,6 +25,7 @@ Design points (each one is a failure seen with ~100 MB downloads over flaky link
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import http.client
@@ -32,6 +39,8 @@ import urllib.request
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+
+import google_crc32c
 
 from dvtorch.files import atomic_write_bytes, sha256_file
 from weights.registry import (
@@ -60,6 +69,68 @@ _CONFIDENCE_HINT = {
     "not ship it",
 }
 assert set(_CONFIDENCE_HINT) == set(CONFIDENCE_LEVELS)
+
+
+class _Digests:
+    """sha256 (what the lock file records) and MD5 / CRC32C (what GCS states), one pass."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.crc32c = google_crc32c.Checksum()
+
+    def update(self, chunk: bytes) -> None:
+        self.sha256.update(chunk)
+        self.md5.update(chunk)
+        self.crc32c.update(chunk)
+
+    def update_from(self, path: Path) -> None:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                self.update(chunk)
+
+    def gcs(self) -> dict[str, str]:
+        """MD5 and CRC32C as ``x-goog-hash`` spells them (base64 of the big-endian bytes)."""
+        return {"md5": base64.b64encode(self.md5.digest()).decode("ascii"),
+                "crc32c": base64.b64encode(self.crc32c.digest()).decode("ascii")}
+
+
+def server_hashes(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The object's own hashes from a GCS response: ``x-goog-hash: crc32c=…,md5=…`` (several
+    headers or one comma-joined; composite objects have no md5). Empty when there are none,
+    or when the object is stored gzip-encoded and served decoded: its hashes are then of
+    bytes we never see."""
+    if headers is None:
+        return {}
+    stored = (headers.get("x-goog-stored-content-encoding") or "identity").strip().lower()
+    served = (headers.get("Content-Encoding") or "identity").strip().lower()
+    if stored not in ("", "identity") and stored != served:
+        return {}
+    values = headers.get_all("x-goog-hash") if hasattr(headers, "get_all") else None
+    if values is None:
+        values = [headers.get("x-goog-hash") or ""]
+    found: dict[str, str] = {}
+    for value in values:
+        for item in (value or "").split(","):
+            key, _, digest = item.strip().partition("=")
+            if key.lower() in ("md5", "crc32c") and digest:
+                found[key.lower()] = digest.strip()
+    return found
+
+
+def check_server_hashes(url: str, file: str, got: Mapping[str, str],
+                        claimed: Mapping[str, str]) -> str | None:
+    """Raise :class:`ChecksumError` if a hash the server stated differs from the bytes
+    received; return the name of the hash that matched (``"md5"``), None if none was
+    stated. (The caller deletes the download first.)"""
+    for kind in ("md5", "crc32c"):
+        if kind in claimed and claimed[kind] != got[kind]:
+            raise ChecksumError(
+                f"{url}: {file} arrived damaged: its {kind.upper()} is {got[kind]}, the "
+                f"server states {claimed[kind]} for the object (x-goog-hash); the download was "
+                "deleted: run the same fetch again (if it repeats, a proxy or the mirror is "
+                "altering the file)")
+    return next((k for k in ("md5", "crc32c") if k in claimed), None)
 
 
 class DownloadError(WeightsError):
@@ -182,8 +253,9 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
 
 def _download_once(
     url: str, part: Path, entry: ModelEntry, label: str, progress: bool, timeout: float
-) -> tuple[str, int]:
-    """One attempt at completing ``part``; returns (sha256, size) when it is complete.
+) -> tuple[_Digests, int, dict[str, str]]:
+    """One attempt at completing ``part``; returns (digests, size, the server's own hashes
+    of the object) when it is complete.
 
     Raises :class:`_Interrupted` if the stream stops early (bytes so far stay in ``part``).
     """
@@ -195,20 +267,21 @@ def _download_once(
         status = resp.status if hasattr(resp, "status") else resp.code
         if status == 416:
             _, total = _content_range(resp.headers.get("Content-Range"))
-            if total is not None and total == offset:
-                return sha256_file(part), offset  # finished earlier, rename never happened
+            if total is not None and total == offset:  # finished earlier, never renamed
+                h = _Digests()
+                h.update_from(part)
+                return h, offset, server_hashes(resp.headers)
             part.unlink(missing_ok=True)  # .part longer than the file: stale, start over
             raise _Interrupted("server refused the resume offset (HTTP 416); restarting")
-        h = hashlib.sha256()
+        h = _Digests()
+        claimed = server_hashes(resp.headers)
         mode = "wb"
         if offset and status == 206:
             start, total = _content_range(resp.headers.get("Content-Range"))
             if start != offset:  # unexpected window: do not splice, start over
                 part.unlink(missing_ok=True)
                 raise _Interrupted(f"server resumed at byte {start}, not {offset}; restarting")
-            with open(part, "rb") as fh:  # hash what we already have, once
-                while chunk := fh.read(CHUNK):
-                    h.update(chunk)
+            h.update_from(part)  # hash what we already have, once
             mode = "ab"
         else:  # 200: full body (fresh download, or server ignored Range → restart cleanly)
             offset = 0
@@ -261,7 +334,7 @@ def _download_once(
                 raise DiskWriteError(f"cannot write {part}: {exc.strerror or exc}") from None
     if total is not None and done != total:
         raise _Interrupted(f"transfer ended at {done} of {total} bytes")
-    return h.hexdigest(), done
+    return h, done, claimed
 
 
 def _mirror_url(mirror: str | None) -> str | None:
@@ -277,7 +350,8 @@ def _mirror_url(mirror: str | None) -> str | None:
 
 
 def _download_with_retries(url: str, part: Path, entry: ModelEntry, file: str,
-                           progress: bool, timeout: float, retries: int) -> tuple[str, int]:
+                           progress: bool, timeout: float, retries: int
+                           ) -> tuple[_Digests, int, dict[str, str]]:
     """``_download_once``, resumed up to ``retries`` times after a dropped connection."""
     attempts = 0
     while True:
@@ -381,12 +455,18 @@ def fetch(
 
         _ensure_dir(final.parent)
         try:
-            digest, size = _download_with_retries(url, part, entry, file, progress, timeout,
-                                                  retries)
+            digests, size, claimed = _download_with_retries(url, part, entry, file, progress,
+                                                            timeout, retries)
         except DownloadError as exc:
             if kept:
                 raise DownloadError(f"{exc}{kept}") from None
             raise
+        digest, got = digests.sha256.hexdigest(), digests.gcs()
+        try:
+            matched = check_server_hashes(url, file, got, claimed)
+        except ChecksumError as exc:
+            part.unlink(missing_ok=True)
+            raise ChecksumError(f"{exc}{kept}") from None
 
         if expected is not None and digest != expected:
             part.unlink(missing_ok=True)
@@ -409,8 +489,12 @@ def fetch(
             "size": size,
             "url": url,
             "fetched": _now(),
-            "verified_against": origin or "trust-on-first-use",
+            "verified_against": origin or (f"server {matched} (x-goog-hash)" if matched
+                                           else "trust-on-first-use"),
         }
+        if matched:
+            recorded[file]["server_hash"] = {k: claimed[k] for k in ("md5", "crc32c")
+                                             if k in claimed}
         _write_json_atomic(dest / LOCK_NAME, doc)
     return dest
 
