@@ -1,7 +1,7 @@
 """DeepVariant ``make_examples`` records without TensorFlow: parse, encode, example_info.json.
 
 A record is a serialized ``tf.Example`` whose features are listed in
-``shared/reference/deepvariant-formats.md`` §1. This module turns one into a
+``docs/deepvariant-formats.md`` §1. This module turns one into a
 :class:`DVExample` (image as a uint8 HWC numpy array plus the candidate variant) and back,
 byte-compatible with what ``make_examples`` writes, so the same files feed DeepVariant's
 ``call_variants`` and this project.
@@ -30,7 +30,7 @@ from probing import protos
 from probing.channels import channel_name
 from probing.tfrecord import ReadStats, expand_spec, iter_records
 
-# Feature keys (deepvariant-formats.md §1).
+# Feature keys (docs/deepvariant-formats.md §1).
 K_IMAGE = "image/encoded"
 K_SHAPE = "image/shape"
 K_VARIANT = "variant/encoded"

@@ -10,7 +10,7 @@ produced by :func:`probing.examples.encode_example` and framed by
 :class:`probing.tfrecord.TFRecordWriter`, so they round-trip through ``read_examples`` and
 load in DeepVariant's ``call_variants``.
 
-Pixel encoding follows ``shared/reference/deepvariant-formats.md`` §4 exactly:
+Pixel encoding follows ``docs/deepvariant-formats.md`` §4 exactly:
 
 * rows 0-4: reference band (ref base colour, BQ 254, MQ 254, strand 70, supports 152,
   differs 50, insert size 254); read rows after; unused rows all 0;

@@ -10,7 +10,14 @@ Imports are light (stdlib only until a download starts), so ``dvprobe --help`` s
 
 from __future__ import annotations
 
-from weights.fetch import ChecksumError, DiskWriteError, DownloadError, fetch, is_fetched
+from weights.fetch import (
+    ChecksumError,
+    DiskWriteError,
+    DownloadError,
+    fetch,
+    is_fetched,
+    read_lock,
+)
 from weights.registry import (
     ModelEntry,
     UnknownModelError,
@@ -34,4 +41,5 @@ __all__ = [
     "get",
     "is_fetched",
     "list_models",
+    "read_lock",
 ]
