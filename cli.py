@@ -34,7 +34,7 @@ COMMAND_MODULES = (
     "weights.commands",  # weights list / fetch
     "probing.commands_extract",  # extract
     "probing.commands_analysis",  # reduce, cluster, apply
-    "probing.commands_annotate",  # annotate, enrich, report, show
+    "probing.commands_annotate",  # annotate, enrich, probe, report, show
     "probing.commands_sim",  # simulate, make-examples, demo
 )
 

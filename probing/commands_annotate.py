@@ -25,7 +25,7 @@ def _split(text: str | None) -> list[str] | None:
 
 def _warnings_to_stderr() -> None:
     """Annotation warnings (chromosome renames ...) must be seen, not buried in a log."""
-    for name in ("probing.annotate", "probing.enrich", "probing.report"):
+    for name in ("probing.annotate", "probing.enrich", "probing.probe", "probing.report"):
         lg = logging.getLogger(name)
         if not lg.handlers:
             h = logging.StreamHandler()
@@ -36,7 +36,7 @@ def _warnings_to_stderr() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Attach ``annotate``, ``enrich``, ``report`` and ``show`` to the ``dvprobe`` app."""
+    """Attach ``annotate``, ``enrich``, ``probe``, ``report`` and ``show`` to the app."""
 
     @app.command("annotate")
     def annotate_cmd(
@@ -142,6 +142,47 @@ def register(app: typer.Typer) -> None:
             en.write_enrichment(res, out)
             for written in en.enrichment_outputs(res, out):
                 typer.echo(f"wrote {written}")
+
+    @app.command("probe")
+    def probe_cmd(
+        store: Path = typer.Argument(..., help="STORE directory"),
+        concepts: str = typer.Option(None, "--concepts",
+                                     help="comma list: yes/no concepts (LINE = rmsk_LINE, "
+                                          "mosaic, label=1 ...) and numeric columns (depth, "
+                                          "alt_fraction ...); default: every boolean "
+                                          "annotation + depth,mean_mapq,alt_fraction"),
+        layers: str = typer.Option(None, "--layers", help="default: every layer of the STORE"),
+        folds: int = typer.Option(5, "--folds", help="cross-validation folds"),
+        block_bp: int = typer.Option(1_000_000, "--block-bp",
+                                     help="examples within one block of this many bp share a "
+                                          "fold (0: random folds)"),
+        pca: int = typer.Option(50, "--pca", help="PCA components fitted inside each fold "
+                                                  "(0: none)"),
+        max_rows: int = typer.Option(50_000, "--max-rows",
+                                     help="probe a seeded sample of at most this many examples"),
+        seed: int = typer.Option(0, "--seed"),
+        out: Path = typer.Option(None, "--out", help="write table.csv or table.md"),
+        no_progress: bool = typer.Option(False, "--no-progress"),
+    ) -> None:
+        """Linear probe per layer x concept: where in the network is a concept decodable?"""
+        from probing import probe as pr
+
+        _warnings_to_stderr()
+        if out is not None:
+            pr.check_output(out)
+        res = pr.probe_layers(store, _split(concepts), _split(layers), folds=folds, pca=pca,
+                              block_bp=block_bp, max_rows=max_rows, seed=seed,
+                              progress=not no_progress)
+        typer.echo(res.header() + ".")
+        if (res.table["metric"] == "AUROC").any():
+            typer.echo(res.counts())
+        typer.echo(pr.profile_markdown(res))
+        for line in res.peaks():
+            typer.echo(line)
+        for note in res.notes:
+            typer.echo(f"not probed: {note}")
+        if out is not None:
+            typer.echo(f"wrote {pr.write_probes(res, out)}")
 
     @app.command("report")
     def report_cmd(

@@ -1,0 +1,200 @@
+"""Specification of the per-layer linear probes (``dvprobe probe``, :mod:`probing.probe`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from probing import probe as pr
+from probing.probe import ProbeError, genomic_folds, probe_layers, resolve_concepts
+from tests.test_analysis_support import make_store
+
+N = 1200
+DIM = 64
+
+
+def _layout(n: int = N, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two chromosomes, 60 Mb of positions: 60 blocks of 1 Mb."""
+    rng = np.random.default_rng(seed)
+    chrom = np.where(np.arange(n) < n // 2, "chr1", "chr2")
+    pos = np.sort(rng.integers(0, 30_000_000, n))
+    return chrom, pos
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """``early`` (yes/no) is written into mixed1 only, ``depth`` (a number) into mixed10 only;
+    each layer is noise otherwise."""
+    rng = np.random.default_rng(1)
+    chrom, pos = _layout()
+    early = rng.random(N) < 0.3
+    depth = rng.normal(30, 8, N)
+    mixed1 = rng.normal(size=(N, DIM)).astype(np.float32)
+    mixed1[:, :4] += 1.5 * early[:, None]
+    mixed10 = rng.normal(size=(N, DIM)).astype(np.float32)
+    mixed10[:, 7] += (depth - 30) / 2
+    path = tmp_path_factory.mktemp("probe") / "s"
+    return make_store(path, {"mixed1": mixed1, "mixed10": mixed10},
+                      {"chrom": chrom, "pos": pos, "early": early, "depth": depth,
+                       "label": rng.integers(0, 3, N)},
+                      inputs={"layers": ["mixed1", "mixed10"]})
+
+
+def _score(res, layer: str, concept: str) -> float:
+    t = res.table
+    return float(t[(t["layer"] == layer) & (t["concept"] == concept)]["mean"].iloc[0])
+
+
+def test_a_concept_is_found_in_the_layer_that_carries_it_and_not_elsewhere(planted):
+    res = probe_layers(planted, ["early", "depth"])
+    assert _score(res, "mixed1", "early") > 0.9
+    assert abs(_score(res, "mixed10", "early") - 0.5) < 0.1  # chance
+    assert _score(res, "mixed10", "depth") > 0.8
+    assert _score(res, "mixed1", "depth") < 0.05  # no better than the mean
+    t = res.table.set_index(["layer", "concept"])
+    assert t.loc[("mixed1", "early"), "metric"] == "AUROC"
+    assert t.loc[("mixed10", "depth"), "metric"] == "R2"
+    assert (res.table["folds"] == 5).all() and (res.table["sd"] >= 0).all()
+    assert t.loc[("mixed1", "early"), "n_with"] == int(planted.obs["early"].sum())
+    assert res.peaks()[0].startswith("early: best mixed1 (AUROC 0.9")
+    assert "mixed10" in res.peaks()[0]  # what the last layer keeps of it
+    # layers in extraction order (mixed1 before mixed10), not the STORE's sorted names
+    assert list(res.profile().index) == ["mixed1", "mixed10"]
+
+
+def test_examples_of_one_genomic_block_never_straddle_folds():
+    chrom, pos = _layout()
+    fold = genomic_folds(chrom, pos, 5, 1_000_000, seed=3)
+    blocks = pd.DataFrame({"c": chrom, "b": pos // 1_000_000, "f": fold})
+    assert (blocks.groupby(["c", "b"])["f"].nunique() == 1).all()
+    sizes = np.bincount(fold, minlength=5)
+    largest_block = blocks.groupby(["c", "b"]).size().max()
+    assert sizes.max() - sizes.min() <= largest_block  # dealt largest first: near equal
+    assert (genomic_folds(chrom, pos, 5, 1_000_000, seed=3) == fold).all()
+    assert (genomic_folds(chrom, pos, 5, 1_000_000, seed=4) != fold).any()
+    # the same position on two chromosomes is two blocks
+    two = genomic_folds(np.array(["a", "b"] * 5), np.zeros(10), 2, 1_000_000)
+    assert set(two[::2]) != set(two[1::2]) or len(set(two)) == 2
+    with pytest.raises(ProbeError, match="only 2 genomic block"):
+        genomic_folds(["chr1"] * 4 + ["chr2"] * 4, [0] * 8, 5, 1_000_000)
+    with pytest.raises(ProbeError, match="--folds must be >= 2"):
+        genomic_folds(chrom, pos, 1, 1_000_000)
+
+
+def test_block_folds_stop_a_probe_from_scoring_by_remembering_neighbours(tmp_path):
+    """A block-level property with no signal but block identity: random folds put the same
+    block on both sides and score it near 1; block folds score chance."""
+    rng = np.random.default_rng(2)
+    chrom, pos = _layout()
+    block = pd.Series(list(zip(chrom, pos // 1_000_000, strict=True))).factorize()[0]
+    n_blocks = block.max() + 1
+    prop = rng.random(n_blocks) < 0.5
+    signature = rng.normal(size=(n_blocks, DIM))
+    layer = (signature[block] + 0.05 * rng.normal(size=(N, DIM))).astype(np.float32)
+    s = make_store(tmp_path / "s", {"mixed5": layer},
+                   {"chrom": chrom, "pos": pos, "prop": prop[block]})
+    leaky = probe_layers(s, ["prop"], block_bp=0)
+    honest = probe_layers(s, ["prop"])
+    assert _score(leaky, "mixed5", "prop") > 0.9
+    assert _score(honest, "mixed5", "prop") < 0.7
+    assert "random folds" in leaky.header() and "1,000,000 bp genomic block" in honest.header()
+
+
+def test_scaling_and_pca_are_fitted_on_the_training_folds_only(planted, monkeypatch):
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    seen = {"pca": [], "scaler": []}
+    for key, cls in (("pca", PCA), ("scaler", StandardScaler)):
+        fit = cls.fit
+
+        def spy(self, x, *a, _fit=fit, _key=key, **k):
+            seen[_key].append(len(x))
+            return _fit(self, x, *a, **k)
+
+        monkeypatch.setattr(cls, "fit", spy)
+    probe_layers(planted, ["early"], ["mixed1"], pca=10)
+    fold = genomic_folds(planted.obs["chrom"], planted.obs["pos"], 5, 1_000_000)
+    train_sizes = sorted(int((fold != f).sum()) for f in range(5))
+    assert sorted(seen["pca"]) == train_sizes and sorted(seen["scaler"]) == train_sizes
+    assert max(train_sizes) < N
+
+
+def test_a_sample_bounds_the_rows_and_is_said(planted):
+    res = probe_layers(planted, ["early"], ["mixed1"], max_rows=500, seed=1)
+    assert res.n_rows == 500 and res.n_store == N
+    assert (res.table["n"] == 500).all()
+    assert "500 of 1,200 examples (seed 1)" in res.header()
+
+
+def test_concepts_resolve_like_enrich_and_numbers_become_regressions(planted):
+    obs = planted.obs.assign(rmsk_LINE=planted.obs["early"])
+    got = {c.name: c.kind for c in resolve_concepts(obs, ["LINE", "depth", "label=2"])}
+    assert got == {"rmsk_LINE": "binary", "depth": "continuous", "label=2": "binary"}
+    default = {c.name for c in resolve_concepts(obs, None)}
+    assert default == {"early", "rmsk_LINE", "depth"}  # booleans + the numeric defaults there
+    with pytest.raises(ProbeError, match="no attribute 'LIME'"):
+        resolve_concepts(obs, ["LIME"])
+    with pytest.raises(ProbeError, match="chrom=VALUE"):
+        resolve_concepts(obs, ["chrom"])
+    with pytest.raises(ProbeError, match="more than once"):
+        resolve_concepts(obs, ["LINE", "rmsk_LINE"])
+
+
+def test_a_concept_too_rare_for_the_folds_is_reported_not_scored(tmp_path):
+    chrom, pos = _layout()
+    rare = np.zeros(N, dtype=bool)
+    rare[[5, 600, 900]] = True
+    s = make_store(tmp_path / "s", {"mixed5": np.random.default_rng(0).normal(
+        size=(N, 8)).astype(np.float32)}, {"chrom": chrom, "pos": pos, "rare": rare,
+                                           "depth": np.arange(N, dtype=float)})
+    res = probe_layers(s, ["rare", "depth"])
+    assert set(res.table["concept"]) == {"depth"}
+    assert res.notes == ["rare: 3 of 1200 sampled examples have it; too few for 5 folds, "
+                         "not probed"]
+    with pytest.raises(ProbeError, match="no concept can be probed: rare: 3 of 1200"):
+        probe_layers(s, ["rare"])
+
+
+def test_bad_options_are_refused_before_any_fitting(planted, tmp_path):
+    with pytest.raises(ProbeError, match=r"layer\(s\) mixed7 not in .*mixed1, mixed10"):
+        probe_layers(planted, ["early"], ["mixed7"])
+    with pytest.raises(ProbeError, match="each layer once"):
+        probe_layers(planted, ["early"], ["mixed1", "mixed1"])
+    with pytest.raises(ProbeError, match="--pca must be >= 0"):
+        probe_layers(planted, ["early"], pca=-1)
+    with pytest.raises(ProbeError, match="--max-rows 3 or less"):
+        probe_layers(planted, ["early"], available=3 * DIM * 4 * 3 * 4)
+    with pytest.raises(ProbeError, match=r"--block-bp 2000000 gives at least 10 blocks"):
+        probe_layers(planted, ["early"], block_bp=20_000_000)
+    with pytest.raises(ProbeError, match="must end in .csv or .md"):
+        pr.check_output(tmp_path / "probes.txt")
+    no_pos = make_store(tmp_path / "np", {"mixed5": np.zeros((20, 2), np.float32)},
+                        {"flag": np.arange(20) % 2 == 0})
+    with pytest.raises(ProbeError, match="no chrom/pos .* --block-bp 0"):
+        probe_layers(no_pos, ["flag"])
+
+
+def test_cli_prints_the_profile_and_writes_csv_and_markdown(planted, tmp_path):
+    import cli
+
+    md, csv = tmp_path / "p.md", tmp_path / "p.csv"
+    for out in (md, csv):
+        res = CliRunner().invoke(cli.app, ["probe", str(planted.path), "--concepts",
+                                           "early,depth", "--no-progress", "--out", str(out)])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "examples with each yes/no concept: early " in res.output
+    assert "| layer | early (AUROC) | depth (R2) |" in res.output
+    assert "early: best mixed1" in res.output and f"wrote {csv}" in res.output
+    table = pd.read_csv(csv)
+    assert list(table.columns) == ["layer", "concept", "metric", "mean", "sd", "folds", "n",
+                                   "n_with"]
+    assert len(table) == 4
+    text = md.read_text()
+    assert text.startswith("# Linear probes per layer") and "## Where each concept" in text
+
+    bad = CliRunner().invoke(cli.app, ["probe", str(planted.path), "--out",
+                                       str(tmp_path / "x.txt")])
+    assert bad.exit_code != 0 and isinstance(bad.exception, ProbeError)
