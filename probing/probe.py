@@ -91,6 +91,12 @@ def resolve_concepts(frame: pd.DataFrame, specs: Sequence[str] | None) -> list[C
     for spec in names:
         col = spec if spec in frame.columns else None
         if col is not None and "=" not in spec and _is_number(frame[col]):
+            levels = _few_levels(frame[col])
+            if levels is not None:
+                raise ProbeError(
+                    f"--concepts {col}: an integer column with only {len(levels)} values "
+                    f"({', '.join(map(str, levels))}) is a category, not a quantity; probe "
+                    f"one value as a yes/no concept, e.g. {col}={levels[-1]}")
             values = pd.to_numeric(frame[col], errors="coerce").to_numpy(np.float64)
             concepts.append(Concept(col, "continuous", values))
             continue
@@ -111,6 +117,15 @@ def _is_number(s: pd.Series) -> bool:
     if s.dtype == bool or not pd.api.types.is_numeric_dtype(s):
         return False
     return not set(pd.unique(s.dropna())) <= {0, 1}
+
+
+def _few_levels(s: pd.Series, most: int = 10) -> list[int] | None:
+    """The sorted values of an integer column with at most ``most`` of them (a genotype
+    ``label``, ``variant_type``), else None."""
+    if not pd.api.types.is_integer_dtype(s):
+        return None
+    levels = sorted(int(v) for v in pd.unique(s.dropna()))
+    return levels if len(levels) <= most else None
 
 
 def genomic_folds(chrom: Sequence | np.ndarray, pos: Sequence | np.ndarray, k: int,

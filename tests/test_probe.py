@@ -141,6 +141,9 @@ def test_concepts_resolve_like_enrich_and_numbers_become_regressions(planted):
         resolve_concepts(obs, ["chrom"])
     with pytest.raises(ProbeError, match="more than once"):
         resolve_concepts(obs, ["LINE", "rmsk_LINE"])
+    # a genotype label is a category: regressing 0/1/2 as a number would be meaningless
+    with pytest.raises(ProbeError, match=r"only 3 values \(0, 1, 2\) is a category.*label=2"):
+        resolve_concepts(obs, ["label"])
 
 
 def test_a_concept_too_rare_for_the_folds_is_reported_not_scored(tmp_path):
