@@ -161,16 +161,22 @@ def register(app: typer.Typer) -> None:
         max_rows: int = typer.Option(50_000, "--max-rows",
                                      help="probe a seeded sample of at most this many examples"),
         seed: int = typer.Option(0, "--seed"),
-        out: Path = typer.Option(None, "--out", help="write table.csv or table.md"),
+        name: str = typer.Option("probes", "--name",
+                                 help="saved as STORE/probes/NAME.json (the report shows it)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace saved probes NAME"),
+        out: Path = typer.Option(None, "--out", help="also write table.csv or table.md"),
         no_progress: bool = typer.Option(False, "--no-progress"),
     ) -> None:
         """Linear probe per layer x concept: where in the network is a concept decodable?"""
         from probing import probe as pr
+        from probing.store import open_store
 
         _warnings_to_stderr()
         if out is not None:
             pr.check_output(out)
-        res = pr.probe_layers(store, _split(concepts), _split(layers), folds=folds, pca=pca,
+        st = open_store(store)
+        pr.check_new(st, name, overwrite)
+        res = pr.probe_layers(st, _split(concepts), _split(layers), folds=folds, pca=pca,
                               block_bp=block_bp, max_rows=max_rows, seed=seed,
                               progress=not no_progress)
         typer.echo(res.header() + ".")
@@ -181,6 +187,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(line)
         for note in res.notes:
             typer.echo(f"not probed: {note}")
+        typer.echo(f"saved {pr.save_probes(st, res, name)}")
         if out is not None:
             typer.echo(f"wrote {pr.write_probes(res, out)}")
 

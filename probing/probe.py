@@ -32,16 +32,19 @@ model (``dvtorch.reference_bundle``, the demo's default).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from dvtorch.errors import DvprobeError
+from dvtorch.files import atomic_write_bytes
 from probing.enrich import EnrichmentError, _as_store, resolve_attribute, to_markdown
 from probing.store import Store
 
@@ -53,6 +56,9 @@ CONTINUOUS_DEFAULT = ("depth", "mean_mapq", "alt_fraction")
 OUT_SUFFIXES = (".csv", ".md", ".markdown")
 #: share of the available memory one layer's sampled rows (float32) may take
 MEMORY_SHARE = 0.25
+#: saved results: ``STORE/probes/<name>.json`` (read by ``dvprobe report``)
+PROBES_DIR = "probes"
+PROBES_FORMAT = "dvprobe-probes"
 
 
 class ProbeError(DvprobeError):
@@ -418,4 +424,71 @@ def write_probes(res: ProbeResult, out: str | os.PathLike) -> Path:
         if res.notes:
             parts += ["## Not probed\n", *[f"- {note}" for note in res.notes], ""]
         out.write_text("\n".join(parts))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Saved in the STORE (JSON, no pickle), for the report
+# --------------------------------------------------------------------------------------
+
+
+def check_name(name: str) -> str:
+    """Refuse a name ``STORE/probes/<name>.json`` cannot hold, before probing."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ProbeError(f"--name {name!r}: not a valid name (it names a file in "
+                         "STORE/probes: no '/' or '\\', no leading '.')")
+    return name
+
+
+def probes_path(store: Store, name: str) -> Path:
+    return store.path / PROBES_DIR / f"{check_name(name)}.json"
+
+
+def check_new(store: Store, name: str, overwrite: bool) -> None:
+    """Refuse to replace saved probes unless asked to (the CLI's ``--overwrite``)."""
+    if not overwrite and probes_path(store, name).exists():
+        raise ProbeError(f"probes {name!r} already exist in {store.path}; pass --overwrite to "
+                         "replace them or choose another --name")
+
+
+def save_probes(store: Store | str | os.PathLike, res: ProbeResult, name: str = "probes"
+                ) -> Path:
+    """Write ``res`` to ``STORE/probes/<name>.json`` atomically (replacing one of that name).
+
+    Saved with the STORE's row count: probes of a partial STORE are set aside with its runs
+    when extraction resumes, and :func:`load_probes` skips any made on another row count."""
+    st = _as_store(store)
+    path = probes_path(st, name)
+    doc = {"format": PROBES_FORMAT, "name": name, "n_store": res.n_store,
+           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "params": {"n_rows": res.n_rows, "folds": res.folds, "block_bp": res.block_bp,
+                      "pca": res.pca, "seed": res.seed},
+           "notes": res.notes,
+           "table": json.loads(res.table.to_json(orient="records"))}
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
+    return path
+
+
+def load_probes(store: Store | str | os.PathLike) -> dict[str, ProbeResult]:
+    """Every saved probe result of the STORE, by name (sorted); files that are not ours, are
+    unreadable or were made on another number of rows are skipped with a warning."""
+    st = _as_store(store)
+    out: dict[str, ProbeResult] = {}
+    for path in sorted((st.path / PROBES_DIR).glob("*.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("format") != PROBES_FORMAT:
+                raise ValueError(f"format is not {PROBES_FORMAT}")
+            if doc["n_store"] != st.n:
+                log.warning("%s: made on %d examples, the STORE has %d; skipped", path,
+                            doc["n_store"], st.n)
+                continue
+            p = doc["params"]
+            out[path.stem] = ProbeResult(
+                table=pd.DataFrame.from_records(doc["table"]), n_rows=p["n_rows"],
+                n_store=doc["n_store"], folds=p["folds"], block_bp=p["block_bp"], pca=p["pca"],
+                seed=p["seed"], notes=list(doc.get("notes", [])))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: not a readable probe result (%s); skipped", path, exc)
     return out

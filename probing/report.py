@@ -12,7 +12,8 @@ Figures (altair): per run, UMAP by cluster / ``level1`` / each boolean attribute
 continuous attribute; attribute share per cluster (the blog's figure 2: "83.9 % of cluster
 2 are LINEs") with Fisher/BH numbers in the tooltips; continuous medians and IQRs per
 cluster; projection figures for runs made by ``apply`` (applied set over the source run's
-UMAP); a cross-tabulation for multi-layer runs. Clicking a point shows its pileup channels
+UMAP); a cross-tabulation for multi-layer runs; the saved ``dvprobe probe`` results
+(STORE/probes) as scores across layers, one line per concept. Clicking a point shows its pileup channels
 in a side panel when a thumbnail exists. Every figure has vega-embed's PNG/SVG export menu;
 ``export_dir`` also writes them with vl-convert.
 
@@ -39,12 +40,15 @@ import pandas as pd
 from dvtorch.errors import DvprobeError
 from probing import enrich as en
 from probing.analysis.guard import partial_store_warning
+from probing.probe import load_probes
 from probing.show import channel_pngs, data_uri, read_store_examples, store_channels
 from probing.store import Run, Store, open_store
 
 log = logging.getLogger(__name__)
 
 CONTINUOUS_DEFAULT = ("depth", "mean_mapq", "alt_fraction")
+#: the report section of saved ``dvprobe probe`` results (STORE/probes/*.json)
+PROBES_SECTION = "Linear probes (dvprobe probe)"
 TOOLTIP_COLUMNS = ("locus", "alleles", "label", "pred_genotype", "p_hom_ref", "p_het",
                    "p_hom_alt", "depth", "mean_mapq", "pileup")
 _BASE_BOOL_EXCLUDE = {"key"}
@@ -257,6 +261,28 @@ def continuous_bars(cont: pd.DataFrame, attribute: str, level: str, title: str) 
     return alt.layer(iqr, med)
 
 
+def probe_profile(table: pd.DataFrame, title: str) -> alt.FacetChart:
+    """Held-out probe score per layer (x, network order), one line per concept, one panel per
+    metric (AUROC and R2 have different scales); bars = ± sd over the folds."""
+    d = table.dropna(subset=["mean"]).copy()
+    d["sd"] = d["sd"].fillna(0.0)
+    d["lo"], d["hi"] = d["mean"] - d["sd"], d["mean"] + d["sd"]
+    order = list(dict.fromkeys(table["layer"]))
+    tips = [alt.Tooltip("layer:N"), alt.Tooltip("concept:N"), alt.Tooltip("metric:N"),
+            alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("sd:Q", format=".3f"),
+            alt.Tooltip("folds:Q"), alt.Tooltip("n:Q", title="examples")]
+    base = alt.Chart(d).encode(x=alt.X("layer:N", sort=order, title="layer",
+                                     axis=alt.Axis(labelAngle=0)),
+                               color=alt.Color("concept:N", title="concept"))
+    lines = base.mark_line(point=True).encode(y=alt.Y("mean:Q", title="held-out score",
+                                                      scale=alt.Scale(zero=False)),
+                                              tooltip=tips)
+    bars = base.mark_rule(opacity=0.5).encode(y="lo:Q", y2="hi:Q", tooltip=tips)
+    return (alt.layer(bars, lines, data=d).properties(width=max(260, 48 * len(order)), height=240)
+            .facet(column=alt.Column("metric:N", title=None), title=title)
+            .resolve_scale(y="independent"))
+
+
 def crosstab_heatmap(a: pd.Series, b: pd.Series, a_name: str, b_name: str,
                      title: str) -> alt.LayerChart:
     ct = pd.crosstab(a.to_numpy(), b.to_numpy()).stack().reset_index()
@@ -442,6 +468,14 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
                                      f"Multi-layer clusters ({r.name}) vs {o.name}"),
                     "Counts over all rows: how the multi-layer clustering splits or merges "
                     "the single-layer clusters.", False, sec))
+
+    for pname, pres in load_probes(store).items():
+        figures.append(Figure(
+            f"f{len(figures)}", f"{pname}: concepts across layers",
+            probe_profile(pres.table, f"{pname}: where each concept is decodable"),
+            pres.header() + ". " + " ".join(f"{line}." for line in pres.peaks()), False,
+            PROBES_SECTION))
+        tables.append((f"{pname}: linear probes per layer", _table_html(pres.table)))
 
     thumb_rows = _pick_thumbnails(rows, obs, first_labels, rare, thumbnails)
     thumbs = _thumbs(store, thumb_rows, examples, thumbnail_downsample, warnings)
@@ -646,6 +680,10 @@ def _page(store: Store, figures: list[Figure], tables: list[tuple[str, str]],
     thumbs_js = {str(k): v for k, v in thumbs.items()}
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     warn_html = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in warnings)
+    contents = ", ".join(sorted({f.section.removeprefix("Run ") for f in figures
+                                 if f.section.startswith("Run ")}))
+    if any(f.section == PROBES_SECTION for f in figures):
+        contents += "; linear probes"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; img-src data: blob:; font-src data:">
@@ -654,7 +692,7 @@ def _page(store: Store, figures: list[Figure], tables: list[tuple[str, str]],
 <body>
 <header><h1>{html.escape(title)}</h1>
 <div class="note">STORE <code>{html.escape(str(store.path))}</code>, {n} examples, runs:
-{html.escape(', '.join(sorted({f.section[4:] for f in figures})))}. Generated {created}.</div>
+{html.escape(contents)}. Generated {created}.</div>
 <div class="note" id="sampling">{html.escape(sample_note)}</div>
 <div class="note" id="render-status">rendering...</div><pre id="errors"></pre>{warn_html}
 </header>

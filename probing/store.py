@@ -15,6 +15,9 @@ Layout (no pickle anywhere except UMAP models, which are hash-checked; see ``run
       runs/<run>/run.json        analysis run: parameters, backend, model hashes
       runs/<run>/obs.parquet     per-example results (cluster labels ...)
       runs/<run>/arrays.npz      coordinates and fitted models as plain arrays
+      probes/<name>.json         ``dvprobe probe`` results (:mod:`probing.probe`)
+      stale-<n>/                 annotations, runs and probes of a partial STORE, set aside
+                                 when its extraction resumed
 
 Crash safety: ``StoreWriter.append`` writes the layer rows and the obs part first, then
 atomically replaces ``store.json`` with the new ``n_committed``. Anything beyond the last
@@ -495,11 +498,12 @@ class StoreWriter:
         self.set_aside: Path | None = None
 
     def _set_aside_analyses(self) -> None:
-        """Move annotations and runs made on a partial STORE out of the way of a resumed
+        """Move annotations, runs and probes made on a partial STORE out of the way of a resumed
         extraction: they cover its first ``n_committed`` rows only, and would otherwise make
         every later command refuse the grown STORE (rows no longer line up). Kept, not
         deleted, under ``STORE/stale-<n>/``."""
-        found = [p for p in (self.path / "annotations.parquet", self.path / "runs")
+        found = [p for p in (self.path / "annotations.parquet", self.path / "runs",
+                             self.path / "probes")
                  if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
         if not found:
             return

@@ -28,6 +28,7 @@ from dvtorch.errors import DvprobeError, ExampleFormatError
 from probing.channels import WGS_CHANNELS, WGS_SHAPE
 from probing.examples import encode_example, write_example_info
 from probing.extract import PROB_COLUMNS, ExtractionInterrupted, extract
+from probing.probe import ProbeResult, load_probes, save_probes
 from probing.store import StoreError, open_store
 from probing.tfrecord import masked_crc32c, shard_name
 
@@ -333,6 +334,9 @@ def test_analyses_of_a_partial_store_are_set_aside_when_extraction_resumes(data,
     n = partial.n
     partial.add_obs({"early": np.ones(n, dtype=bool)})
     partial.save_run("km", meta={"kind": "kmeans"}, obs=pd.DataFrame({"cluster": np.zeros(n)}))
+    probes = pd.DataFrame([{"layer": "mixed5", "concept": "early", "metric": "AUROC",
+                            "mean": 0.5, "sd": 0.0, "folds": 5, "n": n, "n_with": n}])
+    save_probes(partial, ProbeResult(probes, n, n, 5, 1_000_000, 50, 0))
     capsys.readouterr()
     done = _extract(data, out)  # progress=False: the move is still said
     assert f"moved to {out / f'stale-{n}'}" in capsys.readouterr().err
@@ -341,6 +345,7 @@ def test_analyses_of_a_partial_store_are_set_aside_when_extraction_resumes(data,
     _assert_same_store(done, data["baseline"])
     stale = out / f"stale-{n}"
     assert (stale / "annotations.parquet").is_file() and (stale / "runs" / "km").is_dir()
+    assert (stale / "probes" / "probes.json").is_file() and load_probes(done) == {}
 
 
 def test_torn_tail_after_kill9_is_truncated_and_redone(data, tmp_path):

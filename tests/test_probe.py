@@ -186,7 +186,8 @@ def test_cli_prints_the_profile_and_writes_csv_and_markdown(planted, tmp_path):
     md, csv = tmp_path / "p.md", tmp_path / "p.csv"
     for out in (md, csv):
         res = CliRunner().invoke(cli.app, ["probe", str(planted.path), "--concepts",
-                                           "early,depth", "--no-progress", "--out", str(out)])
+                                           "early,depth", "--no-progress", "--out", str(out),
+                                           "--name", f"cli-{out.suffix[1:]}"])
         assert res.exit_code == 0, res.output + repr(res.exception)
     assert "examples with each yes/no concept: early " in res.output
     assert "| layer | early (AUROC) | depth (R2) |" in res.output
@@ -201,3 +202,45 @@ def test_cli_prints_the_profile_and_writes_csv_and_markdown(planted, tmp_path):
     bad = CliRunner().invoke(cli.app, ["probe", str(planted.path), "--out",
                                        str(tmp_path / "x.txt")])
     assert bad.exit_code != 0 and isinstance(bad.exception, ProbeError)
+    for name in ("cli-md", "cli-csv"):
+        (planted.path / "probes" / f"{name}.json").unlink()
+
+
+def test_results_are_saved_in_the_store_as_json_and_read_back(planted, tmp_path, caplog):
+    from probing.probe import load_probes, save_probes
+
+    res = probe_layers(planted, ["early", "depth"])
+    path = save_probes(planted, res, "first")
+    assert path == planted.path / "probes" / "first.json"
+    assert path.read_text().startswith('{\n "format": "dvprobe-probes"')  # JSON, no pickle
+    back = load_probes(planted)["first"]
+    pd.testing.assert_frame_equal(back.table, res.table, check_dtype=False)
+    assert (back.n_rows, back.folds, back.block_bp, back.pca) == (N, 5, 1_000_000, 50)
+    assert back.peaks() == res.peaks()
+
+    # made on another number of rows (a STORE that grew), or not ours: skipped, said
+    other = dict(__import__("json").loads(path.read_text()), n_store=N - 1)
+    (path.parent / "old.json").write_text(__import__("json").dumps(other))
+    (path.parent / "junk.json").write_text("{")
+    with caplog.at_level("WARNING", logger="probing.probe"):
+        assert set(load_probes(planted)) == {"first"}
+    assert "made on 1199 examples, the STORE has 1200" in caplog.text
+    assert "junk.json: not a readable probe result" in caplog.text
+    for name in ("old", "junk", "first"):
+        (path.parent / f"{name}.json").unlink()
+
+
+def test_cli_saves_under_a_name_and_refuses_to_replace_it_without_overwrite(planted):
+    import cli
+
+    args = ["probe", str(planted.path), "--concepts", "early", "--no-progress", "--name", "p1"]
+    first = CliRunner().invoke(cli.app, args)
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    assert f"saved {planted.path / 'probes' / 'p1.json'}" in first.output
+    again = CliRunner().invoke(cli.app, args)
+    assert isinstance(again.exception, ProbeError)
+    assert "probes 'p1' already exist" in str(again.exception)
+    assert CliRunner().invoke(cli.app, [*args, "--overwrite"]).exit_code == 0
+    bad = CliRunner().invoke(cli.app, [*args[:-1], "../x"])
+    assert isinstance(bad.exception, ProbeError) and "not a valid name" in str(bad.exception)
+    (planted.path / "probes" / "p1.json").unlink()

@@ -29,6 +29,7 @@ from probing import enrich as en
 from probing import report as rp
 from probing import show as sh
 from probing.examples import encode_example, write_example_info
+from probing.probe import ProbeResult, save_probes
 from probing.store import LayerSpec, StoreWriter, open_store
 from probing.tfrecord import write_records
 
@@ -95,6 +96,15 @@ def build_store(root: Path, n: int = 300, k: int = 5):
                                            "features": {"layers": ["mixed3", "mixed5"]}},
                obs=pd.DataFrame({"key": obs["key"], "cluster": (cl + (np.arange(n) % 2)) % 6}),
                arrays={"umap": umap[:, ::-1].copy()})
+    layers = ["mixed1", "mixed5", "mixed10"]
+    table = pd.DataFrame([
+        {"layer": layer, "concept": c, "metric": m, "mean": v + 0.02 * i, "sd": 0.01,
+         "folds": 5, "n": n, "n_with": k}
+        for i, layer in enumerate(layers)
+        for c, m, v, k in (("rmsk_LINE", "AUROC", 0.8, 70), ("mosaic", "AUROC", 0.6, 8),
+                           ("depth", "R2", 0.9, None))])
+    save_probes(s, ProbeResult(table=table, n_rows=n, n_store=n, folds=5, block_bp=1_000_000,
+                               pca=50, seed=0), "probes")
     return s
 
 
@@ -149,8 +159,11 @@ def test_report_static(store, tmp_path):
     titles = "\n".join(res.figures)
     for t in ("kmeans5-mixed5: UMAP by cluster", "kmeans5-mixed5: UMAP by level1",
               "kmeans5-mixed5: share of rmsk_LINE per cluster", "kmeans5-mixed5: UMAP, mosaic",
-              "multilayer6-layers vs kmeans5-mixed5", "kmeans5-mixed5: depth per cluster"):
+              "multilayer6-layers vs kmeans5-mixed5", "kmeans5-mixed5: depth per cluster",
+              "probes: concepts across layers"):
         assert t in titles
+    assert "runs:\nkmeans5-mixed5, multilayer6-layers; linear probes." in page
+    assert "rmsk_LINE: best mixed10 (AUROC 0.840)" in page
     assert page.count("data:image/png;base64,") == 12 * 7
     assert "mosaic: 8/8 in cluster 3" in page  # landing summary (rows 3, 8, ... 38 -> 3)
     pngs = sorted((tmp_path / "exp").glob("*.png"))
