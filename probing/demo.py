@@ -13,8 +13,9 @@
 4. :func:`probing.extract.extract` of six layers (max-pooled);
 5. k-means (k=10) + UMAP on mixed5, hierarchical k-means (3 → auto split) on mixed5, the
    multi-layer pipeline (k=12), and ``apply`` of the mosaic set through the k-means run;
-6. :mod:`probing.annotate` with the planted truth, :mod:`probing.enrich`, and the offline
-   HTML report.
+6. :mod:`probing.annotate` with the planted truth, :mod:`probing.enrich`, a linear probe
+   of every layer for every planted concept (:mod:`probing.probe`), and the offline HTML
+   report.
 
 Every intermediate is an ordinary file the other commands accept (the STORE can be clustered
 again, the examples re-extracted with another model), so the demo doubles as a template.
@@ -70,6 +71,8 @@ class DemoResult:
     mosaic_counts: pd.Series  # k-means cluster -> mosaic truth examples that landed there
     seconds: dict[str, float] = field(default_factory=dict)
     enrichment_files: list[Path] = field(default_factory=list)
+    probes: pd.DataFrame | None = None  # per planted concept: best layer, score, last layer
+    probe_header: str = ""
 
     def summary(self) -> str:
         """The one-screen summary the CLI prints."""
@@ -92,6 +95,10 @@ class DemoResult:
                 "the concept in the cluster):"
             )
             lines.append(format_recovery(table))
+            lines.append("")
+        if self.probes is not None:
+            lines.append(f"where each planted concept is decodable ({self.probe_header}):")
+            lines.append(format_probes(self.probes))
             lines.append("")
         lines.append(f"mosaic truth set through {KMEANS_RUN!r}: {self.mosaic_landing}")
         total = sum(self.seconds.values())
@@ -133,6 +140,32 @@ def format_recovery(table: pd.DataFrame) -> str:
         )
         for row in rows
     )
+
+
+def probe_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per concept of a :func:`probing.probe.probe_layers` table: the layer with the best
+    held-out score, that score, and the last layer's (what the network keeps of it)."""
+    rows = []
+    for concept, g in table.groupby("concept", sort=False):
+        g = g.dropna(subset=["mean"])
+        if g.empty:
+            continue
+        best, last = g.loc[g["mean"].idxmax()], g.iloc[-1]
+        rows.append({"concept": concept, "metric": best["metric"], "best_layer": best["layer"],
+                     "best": best["mean"], "sd": best["sd"], "last_layer": last["layer"],
+                     "last": last["mean"]})
+    return pd.DataFrame(rows)
+
+
+def format_probes(summary: pd.DataFrame) -> str:
+    """Fixed-width text of :func:`probe_summary`."""
+    rows = [("concept", "best layer", "score", "± sd", "last layer", "score")]
+    rows += [(r.concept, r.best_layer, f"{r.best:.3f}", f"{r.sd:.3f}", r.last_layer,
+              f"{r.last:.3f}") for r in summary.itertuples(index=False)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  " + "  ".join(c.rjust(w) if i else c.ljust(w)
+                                      for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+                     for row in rows)
 
 
 def annotate_planted(store, truth_dir: str | os.PathLike) -> list[str]:
@@ -240,6 +273,7 @@ def run_demo(
     from probing.enrich import best_clusters, enrich, landing, write_enrichment
     from probing.extract import extract
     from probing.make_examples import make_examples
+    from probing.probe import ProbeError, probe_layers, save_probes, write_probes
     from probing.report import build_report
     from probing.simulate import simulate
     from probing.store import open_store
@@ -375,6 +409,22 @@ def run_demo(
         vc = applied.counts["n"]
         mosaic_landing = landing(applied.run.obs[applied.column], None, MOSAIC_RUN).where()
 
+    with _timed(seconds, "probe", log):
+        # Blocks of a twentieth of the simulated genome (20 kb for the default 400 kb): the
+        # 1 Mb default of `dvprobe probe` is for whole genomes. A concept too rare for the
+        # folds is listed as not probed; none probeable (a tiny test genome) is said, not fatal.
+        try:
+            probes = probe_layers(store, columns, layers, block_bp=max(1_000, length // 20),
+                                  seed=seed, progress=False)
+        except ProbeError as exc:
+            probes = None
+            log(f"linear probes skipped: {exc}")
+        if probes is not None:
+            save_probes(store, probes, "planted")
+            written.append(write_probes(probes, enrich_dir / "probes.md"))
+            for note in probes.notes:
+                log(f"not probed: {note}")
+
     with _timed(seconds, "report", log):
         report = build_report(
             store,
@@ -399,4 +449,7 @@ def run_demo(
         mosaic_counts=vc,
         seconds=seconds,
         enrichment_files=written,
+        probes=probe_summary(probes.table) if probes is not None else None,
+        probe_header=(f"linear probes, held-out AUROC over {probes.folds} folds by "
+                      f"{probes.block_bp // 1000} kb block" if probes is not None else ""),
     )

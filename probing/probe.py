@@ -464,10 +464,18 @@ def save_probes(store: Store | str | os.PathLike, res: ProbeResult, name: str = 
            "params": {"n_rows": res.n_rows, "folds": res.folds, "block_bp": res.block_bp,
                       "pca": res.pca, "seed": res.seed},
            "notes": res.notes,
-           "table": json.loads(res.table.to_json(orient="records"))}
+           "table": [{k: _json_value(v) for k, v in row.items()}
+                     for row in res.table.to_dict(orient="records")]}
     path.parent.mkdir(exist_ok=True)
     atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
     return path
+
+
+def _json_value(v):
+    """A table cell as JSON: numpy scalars as Python numbers (full precision), NaN as null."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    return None if isinstance(v, float) and np.isnan(v) else v
 
 
 def load_probes(store: Store | str | os.PathLike) -> dict[str, ProbeResult]:

@@ -66,6 +66,22 @@ def test_demo_summary_says_the_model_is_untrained(demo) -> None:
         assert col in text
 
 
+def test_demo_probes_every_layer_for_the_planted_concepts(demo) -> None:
+    from probing.probe import load_probes
+
+    saved = load_probes(demo.store)["planted"]
+    assert list(dict.fromkeys(saved.table["layer"])) == list(TINY["layers"])
+    assert saved.block_bp == TINY["length"] // 20
+    assert demo.probes is not None and len(demo.probes) >= 3
+    for r in demo.probes.itertuples(index=False):
+        g = saved.table[saved.table["concept"] == r.concept].set_index("layer")
+        assert r.best == g["mean"].max() and g.loc[r.best_layer, "mean"] == r.best
+        assert r.last_layer == "mixed8" and r.last == g.loc["mixed8", "mean"]
+    assert "where each planted concept is decodable (linear probes" in demo.summary()
+    assert demo.seconds["probe"] > 0
+    assert (demo.out / "enrichment" / "probes.md") in demo.enrichment_files
+
+
 def test_demo_recovery_tables_are_consistent_with_the_enrichment(demo) -> None:
     store = open_store(demo.store)
     run = store.load_run(KMEANS_RUN)
