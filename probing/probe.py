@@ -36,7 +36,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,14 +46,13 @@ import pandas as pd
 from dvtorch.errors import DvprobeError
 from dvtorch.files import atomic_write_bytes
 from probing.enrich import EnrichmentError, _as_store, resolve_attribute, to_markdown
+from probing.enrich import check_output as enrich_check_output
 from probing.store import Store
 
 log = logging.getLogger(__name__)
 
 #: numeric obs columns probed when no concept is named (with every boolean annotation)
 CONTINUOUS_DEFAULT = ("depth", "mean_mapq", "alt_fraction")
-#: ``--out`` suffixes :func:`write_probes` writes
-OUT_SUFFIXES = (".csv", ".md", ".markdown")
 #: share of the available memory one layer's sampled rows (float32) may take
 MEMORY_SHARE = 0.25
 #: saved results: ``STORE/probes/<name>.json`` (read by ``dvprobe report``)
@@ -219,10 +218,11 @@ class ProbeResult:
     seed: int
     notes: list[str] = field(default_factory=list)
 
-    def profile(self) -> pd.DataFrame:
-        """Layers (rows, STORE order) x concepts (columns): mean held-out score."""
+    def profile(self, values: str = "mean") -> pd.DataFrame:
+        """Layers (rows, in probing order) x concepts (columns): the mean held-out score (or
+        another column of ``table``)."""
         t = self.table
-        out = t.pivot(index="layer", columns="concept", values="mean")
+        out = t.pivot(index="layer", columns="concept", values=values)
         return out.loc[list(dict.fromkeys(t["layer"])), list(dict.fromkeys(t["concept"]))]
 
     def peaks(self) -> list[str]:
@@ -393,20 +393,19 @@ def profile_markdown(res: ProbeResult) -> str:
     cells = t.assign(cell=[("" if np.isnan(m) else f"{m:.3f}" + ("" if np.isnan(s)
                                                                     else f" ± {s:.3f}"))
                            for m, s in zip(t["mean"], t["sd"], strict=True)])
-    wide = cells.pivot(index="layer", columns="concept", values="cell")
-    wide = wide.loc[list(dict.fromkeys(t["layer"])), list(dict.fromkeys(t["concept"]))]
+    wide = replace(res, table=cells).profile("cell")
     metric = dict(zip(t["concept"], t["metric"], strict=False))
     wide.columns = [f"{c} ({metric[c]})" for c in wide.columns]
     return to_markdown(wide.reset_index())
 
 
 def check_output(out: str | os.PathLike) -> Path:
-    """Refuse an ``--out`` :func:`write_probes` cannot write, before probing anything."""
-    out = Path(out)
-    if out.suffix not in OUT_SUFFIXES:
-        raise ProbeError(f"{out}: output must end in .csv or .md, not "
-                         f"{out.suffix or 'no suffix'!r}")
-    return out
+    """Refuse an ``--out`` :func:`write_probes` cannot write (enrich's rule: .csv or .md),
+    before probing anything."""
+    try:
+        return enrich_check_output(out)
+    except EnrichmentError as exc:
+        raise ProbeError(str(exc)) from None
 
 
 def write_probes(res: ProbeResult, out: str | os.PathLike) -> Path:
