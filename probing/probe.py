@@ -322,7 +322,7 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
         fit = int(MEMORY_SHARE * room / (widest * 4 * 3))
         raise ProbeError(f"{len(rows):,} rows of a {widest:,}-wide layer need ~{need / 1e9:.1f} "
                          f"GB, more than {MEMORY_SHARE:.0%} of the {room / 1e9:.1f} GB "
-                         f"available; pass --max-rows {max(fit, 2):,} or less")
+                         f"available; pass --max-rows {max(fit, 2)} or less")
     where = (obs["chrom"].to_numpy()[rows], obs["pos"].to_numpy()[rows]) if block_bp \
         else (np.zeros(len(rows)), np.zeros(len(rows)))
     try:
