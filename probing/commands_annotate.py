@@ -161,6 +161,9 @@ def register(app: typer.Typer) -> None:
         max_rows: int = typer.Option(50_000, "--max-rows",
                                      help="probe a seeded sample of at most this many examples"),
         seed: int = typer.Option(0, "--seed"),
+        baseline: Path = typer.Option(None, "--baseline",
+                                      help="STORE of the same examples from another model "
+                                           "(the untrained reference): gain per cell"),
         name: str = typer.Option("probes", "--name",
                                  help="saved as STORE/probes/NAME.json (the report shows it)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace saved probes NAME"),
@@ -178,7 +181,7 @@ def register(app: typer.Typer) -> None:
         pr.check_new(st, name, overwrite)
         res = pr.probe_layers(st, _split(concepts), _split(layers), folds=folds, pca=pca,
                               block_bp=block_bp, max_rows=max_rows, seed=seed,
-                              progress=not no_progress)
+                              progress=not no_progress, baseline=baseline)
         typer.echo(res.header() + ".")
         if (res.table["metric"] == "AUROC").any():
             typer.echo(res.counts())

@@ -26,8 +26,9 @@ How, and why so:
 
 Read the numbers as *decodability*, not use: a concept a probe can read may play no part in
 the call. Random convolutional features decode a lot by themselves, so the baseline for a
-trained DeepVariant is the same probe on a STORE extracted with the untrained reference
-model (``dvtorch.reference_bundle``, the demo's default).
+trained DeepVariant is the same probe on a STORE of the same examples extracted with the
+untrained reference model (``dvtorch.reference_bundle``, the demo's default): ``baseline=``
+probes it on the same rows and folds and reports the gain per cell.
 """
 
 from __future__ import annotations
@@ -217,6 +218,7 @@ class ProbeResult:
     pca: int
     seed: int
     notes: list[str] = field(default_factory=list)
+    baseline: str | None = None  # the baseline STORE's path, when there is one
 
     def profile(self, values: str = "mean") -> pd.DataFrame:
         """Layers (rows, in probing order) x concepts (columns): the mean held-out score (or
@@ -236,6 +238,9 @@ class ProbeResult:
             last = g.iloc[-1]
             tail = ("" if last["layer"] == best["layer"] else
                     f"; {last['layer']} {last['mean']:.3f} ({last['mean'] - best['mean']:+.3f})")
+            if "gain" in g.columns and not np.isnan(best["gain"]):
+                tail += (f"; over the baseline at {best['layer']}: {best['gain']:+.3f} "
+                         f"(baseline {best['baseline_mean']:.3f})")
             lines.append(f"{name}: best {best['layer']} ({best['metric']} {best['mean']:.3f})"
                          + tail)
         return lines
@@ -253,9 +258,11 @@ class ProbeResult:
                else "random folds (--block-bp 0)")
         sample = (f"{self.n_rows:,} of {self.n_store:,} examples (seed {self.seed})"
                   if self.n_rows < self.n_store else f"{self.n_rows:,} examples")
+        against = (f"; (+x) = gain over the same probe on the baseline {self.baseline}"
+                   if self.baseline else "")
         return (f"linear probes, {self.folds}-fold CV, {how}, standardise + PCA {self.pca} "
                 f"fitted inside each fold; AUROC for yes/no concepts (0.5 = chance), R2 for "
-                f"numbers (0 = the mean); {sample}")
+                f"numbers (0 = the mean); {sample}{against}")
 
 
 def _extraction_order(st: Store) -> list[str]:
@@ -282,11 +289,15 @@ def _suggest_block(chrom: np.ndarray, pos: np.ndarray, k: int, block_bp: int) ->
 def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | None = None,
                  layers: Sequence[str] | None = None, *, folds: int = 5, pca: int = 50,
                  block_bp: int = 1_000_000, max_rows: int = 50_000, seed: int = 0,
-                 progress: bool = False, available: int | None = None) -> ProbeResult:
+                 progress: bool = False, available: int | None = None,
+                 baseline: Store | str | os.PathLike | None = None) -> ProbeResult:
     """Probe every layer of ``layers`` (default: all of the STORE's) for every concept.
 
     See the module docstring for the method. ``available`` (bytes; default: what the
-    machine or container has free) bounds one layer's sampled rows.
+    machine or container has free) bounds one layer's sampled rows. ``baseline``: a STORE
+    of the same examples extracted with another model (the untrained reference); the same
+    rows, folds and concepts are probed there too, and the table gains ``baseline_mean``,
+    ``baseline_sd`` and ``gain`` (mean - baseline_mean).
     """
     from probing.analysis.guard import available_memory, warn_if_partial
 
@@ -351,48 +362,95 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
     if not ys:
         raise ProbeError("no concept can be probed: " + "; ".join(notes))
 
+    base = _check_baseline(_as_store(baseline), st, names) if baseline is not None else None
     from tqdm.auto import tqdm
 
     records = []
-    with tqdm(total=len(names) * folds, desc="probe", unit="fold", disable=not progress,
-              leave=False) as bar:
+    with tqdm(total=len(names) * folds * (2 if base is not None else 1), desc="probe",
+              unit="fold", disable=not progress, leave=False) as bar:
         for name in names:
-            x = np.asarray(st.layer(name)[rows], dtype=np.float32)
-            scores: dict[str, list[float]] = {c: [] for c in ys}
-            for f in range(folds):
-                test = fold == f
-                a, b = _features(x[~test], x[test], pca, seed)
-                for cname, (c, y) in ys.items():
-                    keep_tr, keep_te = np.isfinite(y[~test]), np.isfinite(y[test])
-                    if c.kind == "binary":
-                        s = _score(c, a, b, y[~test], y[test], seed)
-                    else:
-                        s = _score(c, a[keep_tr], b[keep_te], y[~test][keep_tr],
-                                   y[test][keep_te], seed)
-                    if s is not None:
-                        scores[cname].append(s)
-                bar.update(1)
+            scores = _layer_scores(st.layer(name)[rows], ys, fold, folds, pca, seed, bar)
+            if base is not None:
+                base_scores = _layer_scores(base.layer(name)[rows], ys, fold, folds, pca, seed,
+                                            bar)
             for cname, (c, y) in ys.items():
-                v = np.asarray(scores[cname])
-                records.append({
-                    "layer": name, "concept": cname, "metric": c.metric,
-                    "mean": float(v.mean()) if len(v) else np.nan,
-                    "sd": float(v.std(ddof=1)) if len(v) > 1 else np.nan,
-                    "folds": len(v),
-                    "n": int(np.isfinite(y).sum()) if c.kind == "continuous" else len(y),
-                    "n_with": int(y.sum()) if c.kind == "binary" else np.nan,
-                })
+                rec = {"layer": name, "concept": cname, "metric": c.metric,
+                       **_summary(scores[cname]), "folds": len(scores[cname]),
+                       "n": int(np.isfinite(y).sum()) if c.kind == "continuous" else len(y),
+                       "n_with": int(y.sum()) if c.kind == "binary" else np.nan}
+                if base is not None:
+                    b = _summary(base_scores[cname])
+                    rec.update(baseline_mean=b["mean"], baseline_sd=b["sd"],
+                               gain=rec["mean"] - b["mean"])
+                records.append(rec)
     table = pd.DataFrame.from_records(records)
     return ProbeResult(table=table, n_rows=len(rows), n_store=n, folds=folds,
-                       block_bp=block_bp, pca=pca, seed=seed, notes=notes)
+                       block_bp=block_bp, pca=pca, seed=seed, notes=notes,
+                       baseline=str(base.path) if base is not None else None)
+
+
+def _summary(scores: list[float]) -> dict[str, float]:
+    v = np.asarray(scores)
+    return {"mean": float(v.mean()) if len(v) else np.nan,
+            "sd": float(v.std(ddof=1)) if len(v) > 1 else np.nan}
+
+
+def _layer_scores(rows: np.ndarray, ys: dict[str, tuple[Concept, np.ndarray]],
+                  fold: np.ndarray, folds: int, pca: int, seed: int, bar) -> dict[str, list]:
+    """Held-out scores of every concept on one layer's sampled rows, fold by fold; the
+    features are fitted once per fold and shared by the concepts."""
+    x = np.asarray(rows, dtype=np.float32)
+    scores: dict[str, list[float]] = {c: [] for c in ys}
+    for f in range(folds):
+        test = fold == f
+        a, b = _features(x[~test], x[test], pca, seed)
+        for cname, (c, y) in ys.items():
+            if c.kind == "binary":
+                s = _score(c, a, b, y[~test], y[test], seed)
+            else:  # rows without a value take no part in the regression
+                keep_tr, keep_te = np.isfinite(y[~test]), np.isfinite(y[test])
+                s = _score(c, a[keep_tr], b[keep_te], y[~test][keep_tr], y[test][keep_te],
+                           seed)
+            if s is not None:
+                scores[cname].append(s)
+        bar.update(1)
+    return scores
+
+
+def _check_baseline(base: Store, st: Store, names: Sequence[str]) -> Store:
+    """The baseline STORE must hold the same examples in the same order (its rows are taken
+    by the same indices) and the probed layers, pooled alike."""
+    if base.path.resolve() == st.path.resolve():
+        raise ProbeError(f"--baseline {base.path} is the STORE itself")
+    if base.n != st.n:
+        raise ProbeError(f"--baseline {base.path} has {base.n:,} examples, {st.path} "
+                         f"{st.n:,}: extract the same examples with the baseline model")
+    a, b = st.obs, base.obs
+    if "key" in a.columns and "key" in b.columns and not a["key"].equals(b["key"]):
+        row = int(np.flatnonzero(a["key"].to_numpy() != b["key"].to_numpy())[0])
+        raise ProbeError(f"--baseline {base.path}: example {row} is {b['key'].iloc[row]!r}, "
+                         f"in {st.path} {a['key'].iloc[row]!r}: extract the same examples "
+                         "(same files, same --limit)")
+    for name in names:
+        if name not in base.layers:
+            raise ProbeError(f"--baseline {base.path} has no layer {name} (it has "
+                             f"{', '.join(base.layers)})")
+        mine, theirs = st.layer_specs[name], base.layer_specs[name]
+        if (mine.dim, mine.pool) != (theirs.dim, theirs.pool):
+            raise ProbeError(f"--baseline {base.path}: layer {name} is {theirs.dim}-wide, "
+                             f"pooled {theirs.pool}; here {mine.dim}-wide, pooled {mine.pool}")
+    return base
 
 
 def profile_markdown(res: ProbeResult) -> str:
-    """The layer x concept profile as a markdown table, each cell ``mean ± sd``."""
+    """The layer x concept profile as a markdown table, each cell ``mean ± sd`` (and the
+    gain over the baseline, when there is one)."""
     t = res.table
-    cells = t.assign(cell=[("" if np.isnan(m) else f"{m:.3f}" + ("" if np.isnan(s)
-                                                                    else f" ± {s:.3f}"))
-                           for m, s in zip(t["mean"], t["sd"], strict=True)])
+    gains = t["gain"] if "gain" in t.columns else pd.Series(np.nan, index=t.index)
+    cells = t.assign(cell=[("" if np.isnan(m) else f"{m:.3f}"
+                            + ("" if np.isnan(s) else f" ± {s:.3f}")
+                            + ("" if np.isnan(g) else f" ({g:+.3f})"))
+                           for m, s, g in zip(t["mean"], t["sd"], gains, strict=True)])
     wide = replace(res, table=cells).profile("cell")
     metric = dict(zip(t["concept"], t["metric"], strict=False))
     wide.columns = [f"{c} ({metric[c]})" for c in wide.columns]
@@ -461,7 +519,7 @@ def save_probes(store: Store | str | os.PathLike, res: ProbeResult, name: str = 
     doc = {"format": PROBES_FORMAT, "name": name, "n_store": res.n_store,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "params": {"n_rows": res.n_rows, "folds": res.folds, "block_bp": res.block_bp,
-                      "pca": res.pca, "seed": res.seed},
+                      "pca": res.pca, "seed": res.seed, "baseline": res.baseline},
            "notes": res.notes,
            "table": [{k: _json_value(v) for k, v in row.items()}
                      for row in res.table.to_dict(orient="records")]}
@@ -495,7 +553,7 @@ def load_probes(store: Store | str | os.PathLike) -> dict[str, ProbeResult]:
             out[path.stem] = ProbeResult(
                 table=pd.DataFrame.from_records(doc["table"]), n_rows=p["n_rows"],
                 n_store=doc["n_store"], folds=p["folds"], block_bp=p["block_bp"], pca=p["pca"],
-                seed=p["seed"], notes=list(doc.get("notes", [])))
+                seed=p["seed"], notes=list(doc.get("notes", [])), baseline=p.get("baseline"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s: not a readable probe result (%s); skipped", path, exc)
     return out

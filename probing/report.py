@@ -263,17 +263,26 @@ def continuous_bars(cont: pd.DataFrame, attribute: str, level: str, title: str) 
 
 def probe_profile(table: pd.DataFrame, title: str) -> alt.FacetChart:
     """Held-out probe score per layer (x, network order), one line per concept, one panel per
-    metric (AUROC and R2 have different scales); bars = ± sd over the folds."""
-    d = table.dropna(subset=["mean"]).copy()
+    metric (AUROC and R2 have different scales); bars = ± sd over the folds; a baseline
+    model's scores (``--baseline``), when probed, as dashed lines."""
+    parts = [table.assign(model="probed STORE")]
+    if "baseline_mean" in table.columns:
+        parts.append(table.assign(model="baseline", mean=table["baseline_mean"],
+                                  sd=table["baseline_sd"]))
+    d = pd.concat(parts, ignore_index=True).dropna(subset=["mean"])
     d["sd"] = d["sd"].fillna(0.0)
     d["lo"], d["hi"] = d["mean"] - d["sd"], d["mean"] + d["sd"]
+    d = d[["layer", "concept", "metric", "model", "mean", "sd", "lo", "hi", "folds", "n"]]
     order = list(dict.fromkeys(table["layer"]))
-    tips = [alt.Tooltip("layer:N"), alt.Tooltip("concept:N"), alt.Tooltip("metric:N"),
-            alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("sd:Q", format=".3f"),
-            alt.Tooltip("folds:Q"), alt.Tooltip("n:Q", title="examples")]
+    tips = [alt.Tooltip("layer:N"), alt.Tooltip("concept:N"), alt.Tooltip("model:N"),
+            alt.Tooltip("metric:N"), alt.Tooltip("mean:Q", format=".3f"),
+            alt.Tooltip("sd:Q", format=".3f"), alt.Tooltip("folds:Q"),
+            alt.Tooltip("n:Q", title="examples")]
     base = alt.Chart(d).encode(x=alt.X("layer:N", sort=order, title="layer",
-                                     axis=alt.Axis(labelAngle=0)),
-                               color=alt.Color("concept:N", title="concept"))
+                                       axis=alt.Axis(labelAngle=0)),
+                               color=alt.Color("concept:N", title="concept"),
+                               strokeDash=alt.StrokeDash("model:N", title="model",
+                                                         sort=["probed STORE", "baseline"]))
     lines = base.mark_line(point=True).encode(y=alt.Y("mean:Q", title="held-out score",
                                                       scale=alt.Scale(zero=False)),
                                               tooltip=tips)

@@ -244,3 +244,54 @@ def test_cli_saves_under_a_name_and_refuses_to_replace_it_without_overwrite(plan
     bad = CliRunner().invoke(cli.app, [*args[:-1], "../x"])
     assert isinstance(bad.exception, ProbeError) and "not a valid name" in str(bad.exception)
     (planted.path / "probes" / "p1.json").unlink()
+
+
+def test_a_baseline_store_is_probed_on_the_same_rows_and_folds_and_the_gain_reported(
+        planted, tmp_path):
+    """The honest reference for a trained model is the untrained one on the same examples:
+    here the baseline's mixed1 lacks the planted signal, so the gain is the whole signal."""
+    from probing.probe import load_probes, save_probes
+
+    rng = np.random.default_rng(9)
+    noise = {name: rng.normal(size=(N, DIM)).astype(np.float32) for name in ("mixed1", "mixed10")}
+    base = make_store(tmp_path / "base", noise, {"chrom": planted.obs["chrom"],
+                                                 "pos": planted.obs["pos"]})
+    res = probe_layers(planted, ["early"], baseline=base, max_rows=800)
+    t = res.table.set_index("layer")
+    assert t.loc["mixed1", "baseline_mean"] == pytest.approx(0.5, abs=0.1)
+    assert t.loc["mixed1", "gain"] == pytest.approx(t.loc["mixed1", "mean"]
+                                                    - t.loc["mixed1", "baseline_mean"])
+    assert t.loc["mixed1", "gain"] > 0.3 and abs(t.loc["mixed10", "gain"]) < 0.1
+    # the baseline's cells are what probing it on its own gives: same rows, same folds
+    base.add_obs({"early": planted.obs["early"].to_numpy()})
+    alone = probe_layers(base, ["early"], max_rows=800).table.set_index("layer")
+    assert (t["baseline_mean"] == alone["mean"]).all()
+    assert res.baseline == str(base.path) and "gain over the same probe" in res.header()
+    assert "over the baseline at mixed1: +0." in res.peaks()[0]
+    assert "(+0." in pr.profile_markdown(res)
+    save_probes(planted, res, "with-baseline")
+    back = load_probes(planted)["with-baseline"]
+    assert back.baseline == str(base.path) and "gain" in back.table.columns
+    (planted.path / "probes" / "with-baseline.json").unlink()
+
+
+def test_a_baseline_of_other_examples_or_layers_is_refused(planted, tmp_path):
+    rng = np.random.default_rng(3)
+
+    def store(name, n=N, layers=("mixed1", "mixed10"), dim=DIM, keys=None):
+        extra = {"key": keys} if keys is not None else {}
+        return make_store(tmp_path / name, {k: rng.normal(size=(n, dim)).astype(np.float32)
+                                            for k in layers}, extra)
+
+    with pytest.raises(ProbeError, match="has 1,100 examples, .* 1,200: extract the same"):
+        probe_layers(planted, ["early"], baseline=store("short", n=1100))
+    keys = [f"chr1:{i}:A>C:1" for i in range(N)]
+    keys[7] = "chr9:7:G>T:1"
+    with pytest.raises(ProbeError, match="example 7 is 'chr9:7:G>T:1', in .* 'chr1:7:A>C:1'"):
+        probe_layers(planted, ["early"], baseline=store("other", keys=keys))
+    with pytest.raises(ProbeError, match="has no layer mixed10"):
+        probe_layers(planted, ["early"], baseline=store("one", layers=("mixed1",)))
+    with pytest.raises(ProbeError, match="layer mixed1 is 32-wide"):
+        probe_layers(planted, ["early"], baseline=store("narrow", dim=32))
+    with pytest.raises(ProbeError, match="is the STORE itself"):
+        probe_layers(planted, ["early"], baseline=planted.path)

@@ -103,8 +103,9 @@ def build_store(root: Path, n: int = 300, k: int = 5):
         for i, layer in enumerate(layers)
         for c, m, v, k in (("rmsk_LINE", "AUROC", 0.8, 70), ("mosaic", "AUROC", 0.6, 8),
                            ("depth", "R2", 0.9, None))])
+    table = table.assign(baseline_mean=table["mean"] - 0.1, baseline_sd=0.02, gain=0.1)
     save_probes(s, ProbeResult(table=table, n_rows=n, n_store=n, folds=5, block_bp=1_000_000,
-                               pca=50, seed=0), "probes")
+                               pca=50, seed=0, baseline="untrained.store"), "probes")
     return s
 
 
@@ -163,7 +164,7 @@ def test_report_static(store, tmp_path):
               "probes: concepts across layers"):
         assert t in titles
     assert "runs:\nkmeans5-mixed5, multilayer6-layers; linear probes." in page
-    assert "rmsk_LINE: best mixed10 (AUROC 0.840)" in page
+    assert "rmsk_LINE: best mixed10 (AUROC 0.840); over the baseline at mixed10: +0.100" in page
     assert page.count("data:image/png;base64,") == 12 * 7
     assert "mosaic: 8/8 in cluster 3" in page  # landing summary (rows 3, 8, ... 38 -> 3)
     pngs = sorted((tmp_path / "exp").glob("*.png"))
