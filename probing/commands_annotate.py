@@ -167,6 +167,8 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Option("probes", "--name",
                                  help="saved as STORE/probes/NAME.json (the report shows it)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace saved probes NAME"),
+        no_save: bool = typer.Option(False, "--no-save",
+                                     help="do not save in the STORE (e.g. a read-only one)"),
         out: Path = typer.Option(None, "--out", help="also write table.csv or table.md"),
         no_progress: bool = typer.Option(False, "--no-progress"),
     ) -> None:
@@ -178,7 +180,9 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             pr.check_output(out)
         st = open_store(store)
-        pr.check_new(st, name, overwrite)
+        if not no_save:
+            pr.check_new(st, name, overwrite)
+            pr.check_writable(st, name)
         res = pr.probe_layers(st, _split(concepts), _split(layers), folds=folds, pca=pca,
                               block_bp=block_bp, max_rows=max_rows, seed=seed,
                               progress=not no_progress, baseline=baseline)
@@ -189,8 +193,9 @@ def register(app: typer.Typer) -> None:
         for line in res.peaks():
             typer.echo(line)
         for note in res.notes:
-            typer.echo(f"not probed: {note}")
-        typer.echo(f"saved {pr.save_probes(st, res, name)}")
+            typer.echo(f"note: {note}")
+        if not no_save:
+            typer.echo(f"saved {pr.save_probes(st, res, name)}")
         if out is not None:
             typer.echo(f"wrote {pr.write_probes(res, out)}")
 

@@ -152,16 +152,16 @@ def probe_summary(table: pd.DataFrame) -> pd.DataFrame:
             continue
         best, last = g.loc[g["mean"].idxmax()], g.iloc[-1]
         rows.append({"concept": concept, "metric": best["metric"], "best_layer": best["layer"],
-                     "best": best["mean"], "sd": best["sd"], "last_layer": last["layer"],
-                     "last": last["mean"]})
+                     "best": best["mean"], "sd": best["sd"], "folds": int(best["folds"]),
+                     "last_layer": last["layer"], "last": last["mean"]})
     return pd.DataFrame(rows)
 
 
 def format_probes(summary: pd.DataFrame) -> str:
     """Fixed-width text of :func:`probe_summary`."""
-    rows = [("concept", "best layer", "score", "± sd", "last layer", "score")]
-    rows += [(r.concept, r.best_layer, f"{r.best:.3f}", f"{r.sd:.3f}", r.last_layer,
-              f"{r.last:.3f}") for r in summary.itertuples(index=False)]
+    rows = [("concept", "best layer", "score", "± sd", "folds", "last layer", "score")]
+    rows += [(r.concept, r.best_layer, f"{r.best:.3f}", f"{r.sd:.3f}", str(r.folds),
+              r.last_layer, f"{r.last:.3f}") for r in summary.itertuples(index=False)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  " + "  ".join(c.rjust(w) if i else c.ljust(w)
                                       for i, (c, w) in enumerate(zip(row, widths, strict=True)))
@@ -423,7 +423,7 @@ def run_demo(
             save_probes(store, probes, "planted")
             written.append(write_probes(probes, enrich_dir / "probes.md"))
             for note in probes.notes:
-                log(f"not probed: {note}")
+                log(f"probe note: {note}")
 
     with _timed(seconds, "report", log):
         report = build_report(

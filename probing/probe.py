@@ -46,7 +46,7 @@ import pandas as pd
 
 from dvtorch.errors import DvprobeError
 from dvtorch.files import atomic_write_bytes
-from probing.enrich import EnrichmentError, _as_store, resolve_attribute, to_markdown
+from probing.enrich import EnrichmentError, _as_store, to_markdown
 from probing.enrich import check_output as enrich_check_output
 from probing.store import Store
 
@@ -67,8 +67,8 @@ class ProbeError(DvprobeError):
 
 @dataclass(frozen=True)
 class Concept:
-    """One thing to decode: ``values`` over the STORE's rows (bool, or float with NaN for
-    rows that have no value)."""
+    """One thing to decode: ``values`` over the STORE's rows as float64, NaN where a row has
+    no value (those rows take no part in its probe): 0 / 1 for a yes/no concept."""
 
     name: str
     kind: str  # "binary" | "continuous"
@@ -81,8 +81,9 @@ class Concept:
 
 def resolve_concepts(frame: pd.DataFrame, specs: Sequence[str] | None) -> list[Concept]:
     """``specs`` as concepts: a boolean column (``LINE`` finds ``rmsk_LINE``), ``col=value``
-    (a categorical column as a set) or a numeric column (a number to regress). None: every
-    boolean column, plus :data:`CONTINUOUS_DEFAULT` where present."""
+    (one value of a categorical column) or a numeric column (a number to regress). None:
+    every boolean column, plus :data:`CONTINUOUS_DEFAULT` where present. Missing values stay
+    missing (NaN), for yes/no concepts too: a row with no annotation is not a "no"."""
     if specs is None:
         names = [c for c in frame.columns if frame[c].dtype == bool]
         names += [c for c in CONTINUOUS_DEFAULT if c in frame.columns]
@@ -93,24 +94,7 @@ def resolve_concepts(frame: pd.DataFrame, specs: Sequence[str] | None) -> list[C
         names = list(specs)
         if not names:
             raise ProbeError("--concepts is empty")
-    concepts: list[Concept] = []
-    for spec in names:
-        col = spec if spec in frame.columns else None
-        if col is not None and "=" not in spec and _is_number(frame[col]):
-            levels = _few_levels(frame[col])
-            if levels is not None:
-                raise ProbeError(
-                    f"--concepts {col}: an integer column with only {len(levels)} values "
-                    f"({', '.join(map(str, levels))}) is a category, not a quantity; probe "
-                    f"one value as a yes/no concept, e.g. {col}={levels[-1]}")
-            values = pd.to_numeric(frame[col], errors="coerce").to_numpy(np.float64)
-            concepts.append(Concept(col, "continuous", values))
-            continue
-        try:
-            name, mask = resolve_attribute(frame, spec)
-        except EnrichmentError as exc:
-            raise ProbeError(str(exc).replace("--continuous ", "--concepts ")) from None
-        concepts.append(Concept(name, "binary", mask))
+    concepts = [_concept(frame, spec) for spec in names]
     seen = [c.name for c in concepts]
     twice = sorted({n for n in seen if seen.count(n) > 1})
     if twice:
@@ -118,46 +102,85 @@ def resolve_concepts(frame: pd.DataFrame, specs: Sequence[str] | None) -> list[C
     return concepts
 
 
-def _is_number(s: pd.Series) -> bool:
-    """Numeric and not a 0/1 flag (those are yes/no concepts)."""
-    if s.dtype == bool or not pd.api.types.is_numeric_dtype(s):
-        return False
-    return not set(pd.unique(s.dropna())) <= {0, 1}
+def _concept(frame: pd.DataFrame, spec: str) -> Concept:
+    if "=" in spec:
+        col, _, value = spec.partition("=")
+        if col not in frame.columns:
+            raise ProbeError(f"--concepts {spec}: no column {col!r}")
+        s = frame[col]
+        if pd.api.types.is_numeric_dtype(s) and s.dtype != bool and _as_number(value) is not None:
+            hit = pd.to_numeric(s, errors="coerce") == _as_number(value)  # 1 matches 1.0
+        else:
+            hit = s.astype(str) == value
+        return Concept(spec, "binary", _with_missing(hit.to_numpy(bool), s))
+    col = spec if spec in frame.columns else f"rmsk_{spec}" if f"rmsk_{spec}" in frame.columns \
+        else None
+    if col is None:
+        bools = [c for c in frame.columns if frame[c].dtype == bool]
+        raise ProbeError(f"no concept {spec!r} (nor rmsk_{spec}); boolean columns: {bools}")
+    s = frame[col]
+    if s.dtype == bool or str(s.dtype) == "boolean":
+        return Concept(col, "binary", _with_missing(s.fillna(False).to_numpy(bool), s))
+    if not pd.api.types.is_numeric_dtype(s):
+        shown = ", ".join(map(str, list(pd.unique(s.dropna()))[:3]))
+        raise ProbeError(f"--concepts {col}: a text column (values like {shown}); probe one "
+                         f"value as a yes/no concept, e.g. {col}={s.dropna().iloc[0]}"
+                         if s.notna().any() else f"--concepts {col}: the column has no values")
+    values = pd.to_numeric(s, errors="coerce").to_numpy(np.float64)
+    present = values[np.isfinite(values)]
+    if not len(present):
+        raise ProbeError(f"--concepts {col}: the column has no values")
+    levels = np.unique(present)
+    if set(levels) <= {0.0, 1.0}:
+        return Concept(col, "binary", values)  # a 0/1 flag
+    if len(levels) <= 10 and np.all(levels == np.round(levels)):
+        shown = ", ".join(f"{v:g}" for v in levels)
+        raise ProbeError(f"--concepts {col}: a column of only {len(levels)} whole numbers "
+                         f"({shown}) is a category, not a quantity; probe one value as a yes/no "
+                         f"concept, e.g. {col}={levels[-1]:g}")
+    return Concept(col, "continuous", values)
 
 
-def _few_levels(s: pd.Series, most: int = 10) -> list[int] | None:
-    """The sorted values of an integer column with at most ``most`` of them (a genotype
-    ``label``, ``variant_type``), else None."""
-    if not pd.api.types.is_integer_dtype(s):
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
         return None
-    levels = sorted(int(v) for v in pd.unique(s.dropna()))
-    return levels if len(levels) <= most else None
 
 
-def genomic_folds(chrom: Sequence | np.ndarray, pos: Sequence | np.ndarray, k: int,
-                  block_bp: int, seed: int = 0) -> np.ndarray:
+def _with_missing(hit: np.ndarray, source: pd.Series) -> np.ndarray:
+    """0 / 1 as float64, NaN where ``source`` has no value."""
+    out = hit.astype(np.float64)
+    out[source.isna().to_numpy()] = np.nan
+    return out
+
+
+#: largest --block-bp accepted (1 Tb: more than any genome; keeps positions // block in int64)
+MAX_BLOCK_BP = 10**12
+
+
+def genomic_folds(chrom: Sequence | np.ndarray | None, pos: Sequence | np.ndarray | None,
+                  k: int, block_bp: int, seed: int = 0, n: int | None = None) -> np.ndarray:
     """Fold (0..k-1) of every row; rows of one ``block_bp`` block share a fold.
 
     Blocks are dealt to folds largest first (ties in a seeded random order), each to the
     fold with the fewest rows so far, so folds come out near equal in size. ``block_bp=0``
-    makes every row its own block (random folds).
+    makes every position its own block (the examples of a multi-allelic site, which share
+    one pileup, stay together); without ``chrom``/``pos`` (None; give ``n``) every row is its
+    own block.
     """
-    n = len(pos)
-    if k < 2:
-        raise ProbeError(f"--folds must be >= 2, got {k}")
-    if block_bp < 0:
-        raise ProbeError(f"--block-bp must be >= 0, got {block_bp}")
-    if block_bp == 0:
-        keys = np.arange(n)
+    check_fold_options(k, block_bp)
+    if chrom is None or pos is None:
+        keys = np.arange(n if n is not None else 0)
+        what = "rows"
     else:
-        frame = pd.DataFrame({"c": np.asarray(chrom).astype(str),
-                              "b": np.asarray(pos, dtype=np.int64) // block_bp})
-        keys = frame.groupby(["c", "b"], sort=False).ngroup().to_numpy()
-    n_blocks = int(keys.max()) + 1 if n else 0
+        keys = _block_keys(chrom, pos, max(block_bp, 1))  # 0: one block per position
+        what = f"genomic block(s) of {block_bp:,} bp" if block_bp else "positions"
+    n_blocks = int(keys.max()) + 1 if len(keys) else 0
     if n_blocks < k:
-        what = f"{n_blocks} genomic block(s) of {block_bp:,} bp" if block_bp else f"{n} rows"
-        raise ProbeError(f"only {what} for {k} folds: use a smaller --block-bp or fewer "
-                         "--folds")
+        fix = "a smaller --block-bp or fewer --folds" if what.startswith("genomic") \
+            else "fewer --folds"
+        raise ProbeError(f"only {n_blocks} {what} for {k} folds: use {fix}")
     sizes = np.bincount(keys, minlength=n_blocks)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_blocks)
@@ -169,6 +192,13 @@ def genomic_folds(chrom: Sequence | np.ndarray, pos: Sequence | np.ndarray, k: i
         fold_of_block[b] = f
         load[f] += sizes[b]
     return fold_of_block[keys]
+
+
+def check_fold_options(folds: int, block_bp: int) -> None:
+    if folds < 2:
+        raise ProbeError(f"--folds must be >= 2, got {folds}")
+    if not 0 <= block_bp <= MAX_BLOCK_BP:
+        raise ProbeError(f"--block-bp must be between 0 and {MAX_BLOCK_BP:,}, got {block_bp}")
 
 
 def _features(train: np.ndarray, test: np.ndarray, pca: int, seed: int
@@ -255,12 +285,14 @@ class ProbeResult:
 
     def header(self) -> str:
         how = (f"folds by {self.block_bp:,} bp genomic block" if self.block_bp
-               else "random folds (--block-bp 0)")
+               else "folds by position (--block-bp 0)")
         sample = (f"{self.n_rows:,} of {self.n_store:,} examples (seed {self.seed})"
                   if self.n_rows < self.n_store else f"{self.n_rows:,} examples")
         against = (f"; (+x) = gain over the same probe on the baseline {self.baseline}"
                    if self.baseline else "")
-        return (f"linear probes, {self.folds}-fold CV, {how}, standardise + PCA {self.pca} "
+        features = (f"standardise + PCA to {self.pca} components (fewer for a narrower layer)"
+                    if self.pca else "standardise (no PCA)")
+        return (f"linear probes, {self.folds}-fold CV, {how}, {features} "
                 f"fitted inside each fold; AUROC for yes/no concepts (0.5 = chance), R2 for "
                 f"numbers (0 = the mean); {sample}{against}")
 
@@ -306,6 +338,9 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
         raise ProbeError(f"--pca must be >= 0, got {pca}")
     if max_rows < 2:
         raise ProbeError(f"--max-rows must be >= 2, got {max_rows}")
+    if seed < 0:
+        raise ProbeError(f"--seed must be >= 0, got {seed}")
+    check_fold_options(folds, block_bp)
     names = list(layers) if layers is not None else _extraction_order(st)
     unknown = [n for n in names if n not in st.layers]
     if unknown:
@@ -321,7 +356,9 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
     missing = [c for c in ("chrom", "pos") if c not in obs.columns]
     if block_bp and missing:
         raise ProbeError(f"{st.path}: obs has no {'/'.join(missing)} to make genomic blocks "
-                         "from; pass --block-bp 0 for random folds")
+                         "from; pass --block-bp 0 for random folds (examples that are "
+                         "neighbours then land on both sides and inflate the scores)")
+    base = _check_baseline(_as_store(baseline), st, names) if baseline is not None else None
 
     n = st.n
     rng = np.random.default_rng(seed)
@@ -331,15 +368,18 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
     need = len(rows) * widest * 4 * 3  # the rows, their standardised copy, the PCA's work
     if room and need > MEMORY_SHARE * room:
         fit = int(MEMORY_SHARE * room / (widest * 4 * 3))
+        advice = (f"pass --max-rows {fit} or less" if fit >= 100 else
+                  "too little memory for a probe of this layer (a flatten-pooled one? probe "
+                  "a max- or mean-pooled extraction)")
         raise ProbeError(f"{len(rows):,} rows of a {widest:,}-wide layer need ~{need / 1e9:.1f} "
                          f"GB, more than {MEMORY_SHARE:.0%} of the {room / 1e9:.1f} GB "
-                         f"available; pass --max-rows {max(fit, 2)} or less")
-    where = (obs["chrom"].to_numpy()[rows], obs["pos"].to_numpy()[rows]) if block_bp \
-        else (np.zeros(len(rows)), np.zeros(len(rows)))
+                         f"available; {advice}")
+    chrom, pos = (obs["chrom"].to_numpy()[rows], obs["pos"].to_numpy()[rows]) \
+        if not missing else (None, None)
     try:
-        fold = genomic_folds(*where, folds, block_bp, seed)
+        fold = genomic_folds(chrom, pos, folds, block_bp, seed, n=len(rows))
     except ProbeError as exc:
-        better = _suggest_block(*where, folds, block_bp) if block_bp else None
+        better = _suggest_block(chrom, pos, folds, block_bp) if block_bp else None
         if better is None:
             raise
         raise ProbeError(f"{exc} (--block-bp {better} gives at least {2 * folds} blocks "
@@ -350,34 +390,43 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
     for c in todo:
         y = c.values[rows]
         if c.kind == "binary":
-            pos_n = int(y.sum())
-            if min(pos_n, len(y) - pos_n) < folds:
-                notes.append(f"{c.name}: {pos_n} of {len(y)} sampled examples have it; too few "
-                             f"for {folds} folds, not probed")
+            have, yes = int(np.isfinite(y).sum()), int(np.nansum(y))
+            if min(yes, have - yes) < folds:
+                notes.append(f"{c.name}: not probed: {yes} of the {have} sampled examples with "
+                             f"a value have it and {have - yes} do not; each side needs at "
+                             f"least {folds} (one per fold)")
                 continue
-        elif np.isfinite(y).sum() < 2 * folds:
-            notes.append(f"{c.name}: fewer than {2 * folds} examples have a value; not probed")
+        usable = _scorable_folds(c, y, fold, folds)
+        if not usable:
+            notes.append(f"{c.name}: not probed: {_why_not(c, y, fold, folds)}")
             continue
+        if len(usable) < folds:
+            notes.append(f"{c.name}: scored on {len(usable)} of {folds} folds (the others' "
+                         "held-out part " + ("lacks one class" if c.kind == "binary"
+                                             else "has fewer than 2 values") + ")")
         ys[c.name] = (c, y)
     if not ys:
         raise ProbeError("no concept can be probed: " + "; ".join(notes))
+    n_blocks = len(np.unique(_block_keys(chrom, pos, block_bp))) if block_bp else None
+    if n_blocks is not None and n_blocks < FEW_BLOCKS:
+        notes.append(f"only {n_blocks} genomic blocks of {block_bp:,} bp: a concept that covers "
+                     "whole regions is scored on few independent units, so its score varies "
+                     "with --seed; a smaller --block-bp gives more")
 
-    base = _check_baseline(_as_store(baseline), st, names) if baseline is not None else None
     from tqdm.auto import tqdm
 
     records = []
     with tqdm(total=len(names) * folds * (2 if base is not None else 1), desc="probe",
               unit="fold", disable=not progress, leave=False) as bar:
         for name in names:
-            scores = _layer_scores(st.layer(name)[rows], ys, fold, folds, pca, seed, bar)
+            scores = _layer_scores(st, name, rows, ys, fold, folds, pca, seed, bar)
             if base is not None:
-                base_scores = _layer_scores(base.layer(name)[rows], ys, fold, folds, pca, seed,
-                                            bar)
+                base_scores = _layer_scores(base, name, rows, ys, fold, folds, pca, seed, bar)
             for cname, (c, y) in ys.items():
                 rec = {"layer": name, "concept": cname, "metric": c.metric,
                        **_summary(scores[cname]), "folds": len(scores[cname]),
-                       "n": int(np.isfinite(y).sum()) if c.kind == "continuous" else len(y),
-                       "n_with": int(y.sum()) if c.kind == "binary" else np.nan}
+                       "n": int(np.isfinite(y).sum()),
+                       "n_with": int(np.nansum(y)) if c.kind == "binary" else np.nan}
                 if base is not None:
                     b = _summary(base_scores[cname])
                     rec.update(baseline_mean=b["mean"], baseline_sd=b["sd"],
@@ -389,28 +438,69 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
                        baseline=str(base.path) if base is not None else None)
 
 
+#: fewer genomic blocks than this in the sample draws a note (scores of region-wide
+#: concepts then swing with the seed: 0.2-0.7 AUROC for a random one over 31 blocks)
+FEW_BLOCKS = 100
+
+
+def _block_keys(chrom: np.ndarray, pos: np.ndarray, block_bp: int) -> np.ndarray:
+    frame = pd.DataFrame({"c": np.asarray(chrom).astype(str),
+                          "b": np.asarray(pos, dtype=np.int64) // block_bp})
+    return frame.groupby(["c", "b"], sort=False).ngroup().to_numpy()
+
+
+def _scorable_folds(c: Concept, y: np.ndarray, fold: np.ndarray, folds: int) -> list[int]:
+    """Folds whose held-out part can be scored for ``c`` (and whose training part can fit
+    it): both classes on both sides for a yes/no concept, two values or more otherwise."""
+    ok = []
+    for f in range(folds):
+        tr, te = y[(fold != f) & np.isfinite(y)], y[(fold == f) & np.isfinite(y)]
+        if c.kind == "binary":
+            good = len(np.unique(tr)) == 2 and len(np.unique(te)) == 2
+        else:
+            good = len(te) >= 2 and len(tr) >= 2 and np.ptp(tr) > 0
+        if good:
+            ok.append(f)
+    return ok
+
+
+def _why_not(c: Concept, y: np.ndarray, fold: np.ndarray, folds: int) -> str:
+    have = np.isfinite(y)
+    if c.kind != "binary":
+        return f"{int(have.sum())} of {len(y)} sampled examples have a value"
+    yes = int(np.nansum(y))
+    spread = len(np.unique(fold[y == 1]))
+    return (f"its {yes} sampled examples (of {int(have.sum())}) fall in {spread} of the "
+            f"{folds} folds; no held-out fold has both classes (a smaller --block-bp spreads "
+            "them)")
+
+
 def _summary(scores: list[float]) -> dict[str, float]:
     v = np.asarray(scores)
     return {"mean": float(v.mean()) if len(v) else np.nan,
             "sd": float(v.std(ddof=1)) if len(v) > 1 else np.nan}
 
 
-def _layer_scores(rows: np.ndarray, ys: dict[str, tuple[Concept, np.ndarray]],
-                  fold: np.ndarray, folds: int, pca: int, seed: int, bar) -> dict[str, list]:
+def _layer_scores(st: Store, name: str, rows: np.ndarray,
+                  ys: dict[str, tuple[Concept, np.ndarray]], fold: np.ndarray, folds: int,
+                  pca: int, seed: int, bar) -> dict[str, list]:
     """Held-out scores of every concept on one layer's sampled rows, fold by fold; the
-    features are fitted once per fold and shared by the concepts."""
-    x = np.asarray(rows, dtype=np.float32)
+    features are fitted once per fold and shared by the concepts. Rows where a concept has
+    no value take no part in its probe."""
+    x = np.asarray(st.layer(name)[rows], dtype=np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ProbeError(f"{st.path}: layer {name} holds NaN or infinite values in "
+                         f"{int(bad.sum())} of the {len(x)} sampled examples (e.g. row "
+                         f"{int(rows[np.argmax(bad)])}; an fp16 overflow?); a probe needs "
+                         "finite activations")
     scores: dict[str, list[float]] = {c: [] for c in ys}
     for f in range(folds):
         test = fold == f
         a, b = _features(x[~test], x[test], pca, seed)
         for cname, (c, y) in ys.items():
-            if c.kind == "binary":
-                s = _score(c, a, b, y[~test], y[test], seed)
-            else:  # rows without a value take no part in the regression
-                keep_tr, keep_te = np.isfinite(y[~test]), np.isfinite(y[test])
-                s = _score(c, a[keep_tr], b[keep_te], y[~test][keep_tr], y[test][keep_te],
-                           seed)
+            keep_tr, keep_te = np.isfinite(y[~test]), np.isfinite(y[test])
+            s = _score(c, a[keep_tr], b[keep_te], y[~test][keep_tr], y[test][keep_te], seed)
             if s is not None:
                 scores[cname].append(s)
         bar.update(1)
@@ -458,12 +548,22 @@ def profile_markdown(res: ProbeResult) -> str:
 
 
 def check_output(out: str | os.PathLike) -> Path:
-    """Refuse an ``--out`` :func:`write_probes` cannot write (enrich's rule: .csv or .md),
-    before probing anything."""
+    """Refuse an ``--out`` :func:`write_probes` cannot write (enrich's rule: .csv or .md; a
+    directory, or a place it may not write), before probing anything."""
     try:
-        return enrich_check_output(out)
+        out = enrich_check_output(out)
     except EnrichmentError as exc:
         raise ProbeError(str(exc)) from None
+    if out.is_dir():
+        raise ProbeError(f"--out {out}: a directory; name a .csv or .md file")
+    scratch = out.with_name(f".{out.name}.check")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch.write_bytes(b"")
+        scratch.unlink()
+    except OSError as exc:
+        raise ProbeError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return out
 
 
 def write_probes(res: ProbeResult, out: str | os.PathLike) -> Path:
@@ -491,9 +591,10 @@ def write_probes(res: ProbeResult, out: str | os.PathLike) -> Path:
 
 def check_name(name: str) -> str:
     """Refuse a name ``STORE/probes/<name>.json`` cannot hold, before probing."""
-    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
-        raise ProbeError(f"--name {name!r}: not a valid name (it names a file in "
-                         "STORE/probes: no '/' or '\\', no leading '.')")
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0") or len(name) > 200:
+        raise ProbeError(f"--name {name[:60]!r}{'...' if len(name) > 60 else ''}: not a valid "
+                         "name (it names a file in STORE/probes: at most 200 characters, no "
+                         "'/' or '\\', no leading '.')")
     return name
 
 
@@ -506,6 +607,22 @@ def check_new(store: Store, name: str, overwrite: bool) -> None:
     if not overwrite and probes_path(store, name).exists():
         raise ProbeError(f"probes {name!r} already exist in {store.path}; pass --overwrite to "
                          "replace them or choose another --name")
+
+
+def check_writable(store: Store, name: str) -> Path:
+    """Fail now, not after the probing, when ``STORE/probes/<name>.json`` cannot be written
+    (a read-only STORE, a name too long for the file system): write and remove a scratch
+    file of the same name length beside it."""
+    path = probes_path(store, name)
+    scratch = path.with_name(f".{path.name}.check")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        scratch.write_bytes(b"")
+        scratch.unlink()
+    except OSError as exc:
+        raise ProbeError(f"cannot save probes as {path}: {exc.strerror or exc} (--no-save only "
+                         "prints them; --out writes them elsewhere)") from None
+    return path
 
 
 def save_probes(store: Store | str | os.PathLike, res: ProbeResult, name: str = "probes"

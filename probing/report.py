@@ -356,9 +356,11 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
     names = runs if runs else store.runs
     loaded: list[Run] = [store.load_run(r) for r in names]
     loaded = [r for r in loaded if "umap" in r.arrays or "cluster" in r.obs.columns]
-    if not loaded:
-        raise ReportError(f"{store.path}: no analysis run with a UMAP or clusters to report "
-                          f"(runs: {store.runs}); run `dvprobe cluster` first")
+    probes = load_probes(store)
+    if not loaded and not probes:
+        raise ReportError(f"{store.path}: no analysis run with a UMAP or clusters, and no "
+                          f"saved probes, to report (runs: {store.runs}); run `dvprobe "
+                          "cluster` or `dvprobe probe` first")
     obs = store.obs
     n = len(obs)
     warnings: list[str] = [w for w in [partial_store_warning(store)] if w]
@@ -478,7 +480,7 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
                     "Counts over all rows: how the multi-layer clustering splits or merges "
                     "the single-layer clusters.", False, sec))
 
-    for pname, pres in load_probes(store).items():
+    for pname, pres in probes.items():
         figures.append(Figure(
             f"f{len(figures)}", f"{pname}: concepts across layers",
             probe_profile(pres.table, f"{pname}: where each concept is decodable"),

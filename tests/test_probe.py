@@ -99,7 +99,7 @@ def test_block_folds_stop_a_probe_from_scoring_by_remembering_neighbours(tmp_pat
     honest = probe_layers(s, ["prop"])
     assert _score(leaky, "mixed5", "prop") > 0.9
     assert _score(honest, "mixed5", "prop") < 0.7
-    assert "random folds" in leaky.header() and "1,000,000 bp genomic block" in honest.header()
+    assert "folds by position" in leaky.header() and "1,000,000 bp genomic block" in honest.header()
 
 
 def test_scaling_and_pca_are_fitted_on_the_training_folds_only(planted, monkeypatch):
@@ -135,15 +135,25 @@ def test_concepts_resolve_like_enrich_and_numbers_become_regressions(planted):
     assert got == {"rmsk_LINE": "binary", "depth": "continuous", "label=2": "binary"}
     default = {c.name for c in resolve_concepts(obs, None)}
     assert default == {"early", "rmsk_LINE", "depth"}  # booleans + the numeric defaults there
-    with pytest.raises(ProbeError, match="no attribute 'LIME'"):
+    with pytest.raises(ProbeError, match="no concept 'LIME'"):
         resolve_concepts(obs, ["LIME"])
-    with pytest.raises(ProbeError, match="chrom=VALUE"):
+    with pytest.raises(ProbeError, match="chrom: a text column .* e.g. chrom=chr1"):
         resolve_concepts(obs, ["chrom"])
     with pytest.raises(ProbeError, match="more than once"):
         resolve_concepts(obs, ["LINE", "rmsk_LINE"])
     # a genotype label is a category: regressing 0/1/2 as a number would be meaningless
-    with pytest.raises(ProbeError, match=r"only 3 values \(0, 1, 2\) is a category.*label=2"):
+    with pytest.raises(ProbeError, match=r"only 3 whole numbers \(0, 1, 2\) is a category.*"
+                                         r"label=2"):
         resolve_concepts(obs, ["label"])
+    # the same category stored as floats (a column with gaps) is no quantity either, and
+    # label=1 matches 1.0
+    floats = obs.assign(labelf=obs["label"].astype(float))
+    with pytest.raises(ProbeError, match="is a category"):
+        resolve_concepts(floats, ["labelf"])
+    (one,) = resolve_concepts(floats, ["labelf=1"])
+    assert np.array_equal(one.values, (obs["label"] == 1).to_numpy(float))
+    with pytest.raises(ProbeError, match="has no values"):
+        resolve_concepts(obs.assign(empty=np.nan), ["empty"])
 
 
 def test_a_concept_too_rare_for_the_folds_is_reported_not_scored(tmp_path):
@@ -155,9 +165,11 @@ def test_a_concept_too_rare_for_the_folds_is_reported_not_scored(tmp_path):
                                            "depth": np.arange(N, dtype=float)})
     res = probe_layers(s, ["rare", "depth"])
     assert set(res.table["concept"]) == {"depth"}
-    assert res.notes == ["rare: 3 of 1200 sampled examples have it; too few for 5 folds, "
-                         "not probed"]
-    with pytest.raises(ProbeError, match="no concept can be probed: rare: 3 of 1200"):
+    assert res.notes[0] == ("rare: not probed: 3 of the 1200 sampled examples with a value "
+                            "have it and 1197 do not; each side needs at least 5 (one per fold)")
+    assert res.notes[1].startswith("only 31 genomic blocks of 1,000,000 bp: a concept that "
+                                   "covers whole regions")
+    with pytest.raises(ProbeError, match="no concept can be probed: rare: not probed: 3 of"):
         probe_layers(s, ["rare"])
 
 
@@ -168,7 +180,9 @@ def test_bad_options_are_refused_before_any_fitting(planted, tmp_path):
         probe_layers(planted, ["early"], ["mixed1", "mixed1"])
     with pytest.raises(ProbeError, match="--pca must be >= 0"):
         probe_layers(planted, ["early"], pca=-1)
-    with pytest.raises(ProbeError, match="--max-rows 3 or less"):
+    with pytest.raises(ProbeError, match="--max-rows 200 or less"):
+        probe_layers(planted, ["early"], available=200 * DIM * 4 * 3 * 4)
+    with pytest.raises(ProbeError, match="too little memory for a probe of this layer"):
         probe_layers(planted, ["early"], available=3 * DIM * 4 * 3 * 4)
     with pytest.raises(ProbeError, match=r"--block-bp 2000000 gives at least 10 blocks"):
         probe_layers(planted, ["early"], block_bp=20_000_000)
@@ -295,3 +309,101 @@ def test_a_baseline_of_other_examples_or_layers_is_refused(planted, tmp_path):
         probe_layers(planted, ["early"], baseline=store("narrow", dim=32))
     with pytest.raises(ProbeError, match="is the STORE itself"):
         probe_layers(planted, ["early"], baseline=planted.path)
+
+
+def test_a_missing_value_is_not_a_no(tmp_path):
+    """Rows without an annotation take no part in a yes/no probe (numbers already did)."""
+    rng = np.random.default_rng(4)
+    chrom, pos = _layout()
+    truth = rng.random(N) < 0.4
+    layer = rng.normal(size=(N, DIM)).astype(np.float32)
+    layer[:, :4] += 1.5 * truth[:, None]
+    flag = pd.Series(truth.astype(float))
+    flag[rng.random(N) < 0.3] = np.nan  # not annotated there
+    s = make_store(tmp_path / "s", {"mixed5": layer},
+                   {"chrom": chrom, "pos": pos, "flag": flag})
+    res = probe_layers(s, ["flag"])
+    row = res.table.iloc[0]
+    assert row["n"] == int(flag.notna().sum()) < N
+    assert row["n_with"] == int(flag.sum())
+    assert row["mean"] > 0.95
+    # read as "no", the unannotated positives would sit among the negatives
+    s.add_obs({"flag_as_no": flag.fillna(0).astype(bool).to_numpy()})
+    as_no = probe_layers(s, ["flag_as_no"]).table.iloc[0]
+    assert as_no["n"] == N and as_no["mean"] < row["mean"] - 0.05
+
+
+def test_a_concept_no_fold_can_score_is_said_not_left_blank(tmp_path):
+    """All examples of a concept in one block: no held-out fold has both classes."""
+    rng = np.random.default_rng(5)
+    chrom, pos = _layout()
+    clustered = (chrom == "chr1") & (pos < 1_000_000)
+    assert 5 <= clustered.sum() < 100
+    s = make_store(tmp_path / "s", {"mixed5": rng.normal(size=(N, 8)).astype(np.float32)},
+                   {"chrom": chrom, "pos": pos, "clustered": clustered,
+                    "depth": rng.normal(30, 5, N)})
+    res = probe_layers(s, ["clustered", "depth"])
+    assert set(res.table["concept"]) == {"depth"}
+    assert res.notes[0].startswith(f"clustered: not probed: its {clustered.sum()} sampled "
+                                   "examples (of 1200) fall in 1 of the 5 folds")
+
+
+def test_folds_by_position_keep_the_examples_of_a_multiallelic_site_together():
+    chrom = np.array(["chr1"] * 6 + ["chr2"] * 6)
+    pos = np.array([5, 5, 5, 9, 9, 11, 5, 5, 7, 8, 8, 8])  # chr1:5 has three alt examples
+    fold = genomic_folds(chrom, pos, 3, 0, seed=1)
+    sites = pd.DataFrame({"c": chrom, "p": pos, "f": fold})
+    assert (sites.groupby(["c", "p"])["f"].nunique() == 1).all()
+    assert len(set(fold)) == 3
+    rows = genomic_folds(None, None, 3, 0, n=12)  # no positions: every row its own block
+    assert sorted(np.bincount(rows)) == [4, 4, 4]
+    with pytest.raises(ProbeError, match="only 2 positions for 3 folds: use fewer --folds"):
+        genomic_folds(["c"] * 4, [1, 1, 2, 2], 3, 0)
+
+
+def test_non_finite_activations_and_bad_numbers_are_one_line_errors(planted, tmp_path):
+    chrom, pos = _layout()
+    layer = np.random.default_rng(6).normal(size=(N, 8)).astype(np.float32)
+    layer[17, 3] = np.inf
+    s = make_store(tmp_path / "inf", {"mixed5": layer},
+                   {"chrom": chrom, "pos": pos, "flag": np.arange(N) % 2 == 0})
+    with pytest.raises(ProbeError, match="layer mixed5 holds NaN or infinite values in 1 of "
+                                         "the 1200 sampled examples .e.g. row 17"):
+        probe_layers(s, ["flag"])
+    with pytest.raises(ProbeError, match="--seed must be >= 0"):
+        probe_layers(planted, ["early"], seed=-1)
+    with pytest.raises(ProbeError, match="--block-bp must be between 0 and"):
+        probe_layers(planted, ["early"], block_bp=10**20)
+    with pytest.raises(ProbeError, match="--folds must be >= 2, got -3"):
+        probe_layers(planted, ["early"], folds=-3)
+
+
+def test_cli_checks_where_it_writes_before_probing(planted, tmp_path):
+    import os
+
+    import cli
+
+    args = ["probe", str(planted.path), "--concepts", "early", "--no-progress"]
+    folder = tmp_path / "adir.md"
+    folder.mkdir()
+    res = CliRunner().invoke(cli.app, [*args, "--out", str(folder)])
+    assert isinstance(res.exception, ProbeError) and "a directory" in str(res.exception)
+    res = CliRunner().invoke(cli.app, [*args, "--name", "x" * 300])
+    assert isinstance(res.exception, ProbeError)
+    assert "at most 200 characters" in str(res.exception)
+    if os.geteuid() != 0:  # root writes anywhere: a read-only STORE needs a normal user
+        ro = tmp_path / "ro"
+        import shutil
+
+        shutil.copytree(planted.path, ro)
+        (ro / "probes").mkdir(exist_ok=True)
+        os.chmod(ro / "probes", 0o500)
+        try:
+            res = CliRunner().invoke(cli.app, ["probe", str(ro), "--concepts", "early",
+                                               "--no-progress"])
+            assert "cannot save probes as" in str(res.exception)
+        finally:
+            os.chmod(ro / "probes", 0o700)
+    res = CliRunner().invoke(cli.app, [*args, "--no-save", "--name", "unsaved"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "saved" not in res.output and not (planted.path / "probes" / "unsaved.json").exists()

@@ -216,8 +216,15 @@ def test_report_projection_over_a_large_source_umap(tmp_path):
 def test_report_without_runs_errors(tmp_path):
     w = StoreWriter.open(tmp_path / "s", {"inputs": {}}, [LayerSpec("mixed5", 2)])
     w.append(pd.DataFrame({"key": ["a"]}), {"mixed5": np.zeros((1, 2), np.float32)})
-    with pytest.raises(rp.ReportError, match="no analysis run"):
-        rp.build_report(w.finalize(), tmp_path / "x.html")
+    s = w.finalize()
+    with pytest.raises(rp.ReportError, match="no analysis run .* and no saved probes"):
+        rp.build_report(s, tmp_path / "x.html")
+    # saved probes alone make a report (probing needs no clustering)
+    table = pd.DataFrame([{"layer": "mixed5", "concept": "x", "metric": "AUROC", "mean": 0.7,
+                           "sd": 0.01, "folds": 5, "n": 1, "n_with": 1}])
+    save_probes(s, ProbeResult(table, 1, 1, 5, 1_000_000, 50, 0), "only")
+    res = rp.build_report(s, tmp_path / "x.html")
+    assert res.figures == ["only: concepts across layers"]
 
 
 def test_report_on_a_partial_store_says_so_once(tmp_path):
