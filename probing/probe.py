@@ -16,7 +16,7 @@ How, and why so:
   LINE or segmental duplication spans many examples; random folds put near-copies of a test
   example into training and measure memory, not a concept. Every example of a block of
   ``block_bp`` (default 1 Mb, keyed by chrom and ``pos // block_bp``) falls in the same fold
-  (``block_bp=0``: ordinary random folds).
+  (``block_bp=0``: folds by position, which keeps only a multi-allelic site together).
 * **Everything fitted inside the fold**: standardisation and PCA (``pca`` components, default
   50) are fitted on the training part only, then applied to the held-out part.
 * **One sample, one set of folds for every layer and concept**, so the numbers in a column
@@ -356,7 +356,7 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
     missing = [c for c in ("chrom", "pos") if c not in obs.columns]
     if block_bp and missing:
         raise ProbeError(f"{st.path}: obs has no {'/'.join(missing)} to make genomic blocks "
-                         "from; pass --block-bp 0 for random folds (examples that are "
+                         "from; pass --block-bp 0 for folds by row (examples that are "
                          "neighbours then land on both sides and inflate the scores)")
     base = _check_baseline(_as_store(baseline), st, names) if baseline is not None else None
 
