@@ -41,13 +41,14 @@ def test_freed_buffers_are_reused_instead_of_faulted_back_in():
         return json.loads(out)
 
     default, tuned = faults("default"), faults("tuned")
-    # Compared as totals over 8 forwards: single forwards vary (a default forward can
-    # happen to reuse memory, a tuned one can grow the heap once).
-    # glibc returns freed activations to the OS and faults them back in (10,000-20,000
-    # 4 KiB pages per forward measured here) ...
-    assert sum(default) >= 500 * len(default)
-    # ... and with the thresholds raised, malloc reuses them
-    assert sum(tuned) * 10 <= sum(default)
+    # Totals over 8 forwards after warm-up. Tuned, malloc reuses the freed activations: 0-1
+    # page faults per forward, at most one heap growth (5,076 faults once in six runs).
+    assert sum(tuned) <= 10_000
+    # glibc's defaults mostly return them to the OS and fault them back in (10,000-20,000
+    # 4 KiB pages per forward here); in about one process in three its dynamic mmap
+    # threshold happens to settle into reuse by itself, and there is nothing to compare.
+    if sum(default) >= 500 * len(default):
+        assert sum(tuned) * 10 <= sum(default)
     assert reuse_freed_memory() is True
     assert reuse_freed_memory() is True  # idempotent
 
