@@ -19,6 +19,7 @@ where a labelled set landed ("41/42 in cluster 10").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -95,6 +96,19 @@ def cluster_labels(run: Run, level: str) -> pd.Series:
     return run.obs[level].astype(str).reset_index(drop=True)
 
 
+def equals_value(s: pd.Series, value: str) -> np.ndarray:
+    """Rows of ``s`` equal to ``value`` as typed on a command line: compared as numbers in a
+    numeric column (``label=1`` also matches a float-stored 1.0), else as text; a missing
+    value matches nothing."""
+    number = None
+    if pd.api.types.is_numeric_dtype(s) and s.dtype != bool:
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    hit = (pd.to_numeric(s, errors="coerce") == number) if number is not None \
+        else (s.astype(str) == value)
+    return hit.fillna(False).to_numpy(bool) & s.notna().to_numpy()
+
+
 def resolve_attribute(frame: pd.DataFrame, spec: str) -> tuple[str, np.ndarray]:
     """A boolean vector for ``spec``: a boolean column, ``rmsk_<spec>``, or ``col=value``.
 
@@ -105,7 +119,7 @@ def resolve_attribute(frame: pd.DataFrame, spec: str) -> tuple[str, np.ndarray]:
         col, _, val = spec.partition("=")
         if col not in frame.columns:
             raise EnrichmentError(f"attribute {spec!r}: no column {col!r}")
-        return spec, (frame[col].astype(str) == val).fillna(False).to_numpy(bool)
+        return spec, equals_value(frame[col], val)
     for col in (spec, f"rmsk_{spec}"):
         if col in frame.columns:
             s = frame[col]

@@ -46,7 +46,7 @@ import pandas as pd
 
 from dvtorch.errors import DvprobeError
 from dvtorch.files import atomic_write_bytes
-from probing.enrich import EnrichmentError, _as_store, to_markdown
+from probing.enrich import EnrichmentError, _as_store, equals_value, to_markdown
 from probing.enrich import check_output as enrich_check_output
 from probing.store import Store
 
@@ -108,11 +108,7 @@ def _concept(frame: pd.DataFrame, spec: str) -> Concept:
         if col not in frame.columns:
             raise ProbeError(f"--concepts {spec}: no column {col!r}")
         s = frame[col]
-        if pd.api.types.is_numeric_dtype(s) and s.dtype != bool and _as_number(value) is not None:
-            hit = pd.to_numeric(s, errors="coerce") == _as_number(value)  # 1 matches 1.0
-        else:
-            hit = s.astype(str) == value
-        return Concept(spec, "binary", _with_missing(hit.to_numpy(bool), s))
+        return Concept(spec, "binary", _with_missing(equals_value(s, value), s))
     col = spec if spec in frame.columns else f"rmsk_{spec}" if f"rmsk_{spec}" in frame.columns \
         else None
     if col is None:
@@ -139,13 +135,6 @@ def _concept(frame: pd.DataFrame, spec: str) -> Concept:
                          f"({shown}) is a category, not a quantity; probe one value as a yes/no "
                          f"concept, e.g. {col}={levels[-1]:g}")
     return Concept(col, "continuous", values)
-
-
-def _as_number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def _with_missing(hit: np.ndarray, source: pd.Series) -> np.ndarray:

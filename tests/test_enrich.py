@@ -233,3 +233,17 @@ def test_p_and_q_that_underflow_are_not_printed_as_zero():
     table = en.to_markdown(pd.DataFrame({"attribute": ["LINE"], "fold": [0.0], "p": [0.0],
                                          "q": [2e-5]}))
     assert table.splitlines()[-1] == "| LINE | 0 | < 1e-300 | 2e-05 |"
+
+
+def test_a_value_attribute_matches_numbers_as_numbers_and_text_as_text():
+    from probing.enrich import resolve_attribute
+
+    frame = pd.DataFrame({"labelf": [0.0, 1.0, np.nan, 1.0, 2.0],  # a label column with a gap
+                          "label": pd.array([0, 1, None, 1, 2], dtype="Int64"),
+                          "chrom": ["chr1", "1", "chr1", None, "chr2"]})
+    assert resolve_attribute(frame, "labelf=1")[1].tolist() == [False, True, False, True, False]
+    assert resolve_attribute(frame, "label=1")[1].tolist() == [False, True, False, True, False]
+    assert resolve_attribute(frame, "chrom=chr1")[1].tolist() == [True, False, True, False,
+                                                                  False]
+    assert resolve_attribute(frame, "chrom=1")[1].tolist() == [False, True, False, False, False]
+    assert not resolve_attribute(frame, "labelf=x")[1].any()  # text against numbers: none
