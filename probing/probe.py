@@ -207,19 +207,15 @@ def _features(train: np.ndarray, test: np.ndarray, pca: int, seed: int
 
 
 def _score(concept: Concept, a: np.ndarray, b: np.ndarray, y_tr: np.ndarray,
-           y_te: np.ndarray, seed: int) -> float | None:
-    """Held-out score of one fold; None when it cannot be computed there."""
+           y_te: np.ndarray, seed: int) -> float:
+    """Held-out score of one fold (one that :func:`_scorable_folds` admits for ``concept``)."""
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.metrics import r2_score, roc_auc_score
 
     if concept.kind == "binary":
-        if len(np.unique(y_tr)) < 2 or len(np.unique(y_te)) < 2:
-            return None
         clf = LogisticRegression(class_weight="balanced", max_iter=2000, random_state=seed)
         clf.fit(a, y_tr)
         return float(roc_auc_score(y_te, clf.decision_function(b)))
-    if len(y_te) < 2 or np.ptp(y_tr) == 0:
-        return None
     mu, sd = y_tr.mean(), y_tr.std()
     reg = Ridge(alpha=1.0).fit(a, (y_tr - mu) / sd)
     return float(r2_score(y_te, reg.predict(b) * sd + mu))
@@ -296,13 +292,10 @@ def _extraction_order(st: Store) -> list[str]:
 
 def _suggest_block(chrom: np.ndarray, pos: np.ndarray, k: int, block_bp: int) -> int | None:
     """The largest 1-2-5 block size below ``block_bp`` that gives >= 2k blocks, if any."""
-    frame = pd.DataFrame({"c": np.asarray(chrom).astype(str), "p": np.asarray(pos, np.int64)})
     for exp in range(int(np.log10(max(block_bp, 1))), 1, -1):
         for lead in (5, 2, 1):
             size = lead * 10 ** (exp - 1)
-            if size >= block_bp:
-                continue
-            if frame.assign(b=frame["p"] // size).groupby(["c", "b"]).ngroups >= 2 * k:
+            if size < block_bp and _block_keys(chrom, pos, size).max() + 1 >= 2 * k:
                 return size
     return None
 
@@ -393,7 +386,7 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
             notes.append(f"{c.name}: scored on {len(usable)} of {folds} folds (the others' "
                          "held-out part " + ("lacks one class" if c.kind == "binary"
                                              else "has fewer than 2 values") + ")")
-        ys[c.name] = (c, y)
+        ys[c.name] = (c, y, usable)
     if not ys:
         raise ProbeError("no concept can be probed: " + "; ".join(notes))
     n_blocks = len(np.unique(_block_keys(chrom, pos, block_bp))) if block_bp else None
@@ -411,7 +404,7 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
             scores = _layer_scores(st, name, rows, ys, fold, folds, pca, seed, bar)
             if base is not None:
                 base_scores = _layer_scores(base, name, rows, ys, fold, folds, pca, seed, bar)
-            for cname, (c, y) in ys.items():
+            for cname, (c, y, _) in ys.items():
                 rec = {"layer": name, "concept": cname, "metric": c.metric,
                        **_summary(scores[cname]), "folds": len(scores[cname]),
                        "n": int(np.isfinite(y).sum()),
@@ -471,11 +464,11 @@ def _summary(scores: list[float]) -> dict[str, float]:
 
 
 def _layer_scores(st: Store, name: str, rows: np.ndarray,
-                  ys: dict[str, tuple[Concept, np.ndarray]], fold: np.ndarray, folds: int,
-                  pca: int, seed: int, bar) -> dict[str, list]:
-    """Held-out scores of every concept on one layer's sampled rows, fold by fold; the
-    features are fitted once per fold and shared by the concepts. Rows where a concept has
-    no value take no part in its probe."""
+                  ys: dict[str, tuple[Concept, np.ndarray, list[int]]], fold: np.ndarray,
+                  folds: int, pca: int, seed: int, bar) -> dict[str, list]:
+    """Held-out scores of every concept on one layer's sampled rows, over the folds where it
+    can be scored; the features are fitted once per fold and shared by the concepts. Rows
+    where a concept has no value take no part in its probe."""
     x = np.asarray(st.layer(name)[rows], dtype=np.float32)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
@@ -486,12 +479,13 @@ def _layer_scores(st: Store, name: str, rows: np.ndarray,
     scores: dict[str, list[float]] = {c: [] for c in ys}
     for f in range(folds):
         test = fold == f
-        a, b = _features(x[~test], x[test], pca, seed)
-        for cname, (c, y) in ys.items():
+        scored = [(cname, c, y) for cname, (c, y, usable) in ys.items() if f in usable]
+        if scored:
+            a, b = _features(x[~test], x[test], pca, seed)
+        for cname, c, y in scored:
             keep_tr, keep_te = np.isfinite(y[~test]), np.isfinite(y[test])
-            s = _score(c, a[keep_tr], b[keep_te], y[~test][keep_tr], y[test][keep_te], seed)
-            if s is not None:
-                scores[cname].append(s)
+            scores[cname].append(_score(c, a[keep_tr], b[keep_te], y[~test][keep_tr],
+                                        y[test][keep_te], seed))
         bar.update(1)
     return scores
 
