@@ -131,6 +131,11 @@ def format_recovery(table: pd.DataFrame) -> str:
                 f"{r.q:.1e}",
             )
         )
+    return _fixed_width(rows)
+
+
+def _fixed_width(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells as aligned text: the first column left-aligned, the others right."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  "
@@ -142,30 +147,12 @@ def format_recovery(table: pd.DataFrame) -> str:
     )
 
 
-def probe_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per concept of a :func:`probing.probe.probe_layers` table: the layer with the best
-    held-out score, that score, and the last layer's (what the network keeps of it)."""
-    rows = []
-    for concept, g in table.groupby("concept", sort=False):
-        g = g.dropna(subset=["mean"])
-        if g.empty:
-            continue
-        best, last = g.loc[g["mean"].idxmax()], g.iloc[-1]
-        rows.append({"concept": concept, "metric": best["metric"], "best_layer": best["layer"],
-                     "best": best["mean"], "sd": best["sd"], "folds": int(best["folds"]),
-                     "last_layer": last["layer"], "last": last["mean"]})
-    return pd.DataFrame(rows)
-
-
-def format_probes(summary: pd.DataFrame) -> str:
-    """Fixed-width text of :func:`probe_summary`."""
+def format_probes(best: pd.DataFrame) -> str:
+    """Fixed-width text of :meth:`probing.probe.ProbeResult.best`."""
     rows = [("concept", "best layer", "score", "± sd", "folds", "last layer", "score")]
     rows += [(r.concept, r.best_layer, f"{r.best:.3f}", f"{r.sd:.3f}", str(r.folds),
-              r.last_layer, f"{r.last:.3f}") for r in summary.itertuples(index=False)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  " + "  ".join(c.rjust(w) if i else c.ljust(w)
-                                      for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-                     for row in rows)
+              r.last_layer, f"{r.last:.3f}") for r in best.itertuples(index=False)]
+    return _fixed_width(rows)
 
 
 def annotate_planted(store, truth_dir: str | os.PathLike) -> list[str]:
@@ -449,7 +436,7 @@ def run_demo(
         mosaic_counts=vc,
         seconds=seconds,
         enrichment_files=written,
-        probes=probe_summary(probes.table) if probes is not None else None,
+        probes=probes.best() if probes is not None else None,
         probe_header=(f"linear probes, held-out AUROC over {probes.folds} folds by "
                       f"{probes.block_bp // 1000} kb block" if probes is not None else ""),
     )

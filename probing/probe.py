@@ -242,22 +242,33 @@ class ProbeResult:
         out = t.pivot(index="layer", columns="concept", values=values)
         return out.loc[list(dict.fromkeys(t["layer"])), list(dict.fromkeys(t["concept"]))]
 
-    def peaks(self) -> list[str]:
-        """Per concept: the layer where it is best decoded and what the last layer keeps."""
-        lines = []
-        for name, g in self.table.groupby("concept", sort=False):
+    def best(self) -> pd.DataFrame:
+        """Per concept (table order): the layer where it is best decoded (``best_layer``,
+        ``best``, its ``sd``, ``folds`` and, with a baseline, ``gain`` / ``baseline_mean``
+        there) and what the last layer keeps (``last_layer``, ``last``)."""
+        rows = []
+        for concept, g in self.table.groupby("concept", sort=False):
             g = g.dropna(subset=["mean"])
             if g.empty:
                 continue
-            best = g.loc[g["mean"].idxmax()]
-            last = g.iloc[-1]
-            tail = ("" if last["layer"] == best["layer"] else
-                    f"; {last['layer']} {last['mean']:.3f} ({last['mean'] - best['mean']:+.3f})")
-            if "gain" in g.columns and not np.isnan(best["gain"]):
-                tail += (f"; over the baseline at {best['layer']}: {best['gain']:+.3f} "
-                         f"(baseline {best['baseline_mean']:.3f})")
-            lines.append(f"{name}: best {best['layer']} ({best['metric']} {best['mean']:.3f})"
-                         + tail)
+            top, last = g.loc[g["mean"].idxmax()], g.iloc[-1]
+            rows.append({"concept": concept, "metric": top["metric"], "best_layer": top["layer"],
+                         "best": top["mean"], "sd": top["sd"], "folds": int(top["folds"]),
+                         "gain": top.get("gain", np.nan),
+                         "baseline_mean": top.get("baseline_mean", np.nan),
+                         "last_layer": last["layer"], "last": last["mean"]})
+        return pd.DataFrame(rows)
+
+    def peaks(self) -> list[str]:
+        """Per concept, one line of :meth:`best`."""
+        lines = []
+        for r in self.best().itertuples(index=False):
+            tail = ("" if r.last_layer == r.best_layer else
+                    f"; {r.last_layer} {r.last:.3f} ({r.last - r.best:+.3f})")
+            if not np.isnan(r.gain):
+                tail += (f"; over the baseline at {r.best_layer}: {r.gain:+.3f} "
+                         f"(baseline {r.baseline_mean:.3f})")
+            lines.append(f"{r.concept}: best {r.best_layer} ({r.metric} {r.best:.3f})" + tail)
         return lines
 
     def counts(self) -> str:
