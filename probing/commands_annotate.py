@@ -155,7 +155,7 @@ def register(app: typer.Typer) -> None:
         folds: int = typer.Option(5, "--folds", help="cross-validation folds"),
         block_bp: int = typer.Option(1_000_000, "--block-bp",
                                      help="examples within one block of this many bp share a "
-                                          "fold (0: random folds)"),
+                                          "fold (0: folds by position)"),
         pca: int = typer.Option(50, "--pca", help="PCA components fitted inside each fold "
                                                   "(0: none)"),
         max_rows: int = typer.Option(50_000, "--max-rows",

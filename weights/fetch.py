@@ -493,8 +493,7 @@ def fetch(
                                            else "trust-on-first-use"),
         }
         if matched:
-            recorded[file]["server_hash"] = {k: claimed[k] for k in ("md5", "crc32c")
-                                             if k in claimed}
+            recorded[file]["server_hash"] = dict(claimed)  # only md5 / crc32c are parsed
         _write_json_atomic(dest / LOCK_NAME, doc)
     return dest
 
