@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--layers", default="mixed5,mixed10")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (median)")
     ap.add_argument("--engines", default="eager,graph",
-                    help="extract engines to time (eager: the default; graph: oneDNN Graph)")
+                    help="extract engines to time (eager: PyTorch's forward; graph: oneDNN Graph, what --engine auto runs for long CPU runs)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))

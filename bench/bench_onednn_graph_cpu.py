@@ -19,7 +19,7 @@ an engine: softmax and max-pooled ``mixed5`` of each graph run against the eager
 and the same graph fed raw uint8 pixels (scaled inside the graph) -- which oneDNN Graph
 computed wrongly here from its second call on, so pixels are scaled outside the graph.
 The engine built on these findings is ``dvtorch.graph`` (``dvprobe extract --engine
-graph``, opt-in: TorchScript is deprecated in this torch); ``bench/bench_extract_cpu.py``
+graph``, and what ``--engine auto`` runs for long CPU runs); ``bench/bench_extract_cpu.py``
 times it end to end. This script stays the raw model-call measurement.
 """
 

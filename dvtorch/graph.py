@@ -7,8 +7,9 @@ same forward is handed to oneDNN Graph (``torch.jit.enable_onednn_fusion``), whi
 fused conv partitions once and keeps activations in its own layout between them (figures:
 README, Performance).
 
-Why it is opt-in and checks itself: it runs through TorchScript (deprecated in current
-PyTorch) and a fusing executor that re-specialises the program on the first calls of each
+Why extraction uses it only for long CPU runs (``--engine auto``) and why it checks itself:
+it runs through TorchScript (deprecated in current PyTorch), starts 2-3 s slower, and has a
+fusing executor that re-specialises the program on the first calls of each
 new input shape. That executor has been seen to return *wrong* results (the same traced
 graph fed raw uint8 pixels: softmax off by 0.98 from its second call on;
 ``bench/bench_onednn_graph_cpu.py`` reproduces it). So the pixels are scaled outside the

@@ -44,12 +44,13 @@ def extract_command(
         help="Skip records that fail CRC / parsing (counted in store.json) instead of failing; "
              "where a file's framing is lost, skip the rest of that file."),
     engine: str = typer.Option(
-        "eager", "--engine",
-        help="eager | graph. graph (CPU, fp32/bf16): the forward run as a oneDNN Graph program, "
-             "measured on an AMX CPU 6-7% faster in fp32 (1.02-1.04x onnxruntime) and 1.25-1.3x "
-             "in bf16 once started (2-3 s); checked "
-             "against eager on its first batches of each size and falls back to eager (with a "
-             "warning) if they differ."),
+        "auto", "--engine",
+        help="auto | eager | graph. graph (CPU, fp32/bf16): the forward run as a oneDNN Graph "
+             "program, measured on an AMX CPU 6-7% faster in fp32 (1.02-1.04x onnxruntime) and "
+             "1.25-1.3x in bf16 once started (2-3 s); checked against eager on its first "
+             "batches of each size and falls back to eager (with a warning) if they differ. "
+             "auto: graph for a CPU run of >= 100 MB of examples (no --limit below 16000), "
+             "eager otherwise."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an existing STORE at --out."),
     commit_every: float = typer.Option(

@@ -54,14 +54,20 @@ from probing.tfrecord import expand_spec, iter_records, report_skip
 POOLS = ("max", "mean", "flatten")
 _LOG = logging.getLogger(__name__)
 
-#: Inputs from this size on (~16k examples, minutes of CPU fp32) get the bf16 hint.
+#: A *long* run: inputs from this size on (~16k examples, minutes of CPU fp32) and no
+#: ``limit`` below LONG_RUN_MIN_EXAMPLES. Long CPU runs get the bf16 hint, and ``auto`` runs
+#: them with the graph engine: its 2-3 s start-up is repaid after ~6-7k examples (6-7 %
+#: faster in fp32 at ~165 ex/s, 25-30 % in bf16 at ~500 ex/s; README, Performance).
 BF16_HINT_MIN_BYTES = 100 * 2**20
+LONG_RUN_MIN_EXAMPLES = 16_000
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: ``eager``: the model's own forward with capture hooks (every device).
 #: ``graph``: CPU only, the forward traced and run by oneDNN Graph (dvtorch.graph), checked
-#: against ``eager`` on its first calls of each batch shape; faster, opt-in.
-ENGINES = ("eager", "graph")
+#: against ``eager`` on its first calls of each batch shape; faster once started.
+#: ``auto`` (the default): ``graph`` for a long fp32 / bf16 CPU run where oneDNN Graph is
+#: available (:func:`choose_engine`), ``eager`` otherwise.
+ENGINES = ("auto", "eager", "graph")
 PROB_COLUMNS = ("p_hom_ref", "p_het", "p_hom_alt")
 MAX_SKIP_LOCATIONS = 20  # skipped records listed by location in store.json (all are counted)
 COMMIT_MAX_BYTES = 256 << 20  # commit early when this much output waits in memory
@@ -149,6 +155,37 @@ def default_workers(dev: torch.device) -> int:
     if dev.type == "cuda":
         return max(1, min(4, cpus - 1))
     return 1 if cpus > torch.get_num_threads() else 0
+
+
+def is_long_run(files: Sequence[str], limit: int | None) -> bool:
+    """Whether a run is long enough for the graph engine's start-up and the bf16 hint to
+    pay: inputs of at least BF16_HINT_MIN_BYTES, and no ``limit`` that cuts them short."""
+    if limit is not None and limit < LONG_RUN_MIN_EXAMPLES:
+        return False
+    return sum(os.path.getsize(f) for f in files) >= BF16_HINT_MIN_BYTES
+
+
+def choose_engine(engine: str, dev: torch.device, dtype: str, long_run: bool) -> str:
+    """The engine a run uses: ``auto`` is ``graph`` where it is measured faster overall (a
+    long fp32 / bf16 CPU run, oneDNN Graph in this torch), ``eager`` everywhere else.
+
+    Why not always ``graph`` on a CPU: it starts 2-3 s slower (trace, first calls, checks),
+    which a short run never earns back. An explicit ``graph`` that cannot run is refused
+    rather than quietly replaced, so a user who asked for it learns why.
+    """
+    if engine not in ENGINES:
+        raise DvprobeError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "auto":
+        fits = dev.type == "cpu" and dtype in ("fp32", "bf16") and long_run
+        return "graph" if fits and dvgraph.available() else "eager"
+    if engine == "graph":
+        if dev.type != "cpu":
+            raise DvprobeError(f"--engine graph runs on the CPU only, not {dev.type} "
+                               "(use --engine eager or auto there)")
+        if not dvgraph.available():
+            raise DvprobeError("--engine graph needs oneDNN Graph (TorchScript with oneDNN), "
+                               "which this torch build lacks; use --engine eager or auto")
+    return engine
 
 
 def bundle_fingerprint(bundle: str | os.PathLike) -> str:
@@ -399,7 +436,7 @@ def extract(
     limit: int | None = None,
     skip_corrupt: bool = False,
     overwrite: bool = False,
-    engine: str = "eager",
+    engine: str = "auto",
     progress: bool = True,
     commit_interval_s: float = 15.0,
     on_batch: Callable[[int], None] | None = None,
@@ -412,7 +449,8 @@ def extract(
     ``workers`` is (None: :func:`default_workers`). ``limit`` extracts the first ``limit``
     records (corrupt ones count). ``engine="graph"`` (CPU, fp32 / bf16) runs the forward as a
     oneDNN Graph program (:mod:`dvtorch.graph`), which falls back to ``"eager"`` with a
-    warning if its first outputs for a batch shape differ from the eager forward's.
+    warning if its first outputs for a batch shape differ from the eager forward's;
+    ``"auto"`` picks it for long CPU runs (:func:`choose_engine`).
 
     Commits happen every ``commit_interval_s`` seconds (0: after every batch), when 256 MiB
     of output is pending, on Ctrl-C and at the end; a commit is one atomic store.json
@@ -447,19 +485,15 @@ def extract(
     if dtype == "fp16" and dev.type != "cuda":
         raise DvprobeError("--dtype fp16 needs --device cuda (on a CPU, --dtype bf16 is the fast "
                            "half precision)")
-    if engine == "graph":
-        if dev.type != "cpu":
-            raise DvprobeError(f"--engine graph runs on the CPU only, not {dev.type} "
-                               "(use --engine eager there)")
-        if not dvgraph.available():
-            raise DvprobeError("--engine graph needs oneDNN Graph (TorchScript with oneDNN), "
-                               "which this torch build lacks; use --engine eager")
+    files = [str(f) for f in expand_spec(examples)]
+    long_run = is_long_run(files, limit)
+    requested_engine = engine
+    engine = choose_engine(engine, dev, dtype, long_run)
 
     if dtype == "bf16" and dev.type == "cpu" and native_bf16() is False:
         _LOG.warning("this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated here, "
                      "several times slower than float32 (3.5x measured); use --dtype fp32")
 
-    files = [str(f) for f in expand_spec(examples)]
     if dev.type == "cpu":
         # glibc would otherwise page-fault every forward's activations back in (~5% fp32).
         reuse_freed_memory()
@@ -513,16 +547,14 @@ def extract(
         log(f"{out}: resuming after {n_before} committed examples "
             f"(shard {start.shard}, record {start.record})")
 
-    long_run = sum(os.path.getsize(f) for f in files) >= BF16_HINT_MIN_BYTES
     if dtype == "fp32" and dev.type == "cpu" and native_bf16() and long_run:
         log("this CPU computes bf16 natively: --dtype bf16 extracts ~2x (AVX-512 BF16) to "
             "~3x (AMX) faster than float32 (max-pooled mixed5 cosine >= 0.9997 to float32; "
             "README, Performance)")
-    if engine == "eager" and dev.type == "cpu" and dtype in ("fp32", "bf16") and long_run \
-            and dvgraph.available():
-        log("--engine graph (oneDNN Graph, checked against this engine on its first batches) "
-            "measured 6-7% faster in fp32 and 25-30% in bf16 once started (README, "
-            "Performance)")
+    if requested_engine == "auto" and engine == "graph":
+        log("engine: graph (a long CPU run: oneDNN Graph, checked against the eager forward on "
+            "its first batches; measured 6-7% faster in fp32, 25-30% in bf16 once started; "
+            "--engine eager for PyTorch's own forward)")
     dataset = ExampleBatches(files, batch_size=batch_size, shape=shape, channels=channels,
                              start=start, limit=limit, skip_corrupt=skip_corrupt)
     loader = make_loader(dataset, workers=workers, pin_memory=dev.type == "cuda")
@@ -649,6 +681,7 @@ def extract(
         "batch_size": batch_size,
         "workers": workers,
         "engine": engine,
+        "engine_requested": requested_engine,
         "torch": torch.__version__,
     }
     if graph_engine is not None and graph_engine.fallback_reason is not None:

@@ -288,7 +288,7 @@ def test_graph_engine_stores_the_eager_rows(data, tmp_path):
 def test_unknown_engine_and_graph_off_the_cpu_are_refused(data, tmp_path, monkeypatch):
     import probing.extract as extract_module
 
-    with pytest.raises(DvprobeError, match="--engine must be one of eager, graph"):
+    with pytest.raises(DvprobeError, match="--engine must be one of auto, eager, graph"):
         _extract(data, tmp_path / "e1", engine="jit")
     monkeypatch.setattr(extract_module, "resolve_device", lambda _: torch.device("cuda"))
     with pytest.raises(DvprobeError, match="--engine graph runs on the CPU only, not cuda"):
@@ -493,22 +493,44 @@ def test_a_long_fp32_run_on_a_cpu_with_native_bf16_mentions_bf16(data, tmp_path,
     _extract(data, tmp_path / "small", limit=BATCH, progress=True)
     assert "--dtype bf16" not in capsys.readouterr().err  # a short run: no hint
     monkeypatch.setattr("probing.extract.BF16_HINT_MIN_BYTES", 1)
-    _extract(data, tmp_path / "fp32", limit=BATCH, progress=True)
+    monkeypatch.setattr("probing.extract.LONG_RUN_MIN_EXAMPLES", BATCH)
+    _extract(data, tmp_path / "fp32", limit=BATCH, progress=True, engine="eager")
     assert ("--dtype bf16 extracts" in capsys.readouterr().err) == bool(native)
 
 
-def test_a_long_eager_run_mentions_the_graph_engine(data, tmp_path, capsys, monkeypatch):
+def test_auto_engine_runs_long_cpu_runs_on_the_graph_engine_and_short_ones_eagerly(
+        data, tmp_path, capsys, monkeypatch):
     from dvtorch import graph
 
-    _extract(data, tmp_path / "small", limit=BATCH, progress=True)
-    assert "--engine graph" not in capsys.readouterr().err  # a short run: no hint
-    monkeypatch.setattr("probing.extract.BF16_HINT_MIN_BYTES", 1)
-    _extract(data, tmp_path / "eager", limit=BATCH, progress=True)
-    assert ("--engine graph (oneDNN Graph" in capsys.readouterr().err) == graph.available()
-    _extract(data, tmp_path / "graph", limit=BATCH, progress=True,
-             engine="graph" if graph.available() else "eager", dtype="fp32")
-    if graph.available():
-        assert "--engine graph (oneDNN Graph" not in capsys.readouterr().err  # already on it
+    s = _extract(data, tmp_path / "short", limit=BATCH, progress=True)
+    assert s.meta["extraction"]["engine"] == "eager"  # the graph's start-up would not pay
+    assert s.meta["extraction"]["engine_requested"] == "auto"
+    assert "engine: graph" not in capsys.readouterr().err
+    monkeypatch.setattr("probing.extract.BF16_HINT_MIN_BYTES", 1)  # every input is long now
+    monkeypatch.setattr("probing.extract.LONG_RUN_MIN_EXAMPLES", BATCH)
+    s = _extract(data, tmp_path / "long", limit=BATCH, progress=True)
+    picked = "graph" if graph.available() else "eager"
+    assert s.meta["extraction"]["engine"] == picked
+    assert ("engine: graph (a long CPU run" in capsys.readouterr().err) == graph.available()
+    s = _extract(data, tmp_path / "eager", limit=BATCH, progress=True, engine="eager")
+    assert s.meta["extraction"]["engine"] == "eager"  # asked for: no hint, no switch
+    assert "engine: graph" not in capsys.readouterr().err
+
+
+def test_a_limit_below_a_long_run_keeps_auto_eager(tmp_path):
+    from probing.extract import LONG_RUN_MIN_EXAMPLES, choose_engine, is_long_run
+
+    big = tmp_path / "big.tfrecord.gz"
+    with big.open("wb") as f:
+        f.truncate(100 * 2**20)  # sparse: the size is what counts
+    assert is_long_run([str(big)], None)
+    assert is_long_run([str(big)], LONG_RUN_MIN_EXAMPLES)
+    assert not is_long_run([str(big)], LONG_RUN_MIN_EXAMPLES - 1)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_engine("auto", cpu, "fp32", long_run=False) == "eager"
+    assert choose_engine("auto", cuda, "bf16", long_run=True) == "eager"
+    assert choose_engine("auto", cuda, "fp16", long_run=True) == "eager"
+    assert choose_engine("eager", cpu, "fp32", long_run=True) == "eager"
 
 
 def test_different_extraction_at_same_out_is_refused_saying_what_differs(data, tmp_path):
