@@ -8,7 +8,8 @@ Layout (see docs/architecture.md)::
       model.onnx             optional: the ONNX graph the weights were imported from
 
 A bundle is written into a temporary sibling directory and renamed into place, so a crash
-or an exception leaves either nothing or a complete bundle. :func:`load` re-hashes the
+or an exception leaves either nothing or a complete bundle; what a writer killed outright
+leaves behind is swept by the next save into the same directory. :func:`load` re-hashes the
 weights before using them: a truncated or edited file is refused with a clear message
 instead of producing subtly wrong activations.
 """
@@ -19,7 +20,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dvtorch.errors import BundleError
-from dvtorch.files import give_default_mode, sha256_bytes, sha256_file
+from dvtorch.files import (
+    give_default_mode,
+    sha256_bytes,
+    sha256_file,
+    sweep_dead_writers,
+    writer_dir,
+)
 from dvtorch.inception import (
     ConvBN,
     DeepVariantInceptionV3,
@@ -102,7 +108,8 @@ def save_bundle(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tenso
         raise BundleError(f"{out}: already exists (pass overwrite=True to replace it)")
     check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    sweep_dead_writers(out.parent)  # what a killed save left behind
+    tmp = writer_dir(out.parent, out.name)
     try:
         give_default_mode(tmp, directory=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
@@ -129,7 +136,7 @@ def save_bundle(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tenso
                 os.fsync(fh.fileno())
         if out.exists():  # overwrite=True: move the old one aside, then swap.
             check_replaceable(out)  # it may have appeared meanwhile
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            old = writer_dir(out.parent, out.name, "old")
             os.replace(out, old / "b")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -70,3 +73,76 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ``.NAME.dvprobe-KIND.HOST.PID.RANDOM``: what :func:`writer_dir` creates, and the only names
+# :func:`sweep_dead_writers` ever removes. RANDOM is tempfile's ([a-z0-9_]).
+_WRITER_DIR = re.compile(r"^\.(?P<name>.+)\.dvprobe-(?P<kind>tmp|old)\.(?P<host>[A-Za-z0-9-]+)"
+                         r"\.(?P<pid>[1-9][0-9]*)\.[a-z0-9_]+$")
+
+
+def _host() -> str:
+    """This machine's name as it can appear in a :func:`writer_dir` name (no dots)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "unknown"
+
+
+def writer_dir(parent: str | os.PathLike, name: str, kind: str = "tmp") -> Path:
+    """A new private directory in ``parent`` for writing ``name`` atomically (``kind``
+    "tmp": the new version being written; "old": the version being replaced, set aside).
+
+    Why the machine and process are in its name: a writer killed with SIGKILL cannot remove
+    it, so :func:`sweep_dead_writers` removes it later, once that process is known to be gone.
+    """
+    if kind not in ("tmp", "old"):
+        raise ValueError(f"kind must be 'tmp' or 'old', got {kind!r}")
+    return Path(tempfile.mkdtemp(prefix=f".{name}.dvprobe-{kind}.{_host()}.{os.getpid()}.",
+                                 dir=parent))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine may still run (a zombie never will again).
+
+    Errs towards alive: a process of another user, or a pid reused since, counts as alive.
+    """
+    if pid <= 0:
+        raise ValueError(f"not a process id: {pid}")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return True  # no /proc (macOS): signal 0 is all we know
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def sweep_dead_writers(parent: str | os.PathLike) -> list[Path]:
+    """Remove the :func:`writer_dir` leftovers in ``parent`` of writers that were killed.
+
+    Only directories named exactly as :func:`writer_dir` names them, made on this machine
+    by a process that no longer runs, are candidates: a live writer (even a concurrent one)
+    and anything else are left alone, and on a shared filesystem another machine's pids
+    mean nothing here. An "old" directory may hold the only copy of ``name`` (its writer
+    died between setting it aside and moving the new version in), so it is only removed
+    once ``parent / name`` exists again. Returns what was removed.
+    """
+    parent = Path(parent)
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return []
+    host = _host()
+    removed = []
+    for entry in entries:
+        m = _WRITER_DIR.match(entry.name)
+        if (m is None or m["host"] != host or not entry.is_dir(follow_symlinks=False)
+                or pid_alive(int(m["pid"]))):
+            continue
+        if m["kind"] == "old" and not (parent / m["name"]).exists():
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed

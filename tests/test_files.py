@@ -4,11 +4,14 @@ and the mode atomically written files end up with."""
 import hashlib
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import dvtorch
-from dvtorch.files import CHUNK, give_default_mode, sha256_file
+from dvtorch.files import CHUNK, give_default_mode, sha256_file, sweep_dead_writers, writer_dir
 from probing.examples import write_example_info
 from probing.store import atomic_write_json
 from probing.tfrecord import write_records
@@ -63,3 +66,66 @@ def test_writing_over_a_directory_is_refused_without_leaving_a_temp_file(tmp_pat
     with pytest.raises(IsADirectoryError, match="is a directory"):
         TFRecordWriter(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# Makes writer dirs for the names in argv[2:] ("name" or "name:old") in argv[1], prints them,
+# then exits or (with WAIT set) waits for stdin to close: a writer killed / still writing.
+_WRITER = """
+import os, sys
+from dvtorch.files import writer_dir
+for arg in sys.argv[2:]:
+    name, _, kind = arg.partition(":")
+    print(writer_dir(sys.argv[1], name, kind or "tmp").name, flush=True)
+if os.environ.get("WAIT"):
+    sys.stdin.read()
+"""
+
+
+def _writer(parent: Path, *names: str, wait: bool = False) -> tuple[subprocess.Popen, list[str]]:
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(parent), *names],
+                            cwd=Path(__file__).parents[1], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "WAIT": "1" if wait else ""})
+    made = [proc.stdout.readline().strip() for _ in names]
+    if not wait:
+        proc.wait(timeout=30)
+    return proc, made
+
+
+def test_sweep_removes_only_writer_dirs_of_dead_processes_on_this_machine(tmp_path):
+    _, (dead,) = _writer(tmp_path, "bundle")
+    live_writer, (live,) = _writer(tmp_path, "bundle", wait=True)
+    _, _, _, host, dead_pid, _ = dead.split(".")
+    try:
+        foreign = [".bundle.x1y2z3ab",  # tempfile's own names, ours or not: unknown writer
+                   f".bundle.dvprobe-tmp.other-host.{dead_pid}.abcdefgh",  # pid means nothing
+                   f".bundle.dvprobe-new.{host}.{dead_pid}.abcdefgh",  # not a kind we make
+                   f"bundle.dvprobe-tmp.{host}.{dead_pid}.abcdefgh", "notes"]
+        for name in foreign:
+            (tmp_path / name).mkdir()
+        (tmp_path / (dead + "x")).write_text("a file, not a writer dir")
+        assert sweep_dead_writers(tmp_path) == [tmp_path / dead]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [live, *foreign, dead + "x"])
+    finally:
+        live_writer.communicate("")
+    assert sweep_dead_writers(tmp_path) == [tmp_path / live]  # once its writer has ended
+
+
+def test_a_set_aside_old_version_stays_until_the_name_it_was_replacing_exists_again(tmp_path):
+    """A writer killed between moving the old version aside and the new one in leaves the
+    only copy in its "old" dir: sweeping it then would lose the bundle."""
+    _, (old,) = _writer(tmp_path, "bundle:old")
+    assert sweep_dead_writers(tmp_path) == [] and (tmp_path / old).is_dir()
+    (tmp_path / "bundle").mkdir()
+    assert sweep_dead_writers(tmp_path) == [tmp_path / old]
+
+
+def test_writer_dir_names_say_what_whose_and_where(tmp_path):
+    d = writer_dir(tmp_path, "my.bundle", "old")
+    host, pid = d.name.split(".dvprobe-old.")[1].split(".")[:2]
+    assert d.is_dir() and d.parent == tmp_path and d.name.startswith(".my.bundle.dvprobe-old.")
+    assert int(pid) == os.getpid() and host
+    assert sweep_dead_writers(tmp_path) == []  # this process still runs
+    with pytest.raises(ValueError, match="kind"):
+        writer_dir(tmp_path, "b", "new")

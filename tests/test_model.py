@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -411,6 +414,39 @@ def test_bundle_errors_name_the_file_and_the_problem(small_bundle, tmp_path):
         load(tmp_path)
     with pytest.raises(BundleError, match="already exists"):
         reference_bundle(small_bundle, seed=3, input_shape=SMALL)
+
+
+# Saves a SMALL bundle to argv[1] but stalls once the weights are written, so that the
+# test can kill it mid-write.
+_STALLED_SAVE = f"""
+import sys, time
+from dvtorch import bundle
+from dvtorch.inception import DeepVariantInceptionV3
+real = bundle.save_file
+def stall(*args, **kwargs):
+    real(*args, **kwargs)
+    print("writing", flush=True)
+    time.sleep(120)
+bundle.save_file = stall
+bundle.save_bundle(sys.argv[1], DeepVariantInceptionV3({SMALL}).state_dict(),
+                   {{"input_shape": {list(SMALL)}, "channels": [1, 2, 3, 4, 5, 6, 19]}})
+"""
+
+
+def test_the_next_save_sweeps_what_a_save_killed_mid_write_left(tmp_path):
+    out = tmp_path / "bundle"
+    proc = subprocess.Popen([sys.executable, "-c", _STALLED_SAVE, str(out)],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.kill()
+        proc.wait()
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".bundle.") and (left / "weights.safetensors").is_file()
+    sd = DeepVariantInceptionV3(SMALL).state_dict()
+    save_bundle(out, sd, {"input_shape": list(SMALL), "channels": [1, 2, 3, 4, 5, 6, 19]})
+    assert list(tmp_path.iterdir()) == [out]
 
 
 def test_save_bundle_leaves_nothing_on_failure(tmp_path, monkeypatch):
