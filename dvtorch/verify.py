@@ -329,15 +329,37 @@ def random_pileups(shape: Sequence[int], batch: int, seed: int) -> np.ndarray:
     return rng.integers(0, 256, size=(batch, *shape), dtype=np.uint8)
 
 
-def example_pileups(spec: str, shape: Sequence[int], batch: int) -> np.ndarray:
-    """First ``batch`` images of a DeepVariant examples spec (shape checked by the reader)."""
+def _examples_module() -> Any:
+    """probing.examples, which reads --examples (the probing side may not be installed)."""
     if importlib.util.find_spec("probing.examples") is None:
         raise BundleError("reading --examples needs probing.examples, which is not installed")
-    from probing.examples import read_examples
+    import probing.examples
 
+    return probing.examples
+
+
+def check_examples_info(spec: str, shape: Sequence[int], channels: Sequence[int] | None) -> None:
+    """Refuse examples whose example_info.json gives another shape or channel list than the
+    bundle's, saying what differs (the check ``extract`` makes).
+
+    Why: the reader only sees each record's shape, and examples with the right number of
+    channels in another order or of another kind would be compared all the same: parity on
+    inputs the model was never meant to see, passing or failing for the wrong reason.
+    Without an example_info.json only the shape can be and is checked, by the reader.
+    """
+    examples = _examples_module()
+    info = examples.read_example_info(spec)
+    if info is not None:
+        examples.check_example_info(info, shape=tuple(shape),
+                                    channels=list(channels) if channels else None)
+
+
+def example_pileups(spec: str, shape: Sequence[int], batch: int) -> np.ndarray:
+    """First ``batch`` images of a DeepVariant examples spec (shape checked by the reader)."""
     images = [
         np.array(ex.image, dtype=np.uint8)
-        for ex in read_examples(spec, limit=batch, expected_shape=tuple(shape))
+        for ex in _examples_module().read_examples(spec, limit=batch,
+                                                   expected_shape=tuple(shape))
     ]
     if not images:
         raise BundleError(f"{spec}: no examples found")
@@ -463,12 +485,18 @@ def verify(
     checkpoint); one given explicitly must exist (a typo would otherwise quietly drop the
     TensorFlow check and still PASS), while a *recorded* source that has gone is reported as
     skipped. ``skip_tf`` leaves TensorFlow out on purpose (onnxruntime becomes the
-    reference). With ``check`` (default) a failing report raises :class:`ParityError`; the
-    CLI passes ``check=False`` to print the table first.
+    reference). ``examples`` whose example_info.json disagrees with the bundle's shape or
+    channel list raise :class:`~dvtorch.errors.ExampleFormatError`. With ``check`` (default)
+    a failing report raises :class:`ParityError`; the CLI passes ``check=False`` to print the
+    table first.
     """
     import dvtorch
+    from dvtorch.bundle import read_meta
 
     bundle = Path(bundle)
+    if examples:  # an input mistake: said before any model is loaded or restored
+        recorded = read_meta(bundle)
+        check_examples_info(examples, recorded["input_shape"], recorded["channels"])
     model = dvtorch.load(bundle, device="cpu")
     meta = dict(getattr(model, "bundle_meta", {}) or {})
     shape = tuple(int(v) for v in meta.get("input_shape") or model.input_shape)

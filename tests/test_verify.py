@@ -235,3 +235,62 @@ def test_report_table_and_json_roundtrip() -> None:
     assert not report.passed and "FAIL" in report.table()
     again = ParityReport.from_dict(json.loads(report.to_json()))
     assert again.rows == report.rows and again.passed is False
+
+
+# ---- --examples against the bundle's channel list (no TensorFlow, no ONNX) -------------
+
+SMALL = (75, 80, 7)
+WGS = [1, 2, 3, 4, 5, 6, 19]
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory) -> Path:
+    """A bundle without model.onnx or source: verify refuses it only *after* checking inputs."""
+    from dvtorch.bundle import save_bundle
+    from dvtorch.inception import DeepVariantInceptionV3
+
+    return save_bundle(tmp_path_factory.mktemp("small") / "bundle",
+                       DeepVariantInceptionV3(SMALL).state_dict(),
+                       {"input_shape": list(SMALL), "channels": WGS})
+
+
+def _examples(d: Path, channels: list[int]) -> str:
+    """Two records of the bundle's shape, with an example_info.json listing ``channels``."""
+    from probing.examples import encode_example, write_example_info
+    from probing.tfrecord import write_records
+
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    path = d / "ex.tfrecord.gz"
+    write_records(path, [encode_example(rng.integers(0, 256, SMALL, dtype=np.uint8),
+                                        chrom="chr20", start=100 + i, end=101 + i, ref="A",
+                                        alts=("G",), alt_allele_indices=(0,)) for i in range(2)])
+    write_example_info(path, SMALL, channels, "1.6.1")
+    return str(path)
+
+
+def test_verify_refuses_examples_whose_channel_list_is_not_the_bundles(small_bundle, tmp_path):
+    from dvtorch.errors import ExampleFormatError
+    from dvtorch.verify import verify
+
+    reordered = _examples(tmp_path / "reordered", [1, 2, 3, 4, 6, 5, 19])
+    with pytest.raises(ExampleFormatError, match=r"channel list differs.*different order"):
+        verify(small_bundle, examples=reordered, batch=2)
+    other = _examples(tmp_path / "other", [1, 2, 3, 4, 5, 6, 9])
+    with pytest.raises(ExampleFormatError, match=r"missing in examples: \[19 .*not used by"):
+        verify(small_bundle, examples=other, batch=2)
+    # the same list passes the check (and this bundle then has nothing to compare against)
+    same = _examples(tmp_path / "same", WGS)
+    with pytest.raises(BundleError, match="nothing to verify against"):
+        verify(small_bundle, examples=same, batch=2)
+
+
+def test_cli_verify_refuses_other_channels_in_one_line_with_exit_2(
+        small_bundle, tmp_path, monkeypatch, capsys) -> None:
+    other = _examples(tmp_path / "other", [1, 2, 3, 4, 5, 6, 9])
+    code, out, err = _run_cli(monkeypatch, capsys, "verify", str(small_bundle),
+                              "--examples", other, "--batch", "2")
+    assert code == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert line.startswith("dvprobe: error: ") and "example_info.json" in line
+    assert "channel list differs" in line and "9" in line and "19" in line
