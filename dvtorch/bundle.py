@@ -34,6 +34,7 @@ from dvtorch.files import (
     give_default_mode,
     sha256_bytes,
     sha256_file,
+    swap_in_dir,
     sweep_dead_writers,
     writer_dir,
 )
@@ -134,14 +135,9 @@ def save_bundle(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tenso
             give_default_mode(f)  # safetensors writes its file 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if out.exists():  # overwrite=True: move the old one aside, then swap.
+        if out.exists():  # overwrite=True
             check_replaceable(out)  # it may have appeared meanwhile
-            old = writer_dir(out.parent, out.name, "old")
-            os.replace(out, old / "b")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_in_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

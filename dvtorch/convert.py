@@ -20,10 +20,7 @@ from __future__ import annotations
 import glob
 import importlib.metadata
 import json
-import os
 import shutil
-import socket
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +29,7 @@ from typing import Any
 
 from dvtorch.bundle import check_replaceable
 from dvtorch.errors import ConversionError
-from dvtorch.files import sha256_file
+from dvtorch.files import sha256_file, swap_in_dir, sweep_dead_writers, writer_dir
 from weights.fetch import LOCK_NAME, read_lock
 
 Progress = Callable[[str], None]
@@ -487,33 +484,12 @@ def _check_opset(opset: int) -> None:
         )
 
 
-def _staging_prefix(out: Path) -> str:
-    return f".{out.name}.staging-{socket.gethostname()}-"
-
-
-def _remove_dead_staging(out: Path) -> None:
-    """Remove staging directories of OUT left by a conversion killed on this host (up to
-    ~175 MB each, hidden); one whose process still runs, or another host's, is left alone."""
-    prefix = _staging_prefix(out)
-    for d in out.parent.glob(glob.escape(prefix) + "*"):
-        pid = d.name[len(prefix):].split("-", 1)[0]
-        if not (d.is_dir() and pid.isdigit()):
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except OSError:  # alive, another user's
-            pass
-
-
 def _write_atomically(out: Path, overwrite: bool, write: Callable[[Path], Any],
                       keep: Sequence[Path] = ()) -> None:
     """Write into a staging sibling, then rename; on any failure OUT is left untouched."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out) + f"{os.getpid()}-",
-                                    dir=out.parent))
+    sweep_dead_writers(out.parent)  # what a killed conversion left (up to ~175 MB each)
+    staging = writer_dir(out.parent, out.name)
     target = staging / "bundle"
     try:
         write(target)
@@ -521,14 +497,6 @@ def _write_atomically(out: Path, overwrite: bool, write: Callable[[Path], Any],
             if not overwrite:
                 raise ConversionError(f"{out}: appeared while converting; pass --overwrite")
             check_replaceable(out, keep)
-            old = staging / "old"
-            out.rename(old)
-            try:
-                target.rename(out)
-            except OSError:
-                old.rename(out)  # put the previous bundle back before reporting
-                raise
-        else:
-            target.rename(out)
+        swap_in_dir(target, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -146,3 +146,26 @@ def sweep_dead_writers(parent: str | os.PathLike) -> list[Path]:
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))
     return removed
+
+
+def swap_in_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move directory ``new`` to ``final``, replacing a directory already there.
+
+    The old one is set aside in a :func:`writer_dir` of kind "old" first and removed only
+    once ``new`` is in place; if that move fails it is put back. A kill between the two
+    renames leaves it set aside, where :func:`sweep_dead_writers` keeps it (the only copy)
+    until ``final`` exists again.
+    """
+    new, final = Path(new), Path(final)
+    if not final.exists():
+        os.replace(new, final)
+        return
+    old = writer_dir(final.parent, final.name, "old")
+    os.replace(final, old / "b")
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(old / "b", final)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,14 @@ import numpy as np
 import pandas as pd
 
 from dvtorch.errors import DvprobeError
-from dvtorch.files import atomic_write_bytes, give_default_mode, sha256_bytes
+from dvtorch.files import (
+    atomic_write_bytes,
+    give_default_mode,
+    sha256_bytes,
+    swap_in_dir,
+    sweep_dead_writers,
+    writer_dir,
+)
 
 FORMAT = "dvprobe-store"
 FORMAT_VERSION = 1
@@ -393,7 +399,11 @@ class Store:
     @property
     def runs(self) -> list[str]:
         d = self.path / "runs"
-        return sorted(p.name for p in d.iterdir() if (p / "run.json").is_file()) if d.is_dir() else []
+        if not d.is_dir():
+            return []
+        # a dot name is a run being written (or left by a killed writer), never a run
+        return sorted(p.name for p in d.iterdir()
+                      if not p.name.startswith(".") and (p / "run.json").is_file())
 
     def save_run(
         self,
@@ -415,7 +425,8 @@ class Store:
             raise StoreError(f"run {name!r}: obs has {len(obs)} rows, the STORE has {self.n}")
         runs_dir = self.path / "runs"
         runs_dir.mkdir(exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=runs_dir))
+        sweep_dead_writers(runs_dir)  # what a run saved by a killed process left behind
+        tmp = writer_dir(runs_dir, name)
         try:
             give_default_mode(tmp, directory=True)
             meta = dict(meta)
@@ -431,15 +442,7 @@ class Store:
             meta["files"] = recs
             meta["name"] = name
             (tmp / "run.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-            final = runs_dir / name
-            old = None
-            if final.exists():
-                old = runs_dir / f".{name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            swap_in_dir(tmp, runs_dir / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -305,21 +305,22 @@ def test_existing_out_needs_overwrite(dv_onnx_path: Path, tmp_path: Path) -> Non
 def test_a_killed_conversions_staging_is_removed_by_the_next(dv_onnx_path: Path,
                                                              tmp_path: Path) -> None:
     import os
-    import socket
     import subprocess
 
     from dvtorch.convert import convert
+    from dvtorch.files import writer_dir
 
     done = subprocess.Popen(["true"])
     done.wait()  # a pid no process has any more
-    host = socket.gethostname()
-    dead = tmp_path / f".out.staging-{host}-{done.pid}-abc123"
-    alive = tmp_path / f".out.staging-{host}-{os.getpid()}-def456"  # a conversion running
-    other = tmp_path / f".out.staging-otherhost-{done.pid}-ghi789"  # on another machine
+    mine = writer_dir(tmp_path, "out")  # named as a conversion of this process names it
+    host = mine.name.split(".")[3]
+    dead = tmp_path / f".out.dvprobe-tmp.{host}.{done.pid}.abc123"
+    alive = tmp_path / f".out.dvprobe-tmp.{host}.{os.getpid()}.def456"  # a conversion running
+    other = tmp_path / f".out.dvprobe-tmp.otherhost.{done.pid}.ghi789"  # on another machine
     for d in (dead, alive, other):
         (d / "bundle").mkdir(parents=True)
     convert(dv_onnx_path, tmp_path / "out", channels="1,2,3,4,5,6,19", check_parity=False)
-    assert not dead.exists() and alive.is_dir() and other.is_dir()
+    assert not dead.exists() and alive.is_dir() and other.is_dir() and mine.is_dir()
 
 
 @pytest.mark.tf

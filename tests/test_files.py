@@ -129,3 +129,39 @@ def test_writer_dir_names_say_what_whose_and_where(tmp_path):
     assert sweep_dead_writers(tmp_path) == []  # this process still runs
     with pytest.raises(ValueError, match="kind"):
         writer_dir(tmp_path, "b", "new")
+
+
+def test_swap_in_dir_replaces_the_old_directory_and_leaves_nothing_beside_it(tmp_path):
+    from dvtorch.files import swap_in_dir, writer_dir
+
+    final = tmp_path / "bundle"
+    for version in ("one", "two"):
+        new = writer_dir(tmp_path, final.name)
+        (new / "v").write_text(version)
+        swap_in_dir(new, final)
+        assert (final / "v").read_text() == version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_swap_in_dir_puts_the_old_directory_back_when_the_new_one_cannot_move_in(
+        tmp_path, monkeypatch):
+    import os
+
+    from dvtorch import files
+
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "v").write_text("old")
+    new = files.writer_dir(tmp_path, final.name)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src) == new:
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"):
+        files.swap_in_dir(new, final)
+    assert (final / "v").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bundle", new.name])

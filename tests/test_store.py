@@ -160,3 +160,23 @@ def test_a_layer_that_cannot_be_mapped_names_the_file_and_the_limit(store, monke
     monkeypatch.setattr(np, "memmap", no_address_space)
     with pytest.raises(StoreError, match=r"layers/l\.bin: cannot memory-map 6 x 2 rows .*ulimit -v"):
         store.layer("l")
+
+
+def test_a_run_half_written_by_a_killed_process_is_no_run_and_the_next_save_sweeps_it(store):
+    import subprocess
+
+    from dvtorch.files import writer_dir
+
+    store.save_run("r", meta={"kind": "kmeans"})
+    done = subprocess.Popen(["true"])
+    done.wait()  # a pid no process has any more
+    mine = writer_dir(store.path / "runs", "r")
+    host = mine.name.split(".")[3]
+    mine.rmdir()
+    killed = store.path / "runs" / f".r.dvprobe-tmp.{host}.{done.pid}.abc123"
+    killed.mkdir()
+    (killed / "run.json").write_text('{"kind": "kmeans"}')  # all but the final rename done
+    assert store.runs == ["r"]
+    store.save_run("r", meta={"kind": "hkmeans"})  # replaces r, sweeps the leftover
+    assert store.runs == ["r"] and store.load_run("r").meta["kind"] == "hkmeans"
+    assert sorted(p.name for p in (store.path / "runs").iterdir()) == ["r"]
