@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Everything dvprobe checks on a GPU, as one device call (about 5-8 minutes on an H200):
+#   here:   bash scripts/gpu_wheels.sh
+#   device: run(command="bash scripts/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# 1. tests/test_cuda.py: CUDA rows = the CPU's (order, fp32 values), bf16 / fp16 close to
+#    fp32, loader processes keep order, a resumed run = one run, hooks on the device;
+# 2. bench/bench_extract_cuda.py: model-only ceiling and extract end to end from .gz shards
+#    (fp32, bf16), then the same with torch.compile (model only; may take minutes to build).
+# A dry run on a CPU machine: PY=.venv/bin/python DVPROBE_TEST_DEVICE=cpu bash scripts/gpu_session.sh
+# (the tests run with the CPU standing in; the benches say there is no GPU).
+# Each step has its own time limit, so a hang costs that step only. Logs land in $OUT
+# (or ./gpu-session-out when run by hand).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-session-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}  # the image's python (holds torch); PY=.venv/bin/python for a dry run here
+if ! "$PY" -c "import google_crc32c, zlib_ng" 2>/dev/null; then  # the carried wheels
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/dvprobe-site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/dvprobe-site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, say how it ended
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.is_available())"
+  nproc; } 2>&1 | tee "$OUT/summary.txt"
+step test_cuda 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step bench_cuda 180 "$PY" bench/bench_extract_cuda.py --n 16384 --batch-size 256 --workers 8
+step bench_cuda_compile 120 "$PY" bench/bench_extract_cuda.py --n 4096 --batch-size 256 \
+  --workers 8 --compile
+cat "$OUT/summary.txt"
