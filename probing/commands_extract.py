@@ -38,7 +38,16 @@ def extract_command(
              "free beyond torch's threads, else 0; on CUDA min(4, cores - 1)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 (fp16: cuda only)."),
     limit: int | None = typer.Option(None, "--limit", min=1,
-                                     help="Only the first N records of the input."),
+                                     help="Only the first N records of the input (with --sample: the chosen "
+                                          "ones among them)."),
+    sample: float | None = typer.Option(
+        None, "--sample",
+        help="Extract a pseudo-random FRACTION (0-1] of the records, e.g. 0.01 to survey a "
+             "whole-genome run on a laptop: chosen by a seeded hash of each record, so the "
+             "same ones on every rerun and resume. Every record is still read (gzip), only "
+             "the chosen ones are decoded and run through the model."),
+    sample_seed: int = typer.Option(0, "--sample-seed", min=0,
+                                    help="Seed of --sample: another seed, another subset."),
     skip_corrupt: bool = typer.Option(
         False, "--skip-corrupt",
         help="Skip records that fail CRC / parsing (counted in store.json) instead of failing; "
@@ -68,7 +77,8 @@ def extract_command(
     try:
         store = extract(bundle, examples, out, layers=_split_layers(layers), pool=pool,
                         device=device, batch_size=batch_size, workers=workers, dtype=dtype,
-                        limit=limit, skip_corrupt=skip_corrupt, overwrite=overwrite,
+                        limit=limit, skip_corrupt=skip_corrupt, sample=sample,
+                        sample_seed=sample_seed, overwrite=overwrite,
                         engine=engine, progress=not no_progress,
                         commit_interval_s=commit_every)
     except ExtractionInterrupted as exc:

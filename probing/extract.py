@@ -47,7 +47,7 @@ from dvtorch.files import sha256_file
 from dvtorch.hooks import capture
 from dvtorch.layers import layer_info
 from probing.examples import DVExample, check_example_info, parse_example, read_example_info
-from probing.loader import Batch, Cursor, ExampleBatches, make_loader
+from probing.loader import Batch, Cursor, ExampleBatches, RecordSample, make_loader
 from probing.store import LayerSpec, Store, StoreWriter
 from probing.tfrecord import expand_spec, iter_records, report_skip
 
@@ -157,12 +157,13 @@ def default_workers(dev: torch.device) -> int:
     return 1 if cpus > torch.get_num_threads() else 0
 
 
-def is_long_run(files: Sequence[str], limit: int | None) -> bool:
+def is_long_run(files: Sequence[str], limit: int | None, fraction: float = 1.0) -> bool:
     """Whether a run is long enough for the graph engine's start-up and the bf16 hint to
-    pay: inputs of at least BF16_HINT_MIN_BYTES, and no ``limit`` that cuts them short."""
-    if limit is not None and limit < LONG_RUN_MIN_EXAMPLES:
+    pay: inputs of at least BF16_HINT_MIN_BYTES (of which ``fraction`` is sampled), and no
+    ``limit`` that cuts them short."""
+    if limit is not None and limit * fraction < LONG_RUN_MIN_EXAMPLES:
         return False
-    return sum(os.path.getsize(f) for f in files) >= BF16_HINT_MIN_BYTES
+    return sum(os.path.getsize(f) for f in files) * fraction >= BF16_HINT_MIN_BYTES
 
 
 def choose_engine(engine: str, dev: torch.device, dtype: str, long_run: bool) -> str:
@@ -435,6 +436,8 @@ def extract(
     dtype: str = "fp32",
     limit: int | None = None,
     skip_corrupt: bool = False,
+    sample: float | None = None,
+    sample_seed: int = 0,
     overwrite: bool = False,
     engine: str = "auto",
     progress: bool = True,
@@ -450,7 +453,10 @@ def extract(
     records (corrupt ones count). ``engine="graph"`` (CPU, fp32 / bf16) runs the forward as a
     oneDNN Graph program (:mod:`dvtorch.graph`), which falls back to ``"eager"`` with a
     warning if its first outputs for a batch shape differ from the eager forward's;
-    ``"auto"`` picks it for long CPU runs (:func:`choose_engine`).
+    ``"auto"`` picks it for long CPU runs (:func:`choose_engine`). ``sample`` extracts a
+    seeded pseudo-random fraction of the records (:class:`~probing.loader.RecordSample`:
+    chosen by a hash of each record, so the same ones on every rerun, resume or worker
+    count); every record is still read, only the chosen ones are decoded and run.
 
     Commits happen every ``commit_interval_s`` seconds (0: after every batch), when 256 MiB
     of output is pending, on Ctrl-C and at the end; a commit is one atomic store.json
@@ -479,6 +485,7 @@ def extract(
         raise DvprobeError(f"--workers must be >= 0, got {workers}")
     if limit is not None and limit < 1:
         raise DvprobeError(f"--limit must be >= 1, got {limit}")
+    sampling = RecordSample(sample, sample_seed) if sample is not None else None
     dev = resolve_device(device)
     if workers is None:
         workers = default_workers(dev)
@@ -486,7 +493,7 @@ def extract(
         raise DvprobeError("--dtype fp16 needs --device cuda (on a CPU, --dtype bf16 is the fast "
                            "half precision)")
     files = [str(f) for f in expand_spec(examples)]
-    long_run = is_long_run(files, limit)
+    long_run = is_long_run(files, limit, sampling.fraction if sampling else 1.0)
     requested_engine = engine
     engine = choose_engine(engine, dev, dtype, long_run)
 
@@ -523,6 +530,8 @@ def extract(
         "dtype": dtype,
         "limit": limit,
     }
+    if sampling is not None:  # only when given: STOREs from before --sample still resume
+        inputs["sample"] = sampling.to_json()
     meta = {
         "inputs": inputs,
         "bundle": str(Path(bundle).resolve()),
@@ -556,7 +565,8 @@ def extract(
             "its first batches; measured 6-7% faster in fp32, 25-30% in bf16 once started; "
             "--engine eager for PyTorch's own forward)")
     dataset = ExampleBatches(files, batch_size=batch_size, shape=shape, channels=channels,
-                             start=start, limit=limit, skip_corrupt=skip_corrupt)
+                             start=start, limit=limit, skip_corrupt=skip_corrupt,
+                             sample=sampling)
     loader = make_loader(dataset, workers=workers, pin_memory=dev.type == "cuda")
     names = [s.name for s in specs]
     store_dtypes = {s.name: getattr(torch, s.dtype) for s in specs}
@@ -568,7 +578,7 @@ def extract(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=limit, initial=n_before, unit="ex", dynamic_ncols=True,
+        bar = tqdm(total=limit if sampling is None else None, initial=n_before, unit="ex", dynamic_ncols=True,
                    desc="extract", file=sys.stderr, smoothing=0.1)
     t_start = time.perf_counter()
     t_wait = 0.0
@@ -592,6 +602,7 @@ def extract(
             if limit is None and len(sizes) > 1:
                 total = estimate_total(batch.end, sizes)
                 if total is not None:
+                    total = round(total * (sampling.fraction if sampling else 1.0))
                     bar.total = max(total, bar.n + batch.n)
                 bar.set_postfix_str(f"shard {min(batch.end.shard + 1, len(sizes))}/"
                                     f"{len(sizes)}", refresh=False)
@@ -669,6 +680,8 @@ def extract(
         first = skipped["first"][0] if skipped["first"] else None
         why = (f"every record read was corrupt and skipped ({skipped['count']}; first: "
                f"{first['file']}, record {first['record']}: {first['reason']})" if first
+               else f"--sample {sampling.fraction} (seed {sampling.seed}) chose none of its "
+               "records; sample a larger fraction" if sampling is not None
                else "it holds no records")
         raise DvprobeError(f"{examples}: nothing to extract: {why}; no STORE was written")
     summary = {

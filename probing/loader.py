@@ -12,6 +12,10 @@ Why this shape:
   round robin, so batches come out as 0, 1, 2, ... -- exactly the order of a single process.
   Batch boundaries count records (corrupt ones included), so they are the same in every
   worker and in a resumed run.
+* **Sampling without decoding.** ``sample`` (:class:`RecordSample`) keeps a seeded,
+  pseudo-random fraction of the records, chosen by a hash of each record's bytes, before
+  batches are cut: batches are full batches of chosen examples, every worker agrees on them
+  without parsing, and a resumed run or another shard layout chooses the same examples.
 * **Resume without decoding.** A :class:`Cursor` (shard, record within shard, records read)
   marks where the next batch starts. Shards before the cursor are not opened at all; inside
   the cursor's shard the records before it are only framed (gzip + length), never parsed.
@@ -39,6 +43,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -72,6 +77,48 @@ class Cursor:
         if not d:
             return cls()
         return cls(int(d["shard"]), int(d["record"]), int(d["position"]))
+
+
+@dataclass(frozen=True)
+class RecordSample:
+    """A seeded pseudo-random ``fraction`` of the records: a record is chosen when a hash of
+    its bytes falls below ``fraction`` of the hash range.
+
+    Why a hash of the bytes, not of the position or a random draw: the same examples are
+    chosen in every loader worker (which must agree on batch boundaries without talking),
+    in a resumed run, and whatever shard layout the input has; and it costs one hardware
+    CRC32C pass over the record (~15 us for a 150 kB WGS example) instead of a parse. The
+    CRC (linear in the bytes) is put through a non-linear 32-bit mixer (MurmurHash3's
+    finaliser) so that records differing in a few bytes are chosen independently.
+    Identical records are chosen together.
+    """
+
+    fraction: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise DvprobeError(f"--sample must be a fraction in (0, 1], got {self.fraction}")
+        if not 0 <= self.seed < 2**63:
+            raise DvprobeError(f"--sample-seed must be in [0, 2^63), got {self.seed}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "seed": self.seed}
+
+    def chooses(self, record: bytes) -> bool:
+        if self.fraction >= 1:
+            return True
+        crc = google_crc32c.extend(google_crc32c.value(self.seed.to_bytes(8, "little")), record)
+        return _mix32(crc) < int(self.fraction * 2**32)
+
+
+def _mix32(h: int) -> int:
+    """MurmurHash3's 32-bit finaliser: every output bit depends on every input bit."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
 
 
 @dataclass
@@ -119,11 +166,17 @@ class _Corrupt:
         self.path, self.record, self.reason = path, record, reason
 
 
+#: (shard index, record index, payload or corrupt marker, records read before it)
+_Item = tuple[int, int, "bytes | _Corrupt", int]
+
+
 class ExampleBatches(IterableDataset):
     """Ordered batches of examples from ``files`` starting at ``start`` (see module doc).
 
     ``limit`` caps the total number of records read *from the beginning of the input*
     (resumed runs count what was read before), so ``--limit N`` means the first N records.
+    ``sample`` keeps only the records it chooses (corrupt ones are kept, to be reported);
+    ``limit`` still counts every record read.
     """
 
     def __init__(
@@ -136,6 +189,7 @@ class ExampleBatches(IterableDataset):
         start: Cursor = Cursor(),
         limit: int | None = None,
         skip_corrupt: bool = False,
+        sample: RecordSample | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -147,6 +201,7 @@ class ExampleBatches(IterableDataset):
         self.start = start
         self.limit = limit
         self.skip_corrupt = skip_corrupt
+        self.sample = sample
 
     # -- record sequence (identical in every worker) -------------------------------------
     def _records(self, where: list[int]) -> Iterator[tuple[int, int, bytes | _Corrupt]]:
@@ -184,12 +239,13 @@ class ExampleBatches(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         B = self.batch_size
+        sample = self.sample if self.sample is not None and self.sample.fraction < 1 else None
         pos = self.start.position
         if self.limit is not None and pos >= self.limit:
             return
         b = 0
         taken = 0  # records in the current batch
-        items: list[tuple[int, int, bytes | _Corrupt]] = []
+        items: list[_Item] = []
         where = [self.start.shard]
         it = self._records(where)
         while True:
@@ -208,12 +264,13 @@ class ExampleBatches(IterableDataset):
             if nxt is None:
                 break
             si, rec, payload = nxt
-            if b % nw == wid:
-                items.append(nxt)
             pos += 1
-            taken += 1
+            if sample is None or isinstance(payload, _Corrupt) or sample.chooses(payload):
+                if b % nw == wid:
+                    items.append((si, rec, payload, pos - 1))  # pos: records before it
+                taken += 1
             done = self.limit is not None and pos >= self.limit
-            if taken == B or done:
+            if taken == B or (done and taken):
                 if b % nw == wid:
                     yield self._decode(b, items, Cursor(si, rec + 1, pos))
                 items, taken, b = [], 0, b + 1
@@ -224,8 +281,8 @@ class ExampleBatches(IterableDataset):
             yield self._decode(b, items, Cursor(last_shard + 1, 0, pos))
 
     # -- decoding (only for this worker's batches) ---------------------------------------
-    def _decode(self, b: int, items: list[tuple[int, int, bytes | _Corrupt]],
-                end: Cursor, error: BaseException | None = None) -> Batch:
+    def _decode(self, b: int, items: list[_Item], end: Cursor,
+                error: BaseException | None = None) -> Batch:
         """Batch ``b`` from ``items`` (ending at cursor ``end``).
 
         ``error`` (the records end in a reading error) and a record that fails to parse
@@ -239,7 +296,7 @@ class ExampleBatches(IterableDataset):
         cols: dict[str, list] = {c: [] for c in META_COLUMNS}
         skipped: list[dict[str, Any]] = []
         n = 0
-        for j, (si, rec, payload) in enumerate(items):
+        for si, rec, payload, position in items:
             if isinstance(payload, _Corrupt):
                 skipped.append({"file": payload.path, "record": payload.record,
                                 "reason": payload.reason})
@@ -250,7 +307,7 @@ class ExampleBatches(IterableDataset):
             except DvprobeError as exc:
                 if not self.skip_corrupt:
                     error = exc
-                    end = Cursor(si, rec, end.position - len(items) + j)
+                    end = Cursor(si, rec, position)
                     break
                 skipped.append({"file": self.files[si], "record": rec,
                                 "reason": str(getattr(exc, "reason", exc))})

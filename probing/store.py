@@ -586,8 +586,9 @@ class StoreWriter:
         for s in self.specs.values():
             f = self.path / "layers" / f"{s.name}.bin"
             _check_layer_file(f, n, s.row_bytes)
-            with open(f, "r+b") as fh:
-                fh.truncate(n * s.row_bytes)
+            if f.stat().st_size > n * s.row_bytes:  # else untouched: a rerun of a complete
+                with open(f, "r+b") as fh:         # (maybe read-only) STORE writes nothing
+                    fh.truncate(n * s.row_bytes)
         keep = set(self.meta["obs_parts"])
         for p in (self.path / "obs").glob("*.parquet"):
             if p.name not in keep:

@@ -99,10 +99,14 @@ def test_demo_recovery_tables_are_consistent_with_the_enrichment(demo) -> None:
 
 def test_demo_rerun_reuses_finished_steps(demo) -> None:
     stamp = demo.out / "sim" / "DONE"
-    before = stamp.stat().st_mtime_ns
+    # what extraction writes: a finished STORE is opened, not extracted again (timing it
+    # instead flaked on a busy machine: the model's load alone can outlast a tiny extract)
+    written = [stamp, *(demo.out / "store" / "layers").iterdir(),
+               *(demo.out / "mosaic_store" / "layers").iterdir()]
+    assert len(written) >= 3
+    before = [p.stat().st_mtime_ns for p in written]
     again = run_demo(demo.out, **TINY)
-    assert stamp.stat().st_mtime_ns == before
-    assert again.seconds["extract"] < demo.seconds["extract"]
+    assert [p.stat().st_mtime_ns for p in written] == before
     assert again.mosaic_landing == demo.mosaic_landing  # seeded: same clusters
 
 

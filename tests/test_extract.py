@@ -384,9 +384,13 @@ def test_ctrl_c_commits_finished_batches_and_says_how_to_resume(data, tmp_path, 
     err = capsys.readouterr().err
     assert "resuming after 16 committed examples" in err
     _assert_same_store(resumed, data["baseline"])
+    files = [p for p in out.rglob("*") if p.is_file()]
+    before = {p: p.stat().st_mtime_ns for p in files}
     again = extract(data["bundle"], data["spec"], out, batch_size=BATCH, device="cpu")
     assert "already complete" in capsys.readouterr().err
     _assert_same_store(again, data["baseline"])
+    # a complete STORE is only read (it may be read-only, shared): no file was written
+    assert {p: p.stat().st_mtime_ns for p in files} == before
 
 
 def test_resume_after_real_kill_of_subprocess(data, tmp_path):
@@ -631,6 +635,88 @@ def test_skip_corrupt_reads_on_past_a_shard_whose_framing_is_lost(data, tmp_path
     assert "rest of this file is skipped" in s.meta["skipped"]["first"][0]["reason"]
     pd.testing.assert_frame_equal(s.obs, data["baseline"].obs.iloc[keep].reset_index(drop=True))
     np.testing.assert_array_equal(s.layer("mixed10"), data["baseline"].layer("mixed10")[keep])
+
+
+# ---- --sample ----------------------------------------------------------------------------
+
+def _chosen_rows(data, fraction: float, seed: int) -> list[int]:
+    """Input positions of the records RecordSample(fraction, seed) chooses, read here."""
+    from probing.loader import RecordSample
+    from probing.tfrecord import expand_spec, iter_records
+
+    sample = RecordSample(fraction, seed)
+    payloads = [p for f in expand_spec(data["spec"]) for _, p in iter_records(str(f))]
+    return [i for i, p in enumerate(payloads) if sample.chooses(p)]
+
+
+def _assert_rows_of(s, base, rows: list[int]) -> None:
+    """``s`` holds exactly the baseline's rows ``rows``, in that order, with their values."""
+    pd.testing.assert_frame_equal(s.obs.drop(columns=list(PROB_COLUMNS)),
+                                  base.obs.drop(columns=list(PROB_COLUMNS)).iloc[rows]
+                                  .reset_index(drop=True))
+    for name in base.layers:
+        np.testing.assert_allclose(s.layer(name), base.layer(name)[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_a_sample_holds_the_chosen_records_in_input_order_with_their_full_run_rows(
+        data, tmp_path):
+    rows = _chosen_rows(data, 0.5, seed=3)
+    assert 0 < len(rows) < N  # the premise: a real subset of the 40 records
+    s = _extract(data, tmp_path / "half", sample=0.5, sample_seed=3)
+    _assert_rows_of(s, data["baseline"], rows)
+    assert s.meta["inputs"]["sample"] == {"fraction": 0.5, "seed": 3}
+    assert _chosen_rows(data, 0.5, seed=4) != rows  # another seed, another subset
+    everything = _extract(data, tmp_path / "all", sample=1.0)
+    _assert_rows_of(everything, data["baseline"], list(range(N)))
+
+
+def test_a_sample_is_the_same_with_loader_processes_after_a_crash_and_with_a_limit(
+        data, tmp_path):
+    rows = _chosen_rows(data, 0.6, seed=0)
+    par = _extract(data, tmp_path / "w2", sample=0.6, workers=2, batch_size=4)
+    _assert_rows_of(par, data["baseline"], rows)
+
+    out = tmp_path / "crash"
+
+    def boom(n_done: int) -> None:
+        if n_done >= BATCH:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _extract(data, out, sample=0.6, commit_interval_s=0, on_batch=boom)
+    assert open_store(out).n == BATCH
+    resumed = _extract(data, out, sample=0.6)
+    _assert_rows_of(resumed, data["baseline"], rows)
+    with pytest.raises(StoreError, match="sample"):  # another subset is another STORE
+        _extract(data, out, sample=0.5)
+
+    limited = _extract(data, tmp_path / "limit", sample=0.6, limit=25)
+    _assert_rows_of(limited, data["baseline"], [r for r in rows if r < 25])
+
+
+def test_sample_choices_spread_like_coin_flips_even_for_near_identical_records():
+    from probing.loader import RecordSample
+
+    records = [b"example %06d" % i + bytes(1000) for i in range(20_000)]  # a counter apart
+    for fraction in (0.01, 0.1, 0.5):
+        chosen = sum(RecordSample(fraction, seed=0).chooses(r) for r in records)
+        sd = (len(records) * fraction * (1 - fraction)) ** 0.5
+        assert abs(chosen - len(records) * fraction) < 5 * sd, fraction
+    a = {i for i, r in enumerate(records) if RecordSample(0.1, 1).chooses(r)}
+    b = {i for i, r in enumerate(records) if RecordSample(0.1, 2).chooses(r)}
+    assert len(a & b) < 0.2 * len(a)  # seeds choose independently (expected overlap 10%)
+
+
+def test_bad_samples_are_refused_and_an_empty_one_says_so(data, tmp_path):
+    for bad in (0, -0.1, 1.5, float("nan")):
+        with pytest.raises(DvprobeError, match="--sample must be a fraction in"):
+            _extract(data, tmp_path / "bad", sample=bad)
+    with pytest.raises(DvprobeError, match="--sample-seed"):
+        _extract(data, tmp_path / "bad", sample=0.5, sample_seed=-1)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(DvprobeError, match=r"--sample 1e-09 \(seed 0\) chose none"):
+        _extract(data, tmp_path / "none", sample=1e-9)
+    assert not (tmp_path / "none").exists()
 
 
 # ---- corrupt records -------------------------------------------------------------------
