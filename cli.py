@@ -32,7 +32,7 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "dvtorch.commands",  # convert, verify, layers
     "weights.commands",  # weights list / fetch
-    "probing.commands_extract",  # extract
+    "probing.commands_extract",  # extract, info
     "probing.commands_analysis",  # reduce, cluster, apply
     "probing.commands_annotate",  # annotate, enrich, probe, report, show
     "probing.commands_sim",  # simulate, make-examples, demo

@@ -92,6 +92,21 @@ def extract_command(
                   if (store.meta.get("skipped") or {}).get("count") else ""))
 
 
+def info_command(
+    store: Path = typer.Argument(..., help="STORE directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the same as JSON."),
+) -> None:
+    """What a STORE holds: model, examples, extraction, layers, obs columns, runs, probes
+    (metadata only: instant on any size)."""
+    import json
+
+    from probing.info import format_info, store_info
+
+    info = store_info(store)
+    typer.echo(json.dumps(info, indent=2) if as_json else format_info(info))
+
+
 def register(app: typer.Typer) -> None:
-    """Attach ``extract`` to the ``dvprobe`` app."""
+    """Attach ``extract`` and ``info`` to the ``dvprobe`` app."""
     app.command("extract")(extract_command)
+    app.command("info")(info_command)

@@ -486,6 +486,8 @@ def extract(
     if limit is not None and limit < 1:
         raise DvprobeError(f"--limit must be >= 1, got {limit}")
     sampling = RecordSample(sample, sample_seed) if sample is not None else None
+    if sampling is not None and sampling.fraction == 1:
+        sampling = None  # every record: the same STORE as no --sample (and resumes as one)
     dev = resolve_device(device)
     if workers is None:
         workers = default_workers(dev)

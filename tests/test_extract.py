@@ -668,6 +668,7 @@ def test_a_sample_holds_the_chosen_records_in_input_order_with_their_full_run_ro
     assert _chosen_rows(data, 0.5, seed=4) != rows  # another seed, another subset
     everything = _extract(data, tmp_path / "all", sample=1.0)
     _assert_rows_of(everything, data["baseline"], list(range(N)))
+    assert "sample" not in everything.meta["inputs"]  # the same STORE as no --sample
 
 
 def test_a_sample_is_the_same_with_loader_processes_after_a_crash_and_with_a_limit(

@@ -1,0 +1,267 @@
+"""``dvprobe info STORE``: what a STORE holds and how it was made, from its metadata alone.
+
+Why metadata only: a whole-genome STORE holds tens of GB of activations and millions of obs
+rows, and "what is in here, from which model and examples, and what has been run on it"
+should answer at once. So this reads ``store.json``, the parquet schemas, each run's
+``run.json`` and each probe file, and never a layer row or an obs row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from dvtorch.bundle import META_FILE
+from probing.extract import PROB_COLUMNS
+from probing.loader import META_COLUMNS
+from probing.pileup import ATTRIBUTES
+from probing.probe import PROBES_DIR, PROBES_FORMAT
+from probing.store import Store, StoreError
+
+MODEL_COLUMNS = (*PROB_COLUMNS, "pred_genotype")
+
+
+def store_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Everything :func:`format_info` prints, as plain JSON-able data."""
+    store = Store(path)
+    m = store.meta
+    inputs = m.get("inputs") or {}
+    info: dict[str, Any] = {
+        "path": str(store.path),
+        "complete": store.complete,
+        "n": store.n,
+        "cursor": None if store.complete else m.get("cursor"),
+        "model": _model(m),
+        "examples": {
+            "spec": m.get("examples_spec"),
+            "shards": len(inputs.get("examples") or []),
+            "bytes": sum(int(e.get("size", 0)) for e in inputs.get("examples") or []),
+            "input_shape": m.get("input_shape"),
+            "channels": m.get("channels"),
+            "limit": inputs.get("limit"),
+            "sample": inputs.get("sample"),
+        },
+        "extraction": {**(m.get("extraction") or {}),
+                       "dtype": inputs.get("dtype"),
+                       "skipped": (m.get("skipped") or {}).get("count", 0)},
+        "layers": [_layer(store, name, spec) for name, spec in _in_order(
+            m.get("layers") or {}, inputs.get("layers") or [])],
+        "obs": _obs_columns(store),
+        "runs": [_run(store.path / "runs" / name) for name in store.runs],
+        "probes": _probes(store.path / PROBES_DIR),
+        "set_aside": sorted(p.name for p in store.path.glob("stale-*") if p.is_dir()),
+    }
+    return info
+
+
+def _in_order(specs: dict[str, Any], asked: list[str]) -> list[tuple[str, Any]]:
+    """Layers in the order extraction was asked for (store.json keeps them sorted)."""
+    order = [n for n in asked if n in specs] + sorted(n for n in specs if n not in asked)
+    return [(n, specs[n]) for n in order]
+
+
+def _model(meta: dict) -> dict[str, Any]:
+    bundle = meta.get("bundle")
+    out: dict[str, Any] = {"bundle": bundle,
+                           "bundle_sha256": (meta.get("inputs") or {}).get("bundle_sha256")}
+    try:
+        recorded = json.loads((Path(bundle) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, TypeError, ValueError):
+        out["found"] = False  # moved or deleted since: the fingerprint still identifies it
+        return out
+    out["found"] = True
+    out["untrained"] = bool(recorded.get("untrained", False))
+    source = recorded.get("source") if isinstance(recorded.get("source"), dict) else {}
+    download = source.get("download") or {}
+    out["source"] = (download.get("name") or
+                     (f"{source['kind']} {source['path']}" if source.get("path") else None))
+    out["deepvariant_version"] = recorded.get("deepvariant_version")
+    return out
+
+
+def _layer(store: Store, name: str, spec: dict) -> dict[str, Any]:
+    f = store.path / "layers" / f"{name}.bin"
+    return {"name": name, "dim": spec.get("dim"), "pool": spec.get("pool"),
+            "dtype": spec.get("dtype"), "map_shape": spec.get("map_shape"),
+            "bytes": f.stat().st_size if f.is_file() else None}
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    return list(pq.read_schema(path).names) if path.is_file() else []
+
+
+def _obs_columns(store: Store) -> dict[str, list[str]]:
+    """obs columns by where they come from (schemas only, no rows read)."""
+    base_file = store.path / "obs.parquet"
+    if base_file.is_file():
+        base = _parquet_columns(base_file)
+    else:
+        parts = store.meta.get("obs_parts") or []
+        base = _parquet_columns(store.path / "obs" / parts[0]) if parts else []
+    base = [c for c in base if not c.startswith("__index")]
+    annotations = [c for c in _parquet_columns(store.path / "annotations.parquet")
+                   if c not in base and not c.startswith("__index")]
+    return {
+        "sites": [c for c in base if c in META_COLUMNS],
+        "model": [c for c in base if c in MODEL_COLUMNS],
+        "pileup": [c for c in base if c in ATTRIBUTES],
+        "other": [c for c in base if c not in (*META_COLUMNS, *MODEL_COLUMNS, *ATTRIBUTES)],
+        "annotations": annotations,
+    }
+
+
+def _run(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return {"name": path.name, "error": f"unreadable run.json ({exc})"}
+    cluster = meta.get("cluster") or {}
+    features = meta.get("features") or {}
+    applied = meta.get("applied_from") or {}
+    return {
+        "name": path.name,
+        "kind": meta.get("kind"),
+        "layers": features.get("layers") or [],
+        "clusters": len(cluster.get("sizes") or {}) or None,
+        "level1": cluster.get("k") if cluster.get("nodes") else None,  # hierarchical
+        "nodes": len(cluster.get("nodes") or []) or None,
+        "umap": bool(meta.get("umap")),
+        "n_fit": None if applied else meta.get("n_fit"),
+        "backend": meta.get("backend"),
+        "applied_from": (f"{applied.get('run')} of {applied.get('store')}" if applied
+                         else None),
+        "created": meta.get("created"),
+    }
+
+
+def _probes(directory: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("format") != PROBES_FORMAT:
+                continue
+            table = doc.get("table") or []
+            out.append({
+                "name": path.stem,
+                "concepts": sorted({r["concept"] for r in table}),
+                "layers": list(dict.fromkeys(r["layer"] for r in table)),
+                "baseline": bool((doc.get("params") or {}).get("baseline")),
+                "created": doc.get("created"),
+            })
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            out.append({"name": path.stem, "error": f"unreadable ({exc})"})
+    return out
+
+
+def _size(n_bytes: int | None) -> str:
+    if n_bytes is None:
+        return "missing"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n_bytes < 1000 or unit == "TB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def _list(items: list[str], most: int = 12) -> str:
+    if not items:
+        return "-"
+    shown = ", ".join(items[:most])
+    return shown + (f" (+{len(items) - most} more)" if len(items) > most else "")
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human-readable summary ``dvprobe info`` prints."""
+    lines = []
+    if info["complete"]:
+        lines.append(f"{info['path']}: complete STORE, {info['n']:,} examples")
+    else:
+        c = info["cursor"] or {}
+        lines.append(f"{info['path']}: PARTIAL STORE, {info['n']:,} examples committed; "
+                     f"extraction resumes at shard {c.get('shard', 0)}, record "
+                     f"{c.get('record', 0)} (rerun the same extract command)")
+    mo = info["model"]
+    sha = (mo.get("bundle_sha256") or "")[:12] or "?"
+    if mo.get("found"):
+        what = "untrained reference model" if mo.get("untrained") else (
+            mo.get("source") or "converted model")
+        version = f", DeepVariant {mo['deepvariant_version']}" if mo.get(
+            "deepvariant_version") else ""
+        lines.append(f"model:      {mo['bundle']} ({what}{version}; bundle.json {sha})")
+    else:
+        lines.append(f"model:      {mo.get('bundle')} (not found there now; bundle.json {sha})")
+    ex = info["examples"]
+    shape = "x".join(str(v) for v in ex["input_shape"] or []) or "?"
+    picked = []
+    if ex["limit"] is not None:
+        picked.append(f"first {ex['limit']:,} records")
+    if ex["sample"]:
+        picked.append(f"a {ex['sample']['fraction']:g} sample (seed {ex['sample']['seed']})")
+    lines.append(f"examples:   {ex['spec']} ({ex['shards']} file(s), {_size(ex['bytes'])}; "
+                 f"{shape}, channels {_list([str(c) for c in ex['channels'] or []])}"
+                 + (f"; {' of the '.join(reversed(picked))}" if picked else "") + ")")
+    e = info["extraction"]
+    if e.get("device"):
+        engine = e.get("engine", "?")
+        if e.get("engine_requested") and e["engine_requested"] != engine:
+            engine += f" (by {e['engine_requested']})"
+        if e.get("engine_fallback"):
+            engine += f", fell back to eager: {e['engine_fallback']}"
+        lines.append(f"extraction: {e['device']}, {e.get('dtype')}, engine {engine}, batch "
+                     f"{e.get('batch_size')}, {e.get('examples_per_s')} ex/s over "
+                     f"{e.get('seconds')} s (last run), torch {e.get('torch')}"
+                     + (f"; {e['skipped']} corrupt records skipped" if e["skipped"] else ""))
+    elif e["skipped"]:
+        lines.append(f"extraction: {e['skipped']} corrupt records skipped so far")
+    lines.append("layers:")
+    for la in info["layers"]:
+        shape = "x".join(str(v) for v in la["map_shape"] or [])
+        how = f"{la['pool']}-pooled from {shape}" if la["pool"] and la["pool"] != "flatten" \
+            else (f"flattened {shape}" if la["pool"] == "flatten" else "a vector")
+        lines.append(f"  {la['name']:<10} {la['dim']:>6} x {la['dtype']:<8} {how:<32} "
+                     f"{_size(la['bytes'])}")
+    o = info["obs"]
+    lines.append(f"obs:        sites: {_list(o['sites'], 16)}")
+    lines.append(f"            model: {_list(o['model'])}; pileup: {_list(o['pileup'])}"
+                 + (f"; other: {_list(o['other'])}" if o["other"] else ""))
+    lines.append(f"            annotations: {_list(o['annotations'])}")
+    lines.append(f"runs ({len(info['runs'])}):" if info["runs"] else "runs:       none")
+    for r in info["runs"]:
+        if "error" in r:
+            lines.append(f"  {r['name']}: {r['error']}")
+            continue
+        parts = [r["kind"] or "?"]
+        if r["layers"]:
+            parts.append("+".join(r["layers"]))
+        if r.get("nodes"):
+            parts.append(f"{r['level1']} clusters, then {r['nodes']}")
+        elif r.get("clusters"):
+            parts.append(f"{r['clusters']} clusters")
+        if r.get("umap"):
+            parts.append("UMAP")
+        if r.get("n_fit") is not None:
+            parts.append(f"fitted on {r['n_fit']:,}")
+        if r.get("applied_from"):
+            parts.append(f"applied from {r['applied_from']}")
+        made = ", ".join(x for x in (r.get("backend"), r.get("created")) if x)
+        lines.append(f"  {r['name']}: {', '.join(parts)}" + (f" ({made})" if made else ""))
+    lines.append(f"probes ({len(info['probes'])}):" if info["probes"] else "probes:     none")
+    for p in info["probes"]:
+        if "error" in p:
+            lines.append(f"  {p['name']}: {p['error']}")
+            continue
+        lines.append(f"  {p['name']}: {_list(p['concepts'], 8)} over {len(p['layers'])} "
+                     f"layer(s)" + (", with a baseline" if p["baseline"] else "")
+                     + f" ({p.get('created') or '?'})")
+    if info["set_aside"]:
+        lines.append(f"set aside:  {_list(info['set_aside'])} (analyses of an earlier, "
+                     "partial extraction)")
+    return "\n".join(lines)
+
+
+__all__ = ["store_info", "format_info", "StoreError"]

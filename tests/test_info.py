@@ -1,0 +1,91 @@
+"""``dvprobe info STORE``: what a STORE holds and how it was made, read from metadata only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_analysis_support import make_store
+
+import dvtorch
+from probing import analysis as pa
+from probing.extract import extract
+from probing.info import format_info, store_info
+from probing.store import Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_extract_cpu import synth_examples  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    """A sampled extraction with an annotation and a k-means run, as a user leaves it."""
+    root = tmp_path_factory.mktemp("info")
+    dvtorch.reference_bundle(root / "bundle", seed=0)
+    spec = synth_examples(root / "examples", 48, shards=2)
+    s = extract(root / "bundle", spec, root / "store", layers=["mixed5", "mixed10"],
+                device="cpu", batch_size=8, workers=0, progress=False, sample=0.5,
+                sample_seed=2)
+    s.add_obs({"LINE": np.arange(s.n) % 3 == 0})
+    pa.kmeans(s, "mixed5", k=2, pca=5, backend="sklearn", run="km2")
+    return Store(s.path)
+
+
+def test_info_says_what_the_store_holds_and_how_it_was_made(store):
+    info = store_info(store.path)
+    assert info["complete"] and info["n"] == store.n
+    assert info["examples"]["shards"] == 2
+    assert info["examples"]["sample"] == {"fraction": 0.5, "seed": 2}
+    assert [la["name"] for la in info["layers"]] == ["mixed5", "mixed10"]  # as asked
+    assert [la["bytes"] for la in info["layers"]] == [store.n * 768 * 4, store.n * 2048 * 4]
+    assert info["model"]["found"] and info["model"]["untrained"]
+    assert info["obs"]["annotations"] == ["LINE"]
+    assert "alt_fraction" in info["obs"]["pileup"] and "p_het" in info["obs"]["model"]
+    assert [(r["name"], r["kind"], r["clusters"]) for r in info["runs"]] == [("km2", "kmeans", 2)]
+    assert info["extraction"]["engine"] == "eager"
+    text = format_info(info)
+    assert text.splitlines()[0] == f"{store.path}: complete STORE, {store.n} examples"
+    assert "untrained reference model" in text
+    assert "a 0.5 sample (seed 2)" in text
+    assert "mixed10" in text and "max-pooled from 1x5x2048" in text
+    assert "km2: kmeans, mixed5, 2 clusters" in text
+    assert "annotations: LINE" in text and "probes:     none" in text
+
+
+def test_info_reads_no_layer_and_no_obs_row(store, monkeypatch):
+    """Instant on a whole-genome STORE: rows are never read, only metadata and schemas."""
+    def no_rows(*args, **kwargs):
+        raise AssertionError("info read rows")
+
+    monkeypatch.setattr(np, "memmap", no_rows)
+    monkeypatch.setattr(np, "fromfile", no_rows)
+    monkeypatch.setattr(pd, "read_parquet", no_rows)
+    monkeypatch.setattr(Store, "layer", no_rows)
+    assert store_info(store.path)["n"] == store.n
+
+
+def test_info_on_an_interrupted_extraction_says_where_it_resumes(tmp_path):
+    partial = make_store(tmp_path / "partial", {"mixed5": np.zeros((10, 4), np.float32)},
+                         batch=4, complete=False)
+    text = format_info(store_info(partial.path))
+    assert f"{partial.path}: PARTIAL STORE, 10 examples committed" in text
+    assert "rerun the same extract command" in text
+
+
+def test_cli_prints_it_or_json_and_refuses_what_is_not_a_store(store, tmp_path):
+    run = [sys.executable, "-c", "import cli; cli.main()", "info"]
+    text = subprocess.run([*run, str(store.path)], capture_output=True, text=True, cwd=REPO)
+    assert text.returncode == 0 and "complete STORE" in text.stdout
+    as_json = subprocess.run([*run, str(store.path), "--json"], capture_output=True, text=True,
+                             cwd=REPO)
+    assert json.loads(as_json.stdout)["n"] == store.n
+    bad = subprocess.run([*run, str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"dvprobe: error: {tmp_path}: not a dvprobe STORE (no store.json)"
