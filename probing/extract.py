@@ -580,8 +580,9 @@ def extract(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=limit if sampling is None else None, initial=n_before, unit="ex", dynamic_ncols=True,
-                   desc="extract", file=sys.stderr, smoothing=0.1)
+        # with --sample, --limit counts records read, not examples: no exact total then
+        bar = tqdm(total=limit if sampling is None else None, initial=n_before, unit="ex",
+                   dynamic_ncols=True, desc="extract", file=sys.stderr, smoothing=0.1)
     t_start = time.perf_counter()
     t_wait = 0.0
     last_commit = t_start
