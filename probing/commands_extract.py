@@ -97,7 +97,7 @@ def info_command(
     as_json: bool = typer.Option(False, "--json", help="Print the same as JSON."),
 ) -> None:
     """What a STORE holds: model, examples, extraction, layers, obs columns, runs, probes
-    (metadata only: instant on any size)."""
+    (metadata only: never reads a row, so the same few seconds on any size)."""
     import json
 
     from probing.info import format_info, store_info

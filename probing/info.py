@@ -187,7 +187,9 @@ def format_info(info: dict[str, Any]) -> str:
                      f"{c.get('record', 0)} (rerun the same extract command)")
     mo = info["model"]
     sha = (mo.get("bundle_sha256") or "")[:12] or "?"
-    if mo.get("found"):
+    if not mo.get("bundle"):
+        lines.append("model:      not recorded (a STORE not written by dvprobe extract)")
+    elif mo.get("found"):
         what = "untrained reference model" if mo.get("untrained") else (
             mo.get("source") or "converted model")
         version = f", DeepVariant {mo['deepvariant_version']}" if mo.get(
@@ -202,9 +204,12 @@ def format_info(info: dict[str, Any]) -> str:
         picked.append(f"first {ex['limit']:,} records")
     if ex["sample"]:
         picked.append(f"a {ex['sample']['fraction']:g} sample (seed {ex['sample']['seed']})")
-    lines.append(f"examples:   {ex['spec']} ({ex['shards']} file(s), {_size(ex['bytes'])}; "
-                 f"{shape}, channels {_list([str(c) for c in ex['channels'] or []])}"
-                 + (f"; {' of the '.join(reversed(picked))}" if picked else "") + ")")
+    if ex["spec"]:
+        lines.append(f"examples:   {ex['spec']} ({ex['shards']} file(s), {_size(ex['bytes'])}; "
+                     f"{shape}, channels {_list([str(c) for c in ex['channels'] or []])}"
+                     + (f"; {' of the '.join(reversed(picked))}" if picked else "") + ")")
+    else:
+        lines.append("examples:   not recorded")
     e = info["extraction"]
     if e.get("device"):
         engine = e.get("engine", "?")
@@ -220,7 +225,7 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"extraction: {e['skipped']} corrupt records skipped so far")
     lines.append("layers:")
     for la in info["layers"]:
-        shape = "x".join(str(v) for v in la["map_shape"] or [])
+        shape = "x".join(str(v) for v in la["map_shape"] or []) or "?"
         how = f"{la['pool']}-pooled from {shape}" if la["pool"] and la["pool"] != "flatten" \
             else (f"flattened {shape}" if la["pool"] == "flatten" else "a vector")
         lines.append(f"  {la['name']:<10} {la['dim']:>6} x {la['dtype']:<8} {how:<32} "

@@ -40,6 +40,7 @@ import pandas as pd
 from dvtorch.errors import DvprobeError
 from probing import enrich as en
 from probing.analysis.guard import partial_store_warning
+from probing.info import format_info, store_info
 from probing.probe import load_probes
 from probing.show import channel_pngs, data_uri, read_store_examples, store_channels
 from probing.store import Run, Store, open_store
@@ -705,6 +706,8 @@ def _page(store: Store, figures: list[Figure], tables: list[tuple[str, str]],
 <div class="note">STORE <code>{html.escape(str(store.path))}</code>, {n} examples, runs:
 {html.escape(contents)}. Generated {created}.</div>
 <div class="note" id="sampling">{html.escape(sample_note)}</div>
+<details class="note" id="provenance"><summary>How this STORE was made (<code>dvprobe info</code>)</summary>
+<pre>{html.escape(format_info(store_info(store.path)))}</pre></details>
 <div class="note" id="render-status">rendering...</div><pre id="errors"></pre>{warn_html}
 </header>
 <aside id="panel"><b>Pileup of the selected point</b>

@@ -164,6 +164,9 @@ def test_report_static(store, tmp_path):
               "probes: concepts across layers"):
         assert t in titles
     assert "runs:\nkmeans5-mixed5, multilayer6-layers; linear probes." in page
+    # how the STORE was made travels with the report (dvprobe info's summary)
+    assert re.search(r'<details class="note" id="provenance">.*?complete STORE, 300 examples'
+                     r'.*?kmeans5-mixed5: kmeans, mixed5', page, re.S)
     assert "rmsk_LINE: best mixed10 (AUROC 0.840); over the baseline at mixed10: +0.100" in page
     assert page.count("data:image/png;base64,") == 12 * 7
     assert "mosaic: 8/8 in cluster 3" in page  # landing summary (rows 3, 8, ... 38 -> 3)
