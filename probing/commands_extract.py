@@ -48,6 +48,12 @@ def extract_command(
              "the chosen ones are decoded and run through the model."),
     sample_seed: int = typer.Option(0, "--sample-seed", min=0,
                                     help="Seed of --sample: another seed, another subset."),
+    regions: list[str] | None = typer.Option(
+        None, "--regions", metavar="REGION",
+        help="Only examples whose variant overlaps these regions: chr20, "
+             "chr20:1,000,001-2,000,000 (1-based, inclusive) or a BED file; repeat the option "
+             "for several. chr20 and 20 match either way. Every record is still read (and "
+             "parsed), only the chosen ones run through the model."),
     skip_corrupt: bool = typer.Option(
         False, "--skip-corrupt",
         help="Skip records that fail CRC / parsing (counted in store.json) instead of failing; "
@@ -78,7 +84,7 @@ def extract_command(
         store = extract(bundle, examples, out, layers=_split_layers(layers), pool=pool,
                         device=device, batch_size=batch_size, workers=workers, dtype=dtype,
                         limit=limit, skip_corrupt=skip_corrupt, sample=sample,
-                        sample_seed=sample_seed, overwrite=overwrite,
+                        sample_seed=sample_seed, regions=regions or None, overwrite=overwrite,
                         engine=engine, progress=not no_progress,
                         commit_interval_s=commit_every)
     except ExtractionInterrupted as exc:

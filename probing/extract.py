@@ -48,6 +48,7 @@ from dvtorch.hooks import capture
 from dvtorch.layers import layer_info
 from probing.examples import DVExample, check_example_info, parse_example, read_example_info
 from probing.loader import Batch, Cursor, ExampleBatches, RecordSample, make_loader
+from probing.regions import Regions, parse_regions
 from probing.store import LayerSpec, Store, StoreWriter
 from probing.tfrecord import expand_spec, iter_records, report_skip
 
@@ -187,6 +188,18 @@ def choose_engine(engine: str, dev: torch.device, dtype: str, long_run: bool) ->
             raise DvprobeError("--engine graph needs oneDNN Graph (TorchScript with oneDNN), "
                                "which this torch build lacks; use --engine eager or auto")
     return engine
+
+
+def _chose_none(sampling: RecordSample | None, where: Regions | None) -> str:
+    """Why a run whose --sample / --regions kept no record extracted nothing."""
+    said = []
+    if where is not None:
+        said.append(f"--regions {' '.join(where.given)} ({where.n_intervals} interval(s))")
+    if sampling is not None:
+        said.append(f"--sample {sampling.fraction} (seed {sampling.seed})")
+    advice = [a for a, given in (("check the regions' contigs and coordinates", where),
+                                 ("sample a larger fraction", sampling)) if given is not None]
+    return f"{' with '.join(said)} kept none of its records; {' or '.join(advice)}"
 
 
 def bundle_fingerprint(bundle: str | os.PathLike) -> str:
@@ -438,6 +451,7 @@ def extract(
     skip_corrupt: bool = False,
     sample: float | None = None,
     sample_seed: int = 0,
+    regions: Sequence[str] | None = None,
     overwrite: bool = False,
     engine: str = "auto",
     progress: bool = True,
@@ -457,6 +471,8 @@ def extract(
     seeded pseudo-random fraction of the records (:class:`~probing.loader.RecordSample`:
     chosen by a hash of each record, so the same ones on every rerun, resume or worker
     count); every record is still read, only the chosen ones are decoded and run.
+    ``regions`` (regions like ``chr20:1-2,000,000`` or BED files: :mod:`probing.regions`)
+    keeps the examples whose variant overlaps them.
 
     Commits happen every ``commit_interval_s`` seconds (0: after every batch), when 256 MiB
     of output is pending, on Ctrl-C and at the end; a commit is one atomic store.json
@@ -488,6 +504,7 @@ def extract(
     sampling = RecordSample(sample, sample_seed) if sample is not None else None
     if sampling is not None and sampling.fraction == 1:
         sampling = None  # every record: the same STORE as no --sample (and resumes as one)
+    where = parse_regions(regions) if regions is not None else None
     dev = resolve_device(device)
     if workers is None:
         workers = default_workers(dev)
@@ -534,6 +551,8 @@ def extract(
     }
     if sampling is not None:  # only when given: STOREs from before --sample still resume
         inputs["sample"] = sampling.to_json()
+    if where is not None:  # the merged intervals' digest: the same bases, the same STORE
+        inputs["regions"] = where.to_json()
     meta = {
         "inputs": inputs,
         "bundle": str(Path(bundle).resolve()),
@@ -543,6 +562,8 @@ def extract(
         "channels": list(channels) if channels is not None else None,
         "input_check": checked,
     }
+    if where is not None:
+        meta["regions_given"] = list(where.given)
     writer = StoreWriter.open(out, meta, specs, overwrite=overwrite)
     if writer.complete:
         log(f"{out}: already complete ({writer.n_committed} examples); nothing to do "
@@ -568,7 +589,7 @@ def extract(
             "--engine eager for PyTorch's own forward)")
     dataset = ExampleBatches(files, batch_size=batch_size, shape=shape, channels=channels,
                              start=start, limit=limit, skip_corrupt=skip_corrupt,
-                             sample=sampling)
+                             sample=sampling, regions=where)
     loader = make_loader(dataset, workers=workers, pin_memory=dev.type == "cuda")
     names = [s.name for s in specs]
     store_dtypes = {s.name: getattr(torch, s.dtype) for s in specs}
@@ -581,7 +602,8 @@ def extract(
         from tqdm.auto import tqdm
 
         # with --sample, --limit counts records read, not examples: no exact total then
-        bar = tqdm(total=limit if sampling is None else None, initial=n_before, unit="ex",
+        bar = tqdm(total=limit if sampling is None and where is None else None,
+                   initial=n_before, unit="ex",
                    dynamic_ncols=True, desc="extract", file=sys.stderr, smoothing=0.1)
     t_start = time.perf_counter()
     t_wait = 0.0
@@ -602,7 +624,7 @@ def extract(
             pending.add(obs, arrs, batch)
             n_new += batch.n
         if bar is not None:
-            if limit is None and len(sizes) > 1:
+            if limit is None and where is None and len(sizes) > 1:
                 total = estimate_total(batch.end, sizes)
                 if total is not None:
                     total = round(total * (sampling.fraction if sampling else 1.0))
@@ -683,8 +705,7 @@ def extract(
         first = skipped["first"][0] if skipped["first"] else None
         why = (f"every record read was corrupt and skipped ({skipped['count']}; first: "
                f"{first['file']}, record {first['record']}: {first['reason']})" if first
-               else f"--sample {sampling.fraction} (seed {sampling.seed}) chose none of its "
-               "records; sample a larger fraction" if sampling is not None
+               else _chose_none(sampling, where) if sampling is not None or where is not None
                else "it holds no records")
         raise DvprobeError(f"{examples}: nothing to extract: {why}; no STORE was written")
     summary = {

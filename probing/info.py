@@ -44,6 +44,8 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
             "channels": m.get("channels"),
             "limit": inputs.get("limit"),
             "sample": inputs.get("sample"),
+            "regions": (dict(inputs["regions"], given=m.get("regions_given"))
+                        if inputs.get("regions") else None),
         },
         "extraction": {**(m.get("extraction") or {}),
                        "dtype": inputs.get("dtype"),
@@ -202,12 +204,15 @@ def format_info(info: dict[str, Any]) -> str:
     picked = []
     if ex["limit"] is not None:
         picked.append(f"first {ex['limit']:,} records")
+    if ex.get("regions"):
+        given = " ".join(ex["regions"].get("given") or []) or "?"
+        picked.append(f"overlapping {given} ({ex['regions']['intervals']} interval(s))")
     if ex["sample"]:
         picked.append(f"a {ex['sample']['fraction']:g} sample (seed {ex['sample']['seed']})")
     if ex["spec"]:
         lines.append(f"examples:   {ex['spec']} ({ex['shards']} file(s), {_size(ex['bytes'])}; "
                      f"{shape}, channels {_list([str(c) for c in ex['channels'] or []])}"
-                     + (f"; {' of the '.join(reversed(picked))}" if picked else "") + ")")
+                     + (f"; {'; '.join(picked)}" if picked else "") + ")")
     else:
         lines.append("examples:   not recorded")
     e = info["extraction"]

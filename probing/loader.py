@@ -16,6 +16,8 @@ Why this shape:
   pseudo-random fraction of the records, chosen by a hash of each record's bytes, before
   batches are cut: batches are full batches of chosen examples, every worker agrees on them
   without parsing, and a resumed run or another shard layout chooses the same examples.
+  ``regions`` (:class:`~probing.regions.Regions`) chooses by locus the same way, at the
+  cost of a parse per record.
 * **Resume without decoding.** A :class:`Cursor` (shard, record within shard, records read)
   marks where the next batch starts. Shards before the cursor are not opened at all; inside
   the cursor's shard the records before it are only framed (gzip + length), never parsed.
@@ -51,6 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dvtorch.errors import DvprobeError, ExampleFormatError
 from probing.examples import parse_example
 from probing.pileup import pileup_attributes
+from probing.regions import Regions
 from probing.tfrecord import ReadStats, iter_records
 
 # obs columns the loader fills (extract adds the model outputs); order = docs/architecture.md
@@ -175,8 +178,8 @@ class ExampleBatches(IterableDataset):
 
     ``limit`` caps the total number of records read *from the beginning of the input*
     (resumed runs count what was read before), so ``--limit N`` means the first N records.
-    ``sample`` keeps only the records it chooses (corrupt ones are kept, to be reported);
-    ``limit`` still counts every record read.
+    ``sample`` and ``regions`` keep only the records they choose (corrupt ones are kept, to
+    be reported); ``limit`` still counts every record read.
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class ExampleBatches(IterableDataset):
         limit: int | None = None,
         skip_corrupt: bool = False,
         sample: RecordSample | None = None,
+        regions: Regions | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -202,6 +206,7 @@ class ExampleBatches(IterableDataset):
         self.limit = limit
         self.skip_corrupt = skip_corrupt
         self.sample = sample
+        self.regions = regions
 
     # -- record sequence (identical in every worker) -------------------------------------
     def _records(self, where: list[int]) -> Iterator[tuple[int, int, bytes | _Corrupt]]:
@@ -265,7 +270,9 @@ class ExampleBatches(IterableDataset):
                 break
             si, rec, payload = nxt
             pos += 1
-            if sample is None or isinstance(payload, _Corrupt) or sample.chooses(payload):
+            if isinstance(payload, _Corrupt) or (
+                    (sample is None or sample.chooses(payload))
+                    and (self.regions is None or self.regions.chooses(payload))):
                 if b % nw == wid:
                     items.append((si, rec, payload, pos - 1))  # pos: records before it
                 taken += 1

@@ -715,8 +715,38 @@ def test_bad_samples_are_refused_and_an_empty_one_says_so(data, tmp_path):
     with pytest.raises(DvprobeError, match="--sample-seed"):
         _extract(data, tmp_path / "bad", sample=0.5, sample_seed=-1)
     assert not (tmp_path / "bad").exists()
-    with pytest.raises(DvprobeError, match=r"--sample 1e-09 \(seed 0\) chose none"):
+    with pytest.raises(DvprobeError, match=r"--sample 1e-09 \(seed 0\) kept none of its "
+                       r"records; sample a larger fraction; no STORE"):
         _extract(data, tmp_path / "none", sample=1e-9)
+    assert not (tmp_path / "none").exists()
+
+
+def test_regions_keep_the_examples_whose_variant_overlaps_them_in_input_order(data, tmp_path):
+    truth = data["truth"]
+    base = data["baseline"]
+    bed = tmp_path / "r.bed"
+    bed.write_text("20\t1100\t1300\n")  # Ensembl naming for the examples' chr20
+    given = [str(bed), "chr21:1,800-1,900"]
+    rows = [i for i, t in enumerate(truth)
+            if (t["chrom"] == "chr20" and t["start"] < 1300 and t["start"] + 1 > 1100)
+            or (t["chrom"] == "chr21" and t["start"] < 1900 and t["start"] + 1 > 1799)]
+    assert 0 < len(rows) < N // 2
+    s = _extract(data, tmp_path / "reg", regions=given, workers=2)
+    _assert_rows_of(s, base, rows)
+    assert s.meta["regions_given"] == given
+    assert s.meta["inputs"]["regions"]["intervals"] == 2
+    # a selection spelled otherwise is the same STORE (opened, not refused); other bases
+    # are another
+    again = _extract(data, tmp_path / "reg", regions=["chr20:1101-1300", "21:1800-1900"])
+    _assert_rows_of(again, base, rows)
+    with pytest.raises(StoreError, match="regions"):
+        _extract(data, tmp_path / "reg", regions=["chr20:1101-1301", "chr21:1800-1900"])
+    both = _extract(data, tmp_path / "both", regions=given, sample=0.5, sample_seed=1)
+    sampled = set(_chosen_rows(data, 0.5, seed=1))
+    _assert_rows_of(both, base, [r for r in rows if r in sampled])
+    with pytest.raises(DvprobeError, match=r"--regions chrY \(1 interval\(s\)\) kept none of "
+                       r"its records; check the regions' contigs and coordinates; no STORE"):
+        _extract(data, tmp_path / "none", regions=["chrY"])
     assert not (tmp_path / "none").exists()
 
 
