@@ -64,8 +64,8 @@ def extract_command(
              "program, measured on an AMX CPU 6-7% faster in fp32 (1.02-1.04x onnxruntime) and "
              "1.25-1.3x in bf16 once started (2-3 s); checked against eager on its first "
              "batches of each size and falls back to eager (with a warning) if they differ. "
-             "auto: graph for a CPU run of >= 100 MB of examples (no --limit below 16000), "
-             "eager otherwise."),
+             "auto: graph for a CPU run of an estimated 16000 examples or more (after "
+             "--limit and --sample; ~100 MB of gzip shards), eager otherwise."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an existing STORE at --out."),
     commit_every: float = typer.Option(

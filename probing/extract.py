@@ -50,17 +50,19 @@ from probing.examples import DVExample, check_example_info, parse_example, read_
 from probing.loader import Batch, Cursor, ExampleBatches, RecordSample, make_loader
 from probing.regions import Regions, parse_regions
 from probing.store import LayerSpec, Store, StoreWriter
-from probing.tfrecord import expand_spec, iter_records, report_skip
+from probing.tfrecord import expand_spec, is_gzip, iter_records, report_skip
 
 POOLS = ("max", "mean", "flatten")
 _LOG = logging.getLogger(__name__)
 
-#: A *long* run: inputs from this size on (~16k examples, minutes of CPU fp32) and no
-#: ``limit`` below LONG_RUN_MIN_EXAMPLES. Long CPU runs get the bf16 hint, and ``auto`` runs
-#: them with the graph engine: its 2-3 s start-up is repaid after ~6-7k examples (6-7 %
-#: faster in fp32 at ~165 ex/s, 25-30 % in bf16 at ~500 ex/s; README, Performance).
-BF16_HINT_MIN_BYTES = 100 * 2**20
+#: A *long* run: an estimated LONG_RUN_MIN_EXAMPLES examples or more (minutes of CPU fp32)
+#: after --limit and --sample. Long CPU runs get the bf16 hint, and ``auto`` runs them with
+#: the graph engine: its 1.5-3 s start-up is repaid after ~6-7k examples (6-7 % faster in
+#: fp32 at ~165 ex/s, 25-30 % in bf16 at ~500 ex/s; README, Performance).
 LONG_RUN_MIN_EXAMPLES = 16_000
+#: gzipped WGS examples take ~6.5 kB each (100 MB ~ 16k examples); a plain file's size is
+#: divided by its first record's size instead (~155 kB for 100x221x7).
+GZ_BYTES_PER_EXAMPLE = 6_500
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: ``eager``: the model's own forward with capture hooks (every device).
@@ -158,13 +160,33 @@ def default_workers(dev: torch.device) -> int:
     return 1 if cpus > torch.get_num_threads() else 0
 
 
+def estimate_examples(files: Sequence[str]) -> int:
+    """Examples in ``files``, estimated without reading them: a gzip file's size over
+    GZ_BYTES_PER_EXAMPLE, a plain file's over its first record's framed size."""
+    total = 0.0
+    for f in files:
+        size = os.path.getsize(f)
+        if size == 0:
+            continue
+        if is_gzip(f):
+            total += size / GZ_BYTES_PER_EXAMPLE
+            continue
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else 0
+        total += size / (length + 16) if 0 < length < size else 1
+    return round(total)
+
+
 def is_long_run(files: Sequence[str], limit: int | None, fraction: float = 1.0) -> bool:
     """Whether a run is long enough for the graph engine's start-up and the bf16 hint to
-    pay: inputs of at least BF16_HINT_MIN_BYTES (of which ``fraction`` is sampled), and no
-    ``limit`` that cuts them short."""
-    if limit is not None and limit * fraction < LONG_RUN_MIN_EXAMPLES:
-        return False
-    return sum(os.path.getsize(f) for f in files) * fraction >= BF16_HINT_MIN_BYTES
+    pay: LONG_RUN_MIN_EXAMPLES or more examples estimated (:func:`estimate_examples`), of
+    which ``fraction`` is sampled, within ``limit``. (``--regions`` cannot be estimated
+    before reading; such a run, which reads and parses the whole input, is sized by it.)"""
+    n = estimate_examples(files)
+    if limit is not None:
+        n = min(n, limit)
+    return n * fraction >= LONG_RUN_MIN_EXAMPLES
 
 
 def choose_engine(engine: str, dev: torch.device, dtype: str, long_run: bool) -> str:
@@ -501,6 +523,9 @@ def extract(
         raise DvprobeError(f"--workers must be >= 0, got {workers}")
     if limit is not None and limit < 1:
         raise DvprobeError(f"--limit must be >= 1, got {limit}")
+    if sample is None and sample_seed:
+        raise DvprobeError("--sample-seed chooses which records a --sample keeps; give "
+                           "--sample FRACTION too")
     sampling = RecordSample(sample, sample_seed) if sample is not None else None
     if sampling is not None and sampling.fraction == 1:
         sampling = None  # every record: the same STORE as no --sample (and resumes as one)
@@ -703,10 +728,14 @@ def extract(
         # leave no empty STORE behind to be resumed or mistaken for a result.
         writer.discard()
         first = skipped["first"][0] if skipped["first"] else None
-        why = (f"every record read was corrupt and skipped ({skipped['count']}; first: "
-               f"{first['file']}, record {first['record']}: {first['reason']})" if first
-               else _chose_none(sampling, where) if sampling is not None or where is not None
-               else "it holds no records")
+        if sampling is not None or where is not None:  # what the user chose kept nothing
+            why = _chose_none(sampling, where) + (
+                f" ({skipped['count']} corrupt record(s) skipped as well)" if first else "")
+        elif first:
+            why = (f"every record read was corrupt and skipped ({skipped['count']}; first: "
+                   f"{first['file']}, record {first['record']}: {first['reason']})")
+        else:
+            why = "it holds no records"
         raise DvprobeError(f"{examples}: nothing to extract: {why}; no STORE was written")
     summary = {
         "n": writer.n_committed,

@@ -102,6 +102,9 @@ class RecordSample:
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
             raise DvprobeError(f"--sample must be a fraction in (0, 1], got {self.fraction}")
+        if int(self.fraction * 2**32) == 0:
+            raise DvprobeError(f"--sample {self.fraction} is below 2^-32 and would keep no "
+                               "record at all")
         if not 0 <= self.seed < 2**63:
             raise DvprobeError(f"--sample-seed must be in [0, 2^63), got {self.seed}")
 

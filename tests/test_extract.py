@@ -496,7 +496,6 @@ def test_a_long_fp32_run_on_a_cpu_with_native_bf16_mentions_bf16(data, tmp_path,
     monkeypatch.setattr("probing.extract.native_bf16", lambda: native)
     _extract(data, tmp_path / "small", limit=BATCH, progress=True)
     assert "--dtype bf16" not in capsys.readouterr().err  # a short run: no hint
-    monkeypatch.setattr("probing.extract.BF16_HINT_MIN_BYTES", 1)
     monkeypatch.setattr("probing.extract.LONG_RUN_MIN_EXAMPLES", BATCH)
     _extract(data, tmp_path / "fp32", limit=BATCH, progress=True, engine="eager")
     assert ("--dtype bf16 extracts" in capsys.readouterr().err) == bool(native)
@@ -510,8 +509,7 @@ def test_auto_engine_runs_long_cpu_runs_on_the_graph_engine_and_short_ones_eager
     assert s.meta["extraction"]["engine"] == "eager"  # the graph's start-up would not pay
     assert s.meta["extraction"]["engine_requested"] == "auto"
     assert "engine: graph" not in capsys.readouterr().err
-    monkeypatch.setattr("probing.extract.BF16_HINT_MIN_BYTES", 1)  # every input is long now
-    monkeypatch.setattr("probing.extract.LONG_RUN_MIN_EXAMPLES", BATCH)
+    monkeypatch.setattr("probing.extract.LONG_RUN_MIN_EXAMPLES", BATCH)  # long runs now
     s = _extract(data, tmp_path / "long", limit=BATCH, progress=True)
     picked = "graph" if graph.available() else "eager"
     assert s.meta["extraction"]["engine"] == picked
@@ -521,15 +519,29 @@ def test_auto_engine_runs_long_cpu_runs_on_the_graph_engine_and_short_ones_eager
     assert "engine: graph" not in capsys.readouterr().err
 
 
-def test_a_limit_below_a_long_run_keeps_auto_eager(tmp_path):
-    from probing.extract import LONG_RUN_MIN_EXAMPLES, choose_engine, is_long_run
+def test_a_long_run_is_counted_in_estimated_examples_after_limit_and_sample(tmp_path):
+    from probing.extract import (
+        GZ_BYTES_PER_EXAMPLE,
+        LONG_RUN_MIN_EXAMPLES,
+        choose_engine,
+        estimate_examples,
+        is_long_run,
+    )
+    from probing.tfrecord import write_records
 
-    big = tmp_path / "big.tfrecord.gz"
-    with big.open("wb") as f:
-        f.truncate(100 * 2**20)  # sparse: the size is what counts
-    assert is_long_run([str(big)], None)
-    assert is_long_run([str(big)], LONG_RUN_MIN_EXAMPLES)
-    assert not is_long_run([str(big)], LONG_RUN_MIN_EXAMPLES - 1)
+    gz = tmp_path / "big.tfrecord.gz"
+    with gz.open("wb") as f:  # gzip magic, then a sparse size: only the size counts
+        f.write(b"\x1f\x8b")
+        f.truncate(LONG_RUN_MIN_EXAMPLES * GZ_BYTES_PER_EXAMPLE)
+    assert estimate_examples([str(gz)]) == LONG_RUN_MIN_EXAMPLES
+    assert is_long_run([str(gz)], None) and is_long_run([str(gz)], LONG_RUN_MIN_EXAMPLES)
+    assert not is_long_run([str(gz)], LONG_RUN_MIN_EXAMPLES - 1)
+    assert not is_long_run([str(gz)], None, fraction=0.5)
+    # uncompressed: 155 kB a record, so 100 MB is ~650 examples, not a long run
+    plain = tmp_path / "plain.tfrecord"
+    write_records(plain, [bytes(155_000)] * 3, compress=False)
+    assert estimate_examples([str(plain)]) == 3
+    assert not is_long_run([str(plain)] * 200, None)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_engine("auto", cpu, "fp32", long_run=False) == "eager"
     assert choose_engine("auto", cuda, "bf16", long_run=True) == "eager"
@@ -714,6 +726,10 @@ def test_bad_samples_are_refused_and_an_empty_one_says_so(data, tmp_path):
             _extract(data, tmp_path / "bad", sample=bad)
     with pytest.raises(DvprobeError, match="--sample-seed"):
         _extract(data, tmp_path / "bad", sample=0.5, sample_seed=-1)
+    with pytest.raises(DvprobeError, match="give --sample FRACTION too"):
+        _extract(data, tmp_path / "bad", sample_seed=3)  # a seed alone would do nothing
+    with pytest.raises(DvprobeError, match="below 2\\^-32 and would keep no record"):
+        _extract(data, tmp_path / "bad", sample=1e-12)
     assert not (tmp_path / "bad").exists()
     with pytest.raises(DvprobeError, match=r"--sample 1e-09 \(seed 0\) kept none of its "
                        r"records; sample a larger fraction; no STORE"):
@@ -876,6 +892,14 @@ def test_skip_corrupt_counts_and_reports(data, corrupt_spec, tmp_path):
     spec, shard1 = corrupt_spec
     s = _extract(data, tmp_path / "s", spec=spec, skip_corrupt=True)
     _check_skipped(s, data, shard1)
+
+
+def test_a_sample_keeping_nothing_is_said_so_also_when_a_corrupt_record_was_skipped(
+        data, corrupt_spec, tmp_path):
+    spec, _ = corrupt_spec
+    with pytest.raises(DvprobeError, match=r"--sample 1e-09 \(seed 0\) kept none of its "
+                       r"records; sample a larger fraction \(1 corrupt record\(s\) skipped"):
+        _extract(data, tmp_path / "s", spec=spec, skip_corrupt=True, sample=1e-9)
 
 
 def test_each_skip_is_reported_once_also_with_loader_processes(data, corrupt_spec, tmp_path):
