@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from dvtorch.bundle import META_FILE
-from probing.extract import PROB_COLUMNS
+from probing.extract import PROB_COLUMNS, bundle_fingerprint
 from probing.loader import META_COLUMNS
 from probing.pileup import ATTRIBUTES
 from probing.probe import PROBES_DIR, PROBES_FORMAT
@@ -38,6 +39,7 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
         "model": _model(m),
         "examples": {
             "spec": m.get("examples_spec"),
+            "files": m.get("shards"),
             "shards": len(inputs.get("examples") or []),
             "bytes": sum(int(e.get("size", 0)) for e in inputs.get("examples") or []),
             "input_shape": m.get("input_shape"),
@@ -57,7 +59,25 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
         "probes": _probes(store.path / PROBES_DIR),
         "set_aside": sorted(p.name for p in store.path.glob("stale-*") if p.is_dir()),
     }
+    info["damage"] = _damage(store, info)
     return info
+
+
+def _damage(store: Store, info: dict[str, Any]) -> list[str]:
+    """What is missing or cut short, as far as metadata and file sizes tell: every other
+    command refuses such a STORE, so info must not call it complete and say nothing."""
+    out = []
+    for la in info["layers"]:
+        want = store.n * int(la["dim"] or 0) * np.dtype(la["dtype"] or "float32").itemsize
+        if la["bytes"] is None:
+            out.append(f"layers/{la['name']}.bin is missing")
+        elif la["bytes"] < want or (store.complete and la["bytes"] != want):
+            out.append(f"layers/{la['name']}.bin holds {la['bytes']:,} bytes, "
+                       f"{want:,} expected for {store.n:,} rows")
+    if store.complete and not (store.path / "obs.parquet").is_file():
+        out.append("obs.parquet is missing")
+    out += info["obs"].pop("unreadable")
+    return out
 
 
 def _in_order(specs: dict[str, Any], asked: list[str]) -> list[tuple[str, Any]]:
@@ -76,6 +96,8 @@ def _model(meta: dict) -> dict[str, Any]:
         out["found"] = False  # moved or deleted since: the fingerprint still identifies it
         return out
     out["found"] = True
+    out["changed"] = bool(out["bundle_sha256"]) and bundle_fingerprint(bundle) != out[
+        "bundle_sha256"]
     out["untrained"] = bool(recorded.get("untrained", False))
     source = recorded.get("source") if isinstance(recorded.get("source"), dict) else {}
     download = source.get("download") or {}
@@ -92,22 +114,30 @@ def _layer(store: Store, name: str, spec: dict) -> dict[str, Any]:
             "bytes": f.stat().st_size if f.is_file() else None}
 
 
-def _parquet_columns(path: Path) -> list[str]:
-    return list(pq.read_schema(path).names) if path.is_file() else []
+def _parquet_columns(path: Path, unreadable: list[str]) -> list[str]:
+    if not path.is_file():
+        return []
+    try:
+        return list(pq.read_schema(path).names)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        unreadable.append(f"{path.name} is unreadable ({exc})")
+        return []
 
 
-def _obs_columns(store: Store) -> dict[str, list[str]]:
+def _obs_columns(store: Store) -> dict[str, Any]:
     """obs columns by where they come from (schemas only, no rows read)."""
+    unreadable: list[str] = []
     base_file = store.path / "obs.parquet"
     if base_file.is_file():
-        base = _parquet_columns(base_file)
+        base = _parquet_columns(base_file, unreadable)
     else:
         parts = store.meta.get("obs_parts") or []
-        base = _parquet_columns(store.path / "obs" / parts[0]) if parts else []
+        base = _parquet_columns(store.path / "obs" / parts[0], unreadable) if parts else []
     base = [c for c in base if not c.startswith("__index")]
-    annotations = [c for c in _parquet_columns(store.path / "annotations.parquet")
+    annotations = [c for c in _parquet_columns(store.path / "annotations.parquet", unreadable)
                    if c not in base and not c.startswith("__index")]
     return {
+        "unreadable": unreadable,
         "sites": [c for c in base if c in META_COLUMNS],
         "model": [c for c in base if c in MODEL_COLUMNS],
         "pileup": [c for c in base if c in ATTRIBUTES],
@@ -119,6 +149,8 @@ def _obs_columns(store: Store) -> dict[str, list[str]]:
 def _run(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / "run.json").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
     except (OSError, ValueError) as exc:
         return {"name": path.name, "error": f"unreadable run.json ({exc})"}
     cluster = meta.get("cluster") or {}
@@ -145,7 +177,7 @@ def _probes(directory: Path) -> list[dict[str, Any]]:
     for path in sorted(directory.glob("*.json")):
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
-            if doc.get("format") != PROBES_FORMAT:
+            if not isinstance(doc, dict) or doc.get("format") != PROBES_FORMAT:
                 continue
             table = doc.get("table") or []
             out.append({
@@ -184,13 +216,23 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"{info['path']}: complete STORE, {info['n']:,} examples")
     else:
         c = info["cursor"] or {}
+        shards = info["examples"]["files"] or []
+        shard = int(c.get("shard", 0))
+        where = (f"record {c.get('record', 0)} (0-based) of {Path(shards[shard]).name}"
+                 if shard < len(shards) else "the end of the input")
         lines.append(f"{info['path']}: PARTIAL STORE, {info['n']:,} examples committed; "
-                     f"extraction resumes at shard {c.get('shard', 0)}, record "
-                     f"{c.get('record', 0)} (rerun the same extract command)")
+                     f"extraction resumes at {where} (rerun the same extract command, unless "
+                     "one is still running)")
+    if info["damage"]:  # every other command refuses such a STORE: say so first
+        lines[0] += "; DAMAGED:"
+        lines += [f"  {d}" for d in info["damage"]]
     mo = info["model"]
     sha = (mo.get("bundle_sha256") or "")[:12] or "?"
     if not mo.get("bundle"):
         lines.append("model:      not recorded (a STORE not written by dvprobe extract)")
+    elif mo.get("found") and mo.get("changed"):
+        lines.append(f"model:      {mo['bundle']} has changed since: its bundle.json is not the "
+                     f"one that made this STORE ({sha}); the model there now is another one")
     elif mo.get("found"):
         what = "untrained reference model" if mo.get("untrained") else (
             mo.get("source") or "converted model")
@@ -226,8 +268,10 @@ def format_info(info: dict[str, Any]) -> str:
                      f"{e.get('batch_size')}, {e.get('examples_per_s')} ex/s over "
                      f"{e.get('seconds')} s (last run), torch {e.get('torch')}"
                      + (f"; {e['skipped']} corrupt records skipped" if e["skipped"] else ""))
-    elif e["skipped"]:
-        lines.append(f"extraction: {e['skipped']} corrupt records skipped so far")
+    else:
+        lines.append(f"extraction: not finished ({e.get('dtype') or '?'}"
+                     + (f"; {e['skipped']} corrupt records skipped so far" if e["skipped"]
+                        else "") + ")")
     lines.append("layers:")
     for la in info["layers"]:
         shape = "x".join(str(v) for v in la["map_shape"] or []) or "?"

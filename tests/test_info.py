@@ -76,7 +76,8 @@ def test_info_on_an_interrupted_extraction_says_where_it_resumes(tmp_path):
                          batch=4, complete=False)
     text = format_info(store_info(partial.path))
     assert f"{partial.path}: PARTIAL STORE, 10 examples committed" in text
-    assert "rerun the same extract command" in text
+    assert "rerun the same extract command, unless one is still running" in text
+    assert "extraction: not finished" in text
 
 
 def test_cli_prints_it_or_json_and_refuses_what_is_not_a_store(store, tmp_path):
@@ -89,3 +90,44 @@ def test_cli_prints_it_or_json_and_refuses_what_is_not_a_store(store, tmp_path):
     bad = subprocess.run([*run, str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"dvprobe: error: {tmp_path}: not a dvprobe STORE (no store.json)"
+
+
+def test_a_damaged_store_is_said_to_be_damaged_not_complete(store, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(store.path, bad)
+    with open(bad / "layers" / "mixed5.bin", "r+b") as f:
+        f.truncate(1000)
+    (bad / "layers" / "mixed10.bin").unlink()
+    (bad / "annotations.parquet").write_bytes(b"junk")
+    (bad / "runs" / "km2" / "run.json").write_text("[1, 2]")
+    info = store_info(bad)
+    first, *rest = format_info(info).splitlines()
+    assert first.endswith(f"complete STORE, {store.n} examples; DAMAGED:")
+    assert rest[0] == f"  layers/mixed5.bin holds 1,000 bytes, {store.n * 768 * 4:,} expected " \
+                      f"for {store.n} rows"
+    assert rest[1] == "  layers/mixed10.bin is missing"
+    assert rest[2].startswith("  annotations.parquet is unreadable (")
+    assert "  km2: unreadable run.json (a JSON list, not an object)" in rest
+    assert store_info(store.path)["damage"] == []
+
+
+def test_a_model_replaced_at_the_recorded_path_is_not_passed_off_as_the_stores(store, tmp_path):
+    import json as _json
+    import shutil
+
+    moved = tmp_path / "s"
+    shutil.copytree(store.path, moved)
+    bundle = tmp_path / "other-model"
+    shutil.copytree(store.meta["bundle"], bundle)
+    meta = _json.loads((moved / "store.json").read_text())
+    meta["bundle"] = str(bundle)
+    (moved / "store.json").write_text(_json.dumps(meta))
+    assert "untrained reference model" in format_info(store_info(moved))  # the same bundle
+    recorded = _json.loads((bundle / "bundle.json").read_text())
+    recorded["untrained"] = False  # re-converted / another download into the same directory
+    (bundle / "bundle.json").write_text(_json.dumps(recorded))
+    text = format_info(store_info(moved))
+    assert f"model:      {bundle} has changed since: its bundle.json is not the one" in text
+    assert "untrained reference model" not in text
