@@ -76,14 +76,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 # ``.NAME.dvprobe-KIND.HOST.PID.RANDOM``: what :func:`writer_dir` creates, and the only names
-# :func:`sweep_dead_writers` ever removes. RANDOM is tempfile's ([a-z0-9_]).
+# :func:`sweep_dead_writers` ever removes. HOST is :func:`_host` (machine and PID namespace),
+# RANDOM is tempfile's ([a-z0-9_]).
 _WRITER_DIR = re.compile(r"^\.(?P<name>.+)\.dvprobe-(?P<kind>tmp|old)\.(?P<host>[A-Za-z0-9-]+)"
                          r"\.(?P<pid>[1-9][0-9]*)\.[a-z0-9_]+$")
 
 
 def _host() -> str:
-    """This machine's name as it can appear in a :func:`writer_dir` name (no dots)."""
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "unknown"
+    """Where a pid means this process: the machine's name (no dots) and the id of this
+    process's PID namespace, as it appears in a :func:`writer_dir` name.
+
+    Why the namespace: containers sharing the host's name (Docker ``--network host``,
+    Kubernetes ``hostNetwork``, Apptainer ``--pid``) each number processes afresh, so a
+    pid seen from another namespace says nothing about whether its writer still runs; a
+    sweep only judges writers of its own namespace.
+    """
+    name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "unknown"
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc (macOS): one namespace
+        namespace = 0
+    return f"{name}-{namespace}"
 
 
 def writer_dir(parent: str | os.PathLike, name: str, kind: str = "tmp") -> Path:

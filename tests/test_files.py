@@ -99,6 +99,8 @@ def test_sweep_removes_only_writer_dirs_of_dead_processes_on_this_machine(tmp_pa
     try:
         foreign = [".bundle.x1y2z3ab",  # tempfile's own names, ours or not: unknown writer
                    f".bundle.dvprobe-tmp.other-host.{dead_pid}.abcdefgh",  # pid means nothing
+                   # this machine, another PID namespace (a container with the host's name)
+                   f".bundle.dvprobe-tmp.{host.rsplit('-', 1)[0]}-1.{dead_pid}.abcdefgh",
                    f".bundle.dvprobe-new.{host}.{dead_pid}.abcdefgh",  # not a kind we make
                    f"bundle.dvprobe-tmp.{host}.{dead_pid}.abcdefgh", "notes"]
         for name in foreign:
