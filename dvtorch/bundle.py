@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from dvtorch.errors import BundleError
 from dvtorch.files import (
     give_default_mode,
+    set_aside_copies,
     sha256_bytes,
     sha256_file,
     swap_in_dir,
@@ -164,7 +165,10 @@ def read_meta(bundle: str | os.PathLike) -> dict:
     path = Path(bundle)
     meta_path = path / META_FILE
     if not path.is_dir():
-        raise BundleError(f"{path}: not a bundle directory (does not exist or is a file)")
+        copies = set_aside_copies(path) if not path.exists() else []
+        raise BundleError(f"{path}: not a bundle directory (does not exist or is a file)"
+                          + (f"; a save interrupted while replacing it left the previous "
+                             f"bundle at {copies[0]} (mv {copies[0]} {path})" if copies else ""))
     if not meta_path.is_file():
         raise BundleError(f"{path}: not a dvprobe bundle (no {META_FILE})")
     try:

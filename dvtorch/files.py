@@ -182,3 +182,20 @@ def swap_in_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside_copies(final: str | os.PathLike) -> list[Path]:
+    """Copies of ``final`` that a writer killed inside :func:`swap_in_dir` left set aside
+    (``.NAME.dvprobe-old.*/b``), newest first: what to tell a user whose ``final`` is gone."""
+    final = Path(final)
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        m = _WRITER_DIR.match(entry.name)
+        if m and m["kind"] == "old" and m["name"] == final.name \
+                and (Path(entry.path) / "b").is_dir():
+            found.append(Path(entry.path) / "b")
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)

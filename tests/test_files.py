@@ -167,3 +167,18 @@ def test_swap_in_dir_puts_the_old_directory_back_when_the_new_one_cannot_move_in
         files.swap_in_dir(new, final)
     assert (final / "v").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bundle", new.name])
+
+
+def test_a_bundle_lost_between_the_two_renames_of_a_swap_points_at_its_set_aside_copy(tmp_path):
+    from dvtorch.bundle import read_meta
+    from dvtorch.errors import BundleError
+
+    bundle = tmp_path / "model"
+    old = writer_dir(tmp_path, "model", "old")  # a save killed after moving the old one aside
+    (old / "b").mkdir()
+    (old / "b" / "bundle.json").write_text("{}")
+    with pytest.raises(BundleError, match=rf"left the previous bundle at {old / 'b'} "
+                       rf"\(mv {old / 'b'} {bundle}\)"):
+        read_meta(bundle)
+    with pytest.raises(BundleError, match=r"does not exist or is a file\)$"):
+        read_meta(tmp_path / "other")  # nothing set aside for that one
