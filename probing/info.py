@@ -21,7 +21,7 @@ from probing.extract import PROB_COLUMNS, bundle_fingerprint
 from probing.loader import META_COLUMNS
 from probing.pileup import ATTRIBUTES
 from probing.probe import PROBES_DIR, PROBES_FORMAT
-from probing.store import Store, StoreError
+from probing.store import Store
 
 MODEL_COLUMNS = (*PROB_COLUMNS, "pred_genotype")
 
@@ -318,4 +318,4 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["store_info", "format_info", "StoreError"]
+__all__ = ["store_info", "format_info"]
