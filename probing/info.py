@@ -48,6 +48,8 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
             "sample": inputs.get("sample"),
             "regions": (dict(inputs["regions"], given=m.get("regions_given"))
                         if inputs.get("regions") else None),
+            # the committed cursor counts every record read (chosen or not, corrupt too)
+            "records_read": int((m.get("cursor") or {}).get("position", 0)),
         },
         "extraction": {**(m.get("extraction") or {}),
                        "dtype": inputs.get("dtype"),
@@ -251,6 +253,8 @@ def format_info(info: dict[str, Any]) -> str:
         picked.append(f"overlapping {given} ({ex['regions']['intervals']} interval(s))")
     if ex["sample"]:
         picked.append(f"a {ex['sample']['fraction']:g} sample (seed {ex['sample']['seed']})")
+    if (ex["sample"] or ex.get("regions")) and ex["records_read"]:
+        picked.append(f"{info['n']:,} kept of {ex['records_read']:,} records read")
     if ex["spec"]:
         lines.append(f"examples:   {ex['spec']} ({ex['shards']} file(s), {_size(ex['bytes'])}; "
                      f"{shape}, channels {_list([str(c) for c in ex['channels'] or []])}"

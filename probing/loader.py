@@ -253,6 +253,7 @@ class ExampleBatches(IterableDataset):
             return
         b = 0
         taken = 0  # records in the current batch
+        cut = pos  # records read when the last batch was cut
         items: list[_Item] = []
         where = [self.start.shard]
         it = self._records(where)
@@ -280,13 +281,15 @@ class ExampleBatches(IterableDataset):
                     items.append((si, rec, payload, pos - 1))  # pos: records before it
                 taken += 1
             done = self.limit is not None and pos >= self.limit
-            if taken == B or (done and taken):
+            # At the end, records passed over since the last batch still end one (maybe
+            # empty), so the committed cursor counts every record read (info's "of N read").
+            if taken == B or (done and pos > cut):
                 if b % nw == wid:
                     yield self._decode(b, items, Cursor(si, rec + 1, pos))
-                items, taken, b = [], 0, b + 1
+                items, taken, b, cut = [], 0, b + 1, pos
             if done:
                 return
-        if taken and b % nw == wid:
+        if pos > cut and b % nw == wid:
             last_shard = len(self.files) - 1
             yield self._decode(b, items, Cursor(last_shard + 1, 0, pos))
 

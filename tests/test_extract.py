@@ -707,6 +707,20 @@ def test_a_sample_is_the_same_with_loader_processes_after_a_crash_and_with_a_lim
     _assert_rows_of(limited, data["baseline"], [r for r in rows if r < 25])
 
 
+def test_records_passed_over_after_the_last_chosen_one_are_still_counted_as_read(data, tmp_path):
+    """The committed cursor ends where reading ended, so "kept N of M records read" holds."""
+    seed = next(sd for sd in range(100) if _chosen_rows(data, 0.2, sd)[-1] < N - 3)
+    rows = _chosen_rows(data, 0.2, seed)
+    # the chosen records fill whole batches exactly, then only passed-over ones follow
+    s = _extract(data, tmp_path / "tail", sample=0.2, sample_seed=seed, batch_size=len(rows))
+    _assert_rows_of(s, data["baseline"], rows)
+    assert s.meta["cursor"]["position"] == N
+    limit = rows[-1] + 3  # the limit, too, ends past the last chosen record
+    cut = _extract(data, tmp_path / "cut", sample=0.2, sample_seed=seed, limit=limit,
+                   batch_size=len(rows))
+    assert cut.n == len(rows) and cut.meta["cursor"]["position"] == limit
+
+
 def test_sample_choices_spread_like_coin_flips_even_for_near_identical_records():
     from probing.loader import RecordSample
 

@@ -53,7 +53,7 @@ def test_info_says_what_the_store_holds_and_how_it_was_made(store):
     text = format_info(info)
     assert text.splitlines()[0] == f"{store.path}: complete STORE, {store.n} examples"
     assert "untrained reference model" in text
-    assert "a 0.5 sample (seed 2)" in text
+    assert f"a 0.5 sample (seed 2); {store.n} kept of 48 records read" in text
     assert "mixed10" in text and "max-pooled from 1x5x2048" in text
     assert "km2: kmeans, mixed5, 2 clusters" in text
     assert "annotations: LINE" in text and "probes:     none" in text
