@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 CHUNK = 1 << 20  # checkpoints are ~90 MB: hash them streamed, 1 MiB at a time
@@ -132,6 +133,18 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
+def _writer_dirs(parent: Path) -> Iterator[tuple[os.DirEntry, re.Match]]:
+    """The entries of ``parent`` named as :func:`writer_dir` names them, with the parts."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = _WRITER_DIR.match(entry.name)
+        if m is not None:
+            yield entry, m
+
+
 def sweep_dead_writers(parent: str | os.PathLike) -> list[Path]:
     """Remove the :func:`writer_dir` leftovers in ``parent`` of writers that were killed.
 
@@ -143,15 +156,10 @@ def sweep_dead_writers(parent: str | os.PathLike) -> list[Path]:
     once ``parent / name`` exists again. Returns what was removed.
     """
     parent = Path(parent)
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return []
     host = _host()
     removed = []
-    for entry in entries:
-        m = _WRITER_DIR.match(entry.name)
-        if (m is None or m["host"] != host or not entry.is_dir(follow_symlinks=False)
+    for entry, m in _writer_dirs(parent):
+        if (m["host"] != host or not entry.is_dir(follow_symlinks=False)
                 or pid_alive(int(m["pid"]))):
             continue
         if m["kind"] == "old" and not (parent / m["name"]).exists():
@@ -188,14 +196,7 @@ def set_aside_copies(final: str | os.PathLike) -> list[Path]:
     """Copies of ``final`` that a writer killed inside :func:`swap_in_dir` left set aside
     (``.NAME.dvprobe-old.*/b``), newest first: what to tell a user whose ``final`` is gone."""
     final = Path(final)
-    try:
-        entries = list(os.scandir(final.parent))
-    except OSError:
-        return []
-    found = []
-    for entry in entries:
-        m = _WRITER_DIR.match(entry.name)
-        if m and m["kind"] == "old" and m["name"] == final.name \
-                and (Path(entry.path) / "b").is_dir():
-            found.append(Path(entry.path) / "b")
+    found = [Path(entry.path) / "b" for entry, m in _writer_dirs(final.parent)
+             if m["kind"] == "old" and m["name"] == final.name
+             and (Path(entry.path) / "b").is_dir()]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)

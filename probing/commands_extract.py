@@ -37,9 +37,10 @@ def extract_command(
         help="Data-loading processes (0 = in the main process). Default: on CPU 1 if a core is "
              "free beyond torch's threads, else 0; on CUDA min(4, cores - 1)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 (fp16: cuda only)."),
-    limit: int | None = typer.Option(None, "--limit", min=1,
-                                     help="Only the first N records of the input (with --sample: the chosen "
-                                          "ones among them)."),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1,
+        help="Only the first N records of the input (with --sample: the chosen ones among "
+             "them)."),
     sample: float | None = typer.Option(
         None, "--sample",
         help="Extract a pseudo-random FRACTION (0-1] of the records, e.g. 0.01 to survey a "

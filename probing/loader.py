@@ -247,7 +247,6 @@ class ExampleBatches(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         B = self.batch_size
-        sample = self.sample if self.sample is not None and self.sample.fraction < 1 else None
         pos = self.start.position
         if self.limit is not None and pos >= self.limit:
             return
@@ -275,7 +274,7 @@ class ExampleBatches(IterableDataset):
             si, rec, payload = nxt
             pos += 1
             if isinstance(payload, _Corrupt) or (
-                    (sample is None or sample.chooses(payload))
+                    (self.sample is None or self.sample.chooses(payload))
                     and (self.regions is None or self.regions.chooses(payload))):
                 if b % nw == wid:
                     items.append((si, rec, payload, pos - 1))  # pos: records before it
