@@ -472,6 +472,11 @@ def open_store(path: str | os.PathLike) -> Store:
     return Store(path)
 
 
+def as_store(store: Store | str | os.PathLike) -> Store:
+    """``store`` itself, or the STORE at that path: every API that takes a STORE takes either."""
+    return store if isinstance(store, Store) else Store(store)
+
+
 def _check_layer_file(path: Path, n: int, rowbytes: int) -> None:
     """Refuse a layer file that holds fewer than the ``n`` committed rows."""
     try:
