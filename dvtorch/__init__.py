@@ -3,11 +3,12 @@
 Quick start::
 
     import dvtorch
-    model = dvtorch.load("BUNDLE")                      # or dvtorch.reference_bundle(...)
-    x = dvtorch.preprocess(images_uint8_nhwc)           # (x - 128) / 128, like call_variants
-    with dvtorch.capture(model, ["mixed5"], pool="max") as acts:
-        probs = model(x)
-    acts["mixed5"]                                       # [N, 768]
+    model = dvtorch.load("BUNDLE")                      # a plain nn.Module
+    probs, cache = dvtorch.run_with_cache(model, images_uint8_nhwc, ["mixed5"])
+    with dvtorch.patch(model, {"mixed5": lambda out, name: out * 0}):
+        ablated = model(images_uint8_nhwc)
+    engine = dvtorch.make_engine(model, ["mixed5"], pool="max")   # fast bulk inference
+    probs, acts = engine(images_uint8_nhwc)              # acts["mixed5"]: [N, 768]
 
 The TensorFlow side (checkpoint / SavedModel -> BUNDLE) lives in ``dvtorch.convert`` and
 needs the optional ``convert`` extra; nothing imported here needs TensorFlow.
@@ -18,9 +19,9 @@ needs the optional ``convert`` extra; nothing imported here needs TensorFlow.
 _EXPORTS = {
     "load": "dvtorch.bundle", "preprocess": "dvtorch.bundle",
     "reference_bundle": "dvtorch.bundle", "save_bundle": "dvtorch.bundle",
-    "capture": "dvtorch.hooks",
+    "capture": "dvtorch.hooks", "patch": "dvtorch.hooks", "run_with_cache": "dvtorch.hooks",
+    "make_engine": "dvtorch.engine",
     "DeepVariantInceptionV3": "dvtorch.inception", "fuse_batchnorm": "dvtorch.inception",
-    "optimize_for_inference": "dvtorch.inception",
     "LAYER_NAMES": "dvtorch.layers", "LayerInfo": "dvtorch.layers",
     "all_layer_names": "dvtorch.layers", "layer_info": "dvtorch.layers",
     "resolve": "dvtorch.layers",
@@ -35,10 +36,12 @@ __all__ = [
     "fuse_batchnorm",
     "layer_info",
     "load",
-    "optimize_for_inference",
+    "make_engine",
+    "patch",
     "preprocess",
     "reference_bundle",
     "resolve",
+    "run_with_cache",
     "save_bundle",
 ]
 

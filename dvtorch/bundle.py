@@ -43,8 +43,6 @@ from dvtorch.inception import (
     ConvBN,
     DeepVariantInceptionV3,
     ScaleFreeBatchNorm,
-    fuse_batchnorm,
-    optimize_for_inference,
     scale_pixels,
 )
 
@@ -198,19 +196,18 @@ DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bf
 
 
 def load(bundle: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str | None = None, fuse_bn: bool = True,
-         optimize: bool | None = None) -> DeepVariantInceptionV3:
-    """Load a BUNDLE as a native model in eval mode, with ``.bundle_meta`` attached.
+         dtype: torch.dtype | str | None = None) -> DeepVariantInceptionV3:
+    """Load a BUNDLE as a plain model in eval mode, with ``.bundle_meta`` attached.
 
-    * ``dtype``: ``None`` / ``torch.float32`` or ``torch.bfloat16`` (measured ~2x faster
-      than float32 on CPUs with AVX-512 BF16, ~3x with AMX; pooled embeddings agree with
-      float32 to cosine > 0.999); ``torch.float16`` for GPUs. The names ``"fp32"``,
-      ``"bf16"``, ``"fp16"`` work too.
-      Inputs stay float32: the model casts on entry; the softmax is computed in float32.
-    * ``fuse_bn``: fold BatchNorm into the convs (exact up to rounding).
-    * ``optimize``: also apply :func:`dvtorch.inception.optimize_for_inference`
-      (channels-last, oneDNN conv+ReLU fusion with pre-packed weights on CPU). Defaults to
-      ``fuse_bn``. Every named layer stays hookable either way.
+    The weights are DeepVariant's Keras variables as they are (BatchNorm not folded), so a
+    weight edit, hook or gradient means what it would in the Keras model. Parameters do not
+    require grad (a probed model is not trained); gradients with respect to the input
+    flow as usual, and ``model.requires_grad_(True)`` turns weight gradients on. For bulk
+    inference wrap it in an engine (:func:`dvtorch.engine.make_engine`).
+
+    * ``dtype``: ``None`` / ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``
+      (or ``"fp32"``, ``"bf16"``, ``"fp16"``). Inputs stay float32 or uint8: the model
+      casts on entry; the softmax is computed in float32.
 
     The weights file's sha256 must match ``bundle.json``; any mismatch raises
     :class:`BundleError`.
@@ -240,21 +237,9 @@ def load(bundle: str | os.PathLike, device: str | torch.device = "cpu",
     with torch.device("meta"):  # no random init of weights that are replaced right away
         model = DeepVariantInceptionV3(input_shape, num_classes)
     model.load_state_dict(sd, strict=True, assign=True)
-    model.to(device)
+    model.to(device=device, dtype=dtype)
     model.eval()
-    if optimize is None:
-        optimize = fuse_bn
-    if optimize and not fuse_bn:
-        raise ValueError("optimize=True needs fuse_bn=True (the fused kernels carry the BN)")
-    if optimize:
-        optimize_for_inference(model, dtype=dtype)
-    else:
-        if fuse_bn:
-            fuse_batchnorm(model)
-        if dtype is not None:
-            model.to(dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     model.bundle_meta = meta
     return model
 

@@ -1,13 +1,22 @@
-"""Capture layer activations during an ordinary forward pass.
+"""Hook points of the model, named like DeepVariant's Keras layers: read, patch, cache.
 
 ::
 
-    with capture(model, ["mixed5", "mixed7"], pool="max") as acts:
+    with capture(model, ["mixed5", "mixed7"], pool="max") as acts:   # read
         probs = model(x)
     acts["mixed5"]            # [N, 768], on the model's device
 
-One forward fills every requested layer. Hooks are removed when the ``with`` block exits,
-including on an exception, so a failed batch never leaves a model that keeps capturing.
+    with patch(model, {"mixed5": lambda out, name: out * 0}):         # write
+        probs = model(x)
+
+    probs, cache = run_with_cache(model, x, names_filter=["mixed5"])  # both at once
+
+One hook signature: a patch function gets ``(output, name)`` and returns a replacement
+output, or None to keep it (it may also just look). ``capture`` and ``patch`` nest, in one
+forward: a capture on a patched layer sees the patched output (patches are applied first
+whichever ``with`` came first). Hooks are removed when the ``with`` block exits, including
+on an exception, so a failed batch never leaves a model that keeps capturing or patching.
+Activations inside the model are NCHW (the NHWC input is permuted on entry).
 
 Pooling is done inside the hook, on the device, so that only ``[N, C]`` rows ever need to
 leave the GPU (a flattened mixed5 map is 48x larger). Layouts follow Keras/NHWC, the
@@ -19,12 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from dvtorch.layers import all_layer_names, resolve
-from dvtorch.parallel import defer, in_worker, split_safe
 
 POOLS = ("max", "mean", "flatten", None)
 
@@ -138,35 +147,85 @@ def capture(model: nn.Module, names: Names, pool: str | None = "max") -> Iterato
     chosen = _select(model, names)
     modules = resolve_layers(model, chosen)  # raises on unknown names first
     acts = Activations(chosen, pool)
-    handles = []
 
-    def make_hook(name: str):
-        def commit(t: torch.Tensor) -> None:
-            acts._store(name, t)
-
-        # Split-safe: every pool mode is per example, so slices of a batch-split forward
-        # (dvtorch.parallel) concatenate to the full-batch result.
-        @split_safe
+    def make_hook(name: str) -> Callable:
         def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
-            t = pool_activation(output.detach(), pool)
-            if not defer((id(acts), name), t, commit):
-                commit(t)
+            acts._store(name, pool_activation(output.detach(), pool))
         return hook
 
-    @split_safe
     def new_forward(_module: nn.Module, _inputs) -> None:
         # Each forward starts empty, so a layer it does not reach (it raised, or a hook
-        # stopped it early) is a KeyError, not the previous batch's tensor. Inside a
-        # worker's whole-batch or split forward the tensors are committed in the caller's
-        # thread after the forward (dvtorch.parallel), which replaces them there.
-        if not in_worker():
-            acts.clear()
+        # stopped it early) is a KeyError, not the previous batch's tensor.
+        acts.clear()
 
-    try:
-        handles.append(model.register_forward_pre_hook(new_forward))
+    hooks = [(model, model.register_forward_pre_hook(new_forward))]
+    with _removing(hooks):
         for n, m in modules:
-            handles.append(m.register_forward_hook(make_hook(n)))
+            hooks.append((m, m.register_forward_hook(make_hook(n))))
         yield acts
+
+
+#: ``fn(output, name) -> new output or None`` (None: keep the output as it is).
+PatchFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
+
+
+@contextmanager
+def patch(model: nn.Module, patches: Mapping[str, PatchFn]) -> Iterator[None]:
+    """Context manager: replace layer outputs during forwards (ablation, activation patching).
+
+    ``patches`` maps a layer name to ``fn(output, name)``, which returns the output to use
+    instead (same shape; NCHW maps), or None to keep it. Patches run before any
+    :func:`capture` hook on the same layer, so captures read what the rest of the network
+    sees. Gradients flow through what the function returns.
+    """
+    if not patches:
+        raise ValueError("no patches given")
+    for name, fn in patches.items():
+        if not callable(fn):
+            raise TypeError(f"patch for {name!r} must be callable as fn(output, name), got "
+                            f"{type(fn).__name__}")
+    modules = resolve_layers(model, list(patches))
+
+    def make_hook(name: str, fn: PatchFn) -> Callable:
+        def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor | None:
+            new = fn(output, name)
+            if new is not None and new.shape != output.shape:
+                raise ValueError(f"patch for {name!r} returned shape {list(new.shape)}; the "
+                                 f"layer's output is {list(output.shape)}")
+            return new
+        return hook
+
+    hooks: list = []
+    with _removing(hooks):
+        for name, m in modules:
+            hooks.append((m, m.register_forward_hook(make_hook(name, patches[name]),
+                                                     prepend=True)))
+        yield
+
+
+def run_with_cache(model: nn.Module, x: torch.Tensor, names_filter: Names | None = None,
+                   pool: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(probs, cache)``: one forward, and every selected layer's output by name.
+
+    ``names_filter`` as in :func:`capture` (default: :data:`dvtorch.layers.LAYER_NAMES`,
+    the stem, mixed0..mixed10 and the head); ``pool=None`` keeps whole maps (NHWC, as
+    Keras lays them out), ``"max"`` / ``"mean"`` pool them to ``[N, C]``. Runs with the
+    caller's grad mode; cached tensors are detached.
+    """
+    if names_filter is None:
+        from dvtorch.layers import LAYER_NAMES
+
+        names_filter = LAYER_NAMES
+    with capture(model, names_filter, pool=pool) as acts:
+        probs = model(x)
+    return probs, dict(acts.items())
+
+
+@contextmanager
+def _removing(hooks: list[tuple[nn.Module, Any]]) -> Iterator[None]:
+    """Remove every hook handle appended to ``hooks`` on exit, exceptions included."""
+    try:
+        yield
     finally:
-        for h in handles:
-            h.remove()
+        for _module, handle in hooks:
+            handle.remove()

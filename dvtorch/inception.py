@@ -22,15 +22,11 @@ Layout decisions:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from dvtorch import parallel
-from dvtorch.cpu import mkldnn_bf16
 
 BN_EPS = 1e-3  # Keras BatchNormalization default epsilon (DeepVariant keeps it).
 
@@ -66,10 +62,11 @@ def _same_padding(kernel: tuple[int, int]) -> tuple[int, int]:
 class ConvBN(nn.Module):
     """Keras ``conv2d_bn``: Conv2D (bias-free) -> BatchNorm(scale=False) -> ReLU.
 
-    The module's output is the Keras ``activation_N`` tensor. After
-    :func:`fuse_batchnorm` the conv carries a bias and ``bn`` becomes ``nn.Identity``.
-    ``pools_input`` (the pool branches): the block also owns the 3x3 average pool before
-    its 1x1 conv, so its forward pre-hooks see the unpooled block input.
+    The module's output is the Keras ``activation_N`` tensor; its children ``conv``, ``bn``
+    and ``relu`` are Keras's ``conv2d_N``, ``batch_normalization_N`` and the ReLU, each
+    hookable. ``pools_input`` (the pool branches): the block also owns the 3x3 average pool
+    before its 1x1 conv (that Keras layer has no name of its own), so its forward
+    pre-hooks see the unpooled block input.
     """
 
     def __init__(self, cin: int, cout: int, kernel: tuple[int, int],
@@ -87,107 +84,14 @@ class ConvBN(nn.Module):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
         self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=pad, bias=False)
         self.bn: nn.Module = ScaleFreeBatchNorm(cout)
-        self.relu = nn.ReLU(inplace=True)
-        # Set by optimize_for_inference(): one oneDNN conv+bias+ReLU kernel instead of a
-        # conv followed by a separate, memory-bound ReLU pass (~20% of CPU time), with its
-        # arguments resolved once (see _FusedConv); a plain attribute, never in state dicts.
-        self._fused: _FusedConv | None = None
-        # The pool branch of mixed0-2, 4-7, 9-10: Keras AveragePooling2D(3, 1, 'same') runs
-        # on this block's input first (that pooling layer has no Keras name of its own).
+        # Not in place: a hook on ``conv`` or ``bn`` may keep the tensor the ReLU reads.
+        self.relu = nn.ReLU()
         self.pools_input = pools_input
 
-    @property
-    def fused_relu(self) -> bool:
-        """Whether optimize_for_inference() gave this block the fused oneDNN conv+ReLU."""
-        return self._fused is not None
-
-    def __getstate__(self) -> dict:
-        """For ``copy.deepcopy`` / pickling: oneDNN's packed weight and op handle can be
-        neither copied nor pickled, so the copy keeps only what to pack them for; it
-        repacks from its own conv weight on its first fused forward (``_current_fused``)."""
-        state = self.__dict__.copy()
-        f = state.get("_fused")
-        if f is not None:
-            state["_fused"] = f._replace(op=None, weight=None, bias=None, source=None)
-        return state
-
-    def _children_hooked(self) -> bool:
-        """Whether a user hook sits on the inner conv / bn / relu (then they must run)."""
-        return any(m._forward_hooks or m._forward_pre_hooks
-                   for m in (self.conv, self.bn, self.relu))
-
-    def _current_fused(self) -> _FusedConv | None:
-        """The fused op, repacked if the conv's weight was replaced or edited in place
-        since it was packed (``load_state_dict``, an ablation under ``no_grad``): the
-        packed copy would otherwise keep computing with the old weights."""
-        f = self._fused
-        w = self.conv.weight
-        if f is not None and (w is not f.source or _version(w) != f.version
-                              or w.data_ptr() != f.data_ptr):
-            # (also a deep copy's or an unpickled model's first forward: source is None)
-            f = self._fused = _fused_conv(self.conv, f.input_size)
-        return f
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self._fused
-        # Traced graphs (dvtorch.graph) record the plain conv, bias and ReLU ops, which
-        # oneDNN Graph fuses itself; the pre-packed weights would be frozen in as constants.
-        if f is not None and x.dtype is f.dtype and x.is_cpu and not torch.is_grad_enabled() \
-                and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing() \
-                and not self._children_hooked():
-            f = self._current_fused()
-            if self.pools_input:
-                # conv1x1(avgpool(x)) + b == avgpool(conv1x1(x) + b): the pooling weights
-                # at every position sum to 1 (padding is not averaged). Pooling the conv's
-                # 32-192 output channels instead of its 192-2048 input channels: measured
-                # +4% fp32, +10% bf16 per CPU forward; the ReLU runs in place afterwards.
-                y = f.op(x, f.weight, f.bias, f.padding, f.stride, f.dilation, f.groups,
-                         "none", [], "")
-                return _avg_pool_same(y).relu_()
-            return f.op(x, f.weight, f.bias, f.padding, f.stride, f.dilation, f.groups,
-                        "relu", [], "")
         if self.pools_input:
-            if torch.jit.is_tracing() and isinstance(self.bn, nn.Identity) \
-                    and not torch.onnx.is_in_onnx_export():
-                # A BN-folded model traced for dvtorch.graph: the fused path's conv-first
-                # order (see above); measured +2% fp32, +4-5% bf16 per oneDNN Graph forward.
-                # ONNX exports keep Keras's order: they stand in for tf2onnx's graph.
-                return _avg_pool_same(self.conv(x)).relu_()
-            x = _avg_pool_same(x)
-        y = self.bn(self.conv(x))
-        if isinstance(self.bn, nn.Identity) and (self.conv._forward_hooks
-                                                 or self.bn._forward_hooks):
-            # BN folded: y is the conv's own output, which a hook on the conv may keep;
-            # the in-place ReLU would turn it into the block's output behind its back.
-            y = y.clone()
-        return self.relu(y)
-
-
-class _FusedConv(NamedTuple):
-    """oneDNN's fused conv+bias(+ReLU) op and its arguments, looked up once per block.
-
-    Why: in a CPU forward each of the 94 convs costs 0.2-0.3 ms beyond its kernel; the
-    Python share of that (module attribute lookups, argument lists, overload resolution,
-    checks) is avoidable: resolving it once measured ~4 % of a bf16 forward at one thread.
-    The fused op is inference-only, CPU-only and does not autocast, so ``forward`` takes
-    the plain path with grad or autocast on, on another device, or for an input of another
-    dtype than ``dtype`` (a model cast after optimize_for_inference).
-    """
-
-    op: Callable[..., torch.Tensor]
-    weight: torch.Tensor  # pre-packed (oneDNN-blocked mkldnn tensor) or conv.weight itself
-    bias: torch.Tensor
-    padding: list[int]
-    stride: list[int]
-    dilation: list[int]
-    groups: int
-    dtype: torch.dtype
-    # what ``weight`` was packed from: the parameter, its version counter and storage
-    # (ConvBN repacks when any changes) and the input size it was packed for
-    source: torch.Tensor
-    version: int
-    data_ptr: int
-    input_size: list[int]
+            x = avg_pool_same(x)
+        return self.relu(self.bn(self.conv(x)))
 
 
 def scale_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -205,30 +109,14 @@ def scale_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     return torch.add(minus_one, images, alpha=1.0 / 128.0)
 
 
-def _avg_pool_same(x: torch.Tensor) -> torch.Tensor:
+def avg_pool_same(x: torch.Tensor) -> torch.Tensor:
     """Keras ``AveragePooling2D((3, 3), strides=1, padding='same')``: padding not averaged."""
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
-def _max_pool_valid(x: torch.Tensor) -> torch.Tensor:
-    """Keras ``MaxPooling2D((3, 3), strides=(2, 2))`` ('valid').
-
-    On CPU, four element-wise maxima over strided views (rows, then columns) instead of
-    ATen's max_pool2d, which also computes and allocates int64 argmax indices: the same
-    values exactly, ~30% less time for the four pools, 2-3% of a bf16 forward. Inputs that
-    need gradients (ties would share the gradient instead of routing it to one argmax) and
-    traced / compiled / exported graphs keep the single MaxPool op.
-    """
-    if x.device.type != "cpu" or x.dim() != 4 or x.requires_grad or torch.jit.is_tracing() \
-            or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return F.max_pool2d(x, 3, stride=2)
-    h, w = x.shape[2], x.shape[3]
-    ho, wo = (h - 3) // 2 + 1, (w - 3) // 2 + 1
-    rows = torch.maximum(x[:, :, 0:2 * ho - 1:2], x[:, :, 1:2 * ho:2])
-    torch.maximum(rows, x[:, :, 2:2 * ho + 1:2], out=rows)
-    out = torch.maximum(rows[..., 0:2 * wo - 1:2], rows[..., 1:2 * wo:2])
-    torch.maximum(out, rows[..., 2:2 * wo + 1:2], out=out)
-    return out
+def max_pool_valid(x: torch.Tensor) -> torch.Tensor:
+    """Keras ``MaxPooling2D((3, 3), strides=(2, 2))`` ('valid')."""
+    return F.max_pool2d(x, 3, stride=2)
 
 
 class _Namer:
@@ -246,8 +134,8 @@ class _Namer:
 class _Block(nn.Module):
     """A mixed block: children are ConvBN modules registered under their Keras names.
 
-    ``conv(...)`` registers the next Keras-named conv block in creation order and returns
-    its name; ``forward`` of each subclass looks children up by those recorded names.
+    Branches are tuples of child *names*, looked up at each forward, so that replacing a
+    child (``model.set_submodule``, or an engine's fused copy) changes what runs.
     """
 
     def __init__(self, namer: _Namer):
@@ -255,11 +143,22 @@ class _Block(nn.Module):
         self._namer = namer
 
     def conv(self, cin: int, cout: int, kernel: tuple[int, int], stride: int = 1,
-             padding: str = "same", pools_input: bool = False) -> ConvBN:
+             padding: str = "same", pools_input: bool = False) -> str:
+        """Register the next Keras-named conv block (creation order); return its name."""
         name = self._namer("conv2d")
-        block = ConvBN(cin, cout, kernel, stride, padding, pools_input)
-        self.add_module(name, block)
-        return block
+        self.add_module(name, ConvBN(cin, cout, kernel, stride, padding, pools_input))
+        return name
+
+    def branch(self, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+        """Run the named children one after the other."""
+        for name in names:
+            x = getattr(self, name)(x)
+        return x
+
+    def max_pool(self, name: str) -> str:
+        """Register a branch max pool under its Keras name (``max_pooling2d_N``)."""
+        self.add_module(name, MaxPool())
+        return name
 
 
 class InceptionA(_Block):
@@ -267,16 +166,16 @@ class InceptionA(_Block):
 
     def __init__(self, namer: _Namer, cin: int, pool_features: int):
         super().__init__(namer)
-        self.b1 = [self.conv(cin, 64, (1, 1))]
-        self.b5 = [self.conv(cin, 48, (1, 1)), self.conv(48, 64, (5, 5))]
-        self.b3 = [self.conv(cin, 64, (1, 1)), self.conv(64, 96, (3, 3)),
-                   self.conv(96, 96, (3, 3))]
-        self.bp = [self.conv(cin, pool_features, (1, 1), pools_input=True)]
+        self.b1 = (self.conv(cin, 64, (1, 1)),)
+        self.b5 = (self.conv(cin, 48, (1, 1)), self.conv(48, 64, (5, 5)))
+        self.b3 = (self.conv(cin, 64, (1, 1)), self.conv(64, 96, (3, 3)),
+                   self.conv(96, 96, (3, 3)))
+        self.bp = (self.conv(cin, pool_features, (1, 1), pools_input=True),)
         self.out_channels = 64 + 64 + 96 + pool_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_seq(self.b1, x), _seq(self.b5, x), _seq(self.b3, x),
-                          _seq(self.bp, x)], 1)
+        return torch.cat([self.branch(self.b1, x), self.branch(self.b5, x), self.branch(self.b3, x),
+                          self.branch(self.bp, x)], 1)
 
 
 class InceptionB(_Block):
@@ -284,13 +183,15 @@ class InceptionB(_Block):
 
     def __init__(self, namer: _Namer, cin: int):
         super().__init__(namer)
-        self.b3 = [self.conv(cin, 384, (3, 3), 2, "valid")]
-        self.b3d = [self.conv(cin, 64, (1, 1)), self.conv(64, 96, (3, 3)),
-                    self.conv(96, 96, (3, 3), 2, "valid")]
+        self.b3 = (self.conv(cin, 384, (3, 3), 2, "valid"),)
+        self.b3d = (self.conv(cin, 64, (1, 1)), self.conv(64, 96, (3, 3)),
+                    self.conv(96, 96, (3, 3), 2, "valid"))
+        self.bp = (self.max_pool(namer("max_pooling2d")),)
         self.out_channels = 384 + 96 + cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_seq(self.b3, x), _seq(self.b3d, x), _max_pool_valid(x)], 1)
+        return torch.cat([self.branch(self.b3, x), self.branch(self.b3d, x),
+                          self.branch(self.bp, x)], 1)
 
 
 class InceptionC(_Block):
@@ -298,18 +199,18 @@ class InceptionC(_Block):
 
     def __init__(self, namer: _Namer, cin: int, c7: int):
         super().__init__(namer)
-        self.b1 = [self.conv(cin, 192, (1, 1))]
-        self.b7 = [self.conv(cin, c7, (1, 1)), self.conv(c7, c7, (1, 7)),
-                   self.conv(c7, 192, (7, 1))]
-        self.b7d = [self.conv(cin, c7, (1, 1)), self.conv(c7, c7, (7, 1)),
+        self.b1 = (self.conv(cin, 192, (1, 1)),)
+        self.b7 = (self.conv(cin, c7, (1, 1)), self.conv(c7, c7, (1, 7)),
+                   self.conv(c7, 192, (7, 1)))
+        self.b7d = (self.conv(cin, c7, (1, 1)), self.conv(c7, c7, (7, 1)),
                     self.conv(c7, c7, (1, 7)), self.conv(c7, c7, (7, 1)),
-                    self.conv(c7, 192, (1, 7))]
-        self.bp = [self.conv(cin, 192, (1, 1), pools_input=True)]
+                    self.conv(c7, 192, (1, 7)))
+        self.bp = (self.conv(cin, 192, (1, 1), pools_input=True),)
         self.out_channels = 768
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_seq(self.b1, x), _seq(self.b7, x), _seq(self.b7d, x),
-                          _seq(self.bp, x)], 1)
+        return torch.cat([self.branch(self.b1, x), self.branch(self.b7, x),
+                          self.branch(self.b7d, x), self.branch(self.bp, x)], 1)
 
 
 class InceptionD(_Block):
@@ -317,13 +218,15 @@ class InceptionD(_Block):
 
     def __init__(self, namer: _Namer, cin: int):
         super().__init__(namer)
-        self.b3 = [self.conv(cin, 192, (1, 1)), self.conv(192, 320, (3, 3), 2, "valid")]
-        self.b7 = [self.conv(cin, 192, (1, 1)), self.conv(192, 192, (1, 7)),
-                   self.conv(192, 192, (7, 1)), self.conv(192, 192, (3, 3), 2, "valid")]
+        self.b3 = (self.conv(cin, 192, (1, 1)), self.conv(192, 320, (3, 3), 2, "valid"))
+        self.b7 = (self.conv(cin, 192, (1, 1)), self.conv(192, 192, (1, 7)),
+                   self.conv(192, 192, (7, 1)), self.conv(192, 192, (3, 3), 2, "valid"))
+        self.bp = (self.max_pool(namer("max_pooling2d")),)
         self.out_channels = 320 + 192 + cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_seq(self.b3, x), _seq(self.b7, x), _max_pool_valid(x)], 1)
+        return torch.cat([self.branch(self.b3, x), self.branch(self.b7, x),
+                          self.branch(self.bp, x)], 1)
 
 
 class InceptionE(_Block):
@@ -336,41 +239,39 @@ class InceptionE(_Block):
 
     def __init__(self, namer: _Namer, cin: int, index: int):
         super().__init__(namer)
-        self.b1 = [self.conv(cin, 320, (1, 1))]
-        self.b3 = [self.conv(cin, 384, (1, 1))]
-        # Lists, not attributes: assigning a module attribute would register it twice.
-        self.b3_split = [self.conv(384, 384, (1, 3)), self.conv(384, 384, (3, 1))]
+        self.b1 = (self.conv(cin, 320, (1, 1)),)
+        self.b3 = (self.conv(cin, 384, (1, 1)),)
+        self.b3_split = (self.conv(384, 384, (1, 3)), self.conv(384, 384, (3, 1)))
         self._cat3 = f"mixed9_{index}"
         self.add_module(self._cat3, nn.Identity())
-        self.b3d = [self.conv(cin, 448, (1, 1)), self.conv(448, 384, (3, 3))]
-        self.b3d_split = [self.conv(384, 384, (1, 3)), self.conv(384, 384, (3, 1))]
+        self.b3d = (self.conv(cin, 448, (1, 1)), self.conv(448, 384, (3, 3)))
+        self.b3d_split = (self.conv(384, 384, (1, 3)), self.conv(384, 384, (3, 1)))
         self._cat3d = namer("concatenate")
         self.add_module(self._cat3d, nn.Identity())
-        self.bp = [self.conv(cin, 192, (1, 1), pools_input=True)]
+        self.bp = (self.conv(cin, 192, (1, 1), pools_input=True),)
         self.out_channels = 320 + 768 + 768 + 192
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b3 = _seq(self.b3, x)
-        b3 = getattr(self, self._cat3)(torch.cat([c(b3) for c in self.b3_split], 1))
-        b3d = _seq(self.b3d, x)
-        b3d = getattr(self, self._cat3d)(torch.cat([c(b3d) for c in self.b3d_split], 1))
-        return torch.cat([_seq(self.b1, x), b3, b3d, _seq(self.bp, x)], 1)
+        b3 = self.branch(self.b3, x)
+        b3 = getattr(self, self._cat3)(self._split(self.b3_split, b3))
+        b3d = self.branch(self.b3d, x)
+        b3d = getattr(self, self._cat3d)(self._split(self.b3d_split, b3d))
+        return torch.cat([self.branch(self.b1, x), b3, b3d, self.branch(self.bp, x)], 1)
+
+    def _split(self, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+        """The 1x3 and 3x1 convs side by side on the same input, concatenated."""
+        return torch.cat([getattr(self, n)(x) for n in names], 1)
 
 
-def _seq(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    for b in blocks:
-        x = b(x)
-    return x
-
-
-class _MaxPool(nn.Module):
-    """Keras ``max_pooling2d``: 3x3, stride 2, 'valid'. A module so that it can be hooked."""
+class MaxPool(nn.Module):
+    """Keras ``max_pooling2d``: 3x3, stride 2, 'valid'. A module so that it can be hooked
+    (and replaced by an engine)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _max_pool_valid(x)
+        return max_pool_valid(x)
 
 
-class _GlobalAvgPool(nn.Module):
+class GlobalAvgPool(nn.Module):
     """Keras ``pooling='avg'`` (GlobalAveragePooling2D): the 2048-d embedding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -409,8 +310,11 @@ class DeepVariantInceptionV3(nn.Module):
     ``input_shape`` is (H, W, C) as in DeepVariant's example_info.json. Inputs must be
     preprocessed already (``(uint8 - 128) / 128``, see :func:`dvtorch.bundle.preprocess`),
     exactly like DeepVariant's call_variants does outside the SavedModel -- or raw uint8
-    pixels, which are scaled inside the forward (:func:`scale_pixels`, the same values): on
-    CPU each batch-split thread then scales its own slice straight into the model's dtype.
+    pixels, which are scaled inside the forward (:func:`scale_pixels`, the same values).
+
+    A plain module: autograd, forward hooks (:mod:`dvtorch.hooks`), weight edits,
+    ``copy.deepcopy`` and ``torch.compile`` behave as on any ``nn.Module``. Bulk inference
+    runs through an engine built beside it (:mod:`dvtorch.engine`), never by changing it.
     """
 
     def __init__(self, input_shape: tuple[int, int, int] = (100, 221, 7), num_classes: int = 3):
@@ -429,10 +333,10 @@ class DeepVariantInceptionV3(nn.Module):
         stem((c, 32), (3, 3), 2, "valid")
         stem((32, 32), (3, 3), 1, "valid")
         stem((32, 64), (3, 3))
-        self.add_module(namer("max_pooling2d"), _MaxPool())
+        self.add_module(namer("max_pooling2d"), MaxPool())
         stem((64, 80), (1, 1), 1, "valid")
         stem((80, 192), (3, 3), 1, "valid")
-        self.add_module(namer("max_pooling2d"), _MaxPool())
+        self.add_module(namer("max_pooling2d"), MaxPool())
 
         self.mixed0 = InceptionA(namer, 192, 32)
         self.mixed1 = InceptionA(namer, 256, 64)
@@ -445,7 +349,7 @@ class DeepVariantInceptionV3(nn.Module):
         self.mixed8 = InceptionD(namer, 768)
         self.mixed9 = InceptionE(namer, 1280, 0)
         self.mixed10 = InceptionE(namer, 2048, 1)
-        self.avg_pool = _GlobalAvgPool()
+        self.avg_pool = GlobalAvgPool()
         self.dense = nn.Linear(2048, num_classes)
         self.logits = nn.Identity()
         self.classification = _Softmax()
@@ -476,17 +380,9 @@ class DeepVariantInceptionV3(nn.Module):
                 f"expected NHWC input [N, {', '.join(map(str, self.input_shape))}], "
                 f"got {list(x.shape)}"
             )
-        ways = self._split_ways(x)
-        if ways > 1:
-            return parallel.run_split(self._forward, x, ways)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
             x = scale_pixels(x, self.dense.weight.dtype)
         elif not torch.jit.is_tracing() and x.numel() and x.device.type != "meta":
-            # Here, not in forward(): split slices run on single-threaded workers, and an
-            # OpenMP reduction on the caller's thread hangs a forked child (test_parallel).
             _check_scaled(x)
         x = x.permute(0, 3, 1, 2)  # NCHW view, channels-last strides: no copy.
         # A bf16 model takes the usual float32 input (cast here, after the zero-copy view).
@@ -494,25 +390,6 @@ class DeepVariantInceptionV3(nn.Module):
         for name in self._STEM + self._MIXED:
             x = getattr(self, name)(x)
         return self.classification(self.logits(self.dense(self.avg_pool(x))))
-
-    def _split_ways(self, x: torch.Tensor) -> int:
-        """Batch slices for :mod:`dvtorch.parallel` (1: ordinary forward).
-
-        Only for a model prepared by :func:`optimize_for_inference` (``batch_split``), on
-        CPU, without grad or autocast, outside tracing/compiling, and when every hook on a
-        submodule is split-safe (``capture`` hooks are; plain hooks keep full batches).
-        """
-        if not getattr(self, "_batch_split", False) or x.device.type != "cpu" \
-                or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") \
-                or torch.jit.is_tracing() or torch.jit.is_scripting() \
-                or torch.compiler.is_compiling():
-            return 1
-        ways = parallel.split_ways(x.shape[0])
-        if ways < 2:
-            return 1
-        modules = self.modules()
-        next(modules)  # hooks on the model itself see the full batch either way
-        return ways if parallel.hooks_allow_split(modules) else 1
 
     def conv_blocks(self) -> Iterator[tuple[str, ConvBN]]:
         """``(keras_name, block)`` for the 94 conv blocks in Keras creation order."""
@@ -552,132 +429,6 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
             block.conv.bias = nn.Parameter(bias, requires_grad=False)
             block.bn = nn.Identity()
     return model
-
-
-def pointwise_conv_available() -> bool:
-    """Whether this torch build has oneDNN's fused conv+ReLU op and it gives exact results.
-
-    Checked once on a tiny conv against the eager path, so an exotic build degrades to the
-    (slower, always correct) eager path instead of producing wrong activations.
-    """
-    global _POINTWISE_OK
-    if _POINTWISE_OK is None:
-        _POINTWISE_OK = False
-        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                            "_convolution_pointwise"):
-            try:
-                gen = torch.Generator().manual_seed(0)
-                x = torch.randn(2, 5, 6, 7, generator=gen).contiguous(
-                    memory_format=torch.channels_last)
-                conv = nn.Conv2d(5, 4, (1, 3), padding=(0, 1))
-                with torch.no_grad():
-                    ref = torch.relu(conv(x))
-                    got = torch.ops.mkldnn._convolution_pointwise(
-                        x, conv.weight, conv.bias, [0, 1], [1, 1], [1, 1], 1, "relu", [], "")
-                _POINTWISE_OK = bool(torch.allclose(got, ref, atol=1e-5, rtol=1e-5))
-            except (RuntimeError, NotImplementedError):
-                _POINTWISE_OK = False
-    return _POINTWISE_OK
-
-
-_POINTWISE_OK: bool | None = None
-
-
-def optimize_for_inference(model: DeepVariantInceptionV3, dtype: torch.dtype | None = None,
-                           batch_size: int = 32,
-                           batch_split: bool = True) -> DeepVariantInceptionV3:
-    """Inference-only speedups that keep every hookable module, applied in place.
-
-    BN folding; optional cast to ``dtype`` (e.g. ``torch.bfloat16``: inputs are cast on entry,
-    the softmax stays float32); channels-last weights (the NHWC input already is
-    channels-last); on CPU, oneDNN conv+bias+ReLU fusion with weights pre-packed into
-    oneDNN's blocked layout for ``batch_size`` (other batch sizes stay correct, the
-    kernel just reorders again); a bf16 model on a CPU where oneDNN has no bf16
-    convolution (below AVX-512) keeps ATen's plain path instead: slow, but it runs. Call it
-    again after moving the model to another device/dtype. Hooks on conv blocks still see
-    the block's ReLU output; a block whose inner ``conv`` / ``bn`` / ``relu`` child carries
-    a hook runs them one by one so that the hook fires (the conv child's output is then the
-    pre-ReLU value with BN folded in). Weights changed afterwards (``load_state_dict``, an
-    ablation under ``torch.no_grad()``) are repacked on the next forward; an edit through
-    ``.data`` is invisible to that check: call this function again after one.
-
-    ``batch_split`` (CPU): with ``torch.get_num_threads() == n > 1``, no-grad forwards run
-    as ``n`` single-threaded forwards on slices of the batch in worker threads
-    (:mod:`dvtorch.parallel`; same outputs, no per-operator thread barriers), and weights
-    are packed for the slice size. ``capture`` hooks gather the slices; any other hook on
-    a submodule switches a forward back to the ordinary path.
-    """
-    fuse_batchnorm(model)
-    if dtype is not None:
-        model.to(dtype)
-    model.to(memory_format=torch.channels_last)
-    fused = pointwise_conv_available() and model.dense.weight.device.type == "cpu" \
-        and (model.dense.weight.dtype != torch.bfloat16 or mkldnn_bf16())
-    for block in model.modules():
-        if isinstance(block, ConvBN):
-            block._fused = None
-    model._batch_split = bool(batch_split) and model.dense.weight.device.type == "cpu"
-    if model._batch_split:
-        batch_size = parallel.slice_sizes(batch_size, parallel.split_ways(batch_size))[0]
-    shapes = _conv_input_shapes(model, batch_size) if fused else {}
-    for block in model.modules():
-        if isinstance(block, ConvBN):
-            block._fused = _fused_conv(block.conv, shapes[id(block.conv)]) if fused else None
-    return model.eval()
-
-
-def _fused_conv(conv: nn.Conv2d, input_size: list[int]) -> _FusedConv:
-    packed = _pack_weight(conv, input_size)
-    return _FusedConv(op=torch.ops.mkldnn._convolution_pointwise.default,
-                      weight=conv.weight if packed is None else packed, bias=conv.bias,
-                      padding=list(conv.padding), stride=list(conv.stride),
-                      dilation=list(conv.dilation), groups=conv.groups,
-                      dtype=conv.weight.dtype, source=conv.weight,
-                      version=_version(conv.weight), data_ptr=conv.weight.data_ptr(),
-                      input_size=list(input_size))
-
-
-def _version(t: torch.Tensor) -> int:
-    """``t``'s in-place version counter; -1 for an inference tensor, which has none (it
-    cannot be edited in place outside inference mode)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
-
-
-def _pack_weight(conv: nn.Conv2d, input_size: list[int]) -> torch.Tensor | None:
-    """oneDNN-blocked weight for ``input_size`` (None if this build cannot pack it)."""
-    try:
-        with torch.no_grad():
-            return torch._C._nn.mkldnn_reorder_conv2d_weight(
-                conv.weight.detach().to_mkldnn(), list(conv.padding), list(conv.stride),
-                list(conv.dilation), conv.groups, input_size)
-    except (RuntimeError, AttributeError):
-        return None
-
-
-def _conv_input_shapes(model: DeepVariantInceptionV3, batch_size: int) -> dict[int, list[int]]:
-    """Input NCHW size of every conv for a batch of ``batch_size``.
-
-    One zero-input forward of batch 1 on the model itself (tens of milliseconds; a meta
-    device forward costs seconds through Python decompositions). Conv blocks must not be
-    on the fused path yet, or the conv modules' pre-hooks would not fire.
-    """
-    shapes: dict[int, list[int]] = {}
-    handles = []
-    for conv in model.modules():
-        if isinstance(conv, nn.Conv2d):
-            def pre(_m, args, key=id(conv)):
-                shapes[key] = [batch_size, *args[0].shape[1:]]
-            handles.append(conv.register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *model.input_shape), device=model.dense.weight.device))
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
 
 
 def _fmt(t: torch.Tensor) -> torch.memory_format:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dvtorch.errors import DvprobeError
-from dvtorch.inception import ConvBN, DeepVariantInceptionV3
+from dvtorch.inception import ConvBN, DeepVariantInceptionV3, MaxPool
 
 STEM_NAMES: tuple[str, ...] = ("conv2d", "conv2d_1", "conv2d_2", "max_pooling2d",
                                "conv2d_3", "conv2d_4", "max_pooling2d_1")
@@ -92,7 +92,7 @@ def all_layer_names(model: DeepVariantInceptionV3) -> list[str]:
     for mixed in MIXED_NAMES:
         block = getattr(model, mixed)
         inner = [n for n, m in block.named_children()
-                 if isinstance(m, (ConvBN, nn.Identity))]
+                 if isinstance(m, (ConvBN, MaxPool, nn.Identity))]
         names.extend(inner)
         names.append(mixed)
     names.extend(["avg_pool", "logits", "classification"])

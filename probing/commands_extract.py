@@ -1,12 +1,15 @@
-"""``dvprobe extract``: the CLI face of :func:`probing.extract.extract`.
+"""``dvprobe extract`` and ``dvprobe info``: the CLI face of :mod:`probing.extract` and
+:mod:`probing.info`.
 
-Thin by design: options are parsed here, everything else (checks, resume, progress, the
-final summary line) happens in the API so that scripts get the same behaviour.
+Thin by design: options are parsed into an :class:`~probing.extract.ExtractConfig`;
+everything else (checks, resume, progress, the final summary line) happens in the API so
+that scripts get the same behaviour.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,73 +24,74 @@ def _split_layers(value: str) -> list[str]:
 
 
 def extract_command(
-    bundle: Path = typer.Argument(..., help="BUNDLE directory (dvprobe convert / reference)."),
-    examples: str = typer.Argument(
-        ..., help="DeepVariant examples: name@N.gz shard spec, glob, comma list or one file."),
-    out: Path = typer.Option(..., "--out", "-o", help="STORE directory to create or resume."),
-    layers: str = typer.Option("mixed5,mixed10", "--layers",
-                               help="Comma-separated layer names (dvprobe layers lists them)."),
-    pool: str = typer.Option("max", "--pool",
-                             help="max | mean (over H,W -> C values) | flatten (H*W*C, float16)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
-    batch_size: int = typer.Option(64, "--batch-size", min=1,
-                                   help="Examples per batch (one forward each)."),
-    workers: int | None = typer.Option(
-        None, "--workers", min=0,
-        help="Data-loading processes (0 = in the main process). Default: on CPU 1 if a core is "
-             "free beyond torch's threads, else 0; on CUDA min(4, cores - 1)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16 (fp16: cuda only)."),
-    limit: int | None = typer.Option(
-        None, "--limit", min=1,
+    bundle: Annotated[Path, typer.Argument(help="BUNDLE directory (dvprobe convert / reference).")],
+    examples: Annotated[str, typer.Argument(
+        help="DeepVariant examples: name@N.gz shard spec, glob, comma list or one file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="STORE directory to create or resume.")],
+    layers: Annotated[str, typer.Option(
+        "--layers", help="Comma-separated layer names (dvprobe layers lists them).")
+    ] = "mixed5,mixed10",
+    pool: Annotated[str, typer.Option(
+        "--pool", help="max | mean (over H,W -> C values) | flatten (H*W*C, float16).")
+    ] = "max",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]")] = "auto",
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, help="Examples per batch (one forward each).")] = 64,
+    workers: Annotated[Optional[int], typer.Option(  # noqa: UP045 (typer reads the annotation)
+        "--workers", min=0,
+        help="Data-loading processes (0 = in the main process). Default: on CPU 1 if a core "
+             "is free beyond torch's threads, else 0; on CUDA min(4, cores - 1).")] = None,
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="fp32 | bf16 | fp16 (fp16: cuda only).")] = "fp32",
+    limit: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--limit", min=1,
         help="Only the first N records of the input (with --sample: the chosen ones among "
-             "them)."),
-    sample: float | None = typer.Option(
-        None, "--sample",
+             "them).")] = None,
+    sample: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        "--sample",
         help="Extract a pseudo-random FRACTION (0-1] of the records, e.g. 0.01 to survey a "
              "whole-genome run on a laptop: chosen by a seeded hash of each record, so the "
              "same ones on every rerun and resume. Every record is still read (gzip), only "
-             "the chosen ones are decoded and run through the model."),
-    sample_seed: int = typer.Option(0, "--sample-seed", min=0,
-                                    help="Seed of --sample: another seed, another subset."),
-    regions: list[str] | None = typer.Option(
-        None, "--regions", metavar="REGION",
+             "the chosen ones are decoded and run through the model.")] = None,
+    sample_seed: Annotated[int, typer.Option(
+        "--sample-seed", min=0, help="Seed of --sample: another seed, another subset.")] = 0,
+    regions: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--regions", metavar="REGION",
         help="Only examples whose variant overlaps these regions: chr20, "
-             "chr20:1,000,001-2,000,000 (1-based, inclusive) or a BED file; repeat the option "
-             "for several. chr20 and 20 match either way. Every record is still read (and "
-             "parsed), only the chosen ones run through the model."),
-    skip_corrupt: bool = typer.Option(
-        False, "--skip-corrupt",
-        help="Skip records that fail CRC / parsing (counted in store.json) instead of failing; "
-             "where a file's framing is lost, skip the rest of that file."),
-    engine: str = typer.Option(
-        "auto", "--engine",
-        help="auto | eager | graph. graph (CPU, fp32/bf16): the forward run as a oneDNN Graph "
-             "program, measured on an AMX CPU 6-7% faster in fp32 (1.02-1.04x onnxruntime) and "
-             "1.25-1.3x in bf16 once started (2-3 s); checked against eager on its first "
-             "batches of each size and falls back to eager (with a warning) if they differ. "
-             "auto: graph for a CPU run of an estimated 16000 examples or more (after "
-             "--limit and --sample; ~100 MB of gzip shards), eager otherwise."),
-    overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="Replace an existing STORE at --out."),
-    commit_every: float = typer.Option(
-        15.0, "--commit-every", min=0,
+             "chr20:1,000,001-2,000,000 (1-based, inclusive) or a BED file; repeat the "
+             "option for several. chr20 and 20 match either way. Every record is still read "
+             "(and parsed), only the chosen ones run through the model.")] = None,
+    skip_corrupt: Annotated[bool, typer.Option(
+        "--skip-corrupt",
+        help="Skip records that fail CRC / parsing (counted in store.json) instead of "
+             "failing; where a file's framing is lost, skip the rest of that file.")] = False,
+    compile_: Annotated[bool, typer.Option(
+        "--compile", help="CUDA only: run the model through torch.compile (slower start, "
+                          "faster batches on long runs).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing STORE at --out.")] = False,
+    commit_every: Annotated[float, typer.Option(
+        "--commit-every", min=0,
         help="Seconds between commits (0: after every batch). Ctrl-C always commits; a hard "
-             "kill redoes at most the batches since the last commit, never duplicates rows."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar / messages."),
+             "kill redoes at most the batches since the last commit, never duplicates "
+             "rows.")] = 15.0,
+    no_progress: Annotated[bool, typer.Option(
+        "--no-progress", help="No progress bar / messages.")] = False,
 ) -> None:
     """Extract layer activations of DeepVariant examples into a STORE (resumable).
 
     Re-run the same command after a crash or Ctrl-C to continue where it stopped.
     """
-    from probing.extract import ExtractionInterrupted, extract
+    from probing.extract import ExtractConfig, ExtractionInterrupted, extract
 
+    config = ExtractConfig(
+        bundle=bundle, examples=examples, out=out, layers=_split_layers(layers), pool=pool,
+        device=device, batch_size=batch_size, workers=workers, dtype=dtype, limit=limit,
+        skip_corrupt=skip_corrupt, sample=sample, sample_seed=sample_seed,
+        regions=regions or None, overwrite=overwrite, compile=compile_,
+        commit_interval_s=commit_every)
     try:
-        store = extract(bundle, examples, out, layers=_split_layers(layers), pool=pool,
-                        device=device, batch_size=batch_size, workers=workers, dtype=dtype,
-                        limit=limit, skip_corrupt=skip_corrupt, sample=sample,
-                        sample_seed=sample_seed, regions=regions or None, overwrite=overwrite,
-                        engine=engine, progress=not no_progress,
-                        commit_interval_s=commit_every)
+        store = extract(config, progress=not no_progress)
     except ExtractionInterrupted as exc:
         if no_progress:
             # Progress messages are off, but how an interrupted run was left (what is
@@ -100,8 +104,8 @@ def extract_command(
 
 
 def info_command(
-    store: Path = typer.Argument(..., help="STORE directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the same as JSON."),
+    store: Annotated[Path, typer.Argument(help="STORE directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the same as JSON.")] = False,
 ) -> None:
     """What a STORE holds: model, examples, extraction, layers, obs columns, runs, probes
     (metadata only: never reads a row, so the same few seconds on any size)."""

@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,10 @@ import pandas as pd
 import torch
 
 import dvtorch
-from dvtorch import graph as dvgraph
-from dvtorch import memory, parallel
-from dvtorch.allocator import reuse_freed_memory
-from dvtorch.cpu import native_bf16
+from dvtorch.engine import DTYPES, Engine, Result, make_engine
+from dvtorch.engine.cpu_features import native_bf16
 from dvtorch.errors import DvprobeError, ExampleFormatError
 from dvtorch.files import sha256_file
-from dvtorch.hooks import capture
 from dvtorch.layers import layer_info
 from probing.examples import DVExample, check_example_info, parse_example, read_example_info
 from probing.loader import Batch, Cursor, ExampleBatches, RecordSample, make_loader
@@ -56,25 +54,15 @@ POOLS = ("max", "mean", "flatten")
 _LOG = logging.getLogger(__name__)
 
 #: A *long* run: an estimated LONG_RUN_MIN_EXAMPLES examples or more (minutes of CPU fp32)
-#: after --limit and --sample. Long CPU runs get the bf16 hint, and ``auto`` runs them with
-#: the graph engine: its 1.5-3 s start-up is repaid after ~6-7k examples (6-7 % faster in
-#: fp32 at ~165 ex/s, 25-30 % in bf16 at ~500 ex/s; README, Performance).
+#: after --limit and --sample; long fp32 runs on a CPU with native bf16 get the bf16 hint.
 LONG_RUN_MIN_EXAMPLES = 16_000
-#: gzipped WGS examples take ~6.5 kB each (100 MB ~ 16k examples); a plain file's size is
-#: divided by its first record's size instead (~155 kB for 100x221x7).
+#: gzipped WGS examples take ~6.5 kB each; a plain file's size is divided by its first
+#: record's size instead.
 GZ_BYTES_PER_EXAMPLE = 6_500
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: ``eager``: the model's own forward with capture hooks (every device).
-#: ``graph``: CPU only, the forward traced and run by oneDNN Graph (dvtorch.graph), checked
-#: against ``eager`` on its first calls of each batch shape; faster once started.
-#: ``auto`` (the default): ``graph`` for a long fp32 / bf16 CPU run where oneDNN Graph is
-#: available (:func:`choose_engine`), ``eager`` otherwise.
-ENGINES = ("auto", "eager", "graph")
 PROB_COLUMNS = ("p_hom_ref", "p_het", "p_hom_alt")
 MAX_SKIP_LOCATIONS = 20  # skipped records listed by location in store.json (all are counted)
 COMMIT_MAX_BYTES = 256 << 20  # commit early when this much output waits in memory
-_PACKED_BATCH = 32  # batch size dvtorch.load pre-packs oneDNN weights for
 
 
 class ExtractionInterrupted(KeyboardInterrupt):
@@ -89,20 +77,6 @@ def _log(progress: bool) -> Callable[[str], None]:
         if progress:
             print(msg, file=sys.stderr, flush=True)
     return log
-
-
-def _cudnn_flags(dev: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """cuDNN settings for a CUDA extraction, restored afterwards (a no-op elsewhere).
-
-    ``benchmark``: every batch has the same shape, so cuDNN's kernel search pays once.
-    ``allow_tf32=False`` for fp32: PyTorch runs cuDNN convolutions in TF32 by default
-    (~1e-3 relative), which a STORE that says float32 must not silently be.
-    """
-    if dev.type != "cuda":
-        return contextlib.nullcontext()
-    c = torch.backends.cudnn
-    return c.flags(enabled=c.enabled, benchmark=True, deterministic=c.deterministic,
-                   allow_tf32=dtype != "fp32")
 
 
 def estimate_total(end: Cursor, sizes: list[int]) -> int | None:
@@ -179,37 +153,13 @@ def estimate_examples(files: Sequence[str]) -> int:
 
 
 def is_long_run(files: Sequence[str], limit: int | None, fraction: float = 1.0) -> bool:
-    """Whether a run is long enough for the graph engine's start-up and the bf16 hint to
-    pay: LONG_RUN_MIN_EXAMPLES or more examples estimated (:func:`estimate_examples`), of
+    """Whether a run is long enough for the bf16 hint: LONG_RUN_MIN_EXAMPLES or more examples estimated (:func:`estimate_examples`), of
     which ``fraction`` is sampled, within ``limit``. (``--regions`` cannot be estimated
     before reading; such a run, which reads and parses the whole input, is sized by it.)"""
     n = estimate_examples(files)
     if limit is not None:
         n = min(n, limit)
     return n * fraction >= LONG_RUN_MIN_EXAMPLES
-
-
-def choose_engine(engine: str, dev: torch.device, dtype: str, long_run: bool) -> str:
-    """The engine a run uses: ``auto`` is ``graph`` where it is measured faster overall (a
-    long fp32 / bf16 CPU run, oneDNN Graph in this torch), ``eager`` everywhere else.
-
-    Why not always ``graph`` on a CPU: it starts 2-3 s slower (trace, first calls, checks),
-    which a short run never earns back. An explicit ``graph`` that cannot run is refused
-    rather than quietly replaced, so a user who asked for it learns why.
-    """
-    if engine not in ENGINES:
-        raise DvprobeError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "auto":
-        fits = dev.type == "cpu" and dtype in ("fp32", "bf16") and long_run
-        return "graph" if fits and dvgraph.available() else "eager"
-    if engine == "graph":
-        if dev.type != "cpu":
-            raise DvprobeError(f"--engine graph runs on the CPU only, not {dev.type} "
-                               "(use --engine eager or auto there)")
-        if not dvgraph.available():
-            raise DvprobeError("--engine graph needs oneDNN Graph (TorchScript with oneDNN), "
-                               "which this torch build lacks; use --engine eager or auto")
-    return engine
 
 
 def _chose_none(sampling: RecordSample | None, where: Regions | None) -> str:
@@ -377,386 +327,356 @@ def _defer_sigint():
             raise KeyboardInterrupt
 
 
-_Result = tuple[torch.Tensor, dict[str, torch.Tensor]]
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What to extract, from what, into where; every option of ``dvprobe extract``.
 
-
-def _whole_batch_depth(model: torch.nn.Module, dev: torch.device,
-                       graph_engine: dvgraph.GraphForward | None, batch_size: int,
-                       shape: tuple[int, int, int], log: Callable[[str], None]) -> int:
-    """How many whole batches run at once on worker threads (see :func:`_forward`); 0 to
-    split each batch across the compute threads or run it in this thread instead.
-
-    Whole batches need ``depth`` batches' worth of activation memory, so they are only
-    used where that fits (:func:`dvtorch.memory.whole_batches_fit`); a run that cannot
-    says so in one line, with what would fit.
-    """
-    if dev.type != "cpu":
-        return 0
-    depth = graph_engine.depth if graph_engine is not None \
-        else parallel.whole_batch_depth(model.modules())
-    if depth < 2:
-        return 0
-    element_size = next(model.parameters()).element_size()
-    available = memory.available_bytes()
-    fits, need = memory.whole_batches_fit(depth, batch_size, shape, element_size, available)
-    if fits:
-        return depth
-    room = "unknown" if available is None else f"{available / 1e9:.1f} GB"
-    largest = memory.largest_batch_that_fits(depth, shape, element_size, available)
-    log(f"each batch is split across the {depth} compute threads: {depth} whole batches of "
-        f"{batch_size} at once would need ~{need / 1e9:.1f} GB of activations, more than "
-        f"{memory.IN_FLIGHT_SHARE:.0%} of the memory available ({room})"
-        + (f"; --batch-size {largest} or less would fit (faster)" if largest >= 1 else ""))
-    return 0
-
-
-@contextlib.contextmanager
-def _forward(model: torch.nn.Module, names: Sequence[str], pool: str,
-             graph_engine: dvgraph.GraphForward | None, depth: int
-             ) -> Iterator[tuple[Callable[[torch.Tensor], Callable[[], _Result]], int]]:
-    """``(start, ahead)`` for one extraction run: ``start(pixels)`` launches a batch and
-    returns a getter of its ``(probs, {layer: pooled})``; ``ahead`` batches may be started
-    before the oldest one's result is taken.
-
-    With ``depth`` > 0 (CPU, two or more compute threads, memory to spare: see
-    :func:`_whole_batch_depth`) either engine runs whole batches on ``depth`` worker
-    threads (one compute thread each), one more batch queued, so a core that finishes
-    never waits for the loader or for the other core. Otherwise each batch runs in this
-    thread (on CPU split across the compute threads), one batch ahead (on CUDA the host
-    work of a batch overlaps the device's forward of the next; on CPU that is just
-    ordering). The eager model's capture hooks stay on for the whole run; results are
-    taken in input order.
-    """
-    if graph_engine is not None:
-        if depth:
-            yield (lambda x: graph_engine.submit(x).result), depth + 1
-        else:
-            def start_split(x: torch.Tensor) -> Callable[[], _Result]:
-                result = graph_engine(x)
-                return lambda: result
-
-            yield start_split, 1
-        return
-    with capture(model, names, pool=pool) as acts:
-        def taken(probs: torch.Tensor) -> _Result:
-            out = {n: acts[n] for n in names}
-            acts.clear()
-            return probs, out
-
-        if depth:
-            def start_on_worker(x: torch.Tensor) -> Callable[[], _Result]:
-                probs = parallel.submit_whole(model, x, depth)
-                return lambda: taken(probs())
-
-            yield start_on_worker, depth + 1
-            return
-
-        def start_here(x: torch.Tensor) -> Callable[[], _Result]:
-            result = taken(model(x))
-            return lambda: result
-
-        yield start_here, 1
-
-
-def extract(
-    bundle: str | os.PathLike,
-    examples: str,
-    out: str | os.PathLike,
-    *,
-    layers: Sequence[str] = ("mixed5", "mixed10"),
-    pool: str = "max",
-    device: str = "auto",
-    batch_size: int = 64,
-    workers: int | None = None,
-    dtype: str = "fp32",
-    limit: int | None = None,
-    skip_corrupt: bool = False,
-    sample: float | None = None,
-    sample_seed: int = 0,
-    regions: Sequence[str] | None = None,
-    overwrite: bool = False,
-    engine: str = "auto",
-    progress: bool = True,
-    commit_interval_s: float = 15.0,
-    on_batch: Callable[[int], None] | None = None,
-) -> Store:
-    """Run the model over ``examples`` and store pooled activations of ``layers`` + obs.
-
-    ``examples`` is a shard spec (``name@N.gz``), glob, comma list or one file. One forward
-    per batch fills every layer (forward hooks) and the softmax gives ``p_hom_ref``,
-    ``p_het``, ``p_hom_alt`` and ``pred_genotype``. Rows are in input order whatever
-    ``workers`` is (None: :func:`default_workers`). ``limit`` extracts the first ``limit``
-    records (corrupt ones count). ``engine="graph"`` (CPU, fp32 / bf16) runs the forward as a
-    oneDNN Graph program (:mod:`dvtorch.graph`), which falls back to ``"eager"`` with a
-    warning if its first outputs for a batch shape differ from the eager forward's;
-    ``"auto"`` picks it for long CPU runs (:func:`choose_engine`). ``sample`` extracts a
+    ``examples`` is a shard spec (``name@N.gz``), glob, comma list or one file. ``limit``
+    extracts the first ``limit`` records (corrupt ones count). ``sample`` extracts a
     seeded pseudo-random fraction of the records (:class:`~probing.loader.RecordSample`:
     chosen by a hash of each record, so the same ones on every rerun, resume or worker
-    count); every record is still read, only the chosen ones are decoded and run.
-    ``regions`` (regions like ``chr20:1-2,000,000`` or BED files: :mod:`probing.regions`)
-    keeps the examples whose variant overlaps them.
-
-    Commits happen every ``commit_interval_s`` seconds (0: after every batch), when 256 MiB
-    of output is pending, on Ctrl-C and at the end; a commit is one atomic store.json
-    replace, so a hard crash redoes at most the batches since the last commit.
-    ``on_batch(n_rows_done)`` is called after each batch (progress hooks, tests).
-
-    Re-running with the same arguments resumes; on a complete STORE it prints "already
-    complete" and returns it. Different model / inputs / layers / pool / dtype / limit at
-    the same ``out`` raise :class:`~probing.store.StoreError` unless ``overwrite``.
+    count); ``regions`` (like ``chr20:1-2,000,000`` or BED files: :mod:`probing.regions`)
+    keeps the examples whose variant overlaps them. ``workers``: loader processes (None:
+    :func:`default_workers`). ``compile``: ``torch.compile`` the CUDA engine. Commits
+    happen every ``commit_interval_s`` seconds (0: after every batch), when 256 MiB of
+    output is pending, on Ctrl-C and at the end.
     """
-    log = _log(progress)
-    layers = [layers] if isinstance(layers, str) else list(layers)
-    if not layers:
-        raise DvprobeError("no layers requested (--layers)")
-    if len(set(layers)) != len(layers):
-        raise DvprobeError(f"duplicate layers in {layers}")
-    if pool not in POOLS:
-        raise DvprobeError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    if dtype not in DTYPES:
-        raise DvprobeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if engine not in ENGINES:
-        raise DvprobeError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if batch_size < 1:
-        raise DvprobeError(f"--batch-size must be >= 1, got {batch_size}")
-    if workers is not None and workers < 0:
-        raise DvprobeError(f"--workers must be >= 0, got {workers}")
-    if limit is not None and limit < 1:
-        raise DvprobeError(f"--limit must be >= 1, got {limit}")
-    if sample is None and sample_seed:
-        raise DvprobeError("--sample-seed chooses which records a --sample keeps; give "
-                           "--sample FRACTION too")
-    sampling = RecordSample(sample, sample_seed) if sample is not None else None
+
+    bundle: str | os.PathLike
+    examples: str
+    out: str | os.PathLike
+    layers: Sequence[str] = ("mixed5", "mixed10")
+    pool: str = "max"
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None
+    dtype: str = "fp32"
+    limit: int | None = None
+    skip_corrupt: bool = False
+    sample: float | None = None
+    sample_seed: int = 0
+    regions: Sequence[str] | None = None
+    overwrite: bool = False
+    compile: bool = False
+    commit_interval_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        layers = [self.layers] if isinstance(self.layers, str) else list(self.layers)
+        object.__setattr__(self, "layers", layers)
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse bad options with the flag's name, before anything is read."""
+        if not self.layers:
+            raise DvprobeError("no layers requested (--layers)")
+        if len(set(self.layers)) != len(self.layers):
+            raise DvprobeError(f"duplicate layers in {self.layers}")
+        for flag, value, allowed in (("--pool", self.pool, POOLS),
+                                     ("--dtype", self.dtype, tuple(DTYPES))):
+            if value not in allowed:
+                raise DvprobeError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        for flag, value, low in (("--batch-size", self.batch_size, 1),
+                                 ("--workers", self.workers, 0), ("--limit", self.limit, 1)):
+            if value is not None and value < low:
+                raise DvprobeError(f"{flag} must be >= {low}, got {value}")
+        if self.sample is None and self.sample_seed:
+            raise DvprobeError("--sample-seed chooses which records a --sample keeps; give "
+                               "--sample FRACTION too")
+
+
+@dataclass
+class ExtractionPlan:
+    """Everything decided before the first batch: device, inputs, model, layers, meta."""
+
+    config: ExtractConfig
+    device: torch.device
+    workers: int
+    files: list[str]
+    sampling: RecordSample | None
+    regions: Regions | None
+    long_run: bool
+    model: torch.nn.Module
+    shape: tuple[int, int, int]
+    channels: list[int] | None
+    specs: list[LayerSpec]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(config: ExtractConfig) -> ExtractionPlan:
+    """Validate the inputs against the model and decide how to run (no row is written)."""
+    sampling = RecordSample(config.sample, config.sample_seed) \
+        if config.sample is not None else None
     if sampling is not None and sampling.fraction == 1:
         sampling = None  # every record: the same STORE as no --sample (and resumes as one)
-    where = parse_regions(regions) if regions is not None else None
-    dev = resolve_device(device)
-    if workers is None:
-        workers = default_workers(dev)
-    if dtype == "fp16" and dev.type != "cuda":
-        raise DvprobeError("--dtype fp16 needs --device cuda (on a CPU, --dtype bf16 is the fast "
-                           "half precision)")
-    files = [str(f) for f in expand_spec(examples)]
-    long_run = is_long_run(files, limit, sampling.fraction if sampling else 1.0)
-    requested_engine = engine
-    engine = choose_engine(engine, dev, dtype, long_run)
-
-    if dtype == "bf16" and dev.type == "cpu" and native_bf16() is False:
-        _LOG.warning("this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated here, "
-                     "several times slower than float32 (3.5x measured); use --dtype fp32")
-
-    if dev.type == "cpu":
-        # glibc would otherwise page-fault every forward's activations back in (~5% fp32).
-        reuse_freed_memory()
-    # bf16 / fp16: the model itself in that dtype (dvtorch.load casts inputs on entry, keeps
-    # the softmax in float32): the same numbers as autocast (module docstring), with weights
-    # cast / pre-packed once instead of on every forward.
-    half = DTYPES[dtype] if dtype != "fp32" else None
-    model = dvtorch.load(bundle, device=str(dev), dtype=half)
-    if dev.type == "cpu" and batch_size != _PACKED_BATCH:
-        # oneDNN weights are pre-packed for one batch size; repack for ours (idempotent).
-        dvtorch.optimize_for_inference(model, dtype=half, batch_size=batch_size)
-    if dev.type == "cuda":
-        # NHWC input is permuted to a channels_last NCHW view; channels_last weights let
-        # cuDNN run NHWC kernels without layout conversions.
-        model = model.to(memory_format=torch.channels_last)
+    where = parse_regions(config.regions) if config.regions is not None else None
+    dev = resolve_device(config.device)
+    if config.dtype == "fp16" and dev.type != "cuda":
+        raise DvprobeError("--dtype fp16 needs --device cuda (on a CPU, --dtype bf16 is the "
+                           "fast half precision)")
+    if config.compile and dev.type != "cuda":
+        raise DvprobeError("--compile is for --device cuda (the CPU engine runs oneDNN's "
+                           "fused kernels)")
+    files = [str(f) for f in expand_spec(config.examples)]
+    model = dvtorch.load(config.bundle, device=str(dev))
     bmeta = getattr(model, "bundle_meta", {}) or {}
     shape = tuple(int(s) for s in bmeta.get("input_shape", model.input_shape))
     channels = bmeta.get("channels")
-    checked = check_inputs(files, examples, shape, channels)
-    specs = _layer_specs(model, shape, layers, pool)
+    checked = check_inputs(files, config.examples, shape, channels)
+    p = ExtractionPlan(
+        config=config, device=dev,
+        workers=config.workers if config.workers is not None else default_workers(dev),
+        files=files, sampling=sampling, regions=where,
+        long_run=is_long_run(files, config.limit, sampling.fraction if sampling else 1.0),
+        model=model, shape=shape, channels=channels,
+        specs=_layer_specs(model, shape, config.layers, config.pool))
+    p.meta = _store_meta(p, checked)
+    return p
 
+
+def _store_meta(p: ExtractionPlan, checked: dict[str, Any]) -> dict[str, Any]:
+    """store.json's record of the inputs; ``inputs`` is the fingerprint a resume must match."""
+    c = p.config
     inputs = {
-        "bundle_sha256": bundle_fingerprint(bundle),
-        "examples": [{"name": Path(f).name, "size": os.path.getsize(f)} for f in files],
-        "layers": layers,
-        "pool": pool,
-        "dtype": dtype,
-        "limit": limit,
+        "bundle_sha256": bundle_fingerprint(c.bundle),
+        "examples": [{"name": Path(f).name, "size": os.path.getsize(f)} for f in p.files],
+        "layers": list(c.layers), "pool": c.pool, "dtype": c.dtype, "limit": c.limit,
     }
-    if sampling is not None:  # only when given: STOREs from before --sample still resume
-        inputs["sample"] = sampling.to_json()
-    if where is not None:  # the merged intervals' digest: the same bases, the same STORE
-        inputs["regions"] = where.to_json()
+    if p.sampling is not None:  # only when given: STOREs from before --sample still resume
+        inputs["sample"] = p.sampling.to_json()
+    if p.regions is not None:  # the merged intervals' digest: the same bases, the same STORE
+        inputs["regions"] = p.regions.to_json()
     meta = {
         "inputs": inputs,
-        "bundle": str(Path(bundle).resolve()),
-        "examples_spec": examples,
-        "shards": [str(Path(f).resolve()) for f in files],
-        "input_shape": list(shape),
-        "channels": list(channels) if channels is not None else None,
+        "bundle": str(Path(c.bundle).resolve()),
+        "examples_spec": c.examples,
+        "shards": [str(Path(f).resolve()) for f in p.files],
+        "input_shape": list(p.shape),
+        "channels": list(p.channels) if p.channels is not None else None,
         "input_check": checked,
     }
-    if where is not None:
-        meta["regions_given"] = list(where.given)
-    writer = StoreWriter.open(out, meta, specs, overwrite=overwrite)
-    if writer.complete:
-        log(f"{out}: already complete ({writer.n_committed} examples); nothing to do "
-            "(pass --overwrite to redo it)")
-        return Store(out)
+    if p.regions is not None:
+        meta["regions_given"] = list(p.regions.given)
+    return meta
+
+
+def _say_before_start(p: ExtractionPlan, writer: StoreWriter,
+                      log: Callable[[str], None]) -> None:
+    """What the user should know before a (resumed) run starts."""
+    out, n_before = p.config.out, writer.n_committed
     start = Cursor.from_json(writer.meta.get("cursor"))
-    n_before = writer.n_committed
     if writer.set_aside is not None:  # said also with --no-progress: files were moved
-        _log(True)(f"{out}: annotations / runs made on the {n_before} examples committed so far no "
-            f"longer line up once extraction resumes; moved to {writer.set_aside} (annotate "
-            "and cluster again when it completes)")
+        _log(True)(f"{out}: annotations / runs made on the {n_before} examples committed so "
+                   f"far no longer line up once extraction resumes; moved to "
+                   f"{writer.set_aside} (annotate and cluster again when it completes)")
     if n_before or start.position:
         log(f"{out}: resuming after {n_before} committed examples "
             f"(shard {start.shard}, record {start.record})")
+    on_cpu = p.device.type == "cpu"
+    if p.config.dtype == "bf16" and on_cpu and native_bf16() is False:
+        _LOG.warning("this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated here, "
+                     "several times slower than float32; use --dtype fp32")
+    if p.config.dtype == "fp32" and on_cpu and native_bf16() and p.long_run:
+        log("this CPU computes bf16 natively: --dtype bf16 extracts several times faster "
+            "than float32, with max-pooled embeddings at cosine >= 0.999 to float32 "
+            "(docs/performance.md)")
 
-    if dtype == "fp32" and dev.type == "cpu" and native_bf16() and long_run:
-        log("this CPU computes bf16 natively: --dtype bf16 extracts ~2x (AVX-512 BF16) to "
-            "~3x (AMX) faster than float32 (max-pooled mixed5 cosine >= 0.9997 to float32; "
-            "README, Performance)")
-    if requested_engine == "auto" and engine == "graph":
-        log("engine: graph (a long CPU run: oneDNN Graph, checked against the eager forward on "
-            "its first batches; measured 6-7% faster in fp32, 25-30% in bf16 once started; "
-            "--engine eager for PyTorch's own forward)")
-    dataset = ExampleBatches(files, batch_size=batch_size, shape=shape, channels=channels,
-                             start=start, limit=limit, skip_corrupt=skip_corrupt,
-                             sample=sampling, regions=where)
-    loader = make_loader(dataset, workers=workers, pin_memory=dev.type == "cuda")
-    names = [s.name for s in specs]
-    store_dtypes = {s.name: getattr(torch, s.dtype) for s in specs}
-    graph_engine = dvgraph.GraphForward(model, names, pool) if engine == "graph" else None
-    depth = _whole_batch_depth(model, dev, graph_engine, batch_size, shape, log)
-    pending = _Pending(names)
-    bar = None
-    sizes = [os.path.getsize(f) for f in files]
-    if progress:
-        from tqdm.auto import tqdm
 
-        # with --sample, --limit counts records read, not examples: no exact total then
-        bar = tqdm(total=limit if sampling is None and where is None else None,
-                   initial=n_before, unit="ex",
-                   dynamic_ncols=True, desc="extract", file=sys.stderr, smoothing=0.1)
-    t_start = time.perf_counter()
-    t_wait = 0.0
-    last_commit = t_start
-    n_new = 0
-    in_flight: collections.deque[tuple[Batch, Callable[[], _Result]]] = collections.deque()
+def extract(config: ExtractConfig, *, progress: bool = True,
+            on_batch: Callable[[int], None] | None = None) -> Store:
+    """Run the model over ``config.examples``; store pooled ``config.layers`` + obs.
 
-    def finish(batch: Batch, result: Callable[[], _Result]) -> None:
-        """Host side of a batch whose forward has been launched: copy, build obs, queue."""
-        nonlocal n_new, last_commit
+    One forward per batch (an engine, :mod:`dvtorch.engine`) gives every layer and the
+    softmax (``p_hom_ref``, ``p_het``, ``p_hom_alt``, ``pred_genotype``). Rows are in input
+    order whatever the loader processes. Stages: :func:`plan`, the batch loop
+    (:class:`_Run`), and the final commit. A commit is one atomic store.json replace, so a
+    hard crash redoes at most the batches since the last commit; re-running the same
+    config resumes, and on a complete STORE says "already complete" and returns it.
+    Another model / inputs / layers / pool / dtype / limit at the same ``out`` raise
+    :class:`~probing.store.StoreError` unless ``overwrite``. ``on_batch(n_rows_done)`` is
+    called after each batch (progress hooks, tests).
+    """
+    log = _log(progress)
+    p = plan(config)
+    writer = StoreWriter.open(config.out, p.meta, p.specs, overwrite=config.overwrite)
+    if writer.complete:
+        log(f"{config.out}: already complete ({writer.n_committed} examples); nothing to do "
+            "(pass --overwrite to redo it)")
+        return Store(config.out)
+    _say_before_start(p, writer, log)
+    engine = make_engine(p.model, [s.name for s in p.specs], config.pool, device=p.device,
+                         dtype=config.dtype, batch_size=config.batch_size,
+                         compile=config.compile, log=log)
+    run = _Run(p, writer, engine, progress, on_batch)
+    run.loop()
+    return _finish(run, log)
+
+
+class _Run:
+    """The batch loop of one extraction: batches in flight, pending output, commits."""
+
+    def __init__(self, p: ExtractionPlan, writer: StoreWriter, engine: Engine,
+                 progress: bool, on_batch: Callable[[int], None] | None):
+        self.p, self.writer, self.engine, self.on_batch = p, writer, engine, on_batch
+        self.pending = _Pending([s.name for s in p.specs])
+        self.store_dtypes = {s.name: getattr(torch, s.dtype) for s in p.specs}
+        self.n_before = writer.n_committed
+        self.n_new = 0
+        self.t_wait = 0.0
+        self.t_start = self.last_commit = time.perf_counter()
+        self.bar = _progress_bar(p, self.n_before) if progress else None
+        self.sizes = [os.path.getsize(f) for f in p.files]
+        self.in_flight: collections.deque[tuple[Batch, Callable[[], Result]]] = \
+            collections.deque()
+
+    def loop(self) -> None:
+        """Every batch of the input through the engine, committed; Ctrl-C commits too."""
+        c = self.p.config
+        start = Cursor.from_json(self.writer.meta.get("cursor"))
+        dataset = ExampleBatches(self.p.files, batch_size=c.batch_size, shape=self.p.shape,
+                                 channels=self.p.channels, start=start, limit=c.limit,
+                                 skip_corrupt=c.skip_corrupt, sample=self.p.sampling,
+                                 regions=self.p.regions)
+        it = iter(make_loader(dataset, workers=self.p.workers,
+                              pin_memory=self.p.device.type == "cuda"))
+        try:
+            for batch in self._batches(it):
+                self._take(batch)
+            self._finish_all_but(0)
+            self._commit()
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                del it  # abandon the batch in flight; commit the finished ones
+            self._commit()
+            msg = (f"interrupted: {self.writer.n_committed} examples are committed in "
+                   f"{c.out}; run the same command again to resume from there")
+            if self.bar is not None:
+                self.bar.close()
+                _log(True)(msg)
+            raise ExtractionInterrupted(msg) from None
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def _batches(self, it: Iterator[Batch]) -> Iterator[Batch]:
+        """The loader's batches, timing how long the loop waits for each."""
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            self.t_wait += time.perf_counter() - t0
+            if batch is None:
+                return
+            yield batch
+
+    def _take(self, batch: Batch) -> None:
+        """Start a batch's forward (or record its skips); a bad record commits what came
+        before it, then raises."""
+        for skip in batch.skipped:  # here, once, in input order, whoever decoded it
+            report_skip(skip["file"], skip["record"], skip["reason"])
+        if batch.n == 0:
+            # Every record of this batch was corrupt and skipped, or its first record is
+            # bad: the cursor moves on to where it ends.
+            self._finish_all_but(0)
+            with _defer_sigint():
+                self.pending.skipped.extend(batch.skipped)
+                self.pending.end = batch.end
+        else:
+            # Raw uint8 pixels: the engine scales them (exactly like dvtorch.preprocess).
+            pixels = batch.images.to(self.p.device, non_blocking=True)
+            self.in_flight.append((batch, self.engine.submit(pixels)))
+            self._finish_all_but(self.engine.ahead)
+        if batch.error is not None:
+            self._finish_all_but(0)
+            self._commit()
+            batch.raise_error()
+
+    def _finish_all_but(self, keep: int) -> None:
+        while len(self.in_flight) > keep:
+            self._finish(*self.in_flight.popleft())
+
+    def _finish(self, batch: Batch, result: Callable[[], Result]) -> None:
+        """Host side of a started batch: copy, build obs, queue, commit when due."""
         probs_dev, acts_dev = result()
         probs = probs_dev.float().cpu().numpy()
-        # Converted on the device: a flattened layer crosses to the host as float16, half the
-        # bytes (torch and numpy both round to nearest even: the same values).
-        arrs = {n: acts_dev[n].to(store_dtypes[n]).cpu().numpy() for n in names}
+        # Converted on the device: a flattened layer crosses to the host as float16.
+        arrs = {n: acts_dev[n].to(dt).cpu().numpy() for n, dt in self.store_dtypes.items()}
         obs = _obs_frame(batch, probs)
         with _defer_sigint():  # a batch is queued whole or not at all
-            pending.add(obs, arrs, batch)
-            n_new += batch.n
-        if bar is not None:
-            if limit is None and where is None and len(sizes) > 1:
-                total = estimate_total(batch.end, sizes)
-                if total is not None:
-                    total = round(total * (sampling.fraction if sampling else 1.0))
-                    bar.total = max(total, bar.n + batch.n)
-                bar.set_postfix_str(f"shard {min(batch.end.shard + 1, len(sizes))}/"
-                                    f"{len(sizes)}", refresh=False)
-            bar.update(batch.n)
+            self.pending.add(obs, arrs, batch)
+            self.n_new += batch.n
+        self._advance_bar(batch)
         now = time.perf_counter()
-        if now - last_commit >= commit_interval_s or pending.nbytes >= COMMIT_MAX_BYTES:
-            with _defer_sigint():
-                _commit(writer, pending)
-            last_commit = time.perf_counter()
-        if on_batch is not None:
-            on_batch(n_before + n_new)
+        if now - self.last_commit >= self.p.config.commit_interval_s \
+                or self.pending.nbytes >= COMMIT_MAX_BYTES:
+            self._commit()
+            self.last_commit = time.perf_counter()
+        if self.on_batch is not None:
+            self.on_batch(self.n_before + self.n_new)
 
-    it = iter(loader)
-    try:
-        with torch.inference_mode(), _cudnn_flags(dev, dtype), \
-                _forward(model, names, pool, graph_engine, depth) as (start_batch, ahead):
+    def _advance_bar(self, batch: Batch) -> None:
+        if self.bar is None:
+            return
+        c = self.p.config
+        if c.limit is None and self.p.regions is None and len(self.sizes) > 1:
+            total = estimate_total(batch.end, self.sizes)
+            if total is not None:
+                fraction = self.p.sampling.fraction if self.p.sampling else 1.0
+                self.bar.total = max(round(total * fraction), self.bar.n + batch.n)
+            self.bar.set_postfix_str(f"shard {min(batch.end.shard + 1, len(self.sizes))}/"
+                                     f"{len(self.sizes)}", refresh=False)
+        self.bar.update(batch.n)
 
-            def finish_all_but(keep: int) -> None:
-                while len(in_flight) > keep:
-                    finish(*in_flight.popleft())
-
-            while True:
-                t0 = time.perf_counter()
-                batch = next(it, None)
-                t_wait += time.perf_counter() - t0
-                if batch is None:
-                    break
-                for skip in batch.skipped:  # here, once, in input order, whoever decoded it
-                    report_skip(skip["file"], skip["record"], skip["reason"])
-                if batch.n == 0:
-                    # Every record of this batch was corrupt and skipped, or its first
-                    # record is bad: the cursor moves on to where it ends.
-                    finish_all_but(0)
-                    with _defer_sigint():
-                        pending.skipped.extend(batch.skipped)
-                        pending.end = batch.end
-                else:
-                    # Raw uint8 into the model, which scales the pixels itself (exactly
-                    # like dvtorch.preprocess): on CPU inside each compute thread,
-                    # straight into the model's dtype; on CUDA after a 4x smaller
-                    # host-to-device copy. Batches are finished in input order.
-                    in_flight.append((batch, start_batch(batch.images.to(dev,
-                                                                         non_blocking=True))))
-                    finish_all_but(ahead)
-                if batch.error is not None:
-                    # A bad record: keep and commit everything before it, then report.
-                    finish_all_but(0)
-                    with _defer_sigint():
-                        _commit(writer, pending)
-                    batch.raise_error()
-            finish_all_but(0)
+    def _commit(self) -> None:
         with _defer_sigint():
-            _commit(writer, pending)
-    except KeyboardInterrupt:
-        # Abandon the batch in flight; commit the finished ones; say how to resume.
-        with contextlib.suppress(Exception):
-            del it
-        with _defer_sigint():
-            _commit(writer, pending)
-        if bar is not None:
-            bar.close()
-        msg = (f"interrupted: {writer.n_committed} examples are committed in {out}; run the "
-               "same command again to resume from there")
-        log(msg)
-        raise ExtractionInterrupted(msg) from None
-    finally:
-        if bar is not None:
-            bar.close()
-    elapsed = time.perf_counter() - t_start
+            _commit(self.writer, self.pending)
+
+
+def _progress_bar(p: ExtractionPlan, initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    # with --sample / --regions, --limit counts records read, not examples: no exact total
+    exact = p.sampling is None and p.regions is None
+    return tqdm(total=p.config.limit if exact else None, initial=initial, unit="ex",
+                dynamic_ncols=True, desc="extract", file=sys.stderr, smoothing=0.1)
+
+
+def _finish(run: _Run, log: Callable[[str], None]) -> Store:
+    """The final commit: refuse an empty result, record the run, say what was done."""
+    p, writer = run.p, run.writer
+    elapsed = time.perf_counter() - run.t_start
     skipped = writer.meta.get("skipped") or {"count": 0, "first": []}
     if writer.n_committed == 0:
         # An empty STORE only fails later ("the STORE has no examples"); say it now, and
         # leave no empty STORE behind to be resumed or mistaken for a result.
         writer.discard()
-        first = skipped["first"][0] if skipped["first"] else None
-        if sampling is not None or where is not None:  # what the user chose kept nothing
-            why = _chose_none(sampling, where) + (
-                f" ({skipped['count']} corrupt record(s) skipped as well)" if first else "")
-        elif first:
-            why = (f"every record read was corrupt and skipped ({skipped['count']}; first: "
-                   f"{first['file']}, record {first['record']}: {first['reason']})")
-        else:
-            why = "it holds no records"
-        raise DvprobeError(f"{examples}: nothing to extract: {why}; no STORE was written")
+        raise DvprobeError(f"{p.config.examples}: nothing to extract: "
+                           f"{_why_empty(p, skipped)}; no STORE was written")
     summary = {
         "n": writer.n_committed,
-        "n_this_run": n_new,
+        "n_this_run": run.n_new,
         "seconds": round(elapsed, 3),
-        "examples_per_s": round(n_new / elapsed, 2) if elapsed > 0 else None,
-        "data_loading_share": round(t_wait / elapsed, 4) if elapsed > 0 else None,
-        "device": str(dev),
-        "batch_size": batch_size,
-        "workers": workers,
-        "engine": engine,
-        "engine_requested": requested_engine,
+        "examples_per_s": round(run.n_new / elapsed, 2) if elapsed > 0 else None,
+        "data_loading_share": round(run.t_wait / elapsed, 4) if elapsed > 0 else None,
+        "device": str(p.device),
+        "batch_size": p.config.batch_size,
+        "workers": p.workers,
+        **run.engine.describe(),
         "torch": torch.__version__,
     }
-    if graph_engine is not None and graph_engine.fallback_reason is not None:
-        summary["engine_fallback"] = graph_engine.fallback_reason
     store = writer.finalize(skipped=skipped, extraction=summary)
-    log(f"extracted {summary['n']} examples ({n_new} this run) in {elapsed:.1f} s: "
-        f"{summary['examples_per_s']} ex/s, data loading {100 * t_wait / max(elapsed, 1e-9):.0f}% "
-        f"of wall time" + (f"; skipped {skipped['count']} corrupt records"
-                           if skipped["count"] else "") + f" -> {out}"
-        + (f" (engine graph fell back to eager: {summary['engine_fallback']})"
-           if "engine_fallback" in summary else ""))
+    log(f"extracted {summary['n']} examples ({run.n_new} this run) in {elapsed:.1f} s: "
+        f"{summary['examples_per_s']} ex/s, data loading "
+        f"{100 * run.t_wait / max(elapsed, 1e-9):.0f}% of wall time"
+        + (f"; skipped {skipped['count']} corrupt records" if skipped["count"] else "")
+        + f" -> {p.config.out}")
     return store
+
+
+def _why_empty(p: ExtractionPlan, skipped: dict[str, Any]) -> str:
+    first = skipped["first"][0] if skipped["first"] else None
+    if p.sampling is not None or p.regions is not None:  # what the user chose kept nothing
+        return _chose_none(p.sampling, p.regions) + (
+            f" ({skipped['count']} corrupt record(s) skipped as well)" if first else "")
+    if first:
+        return (f"every record read was corrupt and skipped ({skipped['count']}; first: "
+                f"{first['file']}, record {first['record']}: {first['reason']})")
+    return "it holds no records"
