@@ -1,13 +1,16 @@
-"""Specification of ``capture``: what each pooling mode returns, and hook hygiene."""
+"""Specification of the hook points: ``capture`` (pooling modes, hygiene), ``patch``,
+``run_with_cache``, and the plain-model behaviour hook experiments rely on."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
-from dvtorch.hooks import capture, pool_activation
+from dvtorch.hooks import capture, patch, pool_activation, run_with_cache
 from dvtorch.inception import DeepVariantInceptionV3
-from dvtorch.layers import UnknownLayerError
+from dvtorch.layers import LAYER_NAMES, UnknownLayerError
 
 torch.set_num_threads(2)
 SHAPE = (75, 80, 7)
@@ -122,26 +125,6 @@ def test_reading_a_layer_before_any_forward_says_so(model):
         acts["mixed1"]
 
 
-# ---- what hook experiments rely on ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def served():
-    """The model as ``dvtorch.load`` serves it: BN folded, fused oneDNN convs with weights
-    pre-packed for the batch, batch split across threads."""
-    from dvtorch.bundle import random_state_dict
-    from dvtorch.inception import optimize_for_inference
-
-    m = DeepVariantInceptionV3(SHAPE)
-    m.load_state_dict(random_state_dict(3, SHAPE))
-    return optimize_for_inference(m.eval(), batch_size=4)
-
-
-def _pixels(n=4, seed=0):
-    return torch.randint(0, 256, (n, *SHAPE), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(seed))
-
-
 def test_a_layer_the_last_forward_did_not_reach_is_a_key_error_not_stale(model, x):
     with capture(model, ["mixed1", "mixed5"]) as acts:
         with torch.no_grad():
@@ -167,91 +150,173 @@ def test_no_layer_names_is_an_error(model):
         pass
 
 
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_weight_edits_after_loading_are_used_without_grad_too(served, mode):
-    """Channel ablation under no_grad: the pre-packed weight copy must not keep the old
-    values (it did: the edit showed with grad on only)."""
-    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
-    conv = served.mixed5.conv2d_40.conv
-    keep_w, keep_b = conv.weight.detach().clone(), conv.bias.detach().clone()
-    try:
-        with torch.no_grad():
-            conv.weight[3] = 0
-            conv.bias[3] = 0
-        with ctx(), capture(served, "conv2d_40") as acts:
-            served(_pixels())
-        assert float(acts["conv2d_40"][:, 3].abs().max()) == 0.0
-        assert float(acts["conv2d_40"][:, 4].abs().max()) > 0.0
-    finally:
-        with torch.no_grad():
-            conv.weight.copy_(keep_w)
-            conv.bias.copy_(keep_b)
+# ---- what hook experiments rely on: the model is a plain nn.Module ------------------------
 
 
-def test_load_state_dict_into_a_served_model_computes_with_the_new_weights(served):
+@pytest.fixture(scope="module")
+def trained_like():
+    """A model with calibrated, seeded weights (activations look like a working network's)."""
     from dvtorch.bundle import random_state_dict
-    from dvtorch.inception import optimize_for_inference
 
-    other = DeepVariantInceptionV3(SHAPE)
-    other.load_state_dict(random_state_dict(4, SHAPE))
-    other = optimize_for_inference(other.eval(), batch_size=4)
-    mine = {k: v.detach().clone() for k, v in served.state_dict().items()}
-    try:
-        served.load_state_dict(other.state_dict())
-        with torch.no_grad(), capture(served, "mixed10") as a, capture(other, "mixed10") as b:
-            served(_pixels())
-            other(_pixels())
-        torch.testing.assert_close(a["mixed10"], b["mixed10"])
-    finally:
-        served.load_state_dict(mine)
+    m = DeepVariantInceptionV3(SHAPE)
+    m.load_state_dict(random_state_dict(3, SHAPE))
+    return m.eval().requires_grad_(False)
 
 
-def test_a_hook_on_an_inner_conv_fires_and_sees_the_pre_relu_output(served):
-    seen = {}
-    block = served.mixed5.conv2d_40
-    h = block.conv.register_forward_hook(lambda m, i, o: seen.setdefault("t", o))
-    try:
-        with torch.no_grad(), capture(served, "conv2d_40", pool=None) as acts:
-            served(_pixels())
-    finally:
-        h.remove()
-    pre = seen["t"]
-    assert float(pre.min()) < 0  # not overwritten by the block's in-place ReLU
-    torch.testing.assert_close(acts["conv2d_40"], pre.relu().permute(0, 2, 3, 1))
+def _pixels(n=4, seed=0):
+    return torch.randint(0, 256, (n, *SHAPE), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
 
 
-def test_pixels_that_are_neither_uint8_nor_preprocessed_floats_are_refused(served):
-    with pytest.raises(TypeError, match="int64 pixels: pass raw uint8"):
-        served(_pixels().long())
-    with pytest.raises(TypeError, match=r"ndarray \(torch.from_numpy converts it\)"):
-        served(_pixels().numpy())
+def _zero_channel(channel):
+    return lambda out, name: out.index_fill(1, torch.tensor([channel]), 0.0)
 
 
-def test_layer_names_keras_activation_alias_and_helpful_errors(served):
-    from dvtorch.layers import resolve
+def test_a_patch_that_zeroes_mixed5_changes_the_prediction(trained_like):
+    with torch.no_grad():
+        before = trained_like(_pixels())
+        with patch(trained_like, {"mixed5": lambda out, name: torch.zeros_like(out)}):
+            ablated = trained_like(_pixels())
+        after = trained_like(_pixels())
+    assert (ablated - before).abs().max() > 1e-3
+    assert torch.equal(after, before)  # the patch is gone with its block
 
-    assert resolve(served, "activation_40") is served.mixed5.conv2d_40
-    assert resolve(served, "activation") is resolve(served, "conv2d")
-    with pytest.raises(UnknownLayerError, match="the Dense layer's output is 'logits'"):
-        resolve(served, "dense")
-    with pytest.raises(UnknownLayerError, match="'mixed5' is ambiguous"):
-        resolve(torch.nn.Sequential(served, DeepVariantInceptionV3(SHAPE)), "mixed5")
+
+def test_a_patch_that_returns_none_only_looks(trained_like):
+    seen = []
+    with torch.no_grad():
+        before = trained_like(_pixels())
+        with patch(trained_like, {"mixed5": lambda out, name: seen.append(name)}):
+            same = trained_like(_pixels())
+    assert seen == ["mixed5"] and torch.equal(same, before)
 
 
-def test_a_served_model_can_be_deep_copied_and_saved_whole(served, tmp_path):
-    """Ablating a copy is the common pattern; the packed oneDNN weights are rebuilt in the
-    copy from its own parameters."""
+def test_capture_sees_the_patched_output_whichever_block_comes_first(trained_like):
+    for patch_first in (True, False):
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if patch_first:
+                stack.enter_context(patch(trained_like, {"mixed5": _zero_channel(7)}))
+            acts = stack.enter_context(capture(trained_like, ["mixed5", "mixed6"], pool="max"))
+            if not patch_first:
+                stack.enter_context(patch(trained_like, {"mixed5": _zero_channel(7)}))
+            trained_like(_pixels())
+        assert float(acts["mixed5"][:, 7].abs().max()) == 0.0
+        assert float(acts["mixed5"][:, 8].abs().max()) > 0.0
+
+
+def test_patches_are_checked_before_any_forward(trained_like):
+    with pytest.raises(UnknownLayerError, match="did you mean mixed5"), \
+            patch(trained_like, {"mixed_5": _zero_channel(0)}):
+        pass
+    with pytest.raises(TypeError, match="must be callable"), \
+            patch(trained_like, {"mixed5": 0.0}):
+        pass
+    with patch(trained_like, {"mixed5": lambda out, name: out[:, :3]}), \
+            pytest.raises(ValueError, match="returned shape"), torch.no_grad():
+        trained_like(_pixels())
+
+
+def test_run_with_cache_returns_the_probabilities_and_whole_maps(trained_like):
+    with torch.no_grad():
+        probs, cache = run_with_cache(trained_like, _pixels(), names_filter=["mixed5", "logits"])
+        torch.testing.assert_close(probs, trained_like(_pixels()))
+    assert set(cache) == {"mixed5", "logits"}
+    assert cache["mixed5"].shape[0] == 4 and cache["mixed5"].shape[-1] == 768  # NHWC
+    torch.testing.assert_close(cache["logits"].softmax(-1), probs)
+    _, everything = run_with_cache(trained_like, _pixels(1), pool="max")
+    assert list(everything) == LAYER_NAMES
+
+
+def test_a_data_weight_edit_is_seen_by_the_next_forward(trained_like):
     import copy
 
-    twin = copy.deepcopy(served)
+    twin = copy.deepcopy(trained_like)
     with torch.no_grad():
+        before = twin(_pixels())
+        twin.mixed5.conv2d_40.conv.weight.data.zero_()
+        after = twin(_pixels())
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_deepcopy_gives_an_independent_model(trained_like, tmp_path):
+    import copy
+
+    twin = copy.deepcopy(trained_like)
+    with torch.no_grad():
+        ref = trained_like(_pixels())
         twin.mixed5.conv2d_40.conv.weight.zero_()
-        ref, got = served(_pixels()), twin(_pixels())
-    assert not torch.allclose(ref, got)
-    with torch.no_grad():
-        twin.load_state_dict(served.state_dict())
-        torch.testing.assert_close(twin(_pixels()), ref)
-    torch.save(served, tmp_path / "m.pt")
+        assert not torch.allclose(twin(_pixels()), ref)
+        torch.testing.assert_close(trained_like(_pixels()), ref)  # the original is untouched
+    torch.save(trained_like, tmp_path / "m.pt")
     back = torch.load(tmp_path / "m.pt", weights_only=False)  # our own file, just written
     with torch.no_grad():
         torch.testing.assert_close(back(_pixels()), ref)
+
+
+def test_the_gradient_of_a_logit_matches_finite_differences(trained_like):
+    import copy
+
+    from dvtorch.bundle import preprocess
+
+    model = copy.deepcopy(trained_like).double()  # float64: finite differences are exact
+    logits = {}
+
+    def keep(out, name):
+        logits["t"] = out
+
+    x = preprocess(_pixels(1)).double().requires_grad_(True)
+    with patch(model, {"logits": keep}):
+        model(x)
+        (grad,) = torch.autograd.grad(logits["t"][0, 1], x)
+        assert float(grad.abs().sum()) > 0
+        eps = 1e-6
+        for pixel in [(0, 37, 40, 0), (0, 10, 30, 3), (0, 60, 70, 6)]:
+            bumped = [x.detach().clone() for _ in range(2)]
+            bumped[0][pixel] += eps
+            bumped[1][pixel] -= eps
+            with torch.no_grad():
+                ups = []
+                for b in bumped:
+                    model(b)
+                    ups.append(float(logits["t"][0, 1]))
+            numeric = (ups[0] - ups[1]) / (2 * eps)
+            assert numeric == pytest.approx(float(grad[pixel]), rel=1e-4, abs=1e-9)
+
+
+def test_a_hook_on_an_inner_conv_fires_and_sees_the_pre_bn_output(trained_like):
+    block = trained_like.mixed5.conv2d_40
+    with torch.no_grad(), capture(trained_like, "conv2d_40", pool=None) as acts:
+        seen = {}
+        h = block.conv.register_forward_hook(lambda m, i, o: seen.setdefault("t", o))
+        try:
+            trained_like(_pixels())
+        finally:
+            h.remove()
+    expected = block.relu(block.bn(seen["t"]))
+    torch.testing.assert_close(acts["conv2d_40"], expected.permute(0, 2, 3, 1))
+
+
+def test_pixels_that_are_neither_uint8_nor_preprocessed_floats_are_refused(trained_like):
+    with pytest.raises(TypeError, match="int64 pixels: pass raw uint8"):
+        trained_like(_pixels().long())
+    with pytest.raises(TypeError, match=r"ndarray \(torch.from_numpy converts it\)"):
+        trained_like(_pixels().numpy())
+
+
+def test_layer_names_keras_activation_alias_and_helpful_errors(trained_like):
+    from dvtorch.layers import resolve
+
+    assert resolve(trained_like, "activation_40") is trained_like.mixed5.conv2d_40
+    assert resolve(trained_like, "activation") is resolve(trained_like, "conv2d")
+    with pytest.raises(UnknownLayerError, match="the Dense layer's output is 'logits'"):
+        resolve(trained_like, "dense")
+    with pytest.raises(UnknownLayerError, match="'mixed5' is ambiguous"):
+        resolve(torch.nn.Sequential(trained_like, DeepVariantInceptionV3(SHAPE)), "mixed5")
+
+
+@pytest.mark.slow
+def test_torch_compile_computes_what_the_model_does(trained_like):
+    compiled = torch.compile(trained_like)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(_pixels()), trained_like(_pixels()),
+                                   rtol=1e-4, atol=1e-5)

@@ -19,12 +19,9 @@ from dvtorch.hooks import capture
 from dvtorch.inception import (
     ConvBN,
     DeepVariantInceptionV3,
-    _avg_pool_same,
-    _max_pool_valid,
+    avg_pool_same,
     conv_block_names,
     fuse_batchnorm,
-    optimize_for_inference,
-    pointwise_conv_available,
     scale_pixels,
 )
 from dvtorch.layers import LAYER_NAMES, UnknownLayerError, all_layer_names, layer_info, resolve
@@ -152,7 +149,7 @@ def test_unscaled_float_pixels_are_refused():
 
 def test_branch_average_pool_excludes_padding_like_tensorflow():
     x = torch.arange(1.0, 10.0).view(1, 1, 3, 3)
-    y = _avg_pool_same(x)
+    y = avg_pool_same(x)
     assert y[0, 0, 0, 0].item() == pytest.approx((1 + 2 + 4 + 5) / 4)  # not /9
     assert y[0, 0, 1, 1].item() == pytest.approx(5.0)
     assert y[0, 0, 0, 1].item() == pytest.approx((1 + 2 + 3 + 4 + 5 + 6) / 6)
@@ -173,108 +170,35 @@ def test_batchnorm_folding_is_equivalent():
     torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-6)
 
 
-def test_optimized_inference_matches_eager_and_keeps_hooks():
-    model = _randomise_bn(DeepVariantInceptionV3(SMALL), seed=1)
-    x = torch.rand(4, *SMALL) * 2 - 1
-    with torch.no_grad(), capture(model, ["conv2d_40", "mixed7"], pool="mean") as ref:
-        p_ref = model(x)
-    ref = dict(ref)
-    optimize_for_inference(model, batch_size=2)  # packed for 2; other sizes must still work
-    with torch.inference_mode(), capture(model, ["conv2d_40", "mixed7"], pool="mean") as got:
-        p = model(x)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-6)
-
-
-def _count_fused_calls(model: DeepVariantInceptionV3) -> list[int]:
-    calls = [0]
-    for _, block in model.conv_blocks():
-        op = block._fused.op
-
-        def counting(*args, op=op):
-            calls[0] += 1
-            return op(*args)
-
-        block._fused = block._fused._replace(op=counting)
-    return calls
-
-
-@pytest.mark.skipif(not pointwise_conv_available(), reason="this torch has no fused oneDNN conv")
-def test_fused_conv_path_runs_only_where_it_is_exact():
-    """Inference on CPU takes the fused op in all 94 blocks; grad, autocast and a model cast
-    after optimize_for_inference take the plain path and still compute the same."""
-    model = _randomise_bn(DeepVariantInceptionV3(SMALL), seed=4)
-    x = torch.rand(2, *SMALL) * 2 - 1
-    with torch.no_grad():
-        p_ref = model(x)
-    optimize_for_inference(model, batch_size=2, batch_split=False)
-    calls = _count_fused_calls(model)
-    with torch.inference_mode():
-        torch.testing.assert_close(model(x), p_ref, rtol=1e-4, atol=1e-6)
-    assert calls[0] == 94
-
-    calls[0] = 0
-    x_grad = x.clone().requires_grad_()
-    p = model(x_grad)  # grad on: the fused op has no backward
-    p[:, 0].sum().backward()
-    assert calls[0] == 0 and x_grad.grad is not None
-    torch.testing.assert_close(p.detach(), p_ref, rtol=1e-4, atol=1e-6)
-
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        p = model(x)
-    assert calls[0] == 0
-    torch.testing.assert_close(p, p_ref, rtol=0.1, atol=0.05)
-
-    model.to(torch.bfloat16)  # cast without optimizing again: plain bf16 path, no mix-up
-    with torch.inference_mode():
-        p = model(x)
-    assert calls[0] == 0 and p.dtype == torch.float32
-    torch.testing.assert_close(p, p_ref, rtol=0.1, atol=0.05)
-
-
-def test_pool_branches_average_pool_inside_their_conv_block_on_both_paths():
-    """The branch pools have no Keras name; the 1x1 conv after each one owns it. The fused
-    CPU path convolves first and pools the (fewer) output channels: same activations."""
-    model = _randomise_bn(DeepVariantInceptionV3(SMALL), seed=2)
+def test_pool_branches_average_pool_inside_their_conv_block():
+    """The branch pools have no Keras name; the 1x1 conv after each one owns it, so its
+    forward pre-hooks see the unpooled block input."""
+    model = DeepVariantInceptionV3(SMALL)
     pooled = [name for name, block in model.conv_blocks() if block.pools_input]
     # mixed0-2, mixed4-7 and mixed9-10 each end with one average-pool branch
     assert pooled == ["conv2d_11", "conv2d_18", "conv2d_25", "conv2d_39", "conv2d_49",
                       "conv2d_59", "conv2d_69", "conv2d_84", "conv2d_93"]
-    x = torch.rand(3, *SMALL) * 2 - 1
-    with torch.no_grad(), capture(model, pooled, pool=None) as ref:
-        model(x)
-    ref = dict(ref)
-    optimize_for_inference(model, batch_size=3)
-    with torch.inference_mode(), capture(model, pooled, pool=None) as got:
-        model(x)
-    for k in pooled:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="1x1"):
         ConvBN(8, 8, (3, 3), pools_input=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hw", [(47, 108), (21, 51), (10, 25), (4, 12), (3, 3), (8, 9)])
-def test_max_pool_equals_atens_exactly(hw, dtype):
-    x = torch.randn(2, 5, *hw).to(dtype).contiguous(memory_format=torch.channels_last)
-    x[0, 0, 0, 0] = float("nan")  # NaN propagates like ATen's pool
-    got = _max_pool_valid(x)
-    ref = torch.nn.functional.max_pool2d(x, 3, stride=2)
-    assert got.shape == ref.shape and got.dtype == dtype
-    torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
-
-
-def test_max_pool_routes_gradients_to_one_argmax_like_keras():
-    x = torch.zeros(1, 1, 3, 3, requires_grad=True)  # all ties
-    _max_pool_valid(x).sum().backward()
-    assert x.grad.sum().item() == 1.0 and (x.grad == 1.0).sum().item() == 1
+def test_branch_max_pools_carry_their_keras_names_and_can_be_hooked():
+    model = _randomise_bn(DeepVariantInceptionV3(SMALL), seed=2)
+    names = all_layer_names(model)
+    assert names.index("max_pooling2d_2") == names.index("mixed3") - 1
+    assert names.index("max_pooling2d_3") == names.index("mixed8") - 1
+    x = torch.rand(2, *SMALL) * 2 - 1
+    with torch.no_grad(), capture(model, ["max_pooling2d_2", "mixed2"], pool=None) as acts:
+        model(x)
+    expected = torch.nn.functional.max_pool2d(acts["mixed2"].permute(0, 3, 1, 2), 3, stride=2)
+    torch.testing.assert_close(acts["max_pooling2d_2"], expected.permute(0, 2, 3, 1))
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_model_takes_raw_uint8_pixels_and_scales_them_exactly_like_preprocess(dtype):
-    model = optimize_for_inference(_randomise_bn(DeepVariantInceptionV3(SMALL), seed=4),
-                                   dtype=dtype, batch_size=8)
+    model = _randomise_bn(DeepVariantInceptionV3(SMALL), seed=4)
+    if dtype is not None:
+        model.to(dtype)
     pixels = torch.randint(0, 256, (8, *SMALL), dtype=torch.uint8)
     with torch.inference_mode():
         assert torch.equal(model(pixels), model(preprocess(pixels)))
@@ -283,10 +207,9 @@ def test_model_takes_raw_uint8_pixels_and_scales_them_exactly_like_preprocess(dt
                        (every_value.double() - 128) / 128)
 
 
-def test_tracing_an_optimized_model_for_export_warns_nothing_and_computes_the_same():
-    # torch.onnx.export(dynamo=False) traces like this: grad mode on, so the eager path runs.
-    model = optimize_for_inference(_randomise_bn(DeepVariantInceptionV3(SMALL), seed=5),
-                                   batch_size=4)
+def test_tracing_the_model_for_export_warns_nothing_and_computes_the_same():
+    # torch.onnx.export(dynamo=False) traces like this.
+    model = _randomise_bn(DeepVariantInceptionV3(SMALL), seed=5)
     x = preprocess(torch.randint(0, 256, (4, *SMALL), dtype=torch.uint8))
     with warnings.catch_warnings():
         warnings.simplefilter("error", torch.jit.TracerWarning)
@@ -327,9 +250,10 @@ def test_reference_bundle_round_trip_and_metadata(ref_bundle):
     meta = json.loads((ref_bundle / "bundle.json").read_text())
     assert meta["untrained"] is True and meta["format"] == "dvprobe-bundle"
     assert meta["input_shape"] == [100, 221, 7] and meta["channels"] == [1, 2, 3, 4, 5, 6, 19]
-    model = load(ref_bundle)
-    assert not model.training and model.bundle_meta["files"] == meta["files"]
-    raw = load(ref_bundle, fuse_bn=False)
+    raw = load(ref_bundle)
+    assert not raw.training and raw.bundle_meta["files"] == meta["files"]
+    assert any(".bn." in k for k in raw.state_dict())  # Keras variables as stored
+    model = fuse_batchnorm(load(ref_bundle))
     x = preprocess(
         torch.randint(
             0, 256, (4, 100, 221, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
@@ -369,9 +293,9 @@ def test_a_half_precision_model_computes_what_autocast_of_the_float32_model_does
                                                                                 dtype):
     """Why extraction casts the model (once) instead of running the float32 model under
     autocast, which re-casts every weight on every inference forward: the numbers are the
-    same, bit for bit (the plain path, which is what CUDA runs)."""
-    fp32 = load(small_bundle, optimize=False)
-    half = load(small_bundle, dtype=dtype, optimize=False)
+    same, bit for bit (the plain model, which is what the CUDA engine runs)."""
+    fp32 = load(small_bundle)
+    half = load(small_bundle, dtype=dtype)
     x = torch.randint(0, 256, (3, *SMALL), dtype=torch.uint8,
                       generator=torch.Generator().manual_seed(5))
     names = ["conv2d", "mixed0", "mixed5", "mixed10", "avg_pool"]
