@@ -1,4 +1,4 @@
-"""Specification of dvtorch.allocator: freed activation buffers are reused, not re-faulted."""
+"""Specification of dvtorch.engine.allocator: freed activation buffers are reused, not re-faulted."""
 
 from __future__ import annotations
 
@@ -9,19 +9,19 @@ import textwrap
 
 import pytest
 
-from dvtorch.allocator import _glibc, reuse_freed_memory
+from dvtorch.engine.allocator import _glibc, reuse_freed_memory
 
-# Page faults of fp32 forwards of the full-size model as extraction runs them on 2 cores
-# (batch 32 split over 2 threads): every forward frees and re-allocates ~100 MB of activations.
+# Page faults of fp32 forwards of the full-size model: every forward frees and re-allocates
+# ~100 MB of activations.
 _PROBE = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from dvtorch.inception import DeepVariantInceptionV3, optimize_for_inference
+    from dvtorch.inception import DeepVariantInceptionV3
     if sys.argv[1] == "tuned":
-        from dvtorch.allocator import reuse_freed_memory
+        from dvtorch.engine.allocator import reuse_freed_memory
         assert reuse_freed_memory()
     torch.set_num_threads(2)
-    model = optimize_for_inference(DeepVariantInceptionV3(), batch_size=32)
+    model = DeepVariantInceptionV3().eval()
     x = torch.rand(32, 100, 221, 7) * 2 - 1
     faults = []
     with torch.inference_mode():
@@ -54,15 +54,15 @@ def test_freed_buffers_are_reused_instead_of_faulted_back_in():
 
 
 
-# A batch-split worker thread (dvtorch.parallel) with 64 examples to compute allocates
+# A CPU engine worker thread (dvtorch.engine.threads) with 64 examples to compute allocates
 # single fp32 activations of ~85 MB. glibc gives a thread a malloc arena of its own whose
 # heaps are 64 MiB mmaps, so a larger block is mmapped and unmapped on every use whatever
-# the thresholds say (~40,600 page faults per forward measured at batch 128 on 2 threads).
+# the thresholds say.
 _THREAD_PROBE = textwrap.dedent("""
     import json, resource, sys
     from concurrent.futures import ThreadPoolExecutor
     import torch
-    from dvtorch.allocator import reuse_freed_memory
+    from dvtorch.engine.allocator import reuse_freed_memory
 
     if sys.argv[1] == "tuned":
         assert reuse_freed_memory()

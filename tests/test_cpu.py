@@ -1,4 +1,4 @@
-"""dvtorch.cpu: whether bf16 runs natively, from torch's own CPU probes."""
+"""dvtorch.engine.cpu_features: whether bf16 runs natively, from torch's own CPU probes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dvtorch.cpu import describe, native_bf16
+from dvtorch.engine.cpu_features import describe, native_bf16
 
 
 def _probes(monkeypatch, avx512_bf16, amx):
@@ -34,8 +34,17 @@ def test_native_bf16_follows_torchs_cpu_probes(monkeypatch, avx512_bf16, amx, ex
     assert native_bf16() is expected
 
 
-def test_native_bf16_answers_on_this_machine():
-    assert native_bf16() in (True, False, None)
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file() or platform.machine() != "x86_64",
+                    reason="reads the CPU flags Linux reports on x86")
+def test_native_bf16_agrees_with_the_flags_linux_reports():
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    answer = native_bf16()
+    if answer is not None:  # None: this torch has no probes to ask
+        assert answer == bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def test_describe_names_the_cpu_and_its_bf16_support(monkeypatch):
@@ -61,7 +70,7 @@ needs_x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
 @needs_x86
 def test_onednn_without_avx512_has_no_bf16_convolution():
     proc = _run_with_onednn_capped_at_avx2(
-        "from dvtorch.cpu import mkldnn_bf16; print(mkldnn_bf16())")
+        "from dvtorch.engine.cpu_features import mkldnn_bf16; print(mkldnn_bf16())")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
 
@@ -72,20 +81,18 @@ def test_a_bf16_model_still_runs_where_onednn_has_no_bf16_convolution():
     proc = _run_with_onednn_capped_at_avx2(
         "import torch\n"
         "from dvtorch.bundle import random_state_dict\n"
-        "from dvtorch.hooks import capture\n"
-        "from dvtorch.inception import ConvBN, DeepVariantInceptionV3, optimize_for_inference\n"
+        "from dvtorch.engine import make_engine\n"
+        "from dvtorch.inception import DeepVariantInceptionV3\n"
         "shape = (75, 80, 7)\n"
         "sd = random_state_dict(1, shape)\n"
         "x = torch.randint(0, 256, (4, *shape), dtype=torch.uint8)\n"
         "pooled = []\n"
-        "for dtype in (None, torch.bfloat16):\n"
-        "    m = DeepVariantInceptionV3(shape)\n"
-        "    m.load_state_dict(sd)\n"
-        "    m = optimize_for_inference(m.eval(), dtype=dtype, batch_size=4)\n"
-        "    with torch.inference_mode(), capture(m, 'mixed5', pool='max') as acts:\n"
-        "        m(x)\n"
-        "    pooled.append(acts['mixed5'].float())\n"
-        "fused = any(b.fused_relu for b in m.modules() if isinstance(b, ConvBN))\n"
+        "m = DeepVariantInceptionV3(shape)\n"
+        "m.load_state_dict(sd)\n"
+        "for dtype in ('fp32', 'bf16'):\n"
+        "    engine = make_engine(m.eval(), ['mixed5'], 'max', dtype=dtype, batch_size=4)\n"
+        "    pooled.append(engine(x)[1]['mixed5'])\n"
+        "fused = engine.describe()['fused_conv']\n"
         "cos = torch.nn.functional.cosine_similarity(*pooled).min()\n"
         "print(fused, float(cos))\n"
     )

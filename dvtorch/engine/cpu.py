@@ -184,7 +184,8 @@ class CPUEngine(Engine):
         self._model = fused_model(model, dtype, slice_sizes(batch_size, ways)[0])
         self._install_captures(self._model)
         self.ahead = self.depth + 1 if self.depth else 1
-        self._pool = worker_pool(self.threads) if self.threads > 1 else None
+        if self.threads > 1:
+            worker_pool(self.threads)  # start the workers now, not in the first batch
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "threads": self.threads,
@@ -192,10 +193,11 @@ class CPUEngine(Engine):
                 "fused_conv": bool(self._model.fused_conv)}
 
     def submit(self, pixels: torch.Tensor) -> Callable[[], Result]:
+        # The pool is looked up per batch: a forked child (loader processes) gets its own.
         if self.depth:
-            future = self._pool.submit(self._forward, self._model, pixels)
+            future = worker_pool(self.threads).submit(self._forward, self._model, pixels)
             return future.result
-        result = self._split(pixels) if self._pool is not None else \
+        result = self._split(pixels) if self.threads > 1 else \
             self._forward(self._model, pixels)
         return lambda: result
 
@@ -204,8 +206,8 @@ class CPUEngine(Engine):
         ways = split_ways(pixels.shape[0], self.threads)
         if ways < 2:
             return self._forward(self._model, pixels)
-        parts = list(self._pool.map(lambda x: self._forward(self._model, x),
-                                    torch.tensor_split(pixels, ways)))
+        parts = list(worker_pool(self.threads).map(lambda x: self._forward(self._model, x),
+                                                   torch.tensor_split(pixels, ways)))
         probs = torch.cat([p for p, _ in parts])
         return probs, {n: torch.cat([a[n] for _, a in parts]) for n in self.layers}
 
