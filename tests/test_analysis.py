@@ -508,9 +508,9 @@ def test_multilayer_default_name_is_readable(tmp_path, blob_data):
     (lambda s: pa.multilayer(s, ["mixed5"], per_layer_pca=0, **SK), "--layer-pca must"),
 ])
 def test_bad_options_fail_before_any_fitting(blob_store, monkeypatch, call, message):
-    from probing.analysis import api
+    from probing.analysis import fit
 
-    monkeypatch.setattr(api, "fit_features", lambda *a, **k: pytest.fail("fitted first"))
+    monkeypatch.setattr(fit, "fit_features", lambda *a, **k: pytest.fail("fitted first"))
     with pytest.raises(pa.AnalysisError, match=re.escape(message)):
         call(blob_store)
     assert blob_store.runs == []
