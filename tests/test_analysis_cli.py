@@ -259,3 +259,21 @@ def test_cluster_sizes_print_in_numeric_order(app, store12):
     sizes = re.search(r"sizes=\{(.*)\}", out).group(1)
     assert [kv.split(":")[0] for kv in sizes.split(", ")] == ["0", "0.0", "0.1", "1", "1.0",
                                                               "1.1"]
+
+
+def test_options_left_out_take_the_apis_defaults(app, store12):
+    """The command passes only what was typed: a run's recorded options are the API's."""
+    from probing.analysis import METHODS
+
+    st, path = store12
+    _ok(app, ["cluster", path, "--method", "multilayer", "--layers", "mixed3,mixed5",
+              "--layer-pca", 4, "--pca", 4, "--no-umap", "--run", "ml", *SK])
+    _ok(app, ["cluster", path, "--method", "hspectral", "--split", "2,2,2", "--pca", 0,
+              "--run", "hsp", *SK])
+    for run, method, typed in (("ml", "multilayer", {"layers": ["mixed3", "mixed5"],
+                                                      "per_layer_pca": 4, "pca": 4,
+                                                      "umap": False}),
+                               ("hsp", "hspectral", {"split": "2,2,2", "pca": None})):
+        m = METHODS[method]
+        expected = {"method": method, **{o: m.default(o) for o in m.option_names}, **typed}
+        assert st.load_run(run).meta["params"] == expected
