@@ -2,8 +2,10 @@
 
 The blog's concepts were found by *labelling examples after the fact*: UCSC RepeatMasker
 LINEs, GIAB stratifications (low mappability, segdups) and the GIAB mosaic truth set. Each
-function here turns one such file into one boolean column written with ``Store.add_obs``,
+source here turns one such file into one boolean column written with ``Store.add_obs``,
 row-aligned with ``obs``, so enrichment and the report can use it like any other attribute.
+:func:`annotate` is the one entry: ``annotate(store, [Bed(path), RepeatMasker(path,
+repeat_class=["LINE"]), Vcf(path)])`` checks every source and column name, then writes.
 
 Coordinates (the usual source of silent off-by-one errors):
 
@@ -41,7 +43,7 @@ import pandas as pd
 
 from dvtorch.errors import DvprobeError
 from probing.examples import alternate_contig_name
-from probing.store import Store, open_store
+from probing.store import Store, as_store
 
 log = logging.getLogger(__name__)
 
@@ -447,10 +449,6 @@ def _query_window(store: Store, obs: pd.DataFrame, by: str) -> tuple[np.ndarray,
     raise AnnotationError(f"by must be 'variant' or 'locus', got {by!r}")
 
 
-def _as_store(store: Store | str | os.PathLike) -> Store:
-    return store if isinstance(store, Store) else open_store(store)
-
-
 def _require_examples(store: Store, path: Path) -> None:
     """An empty STORE (extraction committed nothing yet) has no obs columns to match on;
     say so instead of failing on a missing ``chrom`` column."""
@@ -536,71 +534,25 @@ def _annotate_intervals(store: Store, iv: Intervals, column: str, by: str,
                             len(obs) - n_true, mapping, warns, unplaced)
 
 
-def annotate_bed(store: Store | str | os.PathLike, path: str | os.PathLike,
-                 name: str | None = None, by: str = "variant", *,
-                 overwrite: bool = True) -> AnnotationResult:
-    """Boolean column: does the example's variant (or pileup window) overlap the BED?
-
-    Works for any BED(.gz), including GIAB stratification files. ``name`` defaults to the
-    file stem without ``.bed``/``.gz`` (e.g. ``GRCh38_segdups``). ``overwrite=False`` (the
-    CLI's default) refuses an existing column.
-    """
-    store = _as_store(store)
-    path = Path(path)
-    _require_examples(store, path)
-    column = check_name(store, name or default_name("bed", path), overwrite=overwrite,
-                        from_file=None if name else path)
+def _write_bed(store: Store, src: Bed, column: str) -> AnnotationResult:
+    path = Path(src.path)
     chroms = _query_names(path, set(store.obs["chrom"].astype(str)))
-    iv = read_bed(path, chroms)
-    return _annotate_intervals(store, iv, column, by, f"bed {path}")
+    return _annotate_intervals(store, read_bed(path, chroms), column, src.by, f"bed {path}")
 
 
-def annotate_rmsk(store: Store | str | os.PathLike, path: str | os.PathLike,
-                  name: str | None = None, by: str = "variant",
-                  repeat_class: Sequence[str] | None = None,
-                  repeat_family: Sequence[str] | None = None, *,
-                  overwrite: bool = True) -> AnnotationResult:
-    """Boolean column from RepeatMasker (UCSC rmsk.txt or .out), filtered by class/family.
-
-    The default column name is ``rmsk_<class>[_<family>]`` (``rmsk_LINE``, ``rmsk_LINE_L1``,
-    ``rmsk_L1`` for a family alone, ``rmsk`` for every repeat). A class or family the file
-    never names is refused (with the names present), not turned into an all-False column.
-    """
-    store = _as_store(store)
-    path = Path(path)
-    _require_examples(store, path)
-    column = check_name(store, name or default_name("rmsk", path, repeat_class, repeat_family),
-                        overwrite=overwrite)
+def _write_rmsk(store: Store, src: RepeatMasker, column: str) -> AnnotationResult:
+    path = Path(src.path)
     chroms = _query_names(path, set(store.obs["chrom"].astype(str)))
-    iv = read_rmsk(path, repeat_class=repeat_class, repeat_family=repeat_family, chroms=chroms)
-    return _annotate_intervals(store, iv, column, by, f"rmsk {path}")
+    iv = read_rmsk(path, repeat_class=src.repeat_class, repeat_family=src.repeat_family,
+                   chroms=chroms)
+    return _annotate_intervals(store, iv, column, src.by, f"rmsk {path}")
 
 
-def annotate_vcf(store: Store | str | os.PathLike, path: str | os.PathLike,
-                 name: str | None = None, match_alleles: bool = False, by: str = "variant",
-                 *, overwrite: bool = True) -> AnnotationResult:
-    """Boolean column: is the example's variant in the VCF (same chrom and start)?
-
-    With ``match_alleles`` REF must be equal and one of the example's *selected* alt alleles
-    (``alt_allele_indices``) must be among the record's ALTs; without it a position match
-    suffices (so a multi-allelic site's examples all match). ``by="locus"`` instead marks
-    examples whose pileup window holds a record's POS (as ``--by locus`` does for BEDs);
-    alleles cannot be matched then (the record is a different site).
-    """
-    store = _as_store(store)
-    path = Path(path)
-    if by not in ("variant", "locus"):
-        raise AnnotationError(f"by must be 'variant' or 'locus', got {by!r}")
-    if by == "locus" and match_alleles:
-        raise AnnotationError(f"{path}: --match-alleles compares an example's own site; it "
-                              "cannot be combined with --by locus")
-    _require_examples(store, path)
-    column = check_name(store, name or default_name("vcf", path), overwrite=overwrite,
-                        from_file=None if name else path)
+def _write_vcf(store: Store, src: Vcf, column: str) -> AnnotationResult:
+    path = Path(src.path)
     obs = _require_obs(store, ["chrom", "pos", "ref", "alt", "alt_allele_indices"])
     chrom_obs = obs["chrom"].astype(str).to_numpy()
-    chroms = _query_names(path, set(chrom_obs))
-    rec = read_vcf(path, chroms)
+    rec = read_vcf(path, _query_names(path, set(chrom_obs)))
     source = f"vcf {path}"
     mapping, warns = reconcile_chroms(set(rec.chrom), set(chrom_obs), source)
     if len(rec) == 0:
@@ -608,11 +560,10 @@ def annotate_vcf(store: Store | str | os.PathLike, path: str | os.PathLike,
     rchrom = np.array([mapping.get(c, c) for c in rec.chrom], dtype=object)
     rpos = np.asarray(rec.pos0, dtype=np.int64)
     unplaced = _count_unplaced(rchrom, chrom_obs, source, "records", warns)
-
-    if by == "locus":
+    if src.by == "locus":
         hit, matched = _vcf_by_locus(store, obs, chrom_obs, rchrom, rpos)
     else:
-        hit, matched = _vcf_by_site(obs, chrom_obs, rchrom, rpos, rec, match_alleles)
+        hit, matched = _vcf_by_site(obs, chrom_obs, rchrom, rpos, rec, src.match_alleles)
     if len(rec) and matched == 0:
         warns.append(f"{source}: none of {len(rec)} records matched an example; "
                      f"{column} is all False (wrong file, assembly or coordinates?)")
@@ -621,6 +572,164 @@ def annotate_vcf(store: Store | str | os.PathLike, path: str | os.PathLike,
         log.warning(w)
     return AnnotationResult(column, source, len(obs), int(hit.sum()), len(rec), matched,
                             len(rec) - matched, mapping, warns, unplaced)
+
+
+# --------------------------------------------------------------------------------------
+# Sources and the one entry
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A file to annotate from: ``name`` is the column (default: from the file, see
+    :func:`default_name`), ``by`` what of an example must overlap it (``variant``:
+    ``[pos, end)``; ``locus``: the pileup window)."""
+
+    path: str | os.PathLike
+    name: str | None = None
+    by: str = "variant"
+
+    kind = ""
+
+    def column(self) -> str:
+        return self.name or default_name(self.kind, self.path)
+
+    def named_by_file(self) -> Path | None:
+        """The file the column name was taken from (named in a refusal), if it was."""
+        return None if self.name else Path(self.path)
+
+    def check(self) -> None:
+        """Refuse options that cannot work, before any file or STORE is read."""
+        if self.by not in ("variant", "locus"):
+            raise AnnotationError(f"by must be 'variant' or 'locus', got {self.by!r}")
+
+    def write(self, store: Store, column: str) -> AnnotationResult:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Bed(_Source):
+    """BED(.gz), e.g. a GIAB stratification (0-based half-open); column: the file stem
+    without ``.bed``/``.gz`` (``GRCh38_segdups``)."""
+
+    kind = "bed"
+
+    def write(self, store: Store, column: str) -> AnnotationResult:
+        return _write_bed(store, self, column)
+
+
+@dataclass(frozen=True)
+class RepeatMasker(_Source):
+    """UCSC ``rmsk.txt(.gz)`` or RepeatMasker ``.out``, filtered by ``repeat_class`` /
+    ``repeat_family`` (names the file never uses are refused, with those present); column:
+    ``rmsk_<class>[_<family>]`` (``rmsk_LINE``, ``rmsk_L1`` for a family alone, ``rmsk``
+    for every repeat)."""
+
+    repeat_class: Sequence[str] | None = None
+    repeat_family: Sequence[str] | None = None
+
+    kind = "rmsk"
+
+    def column(self) -> str:
+        return self.name or default_name("rmsk", self.path, self.repeat_class,
+                                         self.repeat_family)
+
+    def check(self) -> None:
+        super().check()
+        for option, names in (("repeat_class", self.repeat_class),
+                              ("repeat_family", self.repeat_family)):
+            if isinstance(names, str):
+                raise AnnotationError(f"{option} takes a list of names (e.g. [{names!r}]), "
+                                      f"not the string {names!r}")
+
+    def named_by_file(self) -> Path | None:
+        return None  # the default name comes from the filters, not the file
+
+    def write(self, store: Store, column: str) -> AnnotationResult:
+        return _write_rmsk(store, self, column)
+
+
+@dataclass(frozen=True)
+class Vcf(_Source):
+    """A truth VCF(.gz): is the example's variant in it (same chrom and start)? column: the
+    file stem. With ``match_alleles`` REF must be equal and one of the example's *selected*
+    alt alleles (``alt_allele_indices``) among the record's ALTs; without it a position
+    match suffices (a multi-allelic site's examples all match). ``by="locus"`` marks
+    examples whose pileup window holds a record's POS (alleles cannot be matched then)."""
+
+    match_alleles: bool = False
+
+    kind = "vcf"
+
+    def check(self) -> None:
+        super().check()
+        if self.by == "locus" and self.match_alleles:
+            raise AnnotationError(f"{self.path}: --match-alleles compares an example's own "
+                                  "site; it cannot be combined with --by locus")
+
+    def write(self, store: Store, column: str) -> AnnotationResult:
+        return _write_vcf(store, self, column)
+
+
+Source = Bed | RepeatMasker | Vcf
+
+
+def plan_columns(sources: Sequence[Source]) -> list[str]:
+    """The column each source writes; two sources writing one column are refused (before
+    anything is written, so a clash in the second does not leave the first's behind)."""
+    if not sources:
+        raise AnnotationError("annotate: give --bed, --rmsk or --vcf (from Python: "
+                              "sources=[Bed(path), RepeatMasker(path), Vcf(path)])")
+    seen: dict[str, Source] = {}
+    for src in sources:
+        src.check()
+        col = src.column()
+        if col in seen:
+            raise AnnotationError(f"annotate: {Path(seen[col].path)} and {Path(src.path)} "
+                                  f"would both write column {col!r}; annotate them in "
+                                  "separate commands with --name")
+        seen[col] = src
+    return list(seen)
+
+
+def annotate(store: Store | str | os.PathLike, sources: Sequence[Source], *,
+             overwrite: bool = True) -> list[AnnotationResult]:
+    """Write one boolean obs column per source (:class:`Bed`, :class:`RepeatMasker`,
+    :class:`Vcf`); returns what each did, in order.
+
+    Every source's options and column name are checked against the STORE before the first
+    column is written. ``overwrite=False`` (the CLI's default) refuses an existing column.
+    """
+    store = as_store(store)
+    columns = plan_columns(sources)
+    _require_examples(store, Path(sources[0].path))
+    for src, col in zip(sources, columns, strict=True):
+        check_name(store, col, overwrite=overwrite, from_file=src.named_by_file())
+    return [src.write(store, col) for src, col in zip(sources, columns, strict=True)]
+
+
+def annotate_bed(store: Store | str | os.PathLike, path: str | os.PathLike,
+                 name: str | None = None, by: str = "variant", *,
+                 overwrite: bool = True) -> AnnotationResult:
+    """One :class:`Bed` source: ``annotate(store, [Bed(path, name, by)])``."""
+    return annotate(store, [Bed(path, name, by)], overwrite=overwrite)[0]
+
+
+def annotate_rmsk(store: Store | str | os.PathLike, path: str | os.PathLike,
+                  name: str | None = None, by: str = "variant",
+                  repeat_class: Sequence[str] | None = None,
+                  repeat_family: Sequence[str] | None = None, *,
+                  overwrite: bool = True) -> AnnotationResult:
+    """One :class:`RepeatMasker` source."""
+    src = RepeatMasker(path, name, by, repeat_class, repeat_family)
+    return annotate(store, [src], overwrite=overwrite)[0]
+
+
+def annotate_vcf(store: Store | str | os.PathLike, path: str | os.PathLike,
+                 name: str | None = None, match_alleles: bool = False, by: str = "variant",
+                 *, overwrite: bool = True) -> AnnotationResult:
+    """One :class:`Vcf` source."""
+    return annotate(store, [Vcf(path, name, by, match_alleles)], overwrite=overwrite)[0]
 
 
 def _vcf_by_site(obs: pd.DataFrame, chrom_obs: np.ndarray, rchrom: np.ndarray,

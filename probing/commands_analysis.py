@@ -1,6 +1,9 @@
 """CLI commands of the analysis engine: ``reduce``, ``cluster``, ``apply`` (see cli.py).
 
-Thin wrappers: parse options, call :mod:`probing.analysis`, print a summary. The heavy
+Thin wrappers: parse options, call :func:`probing.analysis.cluster` (or ``apply``), print a
+summary. Only the options typed on the command line are passed, so every default, and
+which options a method takes, is the API's (:mod:`probing.analysis.methods`); ``--help``
+shows those defaults. The heavy
 imports (scikit-learn, umap-learn, cuML) happen only when a command runs. Unlike the Python
 API (which replaces runs, for notebooks that re-run cells), the commands refuse to replace
 an existing run unless ``--overwrite`` is given, like ``extract`` and ``convert``.
@@ -10,19 +13,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from probing.analysis.errors import AnalysisError
+from probing.analysis.methods import (
+    DEFAULT_CLUSTER_METHOD,
+    DEFAULT_REDUCE_METHOD,
+    METHODS,
+    RunSettings,
+    get_method,
+    method_names,
+)
 from probing.store import Run
-
-SINGLE_LAYER = ("kmeans", "hkmeans", "spectral", "hspectral")
-HIERARCHICAL = ("hkmeans", "hspectral")
-DEFAULT_K = {"kmeans": 10, "spectral": 10, "hkmeans": 3, "hspectral": 3, "multilayer": 12}
-
-
-class AnalysisUsageError(AnalysisError):
-    """Command-line options that contradict each other or the chosen --method."""
 
 
 class _Format(logging.Formatter):
@@ -71,139 +74,155 @@ def _summary(run: Run) -> str:
     return "\n".join(lines)
 
 
-def _cluster_layers(method: str, layer: str | None, layers: str | None) -> list[str]:
-    """The layer(s) ``method`` clusters; refuses the option the method would ignore."""
-    if method == "multilayer":
-        if layer is not None:
-            raise AnalysisUsageError("--layer is for single-layer methods; --method "
-                                     "multilayer takes --layers a,b,c")
-        if not layers:
-            raise AnalysisUsageError("--method multilayer needs --layers a,b,c")
-        return [s.strip() for s in layers.split(",") if s.strip()]
-    if layers is not None:
-        raise AnalysisUsageError(f"--layers is for --method multilayer; --method {method} "
-                                 "clusters one layer: use --layer")
-    return [layer or "mixed5"]
+def _given(ctx: typer.Context, **values) -> dict:
+    """The options typed on the command line (the others keep the API's defaults)."""
+    sources = {k: ctx.get_parameter_source(k) for k in values}
+    return {k: v for k, v in values.items()
+            if sources[k] is not None and sources[k].name != "DEFAULT"}
 
 
-def _check_cluster_options(method: str, split: str) -> None:
-    if method not in DEFAULT_K:
-        raise AnalysisUsageError(f"--method must be kmeans, hkmeans, spectral, hspectral or "
-                                 f"multilayer, not {method!r}")
-    if split.strip().lower() != "auto" and method not in HIERARCHICAL:
-        raise AnalysisUsageError(f"--split is for --method hkmeans or hspectral, not {method}")
+def _default(method: str, option: str):
+    return METHODS[method].default(option)
+
+
+_WHO = {"hkmeans": "hierarchical", "hspectral": "hierarchical"}
+#: cluster flags whose API option has another name
+_API_NAME = {"landmarks": "n_landmarks", "layer_pca": "per_layer_pca"}
+
+
+def _defaults_of(option: str, named: str = "{value} {who}", sep: str = ", ") -> str:
+    """``10, 3 hierarchical, 12 multilayer``: the API's default of ``option`` per clustering
+    method, the usual one first (``--help`` text, so no default is written twice)."""
+    methods = method_names(clusters=True)
+    usual = _default(methods[0], option)
+    others = dict.fromkeys(named.format(value=_default(m, option), who=_WHO.get(m, m))
+                           for m in methods if _default(m, option) != usual)
+    return sep.join([str(usual), *others])
+
+
+_RUN = RunSettings()
+_CLUSTERING = method_names(clusters=True)
+_REDUCING = method_names(clusters=False)
+_UMAP_BY_DEFAULT = [m for m in _CLUSTERING if _default(m, "umap")]
+
+StoreArg = Annotated[Path, typer.Argument(help="STORE directory")]
+Backend = Annotated[str, typer.Option(help="auto | cuml | sklearn")]
+Seed = Annotated[int, typer.Option()]
+FitSample = Annotated[int | None, typer.Option("--fit-sample",
+                                               help="fit on N random rows, then apply to all")]
+Overwrite = Annotated[bool, typer.Option("--overwrite",
+                                         help="replace an existing run of the same name")]
+
+
+def reduce_cmd(
+    ctx: typer.Context,
+    store: StoreArg,
+    layer: Annotated[str, typer.Option(help="layer to reduce")] = _default("pca", "layer"),
+    method: Annotated[str, typer.Option(help=" | ".join(_REDUCING))] = DEFAULT_REDUCE_METHOD,
+    n_components: Annotated[int | None, typer.Option(
+        "--n-components", help="default " + ", ".join(
+            f"{_default(m, 'n_components')} for {m}" for m in _REDUCING))] = None,
+    normalize: Annotated[str, typer.Option(help="none | l2 | standardize")
+                         ] = _default("pca", "normalize"),
+    pca: Annotated[int, typer.Option(help="umap only: PCA components fed to UMAP (0 = raw)")
+                   ] = _default("umap", "pca"),
+    run: Annotated[str | None, typer.Option(help="run name (default: <method>-<layer>)")
+                   ] = None,
+    backend: Backend = _RUN.backend,
+    seed: Seed = _RUN.seed,
+    fit_sample: FitSample = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """PCA or UMAP of one layer; saved as a run in the STORE."""
+    setup_analysis_logging()
+    from probing import analysis as pa
+
+    r = pa.reduce(store, method=method, overwrite=overwrite,
+                  **_given(ctx, layer=layer, n_components=n_components, normalize=normalize,
+                           run=run, backend=backend, seed=seed, fit_sample=fit_sample),
+                  **{k: v or None for k, v in _given(ctx, pca=pca).items()})
+    typer.echo(_summary(r))
+
+
+def cluster_cmd(
+    ctx: typer.Context,
+    store: StoreArg,
+    layer: Annotated[str | None, typer.Option(
+        help=f"layer for {'/'.join(m for m in _CLUSTERING if m != 'multilayer')} "
+             f"(default {_default('kmeans', 'layer')})")] = None,
+    method: Annotated[str, typer.Option(help=" | ".join(_CLUSTERING))] = DEFAULT_CLUSTER_METHOD,
+    k: Annotated[int | None, typer.Option(
+        help="clusters (first level for hkmeans/hspectral); default "
+             + _defaults_of("k"))] = None,
+    split: Annotated[str, typer.Option(help="hierarchical: 'auto' or per-cluster counts like "
+                                            "3,2,4")] = _default("hkmeans", "split"),
+    layers: Annotated[str | None, typer.Option(help="multilayer only: comma-separated layers")
+                      ] = None,
+    pca: Annotated[int | None, typer.Option(
+        help="PCA components before clustering (0 = none); default "
+             + _defaults_of("pca", "{who} {value}") + " (after concat)")] = None,
+    layer_pca: Annotated[int, typer.Option("--layer-pca", help="multilayer: PCA per layer")
+                         ] = _default("multilayer", "per_layer_pca"),
+    normalize: Annotated[str | None, typer.Option(
+        help="none | l2 | standardize (default "
+             + _defaults_of("normalize", "{who} {value}", "; ") + ")")] = None,
+    umap: Annotated[bool | None, typer.Option(
+        "--umap/--no-umap", help=f"also fit a 2-D UMAP (default: {', '.join(_UMAP_BY_DEFAULT)} "
+                                 "only)")] = None,
+    n_init: Annotated[int, typer.Option("--n-init", help="k-means restarts")
+                      ] = _default("kmeans", "n_init"),
+    landmarks: Annotated[int, typer.Option(help="spectral: k-means landmarks")
+                         ] = _default("spectral", "n_landmarks"),
+    run: Annotated[str | None, typer.Option(
+        help="run name (default <method><k>-<layer>, e.g. kmeans10-mixed5, "
+             "multilayer12-3layers)")] = None,
+    backend: Backend = _RUN.backend,
+    seed: Seed = _RUN.seed,
+    fit_sample: FitSample = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Cluster a layer (or several) and save labels, models and coordinates as a run."""
+    setup_analysis_logging()
+    from probing import analysis as pa
+
+    get_method(method, clusters=True, option="--method")
+    given = _given(ctx, layer=layer, k=k, split=split, layers=layers, pca=pca,
+                   layer_pca=layer_pca, normalize=normalize, umap=umap, n_init=n_init, landmarks=landmarks, run=run,
+                   backend=backend, seed=seed, fit_sample=fit_sample)
+    options = {_API_NAME.get(name, name): value for name, value in given.items()}
+    if "pca" in options:
+        options["pca"] = options["pca"] or None  # --pca 0: no PCA
+    if "layers" in options:
+        options["layers"] = [s.strip() for s in options["layers"].split(",") if s.strip()]
+    r = pa.cluster(store, method, overwrite=overwrite, **options)
+    typer.echo(_summary(r))
+
+
+def apply_cmd(
+    store: Annotated[Path, typer.Argument(help="STORE holding the fitted run")],
+    run: Annotated[str, typer.Option(help="fitted run to re-apply")],
+    to: Annotated[Path, typer.Option("--to", help="STORE whose examples are projected "
+                                                  "(extracted with the same model and --pool)")],
+    name: Annotated[str | None, typer.Option(
+        help="run name in the target (default <run>-applied)")] = None,
+    label_col: Annotated[str | None, typer.Option(
+        "--label-col", help="target obs column to cross-tabulate, e.g. mosaic")] = None,
+    backend: Backend = _RUN.backend,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace an existing run of the same name in the target (never "
+                            "the applied run itself)")] = False,
+) -> None:
+    """Push another STORE's examples through a run's fitted models; print where they land."""
+    setup_analysis_logging()
+    from probing import analysis as pa
+
+    res = pa.apply(store, run, to, name=name, backend=backend, label_col=label_col,
+                   overwrite=overwrite)
+    typer.echo(str(res))
 
 
 def register(app: typer.Typer) -> None:
     """Attach ``reduce``, ``cluster`` and ``apply`` to the ``dvprobe`` app."""
-
-    @app.command("reduce")
-    def reduce_cmd(
-        store: Path = typer.Argument(..., help="STORE directory"),
-        layer: str = typer.Option("mixed5", help="layer to reduce"),
-        method: str = typer.Option("pca", help="pca | umap"),
-        n_components: int = typer.Option(None, "--n-components",
-                                         help="default 50 for pca, 2 for umap"),
-        normalize: str = typer.Option("none", help="none | l2 | standardize"),
-        pca: int = typer.Option(50, help="umap only: PCA components fed to UMAP (0 = raw)"),
-        run: str = typer.Option(None, help="run name (default: <method>-<layer>)"),
-        backend: str = typer.Option("auto", help="auto | cuml | sklearn"),
-        seed: int = typer.Option(0),
-        fit_sample: int = typer.Option(None, "--fit-sample",
-                                       help="fit on N random rows, then apply to all"),
-        overwrite: bool = typer.Option(False, "--overwrite",
-                                       help="replace an existing run of the same name"),
-    ) -> None:
-        """PCA or UMAP of one layer; saved as a run in the STORE."""
-        setup_analysis_logging()
-        from probing import analysis as pa
-
-        r = pa.reduce(store, layer, method=method, n_components=n_components,
-                      normalize=normalize, pca=pca or None, backend=backend, seed=seed,
-                      fit_sample=fit_sample, run=run, overwrite=overwrite)
-        typer.echo(_summary(r))
-
-    @app.command("cluster")
-    def cluster_cmd(
-        store: Path = typer.Argument(..., help="STORE directory"),
-        layer: str = typer.Option(None, help="layer for kmeans/hkmeans/spectral/hspectral "
-                                             "(default mixed5)"),
-        method: str = typer.Option("kmeans",
-                                   help="kmeans | hkmeans | spectral | hspectral | multilayer"),
-        k: int = typer.Option(None, help="clusters (first level for hkmeans/hspectral); "
-                                         "default 10, 3 hierarchical, 12 multilayer"),
-        split: str = typer.Option("auto", help="hierarchical: 'auto' or per-cluster counts "
-                                               "like 3,2,4"),
-        layers: str = typer.Option(None, help="multilayer only: comma-separated layers"),
-        pca: int = typer.Option(None, help="PCA components before clustering (0 = none); "
-                                           "default 50, multilayer 200 (after concat)"),
-        layer_pca: int = typer.Option(200, "--layer-pca", help="multilayer: PCA per layer"),
-        normalize: str = typer.Option(None, help="none | l2 | standardize (default none; "
-                                                 "multilayer l2)"),
-        umap: bool = typer.Option(None, "--umap/--no-umap",
-                                  help="also fit a 2-D UMAP (default: multilayer only)"),
-        n_init: int = typer.Option(10, "--n-init", help="k-means restarts"),
-        landmarks: int = typer.Option(1000, help="spectral: k-means landmarks"),
-        run: str = typer.Option(None, help="run name (default <method><k>-<layer>, e.g. "
-                                           "kmeans10-mixed5, multilayer12-3layers)"),
-        backend: str = typer.Option("auto", help="auto | cuml | sklearn"),
-        seed: int = typer.Option(0),
-        fit_sample: int = typer.Option(None, "--fit-sample",
-                                       help="fit on N random rows, then apply to all"),
-        overwrite: bool = typer.Option(False, "--overwrite",
-                                       help="replace an existing run of the same name"),
-    ) -> None:
-        """Cluster a layer (or several) and save labels, models and coordinates as a run."""
-        setup_analysis_logging()
-        from probing import analysis as pa
-
-        _check_cluster_options(method, split)
-        names = _cluster_layers(method, layer, layers)
-        k = DEFAULT_K[method] if k is None else k
-        common = dict(backend=backend, seed=seed, fit_sample=fit_sample, run=run,
-                      overwrite=overwrite)
-        norm = normalize or ("l2" if method == "multilayer" else "none")
-        p = None if pca == 0 else (pca if pca is not None else
-                                   (200 if method == "multilayer" else 50))
-        if method == "multilayer":
-            if p is None:
-                raise AnalysisUsageError("--method multilayer needs --pca > 0")
-            r = pa.multilayer(store, names, per_layer_pca=layer_pca, pca=p, k=k,
-                              normalize=norm, n_init=n_init,
-                              umap=True if umap is None else umap, **common)
-        elif method == "kmeans":
-            r = pa.kmeans(store, names[0], k=k, normalize=norm, pca=p, n_init=n_init,
-                          umap=bool(umap), **common)
-        elif method == "spectral":
-            r = pa.spectral(store, names[0], k=k, normalize=norm, pca=p,
-                            n_landmarks=landmarks, umap=bool(umap), **common)
-        elif method == "hkmeans":
-            r = pa.hierarchical_kmeans(store, names[0], k=k, split=split, normalize=norm,
-                                       pca=p, n_init=n_init, umap=bool(umap), **common)
-        else:
-            r = pa.hierarchical_spectral(store, names[0], k=k, split=split, normalize=norm,
-                                         pca=p, n_landmarks=landmarks, umap=bool(umap),
-                                         **common)
-        typer.echo(_summary(r))
-
-    @app.command("apply")
-    def apply_cmd(
-        store: Path = typer.Argument(..., help="STORE holding the fitted run"),
-        run: str = typer.Option(..., help="fitted run to re-apply"),
-        to: Path = typer.Option(..., "--to", help="STORE whose examples are projected "
-                                "(extracted with the same model and --pool)"),
-        name: str = typer.Option(None, help="run name in the target (default <run>-applied)"),
-        label_col: str = typer.Option(None, "--label-col",
-                                      help="target obs column to cross-tabulate, e.g. mosaic"),
-        backend: str = typer.Option("auto", help="auto | cuml | sklearn"),
-        overwrite: bool = typer.Option(False, "--overwrite",
-                                       help="replace an existing run of the same name in the "
-                                            "target (never the applied run itself)"),
-    ) -> None:
-        """Push another STORE's examples through a run's fitted models; print where they land."""
-        setup_analysis_logging()
-        from probing import analysis as pa
-
-        res = pa.apply(store, run, to, name=name, backend=backend, label_col=label_col,
-                       overwrite=overwrite)
-        typer.echo(str(res))
+    app.command("reduce")(reduce_cmd)
+    app.command("cluster")(cluster_cmd)
+    app.command("apply")(apply_cmd)

@@ -508,9 +508,9 @@ def test_multilayer_default_name_is_readable(tmp_path, blob_data):
     (lambda s: pa.multilayer(s, ["mixed5"], per_layer_pca=0, **SK), "--layer-pca must"),
 ])
 def test_bad_options_fail_before_any_fitting(blob_store, monkeypatch, call, message):
-    from probing.analysis import api
+    from probing.analysis import fit
 
-    monkeypatch.setattr(api, "fit_features", lambda *a, **k: pytest.fail("fitted first"))
+    monkeypatch.setattr(fit, "fit_features", lambda *a, **k: pytest.fail("fitted first"))
     with pytest.raises(pa.AnalysisError, match=re.escape(message)):
         call(blob_store)
     assert blob_store.runs == []
@@ -567,3 +567,57 @@ def test_silhouettes_are_logged_with_three_digits():
 
     assert format_scores({2: 0.27903512120246887, 3: 0.16125114262104034}) == \
         "{2: 0.279, 3: 0.161}"
+
+
+# -- one entry: pa.cluster(store, method, **options) over the method registry ---------------
+
+def test_an_unknown_method_is_refused_with_the_valid_ones(blob_store):
+    with pytest.raises(AnalysisError) as err:
+        pa.cluster(blob_store, "dbscan", k=3, **SK)
+    assert str(err.value) == ("method must be pca, umap, kmeans, hkmeans, spectral, hspectral "
+                              "or multilayer, not 'dbscan'")
+    assert pa.method_names() == list(pa.METHODS)
+    assert blob_store.runs == []
+
+
+def test_an_unknown_option_is_refused_with_the_methods_options(blob_store, monkeypatch):
+    from probing.analysis import fit
+
+    monkeypatch.setattr(fit, "fit_features", lambda *a, **k: pytest.fail("fitted first"))
+    with pytest.raises(AnalysisError) as err:
+        pa.cluster(blob_store, "kmeans", n_clusters=3, **SK)
+    assert str(err.value) == (
+        "method 'kmeans' has no option 'n_clusters' (kmeans options: layer, normalize, pca, "
+        "umap, k, n_init; every method: run, overwrite, backend, seed, fit_sample)")
+    # an option of another method says which methods take it
+    with pytest.raises(AnalysisError, match=r"^--split is for --method hkmeans or hspectral, "
+                                            r"not kmeans \(kmeans options: layer,"):
+        pa.kmeans(blob_store, split="2,2", **SK)
+    with pytest.raises(AnalysisError, match=r"^--landmarks is for --method spectral or "
+                                            r"hspectral, not hkmeans"):
+        pa.hierarchical_kmeans(blob_store, n_landmarks=50, **SK)
+    assert blob_store.runs == []
+
+
+@pytest.mark.parametrize("method", list(pa.METHODS))
+def test_every_option_a_method_lists_is_accepted_with_its_default(method):
+    from probing.analysis.methods import options_for
+
+    m = pa.METHODS[method]
+    defaults = {name: m.default(name) for name in m.option_names}
+    assert options_for(method, defaults) == options_for(method, {})
+
+
+def test_the_shortcuts_are_cluster_calls_and_runs_record_every_option(blob_store):
+    by_entry = pa.cluster(blob_store, "hkmeans", k=2, split="2,2", pca=8, run="a", **SK)
+    by_name = pa.hierarchical_kmeans(blob_store, "mixed5", k=2, split="2,2", pca=8, run="b",
+                                     **SK)
+    np.testing.assert_array_equal(by_entry.obs["node"], by_name.obs["node"])
+    assert by_entry.meta["params"] == by_name.meta["params"] == {
+        "method": "hkmeans", "layer": "mixed5", "normalize": "none", "pca": 8, "umap": False,
+        "k": 2, "split": "2,2", "max_split": 5, "min_cluster_size": 50, "n_init": 10}
+
+
+def test_multilayer_refuses_to_cluster_without_its_second_pca(blob_store):
+    with pytest.raises(AnalysisError, match=re.escape("--method multilayer needs --pca > 0")):
+        pa.multilayer(blob_store, ["mixed5"], pca=None, **SK)

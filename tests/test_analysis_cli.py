@@ -212,17 +212,27 @@ def test_hkmeans_default_names_differ_by_k(app, store12):
     (["cluster", "--run", "a/b"], "--run 'a/b': not a valid run name"),
     (["cluster", "--method", "hkmeans", "--k", 3, "--split", "2,2"], "--split gives 2"),
     (["cluster", "--split", "2,2"], "--split is for --method hkmeans or hspectral"),
-    (["cluster", "--layers", "mixed3", "--k", 4],
-     "--layers is for --method multilayer; --method kmeans clusters one layer: use --layer"),
-    (["cluster", "--method", "multilayer", "--layer", "mixed3"], "--layer is for single"),
+    (["cluster", "--layers", "mixed3", "--k", 4], "--layers is for --method multilayer, not kmeans"),
+    (["cluster", "--method", "multilayer", "--layer", "mixed3"],
+     "--layer is for --method pca, umap, kmeans, hkmeans, spectral or hspectral, not multilayer"),
+    (["cluster", "--method", "multilayer", "--layers", "mixed3", "--pca", 0],
+     "--method multilayer needs --pca > 0"),
+    (["cluster", "--method", "multilayer"], "multilayer needs at least one layer (--layers a,b,c"),
+    (["cluster", "--landmarks", 50], "--landmarks is for --method spectral or hspectral, not kmeans"),
+    (["cluster", "--method", "spectral", "--n-init", 3],
+     "--n-init is for --method kmeans, hkmeans or multilayer, not spectral"),
+    (["cluster", "--method", "pca"],
+     "--method must be kmeans, hkmeans, spectral, hspectral or multilayer, not 'pca'"),
+    (["reduce", "--method", "pca", "--pca", 7], "--pca is for --method umap, kmeans"),
+    (["reduce", "--method", "kmeans"], "--method must be pca or umap, not 'kmeans'"),
     (["reduce", "--n-components", 0], "--n-components must be >= 1, got 0"),
 ])
 def test_bad_cluster_and_reduce_options_fail_before_fitting(app, store12, monkeypatch, args,
                                                             message):
-    from probing.analysis import api
+    from probing.analysis import fit
 
     st, path = store12
-    monkeypatch.setattr(api, "fit_features", lambda *a, **k: pytest.fail("fitted first"))
+    monkeypatch.setattr(fit, "fit_features", lambda *a, **k: pytest.fail("fitted first"))
     exc = _fails(app, [args[0], path, *args[1:], *SK])
     assert isinstance(exc, AnalysisError) and message in str(exc), exc
     assert st.runs == []
@@ -249,3 +259,21 @@ def test_cluster_sizes_print_in_numeric_order(app, store12):
     sizes = re.search(r"sizes=\{(.*)\}", out).group(1)
     assert [kv.split(":")[0] for kv in sizes.split(", ")] == ["0", "0.0", "0.1", "1", "1.0",
                                                               "1.1"]
+
+
+def test_options_left_out_take_the_apis_defaults(app, store12):
+    """The command passes only what was typed: a run's recorded options are the API's."""
+    from probing.analysis import METHODS
+
+    st, path = store12
+    _ok(app, ["cluster", path, "--method", "multilayer", "--layers", "mixed3,mixed5",
+              "--layer-pca", 4, "--pca", 4, "--no-umap", "--run", "ml", *SK])
+    _ok(app, ["cluster", path, "--method", "hspectral", "--split", "2,2,2", "--pca", 0,
+              "--run", "hsp", *SK])
+    for run, method, typed in (("ml", "multilayer", {"layers": ["mixed3", "mixed5"],
+                                                      "per_layer_pca": 4, "pca": 4,
+                                                      "umap": False}),
+                               ("hsp", "hspectral", {"split": "2,2,2", "pca": None})):
+        m = METHODS[method]
+        expected = {"method": method, **{o: m.default(o) for o in m.option_names}, **typed}
+        assert st.load_run(run).meta["params"] == expected

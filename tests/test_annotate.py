@@ -8,6 +8,7 @@ spans several bases, and ``--by locus`` widens the query to pos-110 .. pos+110.
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -380,3 +381,52 @@ def test_store_without_examples_says_so(tmp_path):
             call()
     r = _cli(s.path, "--bed", bed)
     assert "no examples yet" in str(r.exception)
+
+
+# -- one entry for several sources: annotate(store, sources=[...]) ----------------------------
+
+
+def _annotations(store) -> pd.DataFrame:
+    """The annotation columns a STORE holds, by name (extraction columns left out)."""
+    st = open_store(store.path)
+    return st.obs[[c for c in st.obs.columns if c not in st._base_obs().columns]]
+
+
+def test_several_sources_in_one_call_write_what_the_cli_writes(tmp_path):
+    bed = write(tmp_path / "segdups.bed", "chr20\t100\t200\n")
+    rm = write(tmp_path / "rmsk.txt", RMSK)
+    vcf = write(tmp_path / "mosaic.vcf", VCF)
+    by_cli, by_api = make_store(tmp_path / "cli"), make_store(tmp_path / "api")
+    r = _cli(by_cli.path, "--bed", bed, "--rmsk", rm, "--repeat-class", "LINE", "--vcf", vcf,
+             "--by", "locus")
+    assert r.exit_code == 0, r.output
+    results = an.annotate(by_api, [an.Bed(bed, by="locus"),
+                                   an.RepeatMasker(rm, by="locus", repeat_class=["LINE"]),
+                                   an.Vcf(vcf, by="locus")])
+    assert [res.column for res in results] == ["segdups", "rmsk_LINE", "mosaic"]
+    pd.testing.assert_frame_equal(_annotations(by_api), _annotations(by_cli))
+    printed = [line for line in r.output.splitlines() if not line.startswith("dvprobe: warn")]
+    assert printed == [res.summary() for res in results]
+
+
+def test_a_clash_in_a_later_source_writes_nothing(store, tmp_path):
+    first = write(tmp_path / "first.bed", "chr20\t100\t200\n")
+    an.annotate_bed(store, write(tmp_path / "taken.bed", "chr21\t0\t100\n"))
+    (tmp_path / "b").mkdir()
+    twin = write(tmp_path / "b" / "first.bed", "chr21\t0\t100\n")
+    vcf = write(tmp_path / "m.vcf", VCF)
+    refusals = [
+        ([an.Bed(first), an.Bed(twin)], "would both write column 'first'"),
+        ([an.Bed(first), an.Bed(twin, name="taken")], "column 'taken' already exists"),
+        ([an.Bed(first), an.Vcf(vcf, by="locus", match_alleles=True)],
+         "--match-alleles compares an example's own site"),
+        ([an.Bed(first), an.Bed(twin, name="twin", by="window")], "by must be 'variant' or "
+                                                                 "'locus'"),
+        ([an.Bed(first), an.RepeatMasker(twin, repeat_class="LINE")],
+         "repeat_class takes a list of names"),
+        ([], "give --bed, --rmsk or --vcf"),
+    ]
+    for sources, message in refusals:
+        with pytest.raises(an.AnnotationError, match=re.escape(message)):
+            an.annotate(store, sources, overwrite=False)
+    assert list(_annotations(store).columns) == ["taken"]
