@@ -99,7 +99,7 @@ def scale_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
 
     Computed as ``-1 + x / 128`` in one pass over the uint8 pixels (``torch.add`` with a
     0-dim ``-1`` and ``alpha``; a cast, multiply and subtract took three passes over a
-    32-bit or 16-bit copy, ~2 % of a bf16 CPU forward). Every step is exact for 0..255
+    32-bit or 16-bit copy). Every step is exact for 0..255
     (powers of two; at most 8 significant bits), so float32 and bfloat16 give exactly
     DeepVariant's values. The 0-dim ``-1`` lives on the CPU whatever the images' device:
     PyTorch takes a 0-dim CPU tensor as a scalar in a CUDA op (no host-to-device copy per

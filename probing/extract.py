@@ -8,16 +8,15 @@ Ctrl-C therefore loses at most the uncommitted tail; re-running the same command
 to the last commit and continues from its cursor without decoding what came before.
 
 Storage dtypes: pooled rows (``max`` / ``mean``) are float32. ``flatten`` rows are stored as
-float16: a flattened mixed5 map is 36,864 values per example (~150 GB per chromosome in
+float16: a flattened mixed5 map is 36,864 values per example (about 150 GB per chromosome in
 float32), and the activations after BN+ReLU are well inside float16's range, with ~3
 significant digits, which is more than clustering / PCA need.
 
-Mixed precision (``dtype``): ``bf16`` loads the model in bfloat16 (CPU or CUDA; pooled
-embeddings agree with float32 to cosine > 0.999) and ``fp16`` in float16 (CUDA only), with the
-softmax in float32 either way. A model cast gives bit-for-bit what autocast of the float32
-model gives (every weight autocast would cast is cast once; pooled rows and probabilities
-compared), without autocast's per-forward cast of each weight: inference tensors are never
-in its cache. Activations are converted to the storage dtype on the device, after pooling.
+Mixed precision (``dtype``): ``bf16`` runs the engine in bfloat16 (CPU or CUDA; pooled
+embeddings agree with float32 to cosine > 0.999) and ``fp16`` in float16 (CUDA only), with
+the softmax in float32 either way. Casting the weights once gives bit-for-bit what autocast
+of the float32 model gives, without autocast's per-forward cast of each weight.
+Activations are converted to the storage dtype on the device, after pooling.
 """
 
 from __future__ import annotations
@@ -124,9 +123,8 @@ def default_workers(dev: torch.device) -> int:
     CUDA: up to 4 (leaving a core for the main process), so decoding keeps up with the GPU.
     CPU: 1 when a core is free beyond torch's compute threads, else 0. Without a free core
     a loader process takes its CPU from the compute threads anyway and adds the transfer of
-    every batch between processes: measured on 2 cores, decoding in the main process while
-    the worker threads compute (0.2 ms per example) is 6-7% faster in fp32 and bf16 than
-    one loader process (with batches split across the threads: ~3% fp32, ~10% bf16).
+    every batch between processes: on 2 cores, decoding in the main process while the
+    worker threads compute is faster than one loader process (docs/performance.md).
     """
     cpus = _usable_cpus()
     if dev.type == "cuda":

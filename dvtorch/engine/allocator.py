@@ -3,32 +3,26 @@
 Why: a CPU forward of Inception-v3 on a batch of DeepVariant pileups allocates and frees
 tens of MB of activations per layer. glibc's malloc serves blocks above its mmap threshold
 (dynamic, at most 32 MiB) with fresh ``mmap`` calls and returns the top of the heap to the
-OS above its trim threshold, so every forward touches new pages: measured here ~10,000
-minor page faults per fp32 forward of 16 examples, each one a kernel entry that zeroes a
-4 KiB page, and ~5-15 % of the forward's wall time. onnxruntime avoids the same cost with
-its own memory arena. Raising both thresholds makes malloc reuse the freed memory: page
-faults per forward drop to ~0 (a forward now and then still grows the heap once) and the
-process keeps its peak working set (it would reach that peak on the next batch anyway).
+OS above its trim threshold, so every forward touches new pages: thousands of minor page
+faults per forward, each a kernel entry that zeroes a 4 KiB page, a visible share of the
+forward's wall time. onnxruntime avoids the same cost with its own memory arena. Raising
+both thresholds makes malloc reuse the freed memory: page faults per forward drop to about
+zero and the process keeps its peak working set (it would reach it on the next batch).
 
-The batch-split forward (:mod:`dvtorch.parallel`) allocates in worker threads, and glibc
+The CPU engine's forwards run in worker threads (:mod:`dvtorch.engine.threads`), and glibc
 gives each thread an arena of its own whose heaps are mmapped 64 MiB regions that the
 thresholds above do not govern: a heap that becomes entirely free is unmapped at once, and
-a block larger than a heap is always mmapped and unmapped again. Measured with 2 threads
-(batch 32 as two slices of 16): in about a third of the processes a worker settled into
-unmapping and re-faulting a heap on every forward, ~10,800 page faults per forward for as
-long as the process ran (the oneDNN Graph forward then ran at 173-179 examples/s against
-186-196 in the other processes); with 64 examples per thread (batch 128) every forward
-faulted ~40,600 pages back in. So two more settings: one arena for all threads (``M_ARENA_MAX``: threads
-that start after this call share the main heap, which the thresholds govern; a few hundred
-allocations per forward contend for its lock), and a 64 MiB top pad (``M_TOP_PAD``), which
-stops glibc from unmapping a free heap in arenas that threads created before this call
-still use. With both, forwards after the first few fault 0-40 pages in every run measured.
+a block larger than a heap is always mmapped and unmapped again, so some processes settle
+into re-faulting a heap on every forward. So two more settings: one arena for all threads
+(``M_ARENA_MAX``: threads that start after this call share the main heap, which the
+thresholds govern), and a 64 MiB top pad (``M_TOP_PAD``), which stops glibc from
+unmapping a free heap in arenas that threads created before this call still use.
+Figures: docs/performance.md.
 
-This changes process-wide malloc settings, so nothing calls it on import: ``dvprobe
-extract`` / :func:`probing.extract.extract` call it for CPU runs, and a Python user can
-call it before their own inference loop (before the first forward, so that the
-batch-split worker threads start on the shared heap). It is a no-op (returning False) where the C
-library is not glibc.
+This changes process-wide malloc settings, so nothing calls it on import: the CPU engine
+(:class:`dvtorch.engine.cpu.CPUEngine`) calls it when built, and a Python user can call it
+before their own inference loop (before the first forward, so that worker threads start on
+the shared heap). It is a no-op (returning False) where the C library is not glibc.
 """
 
 from __future__ import annotations

@@ -168,18 +168,23 @@ def fused_model(model: nn.Module, dtype: torch.dtype, pack_batch: int) -> nn.Mod
 
 
 class CPUEngine(Engine):
-    """See the module docstring. ``batch_size``: the batch the weights are packed for."""
+    """See the module docstring. ``batch_size``: the batch the weights are packed for.
+    ``whole_batches``: None decides by memory; False always splits each batch (one batch's
+    worth of activations); True runs whole batches side by side regardless."""
 
     name = "cpu"
 
     def __init__(self, model: nn.Module, layers: Sequence[str], pool: str | None, *,
                  dtype: torch.dtype = torch.float32, batch_size: int = 32,
+                 whole_batches: bool | None = None,
                  log: Callable[[str], None] | None = None):
         super().__init__(layers, pool)
         reuse_freed_memory()  # before the workers start, so they share the main heap
         self.threads = torch.get_num_threads()
         self.dtype = dtype
-        self.depth = self._whole_batch_depth(model.input_shape, batch_size, log)
+        self.depth = self._whole_batch_depth(model.input_shape, batch_size, log) \
+            if whole_batches is None else (self.threads if whole_batches and self.threads > 1
+                                           else 0)
         ways = split_ways(batch_size, self.threads) if not self.depth else 1
         self._model = fused_model(model, dtype, slice_sizes(batch_size, ways)[0])
         self._install_captures(self._model)

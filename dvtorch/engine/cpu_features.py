@@ -1,10 +1,10 @@
 """What the CPU can do for bf16 inference.
 
-Why: ``--dtype bf16`` on CPU is 1.8-1.9x faster than float32 where the CPU has AVX-512 BF16
-and 2.5-3x where it also has AMX (README, Performance). On an AVX-512 CPU with neither,
-oneDNN emulates bf16 arithmetic: measured 3.5x *slower* than float32 (oneDNN capped at
-AVX512_CORE on the AMX machine). Below AVX-512, oneDNN has no bf16 convolution at all and
-its fused conv op raises, so the model must take ATen's plain (slow, correct) path.
+Why: ``--dtype bf16`` on CPU is much faster than float32 where the CPU has AVX-512 BF16,
+and faster still with AMX. On an AVX-512 CPU with neither, oneDNN emulates bf16 arithmetic,
+several times *slower* than float32. Below AVX-512, oneDNN has no bf16 convolution at all
+and its fused conv op raises, so the CPU engine keeps ATen's plain (slow, correct) path.
+Figures: docs/performance.md.
 """
 
 from __future__ import annotations
