@@ -98,6 +98,7 @@ READ_OVERLAP_BUFFER = 5
 SUBSAMPLE_SEED = 2101079370  # DeepVariant's default pileup random seed (used as our base seed)
 SUPPORTED_CHANNELS = (1, 2, 3, 4, 5, 6, 19)
 _SHARD_SPEC = re.compile(r"^(?P<base>.+)@(?P<n>\d+)(?P<suffix>\.[^/@]*)?$")
+_BASES = "ACGT"  # the row order of pysam's count_coverage
 _SKIP_FLAGS = 0x4 | 0x100 | 0x200 | 0x400 | 0x800  # unmapped, secondary, qcfail, dup, suppl
 
 # ASCII -> read_base pixel / canonical upper-case base.
@@ -357,8 +358,6 @@ def find_candidates(
         sites.sort(key=lambda s: (s.start, s.source))
     return sites
 
-
-_BASES = "ACGT"  # the row order of pysam's count_coverage
 
 
 def _indel_counts(
