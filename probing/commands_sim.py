@@ -1,17 +1,24 @@
-"""CLI commands of this area (registered by cli.py): ``simulate``, ``make-examples``.
+"""CLI commands of this area (registered by cli.py): ``simulate``, ``make-examples``, ``demo``.
 
-Thin wrappers over :func:`probing.simulate.simulate`,
-:func:`probing.make_examples.make_examples` and :func:`probing.demo.run_demo`.
+Thin wrappers: parse options into :class:`probing.simulate.SimulationConfig`,
+:class:`probing.make_examples.MakeExamplesConfig` or :class:`probing.demo.DemoConfig`, call
+the Python API and print its summary. Heavy imports happen inside the commands so
+``dvprobe --help`` stays fast.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
 from dvtorch.errors import DvprobeError
 from probing.demo import DEMO_LAYERS
+
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "--no-progress", help="No progress bar.")
+]
 
 
 def _pair(text: str, what: str) -> tuple[float, float]:
@@ -23,47 +30,61 @@ def _pair(text: str, what: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """Parse a comma-separated list (``chr20,chr21``), dropping empty items."""
+    return tuple(x for x in text.split(",") if x)
+
+
 def simulate_cmd(
-    out: Path = typer.Option(..., "--out", help="Output directory (created)."),
-    seed: int = typer.Option(0, help="Random seed; same seed -> same data."),
-    length: int = typer.Option(
-        400_000, help="Total reference length in bp (split 3:2 over two contigs)."
-    ),
-    contigs: str = typer.Option("chr20,chr21", help="Comma-separated contig names."),
-    coverage: float = typer.Option(30.0, help="Mean sequencing depth."),
-    read_length: int = typer.Option(150, help="Read length of each mate."),
-    insert_mean: float = typer.Option(400.0, help="Mean fragment length."),
-    insert_sd: float = typer.Option(80.0, help="Fragment length SD."),
-    n_line_families: int = typer.Option(2, help="LINE-like families (L1Sim1..)."),
-    line_copies: int = typer.Option(8, help="Copies per LINE family."),
-    line_length: int = typer.Option(6000, help="LINE consensus length."),
-    line_divergence: str = typer.Option("0.02,0.10", help="Copy divergence range lo,hi."),
-    young_fraction: float = typer.Option(0.3, help="Fraction of near-identical young copies."),
-    segdup_length: int = typer.Option(
-        8000, help="Reference segmental duplication length (0: none)."
-    ),
-    cnv_length: int = typer.Option(20_000, help="Sample copy-number gain length (0: none)."),
-    n_homopolymers: int = typer.Option(30, help="Planted homopolymers."),
-    n_strs: int = typer.Option(40, help="Planted short tandem repeats."),
-    n_low_complexity: int = typer.Option(15, help="Planted two-letter low-complexity runs."),
-    snv_rate: float = typer.Option(1e-3, help="Germline SNVs per bp."),
-    indel_rate: float = typer.Option(1.2e-4, help="Germline small indels per bp."),
-    n_mosaic: int = typer.Option(40, help="Mosaic SNVs."),
-    mosaic_vaf: str = typer.Option("0.03,0.20", help="Mosaic VAF range lo,hi."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace the files of an earlier simulation in --out."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "--no-progress", help="No progress bar."),
+    out: Annotated[Path, typer.Option("--out", help="Output directory (created).")],
+    seed: Annotated[int, typer.Option(help="Random seed; same seed -> same data.")] = 0,
+    length: Annotated[
+        int, typer.Option(help="Total reference length in bp (split 3:2 over two contigs).")
+    ] = 400_000,
+    contigs: Annotated[str, typer.Option(help="Comma-separated contig names.")] = "chr20,chr21",
+    coverage: Annotated[float, typer.Option(help="Mean sequencing depth.")] = 30.0,
+    read_length: Annotated[int, typer.Option(help="Read length of each mate.")] = 150,
+    insert_mean: Annotated[float, typer.Option(help="Mean fragment length.")] = 400.0,
+    insert_sd: Annotated[float, typer.Option(help="Fragment length SD.")] = 80.0,
+    n_line_families: Annotated[int, typer.Option(help="LINE-like families (L1Sim1..).")] = 2,
+    line_copies: Annotated[int, typer.Option(help="Copies per LINE family.")] = 8,
+    line_length: Annotated[int, typer.Option(help="LINE consensus length.")] = 6000,
+    line_divergence: Annotated[
+        str, typer.Option(help="Copy divergence range lo,hi.")
+    ] = "0.02,0.10",
+    young_fraction: Annotated[
+        float, typer.Option(help="Fraction of near-identical young copies.")
+    ] = 0.3,
+    segdup_length: Annotated[
+        int, typer.Option(help="Reference segmental duplication length (0: none).")
+    ] = 8000,
+    cnv_length: Annotated[
+        int, typer.Option(help="Sample copy-number gain length (0: none).")
+    ] = 20_000,
+    n_homopolymers: Annotated[int, typer.Option(help="Planted homopolymers.")] = 30,
+    n_strs: Annotated[int, typer.Option(help="Planted short tandem repeats.")] = 40,
+    n_low_complexity: Annotated[
+        int, typer.Option(help="Planted two-letter low-complexity runs.")
+    ] = 15,
+    snv_rate: Annotated[float, typer.Option(help="Germline SNVs per bp.")] = 1e-3,
+    indel_rate: Annotated[float, typer.Option(help="Germline small indels per bp.")] = 1.2e-4,
+    n_mosaic: Annotated[int, typer.Option(help="Mosaic SNVs.")] = 40,
+    mosaic_vaf: Annotated[str, typer.Option(help="Mosaic VAF range lo,hi.")] = "0.03,0.20",
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the files of an earlier simulation in --out."),
+    ] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Simulate a diploid sample with planted LINEs, segdup, CN gain, low-complexity
     repeats, germline and mosaic variants (FASTA, BAM, truth VCFs, rmsk, BEDs)."""
-    from probing.simulate import simulate
+    from probing.simulate import SimulationConfig, simulate, simulation_summary
 
-    files = simulate(
+    config = SimulationConfig(
         out,
         seed=seed,
         length=length,
-        contigs=tuple(c for c in contigs.split(",") if c),
+        contigs=_names(contigs),
         coverage=coverage,
         read_length=read_length,
         insert_mean=insert_mean,
@@ -83,66 +104,69 @@ def simulate_cmd(
         n_mosaic=n_mosaic,
         mosaic_vaf=_pair(mosaic_vaf, "mosaic-vaf"),
         overwrite=overwrite,
-        progress=not quiet,
     )
-    import json
-
-    counts = json.loads(files["manifest"].read_text())["counts"]
-    typer.echo(
-        f"simulated {counts['reads']} reads ({counts['misplaced_reads']} misplaced in "
-        f"repeats), {counts['germline_variants']} germline variants, "
-        f"{counts['mosaic_snvs']} mosaic SNVs, {counts['line_copies']} LINE copies "
-        f"-> {out}"
-    )
-    for role, p in files.items():
-        typer.echo(f"  {role:15s} {p}")
+    typer.echo(simulation_summary(simulate(config, progress=not quiet)))
 
 
 def make_examples_cmd(
-    ref: Path = typer.Option(..., "--ref", help="Reference FASTA (with .fai)."),
-    reads: Path = typer.Option(..., "--reads", help="Indexed, coordinate-sorted BAM/CRAM."),
-    out: str = typer.Option(
-        ..., "--out", help="Output file or sharded spec, e.g. examples.tfrecord@4.gz."
-    ),
-    sites: Path | None = typer.Option(
-        None,
-        "--sites",
-        help="VCF: make examples for these variants; BED: find candidates inside these regions.",
-    ),
-    candidates: bool = typer.Option(
-        False, "--candidates", help="Find candidates over the whole BAM."
-    ),
-    truth: list[Path] = typer.Option(
-        [], "--truth", help="Truth VCF(s) for labels (repeatable: germline + mosaic)."
-    ),
-    shards: int | None = typer.Option(
-        None, "--shards", help="Number of shards (or use name@N.gz)."
-    ),
-    width: int = typer.Option(221, help="Pileup width (odd)."),
-    height: int = typer.Option(100, help="Pileup height (5 reference rows + reads)."),
-    min_count: int = typer.Option(2, help="Candidates: min reads carrying the allele."),
-    min_fraction: float = typer.Option(0.05, help="Candidates: min allele fraction."),
-    ref_sites_fraction: float = typer.Option(
-        0.0, help="Candidates: fraction of other covered positions emitted as hom-ref examples."
-    ),
-    no_het_alt_images: bool = typer.Option(
-        False, "--no-het-alt-images", help="Multi-allelic: only single-alt examples."
-    ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace output files that already exist."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "--no-progress", help="No progress bar."),
+    ref: Annotated[Path, typer.Option("--ref", help="Reference FASTA (with .fai).")],
+    reads: Annotated[
+        Path, typer.Option("--reads", help="Indexed, coordinate-sorted BAM/CRAM.")
+    ],
+    out: Annotated[
+        str,
+        typer.Option("--out", help="Output file or sharded spec, e.g. examples.tfrecord@4.gz."),
+    ],
+    sites: Annotated[
+        Optional[Path],  # noqa: UP045  (typer needs Optional on py3.10)
+        typer.Option(
+            "--sites",
+            help="VCF: make examples for these variants; BED: find candidates inside these "
+            "regions.",
+        ),
+    ] = None,
+    candidates: Annotated[
+        bool, typer.Option("--candidates", help="Find candidates over the whole BAM.")
+    ] = False,
+    truth: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option("--truth", help="Truth VCF(s) for labels (repeatable: germline + mosaic)."),
+    ] = None,
+    shards: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--shards", help="Number of shards (or use name@N.gz)."),
+    ] = None,
+    width: Annotated[int, typer.Option(help="Pileup width (odd).")] = 221,
+    height: Annotated[int, typer.Option(help="Pileup height (5 reference rows + reads).")] = 100,
+    min_count: Annotated[
+        int, typer.Option(help="Candidates: min reads carrying the allele.")
+    ] = 2,
+    min_fraction: Annotated[float, typer.Option(help="Candidates: min allele fraction.")] = 0.05,
+    ref_sites_fraction: Annotated[
+        float,
+        typer.Option(
+            help="Candidates: fraction of other covered positions emitted as hom-ref examples."
+        ),
+    ] = 0.0,
+    no_het_alt_images: Annotated[
+        bool,
+        typer.Option("--no-het-alt-images", help="Multi-allelic: only single-alt examples."),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace output files that already exist.")
+    ] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Encode DeepVariant-format pileup examples (100x221x7 WGS channels) with pysam."""
-    from probing.make_examples import make_examples
+    from probing.make_examples import MakeExamplesConfig, make_examples
 
-    res = make_examples(
+    config = MakeExamplesConfig(
         ref,
         reads,
         out,
         sites=sites,
         candidates=candidates,
-        truth=truth or None,
+        truth=truth,
         shards=shards,
         width=width,
         height=height,
@@ -151,39 +175,47 @@ def make_examples_cmd(
         ref_sites_fraction=ref_sites_fraction,
         het_alt_images=not no_het_alt_images,
         overwrite=overwrite,
-        progress=not quiet,
     )
-    typer.echo(res.summary())
+    typer.echo(make_examples(config, progress=not quiet).summary())
 
 
 def demo_cmd(
-    out: Path = typer.Option(Path("dvprobe-demo"), "--out", help="Output directory."),
-    model: Path | None = typer.Option(
-        None, "--model", help="BUNDLE from `dvprobe convert` (default: untrained reference)."
-    ),
-    seed: int = typer.Option(0, help="Seed of the simulation, model and analyses."),
-    length: int = typer.Option(400_000, help="Simulated genome length in bp."),
-    coverage: float = typer.Option(30.0, help="Simulated sequencing depth."),
-    n_mosaic: int = typer.Option(42, help="Planted mosaic SNVs (the blog pushed 42 through)."),
-    ref_sites_fraction: float = typer.Option(
-        0.005, help="Share of other covered positions emitted as hom-ref examples."
-    ),
-    layers: str = typer.Option(",".join(DEMO_LAYERS), help="Layers to extract (need mixed5)."),
-    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 for extraction."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    backend: str = typer.Option("auto", help="Analysis backend: auto | cuml | sklearn."),
-    quiet: bool = typer.Option(False, "--quiet", "--no-progress", help="Only the final summary."),
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("dvprobe-demo"),
+    model: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--model", help="BUNDLE from `dvprobe convert` (default: untrained reference)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the simulation, model and analyses.")] = 0,
+    length: Annotated[int, typer.Option(help="Simulated genome length in bp.")] = 400_000,
+    coverage: Annotated[float, typer.Option(help="Simulated sequencing depth.")] = 30.0,
+    n_mosaic: Annotated[
+        int, typer.Option(help="Planted mosaic SNVs (the blog pushed 42 through).")
+    ] = 42,
+    ref_sites_fraction: Annotated[
+        float, typer.Option(help="Share of other covered positions emitted as hom-ref examples.")
+    ] = 0.005,
+    layers: Annotated[
+        str, typer.Option(help="Layers to extract (need mixed5).")
+    ] = ",".join(DEMO_LAYERS),
+    dtype: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 for extraction.")] = "fp32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    backend: Annotated[
+        str, typer.Option(help="Analysis backend: auto | cuml | sklearn.")
+    ] = "auto",
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "--no-progress", help="Only the final summary.")
+    ] = False,
 ) -> None:
     """Run the whole job on simulated data: simulate -> make-examples -> extract -> cluster
     (k-means, hierarchical, multi-layer) -> annotate with the planted truth -> enrich -> report.
     """
     from probing.commands_analysis import setup_analysis_logging
-    from probing.demo import run_demo
+    from probing.demo import DemoConfig, run_demo
 
-    if not quiet:
-        setup_analysis_logging()
-    res = run_demo(
+    config = DemoConfig(
         out,
         model=model,
         seed=seed,
@@ -191,13 +223,15 @@ def demo_cmd(
         coverage=coverage,
         n_mosaic=n_mosaic,
         ref_sites_fraction=ref_sites_fraction,
-        layers=[x for x in layers.split(",") if x],
+        layers=_names(layers),
         dtype=dtype,
         device=device,
         batch_size=batch_size,
         backend=backend,
-        progress=not quiet,
     )
+    if not quiet:
+        setup_analysis_logging()
+    res = run_demo(config, progress=not quiet)
     typer.echo("")
     typer.echo(res.summary())
 

@@ -1,21 +1,26 @@
 """The one-command demo: the blog's whole analysis on a simulated sample with planted concepts.
 
-``run_demo(out)`` chains the public APIs, exactly as a user would on real data:
+``run_demo(DemoConfig(out))`` chains the public APIs, exactly as a user would on real data,
+one named stage each:
 
-1. :func:`probing.simulate.simulate` — FASTA, BAM, truth VCFs, rmsk and stratification BEDs
-   with planted LINEs, segdup, CN gain, low-complexity runs, germline and mosaic variants;
-2. :func:`probing.make_examples.make_examples` — DeepVariant-format examples at candidate
-   sites plus a sample of hom-ref positions (labels from the truth VCFs), and a second set at
-   the mosaic truth sites (the blog's "42 known mosaic variants");
-3. the model — the user's converted bundle (``model=``) or an *untrained* seeded reference
+1. ``simulate`` -- :func:`probing.simulate.simulate`: FASTA, BAM, truth VCFs, rmsk and
+   stratification BEDs with planted LINEs, segdup, CN gain, low-complexity runs, germline and
+   mosaic variants;
+2. ``make_examples`` -- :func:`probing.make_examples.make_examples`: DeepVariant-format
+   examples at candidate sites plus a sample of hom-ref positions (labels from the truth
+   VCFs), and a second set at the mosaic truth sites (the blog's "42 known mosaic variants");
+3. the model -- the user's converted bundle (``model=``) or an *untrained* seeded reference
    bundle, which is said loudly in the summary: its clusters reflect how an arbitrary
    Inception-v3 responds to pileups, not what DeepVariant learned;
-4. :func:`probing.extract.extract` of six layers (max-pooled);
-5. k-means (k=10) + UMAP on mixed5, hierarchical k-means (3 → auto split) on mixed5, the
-   multi-layer pipeline (k=12), and ``apply`` of the mosaic set through the k-means run;
-6. :mod:`probing.annotate` with the planted truth, :mod:`probing.enrich`, a linear probe
-   of every layer for every planted concept (:mod:`probing.probe`), and the offline HTML
-   report.
+4. ``extract`` -- :func:`probing.extract.extract` of six layers (max-pooled);
+5. ``annotate`` -- :mod:`probing.annotate` with the planted truth;
+6. ``cluster`` -- k-means (k=10) + UMAP on mixed5, hierarchical k-means (3 -> auto split)
+   on mixed5, the multi-layer pipeline (k=12), and ``apply`` of the mosaic set through the
+   k-means run;
+7. ``enrich`` -- :mod:`probing.enrich` of every run against the planted concepts;
+8. ``probe`` -- a linear probe of every layer for every planted concept
+   (:mod:`probing.probe`);
+9. ``report`` -- the offline HTML report.
 
 Every intermediate is an ordinary file the other commands accept (the STORE can be clustered
 again, the examples re-extracted with another model), so the demo doubles as a template.
@@ -28,7 +33,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +58,81 @@ CONCEPT_COLUMNS = {
     "mosaic": ("mosaic", "vcf"),
     "germline": ("germline", "vcf"),
 }
+
+#: concepts the mosaic truth set is annotated with: not ``germline``, because the simulation
+#: places every mosaic SNV at least 160 bp from the germline variants, so none of its
+#: examples can match one (annotating would only warn that the truth VCF matched nothing).
+MOSAIC_SET_CONCEPTS = tuple(c for c in CONCEPT_COLUMNS if c != "germline")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Where the demo writes, which model it probes, and the sizes of every stage.
+
+    ``model`` is a BUNDLE from ``dvprobe convert`` (or ``weights fetch`` + convert); without
+    it a seeded untrained reference bundle is written to ``out/model``. Sizes are fields so
+    tests can run the same path in seconds; ``sim_options`` holds further fields of
+    :class:`probing.simulate.SimulationConfig` (e.g. fewer, shorter LINE copies for a tiny
+    genome). Checked when built (``DvprobeError``), simulation parameters included.
+    """
+
+    out: str | os.PathLike
+    model: str | os.PathLike | None = None
+    seed: int = 0
+    length: int = 400_000
+    coverage: float = 30.0
+    n_mosaic: int = 42
+    ref_sites_fraction: float = 0.005
+    layers: Sequence[str] = DEMO_LAYERS
+    dtype: str = "fp32"
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    backend: str = "auto"
+    k: int = 10
+    multilayer_k: int = 12
+    report_points: int = 20000
+    sim_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out).expanduser())
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "sim_options", dict(self.sim_options or {}))
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse what would fail later (no mixed5, bad simulation parameters) now."""
+        if "mixed5" not in self.layers:
+            raise DvprobeError(
+                f"the demo clusters mixed5 (as the blog); --layers {list(self.layers)} lacks it"
+            )
+        self.simulation(self.out / "sim")
+
+    def simulation(self, out: Path):
+        """The :class:`probing.simulate.SimulationConfig` of the demo's sample in ``out``."""
+        from probing.simulate import SimulationConfig
+
+        try:
+            return SimulationConfig(out, seed=self.seed, length=self.length,
+                                    coverage=self.coverage, n_mosaic=self.n_mosaic,
+                                    overwrite=True,  # an unfinished earlier attempt
+                                    **self.sim_options)
+        except TypeError as exc:  # an unknown or repeated name in sim_options
+            raise DvprobeError(f"sim_options: {exc}") from None
+
+    def stamp(self) -> dict:
+        """The parameters that decide whether finished steps in ``out`` can be reused."""
+        return {
+            "model": str(self.model) if self.model else None,
+            "seed": self.seed,
+            "length": self.length,
+            "coverage": self.coverage,
+            "n_mosaic": self.n_mosaic,
+            "ref_sites_fraction": self.ref_sites_fraction,
+            "layers": list(self.layers),
+            "dtype": self.dtype,
+            "sim_options": self.sim_options,
+        }
 
 
 @dataclass
@@ -155,15 +235,18 @@ def format_probes(best: pd.DataFrame) -> str:
     return _fixed_width(rows)
 
 
-def annotate_planted(store, truth_dir: str | os.PathLike) -> list[str]:
-    """Annotate ``store`` with every planted concept of a simulation; returns the columns."""
+def annotate_planted(store, truth_dir: str | os.PathLike,
+                     concepts: Iterable[str] | None = None) -> list[str]:
+    """Annotate ``store`` with the planted concepts of a simulation (all of them, or those
+    named in ``concepts``); returns the columns written."""
     from probing.annotate import annotate_bed, annotate_rmsk, annotate_vcf
     from probing.simulate import planted_concepts
 
     files = planted_concepts(truth_dir)
+    wanted = set(CONCEPT_COLUMNS if concepts is None else concepts)
     cols = []
     for concept, (column, kind) in CONCEPT_COLUMNS.items():
-        if concept not in files:
+        if concept not in files or concept not in wanted:
             continue
         path = files[concept]
         if kind == "rmsk":
@@ -174,17 +257,6 @@ def annotate_planted(store, truth_dir: str | os.PathLike) -> list[str]:
             annotate_vcf(store, path, name=column)
         cols.append(column)
     return cols
-
-
-@contextmanager
-def _timed(seconds: dict[str, float], name: str, log: Callable[[str], None]):
-    """Log the step and add its wall time to ``seconds[name]``."""
-    log(f"== {name}")
-    t = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
 
 
 OWNED = ("sim", "examples", "mosaic_examples", "model", "store", "mosaic_store", "enrichment")
@@ -210,7 +282,7 @@ def _reset_if_changed(out: Path, params: dict, log: Callable[[str], None]) -> No
             old = json.loads(stamp.read_text())
         except json.JSONDecodeError:
             old = None
-        if old == params:
+        if old == json.loads(json.dumps(params)):  # as read back: tuples become lists
             return
         log(f"parameters differ from the previous run in {out}: starting over")
         for name in OWNED:
@@ -226,217 +298,296 @@ def _reset_if_changed(out: Path, params: dict, log: Callable[[str], None]) -> No
     stamp.write_text(json.dumps(params, indent=1) + "\n")
 
 
-def run_demo(
-    out: str | os.PathLike,
-    *,
-    model: str | os.PathLike | None = None,
-    seed: int = 0,
-    length: int = 400_000,
-    coverage: float = 30.0,
-    n_mosaic: int = 42,
-    ref_sites_fraction: float = 0.005,
-    layers: Sequence[str] = DEMO_LAYERS,
-    dtype: str = "fp32",
-    device: str = "auto",
-    batch_size: int = 32,
-    workers: int | None = None,
-    backend: str = "auto",
-    k: int = 10,
-    multilayer_k: int = 12,
-    report_points: int = 20000,
-    sim_options: dict | None = None,
-    progress: bool = True,
-) -> DemoResult:
-    """Run the whole pipeline into ``out`` (see module doc) and return a :class:`DemoResult`.
+@dataclass(frozen=True)
+class _Paths:
+    """Where each stage writes inside the demo's ``out``."""
 
-    ``model`` is a BUNDLE from ``dvprobe convert`` (or ``weights fetch`` + convert); without
-    it a seeded untrained reference bundle is written to ``out/model``. Sizes are flags so
-    tests can run the same path in seconds; ``sim_options`` passes further keyword arguments
-    to :func:`probing.simulate.simulate` (e.g. fewer, shorter LINE copies for a tiny genome).
-    """
-    import dvtorch
-    from dvtorch.bundle import META_FILE, read_meta
-    from probing import analysis as pa
-    from probing.enrich import best_clusters, enrich, landing, write_enrichment
-    from probing.extract import extract
-    from probing.make_examples import make_examples
-    from probing.probe import ProbeError, probe_layers, save_probes, write_probes
-    from probing.report import build_report
-    from probing.simulate import simulate
-    from probing.store import open_store
+    out: Path
 
-    layers = list(layers)
-    if "mixed5" not in layers:
-        raise DvprobeError(f"the demo clusters mixed5 (as the blog); --layers {layers} lacks it")
-    # Refuse a bad device or model now, not after simulating and making examples.
-    from probing.extract import resolve_device
+    @property
+    def sim(self) -> Path:
+        return self.out / "sim"
 
-    resolve_device(device)
-    if model:
-        read_meta(model)
-    out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
+    @property
+    def examples(self) -> Path:
+        return self.out / "examples"
 
-    def log(msg: str) -> None:
-        if progress:
+    @property
+    def examples_spec(self) -> str:
+        return str(self.examples / "examples.tfrecord@2.gz")
+
+    @property
+    def mosaic_examples(self) -> Path:
+        return self.out / "mosaic_examples"
+
+    @property
+    def mosaic_spec(self) -> str:
+        return str(self.mosaic_examples / "mosaic.tfrecord.gz")
+
+    @property
+    def model(self) -> Path:
+        return self.out / "model"
+
+    @property
+    def store(self) -> Path:
+        return self.out / "store"
+
+    @property
+    def mosaic_store(self) -> Path:
+        return self.out / "mosaic_store"
+
+    @property
+    def enrichment(self) -> Path:
+        return self.out / "enrichment"
+
+
+@dataclass
+class _Demo:
+    """One demo run: its config, where it writes, its log and the time of each stage."""
+
+    config: DemoConfig
+    progress: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> _Paths:
+        return _Paths(self.config.out)
+
+    def log(self, msg: str) -> None:
+        if self.progress:
             print(f"[dvprobe demo] {msg}", flush=True)
 
-    params = {
-        "model": str(model) if model else None,
-        "seed": seed,
-        "length": length,
-        "coverage": coverage,
-        "n_mosaic": n_mosaic,
-        "ref_sites_fraction": ref_sites_fraction,
-        "layers": layers,
-        "dtype": dtype,
-        "sim_options": sim_options or {},
-    }
-    _reset_if_changed(out, params, log)
-    sim_dir = out / "sim"
-    with _timed(seconds, "simulate", log):
-        if not _done(sim_dir):
-            simulate(
-                sim_dir,
-                seed=seed,
-                length=length,
-                coverage=coverage,
-                n_mosaic=n_mosaic,
-                overwrite=True,  # an unfinished earlier attempt (no done mark)
-                progress=progress,
-                **(sim_options or {}),
-            )
-            _mark(sim_dir, {"seed": seed, "length": length, "coverage": coverage})
-        else:
-            log(f"reusing {sim_dir}")
-        truth = json.loads((sim_dir / "truth.json").read_text())["files"]
-        ref, bam = sim_dir / truth["reference"], sim_dir / truth["bam"]
-        germline, mosaic = sim_dir / truth["truth_vcf"], sim_dir / truth["mosaic_vcf"]
-
-    ex_dir, mos_dir = out / "examples", out / "mosaic_examples"
-    spec = str(ex_dir / "examples.tfrecord@2.gz")
-    mos_spec = str(mos_dir / "mosaic.tfrecord.gz")
-
-    def encode(directory: Path, examples_spec: str, **options) -> None:
-        """make_examples into ``directory`` unless a finished earlier run left it there."""
-        if _done(directory):
-            return
-        directory.mkdir(parents=True, exist_ok=True)
-        res = make_examples(ref, bam, examples_spec, truth=[germline, mosaic],
-                            overwrite=True, progress=progress, **options)
-        log(res.summary())
-        _mark(directory, {"n": res.n_examples})
-
-    with _timed(seconds, "make_examples", log):
-        encode(ex_dir, spec, candidates=True, ref_sites_fraction=ref_sites_fraction)
-        encode(mos_dir, mos_spec, sites=mosaic, het_alt_images=False)
-
-    if model is None:
-        bundle = out / "model"
-        if not (bundle / META_FILE).is_file():
-            dvtorch.reference_bundle(bundle, seed=seed, overwrite=True)
-    else:
-        bundle = Path(model).expanduser()
-    untrained = bool(read_meta(bundle).get("untrained", False))
-
-    store_path, mos_store_path = out / "store", out / "mosaic_store"
-    with _timed(seconds, "extract", log):
-        common = dict(
-            layers=layers,
-            pool="max",
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            dtype=dtype,
-            progress=progress,
-        )
-        store = extract(bundle, spec, store_path, **common)
-        mos_store = extract(bundle, mos_spec, mos_store_path, **common)
-
-    with _timed(seconds, "annotate", log):
-        columns = annotate_planted(store, sim_dir)
-        annotate_planted(mos_store, sim_dir)
-        store, mos_store = open_store(store_path), open_store(mos_store_path)
-
-    with _timed(seconds, "cluster", log):
-        pa.kmeans(
-            store, "mixed5", k=k, pca=50, umap=True, backend=backend, seed=seed, run=KMEANS_RUN
-        )
-        pa.hierarchical_kmeans(
-            store,
-            "mixed5",
-            k=3,
-            split="auto",
-            pca=50,
-            umap=True,
-            backend=backend,
-            seed=seed,
-            run=HKMEANS_RUN,
-        )
-        pa.multilayer(
-            store, layers, k=multilayer_k, umap=True, backend=backend, seed=seed, run=MULTILAYER_RUN
-        )
-        applied = pa.apply(store, KMEANS_RUN, mos_store, name=MOSAIC_RUN, backend=backend)
-
-    with _timed(seconds, "enrich", log):
-        enrich_dir = out / "enrichment"
-        enrich_dir.mkdir(exist_ok=True)
-        recovery, written = {}, []
-        for run, level in (
-            (KMEANS_RUN, "cluster"),
-            (HKMEANS_RUN, "node"),
-            (MULTILAYER_RUN, "cluster"),
-        ):
-            res = enrich(store, run, columns, level=level)
-            written.append(write_enrichment(res, enrich_dir / f"{run}.md"))
-            written.append(write_enrichment(res, enrich_dir / f"{run}.csv"))
-            if run != HKMEANS_RUN:
-                recovery[run] = best_clusters(res.table)
-        vc = applied.counts["n"]
-        mosaic_landing = landing(applied.run.obs[applied.column], None, MOSAIC_RUN).where()
-
-    with _timed(seconds, "probe", log):
-        # Blocks of a twentieth of the simulated genome (20 kb for the default 400 kb): the
-        # 1 Mb default of `dvprobe probe` is for whole genomes. A concept too rare for the
-        # folds is listed as not probed; none probeable (a tiny test genome) is said, not fatal.
+    @contextmanager
+    def stage(self, name: str):
+        """Log the stage and add its wall time to ``seconds[name]``."""
+        self.log(f"== {name}")
+        t = time.perf_counter()
         try:
-            probes = probe_layers(store, columns, layers, block_bp=max(1_000, length // 20),
-                                  seed=seed, progress=False)
-        except ProbeError as exc:
-            probes = None
-            log(f"linear probes skipped: {exc}")
-        if probes is not None:
-            save_probes(store, probes, "planted")
-            written.append(write_probes(probes, enrich_dir / "probes.md"))
-            for note in probes.notes:
-                log(f"probe note: {note}")
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
-    with _timed(seconds, "report", log):
-        report = build_report(
-            store,
-            out / "report.html",
-            max_points=report_points,
-            examples=spec,
-            seed=seed,
-            title="dvprobe demo" + (" (UNTRAINED model)" if untrained else ""),
-        )
-        log(report.summary())
 
+@dataclass(frozen=True)
+class _Sample:
+    """The simulated files the later stages read."""
+
+    directory: Path
+    ref: Path
+    bam: Path
+    germline: Path
+    mosaic: Path
+
+
+def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
+    """Run the whole pipeline into ``config.out`` (see the module docstring) and return a
+    :class:`DemoResult`. ``progress``: log each stage and show progress bars."""
+    _check_device_and_model(config)
+    demo = _Demo(config, progress)
+    config.out.mkdir(parents=True, exist_ok=True)
+    _reset_if_changed(config.out, config.stamp(), demo.log)
+    paths = demo.paths
+    with demo.stage("simulate"):
+        sample = _simulate(demo)
+    with demo.stage("make_examples"):
+        _make_examples(demo, sample)
+    bundle, untrained = _model(demo)
+    with demo.stage("extract"):
+        store = _extract(demo, bundle, paths.examples_spec, paths.store)
+        mos_store = _extract(demo, bundle, paths.mosaic_spec, paths.mosaic_store)
+    with demo.stage("annotate"):
+        store, mos_store, columns = _annotate(paths, store, mos_store, sample)
+    with demo.stage("cluster"):
+        applied = _cluster(demo, store, mos_store)
+    with demo.stage("enrich"):
+        enriched = _enrich(demo, store, columns, applied)
+    with demo.stage("probe"):
+        probes = _probe(demo, store, columns, enriched.files)
+    with demo.stage("report"):
+        report = _report(demo, store, untrained)
     return DemoResult(
-        out=out,
-        report=report.path,
-        store=store_path,
-        mosaic_store=mos_store_path,
+        out=config.out,
+        report=report,
+        store=paths.store,
+        mosaic_store=paths.mosaic_store,
         untrained=untrained,
         n_examples=store.n,
         n_mosaic_examples=mos_store.n,
-        recovery=recovery,
-        mosaic_landing=mosaic_landing,
-        mosaic_counts=vc,
-        seconds=seconds,
-        enrichment_files=written,
+        recovery=enriched.recovery,
+        mosaic_landing=enriched.mosaic_landing,
+        mosaic_counts=enriched.mosaic_counts,
+        seconds=demo.seconds,
+        enrichment_files=enriched.files,
         probes=probes.best() if probes is not None else None,
         probe_header=(f"linear probes, held-out AUROC over {probes.folds} folds by "
                       f"{probes.block_bp // 1000} kb block" if probes is not None else ""),
     )
+
+
+def _check_device_and_model(config: DemoConfig) -> None:
+    """Refuse a bad device or model now, not after simulating and making examples."""
+    from dvtorch.bundle import read_meta
+    from probing.extract import resolve_device
+
+    resolve_device(config.device)
+    if config.model:
+        read_meta(config.model)
+
+
+def _simulate(demo: _Demo) -> _Sample:
+    """The simulated sample (reused when a finished earlier run left it)."""
+    from probing.simulate import simulate
+
+    config, directory = demo.config, demo.paths.sim
+    if not _done(directory):
+        simulate(config.simulation(directory), progress=demo.progress)
+        _mark(directory, {"seed": config.seed, "length": config.length,
+                          "coverage": config.coverage})
+    else:
+        demo.log(f"reusing {directory}")
+    files = json.loads((directory / "truth.json").read_text())["files"]
+    return _Sample(directory, directory / files["reference"], directory / files["bam"],
+                   directory / files["truth_vcf"], directory / files["mosaic_vcf"])
+
+
+def _make_examples(demo: _Demo, sample: _Sample) -> None:
+    """Examples at candidate sites (plus hom-ref sites), and the mosaic truth set."""
+    paths = demo.paths
+    _encode(demo, sample, paths.examples, paths.examples_spec, candidates=True,
+            ref_sites_fraction=demo.config.ref_sites_fraction)
+    _encode(demo, sample, paths.mosaic_examples, paths.mosaic_spec, sites=sample.mosaic,
+            het_alt_images=False)
+
+
+def _encode(demo: _Demo, sample: _Sample, directory: Path, spec: str, **options) -> None:
+    """make_examples into ``directory`` unless a finished earlier run left it there."""
+    from probing.make_examples import MakeExamplesConfig, make_examples
+
+    if _done(directory):
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    config = MakeExamplesConfig(sample.ref, sample.bam, spec,
+                                truth=[sample.germline, sample.mosaic], overwrite=True,
+                                **options)
+    res = make_examples(config, progress=demo.progress)
+    demo.log(res.summary())
+    _mark(directory, {"n": res.n_examples})
+
+
+def _model(demo: _Demo) -> tuple[Path, bool]:
+    """(BUNDLE, untrained): the user's model, or a seeded untrained reference bundle."""
+    import dvtorch
+    from dvtorch.bundle import META_FILE, read_meta
+
+    config = demo.config
+    if config.model is None:
+        bundle = demo.paths.model
+        if not (bundle / META_FILE).is_file():
+            dvtorch.reference_bundle(bundle, seed=config.seed, overwrite=True)
+    else:
+        bundle = Path(config.model).expanduser()
+    return bundle, bool(read_meta(bundle).get("untrained", False))
+
+
+def _extract(demo: _Demo, bundle: Path, examples: str, out: Path):
+    """The demo's layers of ``examples``, max-pooled, into STORE ``out`` (a finished STORE
+    is reused by extract itself)."""
+    from probing.extract import extract
+
+    config = demo.config
+    return extract(bundle, examples, out, layers=list(config.layers), pool="max",
+                   device=config.device, batch_size=config.batch_size,
+                   workers=config.workers, dtype=config.dtype, progress=demo.progress)
+
+
+def _annotate(paths: _Paths, store, mos_store, sample: _Sample) -> tuple:
+    """Both STOREs annotated with the planted truth (the mosaic set without the germline
+    truth, see ``MOSAIC_SET_CONCEPTS``); returns (store, mosaic store, columns), the STOREs
+    opened again with their new columns."""
+    from probing.store import open_store
+
+    columns = annotate_planted(store, sample.directory)
+    annotate_planted(mos_store, sample.directory, concepts=MOSAIC_SET_CONCEPTS)
+    return open_store(paths.store), open_store(paths.mosaic_store), columns
+
+
+def _cluster(demo: _Demo, store, mos_store):
+    """The three clusterings of the main STORE, and the mosaic set through the k-means run;
+    returns what :func:`probing.analysis.apply` returned."""
+    from probing import analysis as pa
+
+    c = demo.config
+    pa.kmeans(store, "mixed5", k=c.k, pca=50, umap=True, backend=c.backend, seed=c.seed,
+              run=KMEANS_RUN)
+    pa.hierarchical_kmeans(store, "mixed5", k=3, split="auto", pca=50, umap=True,
+                           backend=c.backend, seed=c.seed, run=HKMEANS_RUN)
+    pa.multilayer(store, list(c.layers), k=c.multilayer_k, umap=True, backend=c.backend,
+                  seed=c.seed, run=MULTILAYER_RUN)
+    return pa.apply(store, KMEANS_RUN, mos_store, name=MOSAIC_RUN, backend=c.backend)
+
+
+@dataclass
+class _Enrichment:
+    recovery: dict[str, pd.DataFrame]
+    files: list[Path]
+    mosaic_landing: str
+    mosaic_counts: pd.Series
+
+
+def _enrich(demo: _Demo, store, columns: list[str], applied) -> _Enrichment:
+    """Enrichment tables of every run, the best cluster per concept, and where the mosaic
+    truth set landed."""
+    from probing.enrich import best_clusters, enrich, landing, write_enrichment
+
+    enrich_dir = demo.paths.enrichment
+    enrich_dir.mkdir(exist_ok=True)
+    recovery, written = {}, []
+    for run, level in ((KMEANS_RUN, "cluster"), (HKMEANS_RUN, "node"),
+                       (MULTILAYER_RUN, "cluster")):
+        res = enrich(store, run, columns, level=level)
+        written.append(write_enrichment(res, enrich_dir / f"{run}.md"))
+        written.append(write_enrichment(res, enrich_dir / f"{run}.csv"))
+        if run != HKMEANS_RUN:
+            recovery[run] = best_clusters(res.table)
+    where = landing(applied.run.obs[applied.column], None, MOSAIC_RUN).where()
+    return _Enrichment(recovery, written, where, applied.counts["n"])
+
+
+def _probe(demo: _Demo, store, columns: list[str], written: list[Path]):
+    """Linear probes of every layer for every planted concept (None if none is probeable);
+    the table is saved in the STORE and written beside the enrichment tables."""
+    from probing.probe import ProbeError, probe_layers, save_probes, write_probes
+
+    config = demo.config
+    # Blocks of a twentieth of the simulated genome (20 kb for the default 400 kb): the
+    # 1 Mb default of `dvprobe probe` is for whole genomes. A concept too rare for the
+    # folds is listed as not probed; none probeable (a tiny test genome) is said, not fatal.
+    try:
+        probes = probe_layers(store, columns, list(config.layers),
+                              block_bp=max(1_000, config.length // 20), seed=config.seed,
+                              progress=False)
+    except ProbeError as exc:
+        demo.log(f"linear probes skipped: {exc}")
+        return None
+    save_probes(store, probes, "planted")
+    written.append(write_probes(probes, demo.paths.enrichment / "probes.md"))
+    for note in probes.notes:
+        demo.log(f"probe note: {note}")
+    return probes
+
+
+def _report(demo: _Demo, store, untrained: bool) -> Path:
+    """The offline HTML report of the main STORE; returns its path."""
+    from probing.report import build_report
+
+    config = demo.config
+    report = build_report(
+        store,
+        config.out / "report.html",
+        max_points=config.report_points,
+        examples=demo.paths.examples_spec,
+        seed=config.seed,
+        title="dvprobe demo" + (" (UNTRAINED model)" if untrained else ""),
+    )
+    demo.log(report.summary())
+    return report.path

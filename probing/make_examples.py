@@ -87,6 +87,8 @@ __all__ = [
     "find_candidates",
     "load_sites",
     "make_examples",
+    "MakeExamplesConfig",
+    "MakeExamplesResult",
     "EXAMPLE_INFO_VERSION",
 ]
 
@@ -96,6 +98,7 @@ READ_OVERLAP_BUFFER = 5
 SUBSAMPLE_SEED = 2101079370  # DeepVariant's default pileup random seed (used as our base seed)
 SUPPORTED_CHANNELS = (1, 2, 3, 4, 5, 6, 19)
 _SHARD_SPEC = re.compile(r"^(?P<base>.+)@(?P<n>\d+)(?P<suffix>\.[^/@]*)?$")
+_BASES = "ACGT"  # the row order of pysam's count_coverage
 _SKIP_FLAGS = 0x4 | 0x100 | 0x200 | 0x400 | 0x800  # unmapped, secondary, qcfail, dup, suppl
 
 # ASCII -> read_base pixel / canonical upper-case base.
@@ -334,9 +337,7 @@ def find_candidates(
     depth = counts.sum(axis=0)
     ref_codes = np.frombuffer(ref.encode(), dtype=np.uint8)
     alleles: dict[int, dict[tuple[str, str], int]] = {}
-    # SNVs.
-    bases = "ACGT"
-    for k, b in enumerate(bases):
+    for k, b in enumerate(_BASES):
         ok = (
             (counts[k] >= min_count)
             & (counts[k] >= min_fraction * np.maximum(depth, 1))
@@ -345,7 +346,25 @@ def find_candidates(
         )
         for p in np.flatnonzero(ok).tolist():
             alleles.setdefault(start + p, {})[(ref[p], b)] = int(counts[k, p])
-    # Indels.
+    for (a, ra, aa), n in _indel_counts(bam, chrom, start, end, ref, min_mapq).items():
+        d = int(depth[a - start])
+        if n >= min_count and n >= min_fraction * max(d, 1):
+            alleles.setdefault(a, {})[(ra, aa)] = n
+    sites = _merge_alleles(alleles, chrom, end)
+    if ref_sites_fraction > 0:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        sites += _ref_sites(rng, sites, counts, depth, ref, ref_codes, chrom, start,
+                            ref_sites_fraction)
+        sites.sort(key=lambda s: (s.start, s.source))
+    return sites
+
+
+
+def _indel_counts(
+    bam: pysam.AlignmentFile, chrom: str, start: int, end: int, ref: str, min_mapq: int
+) -> Counter[tuple[int, str, str]]:
+    """Reads carrying each indel ``(anchor position, ref allele, alt allele)`` anchored in
+    ``[start, end)``, as the aligner wrote it (VCF style: the base before the event)."""
     indels: Counter[tuple[int, str, str]] = Counter()
     for read in bam.fetch(chrom, start, end):
         if not _usable(read, min_mapq) or not read.cigartuples:
@@ -377,10 +396,14 @@ def find_candidates(
             elif op == 4:
                 q += n
             prev_aligned = prev_aligned and op not in (3, 4)
-    for (a, ra, aa), n in indels.items():
-        d = int(depth[a - start])
-        if n >= min_count and n >= min_fraction * max(d, 1):
-            alleles.setdefault(a, {})[(ra, aa)] = n
+    return indels
+
+
+def _merge_alleles(
+    alleles: dict[int, dict[tuple[str, str], int]], chrom: str, end: int
+) -> list[Site]:
+    """One site per start: its alleles (most reads first) on the longest reference span;
+    a site reaching past ``end`` is left to the next window."""
     sites: list[Site] = []
     for pos in sorted(alleles):
         pairs = sorted(alleles[pos].items(), key=lambda kv: -kv[1])
@@ -389,25 +412,39 @@ def find_candidates(
             continue
         alts = tuple(_pad(ra, aa, long_ref) for (ra, aa), _ in pairs)
         sites.append(Site(chrom, pos, pos + len(long_ref), long_ref, alts, "candidate"))
-    if ref_sites_fraction > 0:
-        rng = rng if rng is not None else np.random.default_rng(0)
-        taken = np.zeros(end - start, dtype=bool)
-        for s in sites:
-            taken[max(0, s.start - start - 1) : s.end - start + 1] = True
-        pool = np.flatnonzero((depth > 0) & ~taken & (ref_codes != ord("N")))
-        pick = pool[rng.random(pool.size) < ref_sites_fraction]
-        for p in pick.tolist():
-            rb = ref[p]
-            other = [k for k in range(4) if bases[k] != rb]
-            c_other = counts[other, p]
-            alt = (
-                bases[other[int(np.argmax(c_other))]]
-                if c_other.max() > 0
-                else bases[other[int(rng.integers(0, 3))]]
-            )
-            sites.append(Site(chrom, start + p, start + p + 1, rb, (alt,), "refsite"))
-        sites.sort(key=lambda s: (s.start, s.source))
     return sites
+
+
+def _ref_sites(
+    rng: np.random.Generator,
+    sites: list[Site],
+    counts: np.ndarray,
+    depth: np.ndarray,
+    ref: str,
+    ref_codes: np.ndarray,
+    chrom: str,
+    start: int,
+    fraction: float,
+) -> list[Site]:
+    """A random ``fraction`` of the covered positions away from ``sites``, each with the
+    most-observed non-reference base (a random one if none is seen) as its alt."""
+    taken = np.zeros(depth.size, dtype=bool)
+    for s in sites:
+        taken[max(0, s.start - start - 1) : s.end - start + 1] = True
+    pool = np.flatnonzero((depth > 0) & ~taken & (ref_codes != ord("N")))
+    pick = pool[rng.random(pool.size) < fraction]
+    out = []
+    for p in pick.tolist():
+        rb = ref[p]
+        other = [k for k in range(4) if _BASES[k] != rb]
+        c_other = counts[other, p]
+        alt = (
+            _BASES[other[int(np.argmax(c_other))]]
+            if c_other.max() > 0
+            else _BASES[other[int(rng.integers(0, 3))]]
+        )
+        out.append(Site(chrom, start + p, start + p + 1, rb, (alt,), "refsite"))
+    return out
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -420,6 +457,19 @@ class _Row:
     read2: bool
     pixels: np.ndarray  # [W, 7]
     allele: int | None  # index into site.alts, -1 = ref, None = other / not spanning
+
+
+def _check_geometry(width: int, height: int, channels: Sequence[int]) -> None:
+    """The image shape and channels this encoder can draw (``MakeExamplesError`` if not)."""
+    if width % 2 != 1 or width < 3:
+        raise MakeExamplesError(f"--width must be odd and >= 3, got {width}")
+    if height <= C.REF_ROWS:
+        raise MakeExamplesError(f"--height must exceed {C.REF_ROWS}, got {height}")
+    bad = [c for c in channels if c not in SUPPORTED_CHANNELS]
+    if bad:
+        raise MakeExamplesError(
+            f"channels {bad} not supported; this encoder writes {list(SUPPORTED_CHANNELS)}"
+        )
 
 
 @dataclass
@@ -439,15 +489,7 @@ class PileupEncoder:
     _cache: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.width % 2 != 1 or self.width < 3:
-            raise MakeExamplesError(f"--width must be odd and >= 3, got {self.width}")
-        if self.height <= C.REF_ROWS:
-            raise MakeExamplesError(f"--height must exceed {C.REF_ROWS}, got {self.height}")
-        bad = [c for c in self.channels if c not in SUPPORTED_CHANNELS]
-        if bad:
-            raise MakeExamplesError(
-                f"channels {bad} not supported; this encoder writes {list(SUPPORTED_CHANNELS)}"
-            )
+        _check_geometry(self.width, self.height, self.channels)
         if not self.contig_lengths:
             self.contig_lengths = dict(zip(self.bam.references, self.bam.lengths, strict=True))
         self._sel = [_CH[c] for c in self.channels]
@@ -561,9 +603,10 @@ class PileupEncoder:
     def _overlapping(self, chrom: str, lo: int, hi: int) -> list[pysam.AlignedSegment]:
         """Filter-passing reads overlapping ``[lo, hi)``, in file (start) order.
 
-        Reads are fetched once per ``block_size`` block and cached: one ``fetch`` per site
-        costs ~5 ms at 30x because htslib's 16 kb linear index makes every query scan
-        thousands of earlier reads, while a block fetch amortises that over all its sites.
+        Reads are fetched once per ``block_size`` block and cached: a ``fetch`` per site is
+        slow because htslib's 16 kb linear index makes every query scan thousands of
+        earlier reads, while a block fetch amortises that over all its sites (see
+        docs/performance.md).
         """
         c = self._cache
         if c is None or c[0] != chrom or not (c[1] <= lo and hi <= c[2]):
@@ -671,6 +714,73 @@ def _query_pos_at(read: pysam.AlignedSegment, pos: int) -> int | None:
 # ----------------------------------------------------------------------------- driver
 
 
+@dataclass(frozen=True)
+class MakeExamplesConfig:
+    """What :func:`make_examples` reads, where it writes and how it encodes.
+
+    ``sites`` is a VCF (examples for those variants) or a BED (candidate discovery inside
+    its regions); ``candidates=True`` finds candidates over the whole BAM (or over
+    ``regions``, ``(chrom, start, end)`` tuples). ``out`` is a file or a sharded spec
+    ``name.tfrecord@N.gz``. ``truth``: one or more VCFs for labels (germline + mosaic).
+    ``compress_level`` is the gzip level; the default, 1, is much faster than 6 for files
+    only a little larger (see docs/performance.md), and any level reads the same. Existing
+    output files (a DeepVariant run's examples, say) are replaced only with ``overwrite``.
+
+    Values are checked when the config is built (``MakeExamplesError`` naming the option);
+    files are checked by :func:`make_examples` before any work.
+    """
+
+    ref: str | Path
+    reads: str | Path
+    out: str | Path
+    sites: str | Path | None = None
+    candidates: bool = False
+    truth: str | Path | Sequence[str | Path] | None = None
+    shards: int | None = None
+    width: int = 221
+    height: int = 100
+    channels: Sequence[int] = C.WGS_CHANNELS
+    regions: Iterable[tuple[str, int, int]] | None = None
+    min_count: int = 2
+    min_fraction: float = 0.05
+    ref_sites_fraction: float = 0.0
+    het_alt_images: bool = True
+    min_mapq: int = C.MIN_MAPPING_QUALITY
+    min_baseq: int = C.MIN_BASE_QUALITY
+    seed: int = SUBSAMPLE_SEED
+    compress_level: int = 1
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        truth = self.truth
+        paths = () if truth is None else (truth,) if isinstance(truth, (str, Path)) else truth
+        object.__setattr__(self, "truth", tuple(paths))
+        object.__setattr__(self, "channels", tuple(self.channels))
+        if self.regions is not None:
+            object.__setattr__(self, "regions", tuple(self.regions))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``MakeExamplesError`` for options that cannot work together or at all."""
+        if self.sites is None and not self.candidates:
+            raise MakeExamplesError("give --sites VCF|BED or --candidates")
+        if self.sites is not None and self.candidates and _is_vcf(Path(self.sites)):
+            raise MakeExamplesError("--sites VCF and --candidates are exclusive")
+        if (not 0 <= self.ref_sites_fraction <= 1 or not 0 < self.min_fraction <= 1
+                or self.min_count < 1):
+            raise MakeExamplesError(
+                "need 0 <= ref_sites_fraction <= 1, 0 < min_fraction <= 1, min_count >= 1"
+            )
+        if not 0 <= self.compress_level <= 9:
+            raise MakeExamplesError(f"compress_level must be 0..9, got {self.compress_level}")
+        _check_geometry(self.width, self.height, self.channels)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(height, width, channels)`` of every image written."""
+        return (self.height, self.width, len(self.channels))
+
+
 def _shard_paths(out: str | Path, shards: int | None) -> list[Path]:
     s = str(out)
     m = _SHARD_SPEC.match(s)
@@ -691,6 +801,14 @@ def _shard_paths(out: str | Path, shards: int | None) -> list[Path]:
         return [Path(s)]
     base, suffix = (s[:-3], ".gz") if s.endswith(".gz") else (s, "")
     return [Path(shard_name(base, i, n, suffix)) for i in range(n)]
+
+
+def _spec(out: str | Path, n: int) -> str:
+    """The sharded spec that names all ``n`` output files (``name@N.gz``)."""
+    s = str(out)
+    if _SHARD_SPEC.match(s) or n == 1:
+        return s
+    return f"{s[:-3]}@{n}.gz" if s.endswith(".gz") else f"{s}@{n}"
 
 
 @dataclass
@@ -714,77 +832,87 @@ class MakeExamplesResult:
         )
 
 
-def make_examples(
-    ref: str | Path,
-    reads: str | Path,
-    out: str | Path,
-    *,
-    sites: str | Path | None = None,
-    candidates: bool = False,
-    truth: str | Path | Sequence[str | Path] | None = None,
-    shards: int | None = None,
-    width: int = 221,
-    height: int = 100,
-    channels: Sequence[int] = C.WGS_CHANNELS,
-    regions: Iterable[tuple[str, int, int]] | None = None,
-    min_count: int = 2,
-    min_fraction: float = 0.05,
-    ref_sites_fraction: float = 0.0,
-    het_alt_images: bool = True,
-    min_mapq: int = C.MIN_MAPPING_QUALITY,
-    min_baseq: int = C.MIN_BASE_QUALITY,
-    seed: int = SUBSAMPLE_SEED,
-    compress_level: int = 1,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> MakeExamplesResult:
-    """Write DeepVariant-format examples for ``sites`` (VCF: those variants; BED: candidate
-    discovery inside the regions) or, with ``candidates=True``, for candidates found over
-    the whole BAM. ``out`` is a file or a sharded spec ``name.tfrecord@N.gz``.
+def make_examples(config: MakeExamplesConfig, *, progress: bool = True) -> MakeExamplesResult:
+    """Write DeepVariant-format examples as ``config`` says (see :class:`MakeExamplesConfig`).
 
-    ``compress_level`` is the gzip level: 1 by default because level 6 spends ~5 ms per
-    150 kB pileup (4x level 1) for files only ~30 % smaller; any level reads the same.
-    Existing output files (a DeepVariant run's examples, say) are replaced only with
-    ``overwrite``; that is checked before any work.
+    Stages: open and cross-check the inputs, claim the output files, read the truth, list
+    the sites, encode and write them shard by shard, then the example_info.json files.
+    Every check on inputs and outputs runs before the (long) candidate scan.
     """
-    fasta = _open_fasta(ref)
-    bam = _open_bam(reads)
+    fasta, bam, contigs = _open_inputs(config)
+    paths = _output_paths(config)
+    # before the candidate scan: a truth file that cannot label anything fails in seconds
+    labeler = TruthLabeler(config.truth, list(fasta.references)) if config.truth else None
+    site_list = _site_list(config, fasta, bam, contigs, progress)
+    enc = PileupEncoder(
+        fasta,
+        bam,
+        width=config.width,
+        height=config.height,
+        channels=config.channels,
+        min_mapq=config.min_mapq,
+        min_baseq=config.min_baseq,
+        seed=config.seed,
+        contig_lengths=contigs,
+    )
+    tally = _write_shards(config, enc, labeler, site_list, paths, progress)
+    channels = list(config.channels)
+    infos = [write_example_info(p, config.shape, channels, EXAMPLE_INFO_VERSION) for p in paths]
+    return MakeExamplesResult(paths, infos, len(site_list), tally.n_examples,
+                              dict(tally.labels), dict(tally.by_source),
+                              _spec(config.out, len(paths)))
+
+
+def _open_inputs(
+    config: MakeExamplesConfig,
+) -> tuple[pysam.FastaFile, pysam.AlignmentFile, dict[str, int]]:
+    """(FASTA, BAM, contig lengths), refusing a BAM whose contigs the FASTA lacks or sizes
+    differently."""
+    fasta = _open_fasta(config.ref)
+    bam = _open_bam(config.reads)
     contigs = dict(zip(bam.references, bam.lengths, strict=True))
     for c, n in contigs.items():
         if c not in fasta.references:
-            raise MakeExamplesError(f"{ref}: contig {c!r} of {reads} missing from the FASTA")
+            raise MakeExamplesError(
+                f"{config.ref}: contig {c!r} of {config.reads} missing from the FASTA"
+            )
         if fasta.get_reference_length(c) != n:
             raise MakeExamplesError(
-                f"{ref}: contig {c!r} has length {fasta.get_reference_length(c)} but {n} in {reads}"
+                f"{config.ref}: contig {c!r} has length {fasta.get_reference_length(c)} but "
+                f"{n} in {config.reads}"
             )
-    if sites is None and not candidates:
-        raise MakeExamplesError("give --sites VCF|BED or --candidates")
-    if sites is not None and candidates and _is_vcf(Path(sites)):
-        raise MakeExamplesError("--sites VCF and --candidates are exclusive")
-    if not 0 <= ref_sites_fraction <= 1 or not 0 < min_fraction <= 1 or min_count < 1:
-        raise MakeExamplesError(
-            "need 0 <= ref_sites_fraction <= 1, 0 < min_fraction <= 1, min_count >= 1"
-        )
-    paths = _shard_paths(out, shards)
+    return fasta, bam, contigs
+
+
+def _output_paths(config: MakeExamplesConfig) -> list[Path]:
+    """The shard files to write; existing ones are refused unless ``overwrite``."""
+    paths = _shard_paths(config.out, config.shards)
     present = [str(p) for p in paths if p.exists()]
-    if present and not overwrite:
+    if present and not config.overwrite:
         what = (f"{present[0]} and {len(present) - 1} more shards already exist"
                 if len(present) > 1 else f"{present[0]} already exists")
         raise MakeExamplesError(f"{what}; give another --out, or --overwrite to replace")
-    truth_paths = (
-        [] if truth is None else ([truth] if isinstance(truth, (str, Path)) else list(truth))
-    )
-    # before the candidate scan: a truth file that cannot label anything fails in seconds
-    labeler = TruthLabeler(truth_paths, list(fasta.references)) if truth_paths else None
-    rng = np.random.default_rng(seed)
-    site_list: list[Site]
+    return paths
+
+
+def _site_list(
+    config: MakeExamplesConfig,
+    fasta: pysam.FastaFile,
+    bam: pysam.AlignmentFile,
+    contigs: dict[str, int],
+    progress: bool,
+) -> list[Site]:
+    """The sites of a sites VCF, or the candidates found in the BED's regions, ``regions``
+    or the whole BAM (scanned 1 Mb at a time)."""
+    sites = config.sites
+    rng = np.random.default_rng(config.seed)
     if sites is not None and _is_vcf(Path(sites)):
         site_list = load_sites(sites, contigs)
     else:
         if sites is not None:
             regs = _load_bed(Path(sites), contigs)
-        elif regions is not None:
-            regs = list(regions)
+        elif config.regions is not None:
+            regs = list(config.regions)
         else:
             regs = [(c, 0, n) for c, n in contigs.items()]
         site_list = []
@@ -797,59 +925,47 @@ def make_examples(
                         chrom,
                         cs,
                         min(e, cs + 1_000_000),
-                        min_count=min_count,
-                        min_fraction=min_fraction,
-                        min_mapq=min_mapq,
-                        min_baseq=min_baseq,
-                        ref_sites_fraction=ref_sites_fraction,
+                        min_count=config.min_count,
+                        min_fraction=config.min_fraction,
+                        min_mapq=config.min_mapq,
+                        min_baseq=config.min_baseq,
+                        ref_sites_fraction=config.ref_sites_fraction,
                         rng=rng,
                     )
                 )
     if not site_list:
-        raise MakeExamplesError(f"{sites or reads}: no sites to make examples for")
-    enc = PileupEncoder(
-        fasta,
-        bam,
-        width=width,
-        height=height,
-        channels=tuple(channels),
-        min_mapq=min_mapq,
-        min_baseq=min_baseq,
-        seed=seed,
-        contig_lengths=contigs,
-    )
+        raise MakeExamplesError(f"{sites or config.reads}: no sites to make examples for")
+    return site_list
+
+
+@dataclass
+class _Tally:
+    """Counts of what was written."""
+
+    n_examples: int = 0
+    labels: Counter[int] = field(default_factory=Counter)
+    by_source: Counter[str] = field(default_factory=Counter)
+
+
+def _write_shards(
+    config: MakeExamplesConfig,
+    enc: PileupEncoder,
+    labeler: TruthLabeler | None,
+    site_list: list[Site],
+    paths: list[Path],
+    progress: bool,
+) -> _Tally:
+    """Encode the sites into ``paths``, consecutive runs of sites per shard. On any error
+    every shard is aborted (no partial file is left under a final name)."""
     n = len(paths)
     bounds = [round(i * len(site_list) / n) for i in range(n + 1)]
-    labels: Counter[int] = Counter()
-    by_source: Counter[str] = Counter()
-    infos: list[Path] = []
-    n_examples = 0
+    tally = _Tally()
     bar = tqdm(total=len(site_list), desc="make examples", unit="site", disable=not progress)
-    writers = [TFRecordWriter(p, level=compress_level) for p in paths]
+    writers = [TFRecordWriter(p, level=config.compress_level) for p in paths]
     try:
         for k, w in enumerate(writers):
             for site in site_list[bounds[k] : bounds[k + 1]]:
-                by_source[site.source] += 1
-                vt = encoded_variant_type(site.ref, site.alts)
-                for subset, img in enc.encode_site(site, het_alt_images):
-                    label = labeler.label(site, subset) if labeler else None
-                    if label is not None:
-                        labels[label] += 1
-                    w.write(
-                        encode_example(
-                            img,
-                            chrom=site.chrom,
-                            start=site.start,
-                            end=site.end,
-                            ref=site.ref,
-                            alts=site.alts,
-                            alt_allele_indices=subset,
-                            label=label,
-                            variant_type=vt,
-                            sequencing_type=1,
-                        )
-                    )
-                    n_examples += 1
+                _write_site(w, enc, labeler, site, config.het_alt_images, tally)
                 bar.update(1)
         for w in writers:
             w.close()
@@ -859,16 +975,36 @@ def make_examples(
         raise
     finally:
         bar.close()
-    shape = (height, width, len(channels))
-    for p in paths:
-        infos.append(write_example_info(p, shape, list(channels), EXAMPLE_INFO_VERSION))
-    spec = (
-        str(out)
-        if _SHARD_SPEC.match(str(out)) or n == 1
-        else f"{str(out)[:-3]}@{n}.gz"
-        if str(out).endswith(".gz")
-        else f"{out}@{n}"
-    )
-    return MakeExamplesResult(
-        paths, infos, len(site_list), n_examples, dict(labels), dict(by_source), spec
-    )
+    return tally
+
+
+def _write_site(
+    writer: TFRecordWriter,
+    enc: PileupEncoder,
+    labeler: TruthLabeler | None,
+    site: Site,
+    het_alt_images: bool,
+    tally: _Tally,
+) -> None:
+    """One example per alt subset of ``site`` (labelled when there is a truth)."""
+    tally.by_source[site.source] += 1
+    vt = encoded_variant_type(site.ref, site.alts)
+    for subset, img in enc.encode_site(site, het_alt_images):
+        label = labeler.label(site, subset) if labeler else None
+        if label is not None:
+            tally.labels[label] += 1
+        writer.write(
+            encode_example(
+                img,
+                chrom=site.chrom,
+                start=site.start,
+                end=site.end,
+                ref=site.ref,
+                alts=site.alts,
+                alt_allele_indices=subset,
+                label=label,
+                variant_type=vt,
+                sequencing_type=1,
+            )
+        )
+        tally.n_examples += 1

@@ -3,11 +3,20 @@ code path at the default size)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
-from probing.demo import CONCEPT_COLUMNS, KMEANS_RUN, MOSAIC_RUN, MULTILAYER_RUN, run_demo
+from dvtorch.errors import DvprobeError
+from probing.demo import (
+    CONCEPT_COLUMNS,
+    KMEANS_RUN,
+    MOSAIC_RUN,
+    MULTILAYER_RUN,
+    DemoConfig,
+    run_demo,
+)
 from probing.enrich import best_clusters, enrichment_table
 from probing.store import open_store
 
@@ -29,14 +38,36 @@ TINY = dict(
     k=4,
     multilayer_k=4,
     sim_options=TINY_SIM,
-    progress=False,
 )
 
 
+class _Warnings(logging.Handler):
+    """Every warning logged while it is attached to the root logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory):
+def demo_run(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny demo, run once, and the warnings it logged."""
     out = tmp_path_factory.mktemp("demo")
-    return run_demo(out, **TINY)
+    warnings = _Warnings()
+    logging.getLogger().addHandler(warnings)
+    try:
+        result = run_demo(DemoConfig(out, **TINY), progress=False)
+    finally:
+        logging.getLogger().removeHandler(warnings)
+    return result, warnings.messages
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    return demo_run[0]
 
 
 def test_demo_runs_the_whole_pipeline(demo) -> None:
@@ -105,7 +136,7 @@ def test_demo_rerun_reuses_finished_steps(demo) -> None:
                *(demo.out / "mosaic_store" / "layers").iterdir()]
     assert len(written) >= 3
     before = [p.stat().st_mtime_ns for p in written]
-    again = run_demo(demo.out, **TINY)
+    again = run_demo(DemoConfig(demo.out, **TINY), progress=False)
     assert [p.stat().st_mtime_ns for p in written] == before
     assert again.mosaic_landing == demo.mosaic_landing  # seeded: same clusters
 
@@ -128,11 +159,30 @@ def test_best_clusters_picks_the_f1_maximum() -> None:
     assert none["total"] == 0 and np.isnan(none["share_of_cluster"])
 
 
-def test_demo_refuses_layers_without_mixed5(tmp_path: Path) -> None:
-    from dvtorch.errors import DvprobeError
+def test_demo_does_not_warn_about_its_own_expected_case(demo_run) -> None:
+    """The mosaic truth set is never annotated with the germline truth: its sites are placed
+    away from every germline variant, so that VCF could only 'match nothing' and warn."""
+    demo, warnings = demo_run
+    assert not [w for w in warnings if "matched an example" in w], warnings
+    assert "germline" in open_store(demo.store).obs.columns
+    mosaic_columns = set(open_store(demo.mosaic_store).obs.columns)
+    assert "germline" not in mosaic_columns and "mosaic" in mosaic_columns
 
-    with pytest.raises(DvprobeError, match="mixed5"):
-        run_demo(tmp_path, layers=("mixed1",), progress=False)
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"layers": ("mixed1",)}, r"the demo clusters mixed5 .*--layers \['mixed1'\] lacks it"),
+        ({"length": 1000}, "--length 1000 is too small"),
+        ({"sim_options": {"n_strs": -1}}, r"must be >= 0, got \{'n_strs': -1\}"),
+        ({"sim_options": {"n_lines": 3}}, "sim_options: .*unexpected keyword argument 'n_lines'"),
+        ({"sim_options": {"seed": 3}}, "sim_options: .*multiple values for keyword argument"),
+    ],
+)
+def test_demo_config_refuses_bad_values_before_any_work(tmp_path: Path, options, message) -> None:
+    with pytest.raises(DvprobeError, match=message):
+        DemoConfig(tmp_path / "demo", **options)
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_command_is_wired_and_reports_bad_options_in_one_line(tmp_path: Path) -> None:
@@ -150,11 +200,9 @@ def test_demo_command_is_wired_and_reports_bad_options_in_one_line(tmp_path: Pat
 
 
 def test_demo_never_clears_directories_it_did_not_create(tmp_path: Path) -> None:
-    from dvtorch.errors import DvprobeError
-
     mine = tmp_path / "examples"
     mine.mkdir()
     (mine / "precious.tfrecord.gz").write_bytes(b"x")
     with pytest.raises(DvprobeError, match="not written by `dvprobe demo`"):
-        run_demo(tmp_path, progress=False)
+        run_demo(DemoConfig(tmp_path), progress=False)
     assert (mine / "precious.tfrecord.gz").read_bytes() == b"x"

@@ -3,6 +3,7 @@ examples, sharding and round trip through ``probing.examples.read_examples``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from probing import channels as C
 from probing.examples import read_example_info, read_examples
 from probing.make_examples import (
+    MakeExamplesConfig,
     MakeExamplesError,
     PileupEncoder,
     Site,
@@ -284,9 +286,8 @@ def test_make_examples_roundtrip_shards_and_info(hand, tmp_path):
         f"c1\t{SITE + 1}\t.\tC\tT\t.\tPASS\t.\tGT\t0/1\n"
         f"c1\t{MULTI + 1}\t.\tA\tG,T\t.\tPASS\t.\tGT\t1/2\n"
     )
-    res = make_examples(
-        fa, bam, tmp_path / "ex.tfrecord@2.gz", sites=sites, truth=sites, progress=False
-    )
+    config = MakeExamplesConfig(fa, bam, tmp_path / "ex.tfrecord@2.gz", sites=sites, truth=sites)
+    res = make_examples(config, progress=False)
     assert res.n_sites == 2 and res.n_examples == 1 + 3 and len(res.shards) == 2
     assert [p.name for p in res.shards] == [
         "ex.tfrecord-00000-of-00002.gz",
@@ -313,7 +314,9 @@ def test_make_examples_roundtrip_shards_and_info(hand, tmp_path):
 
 def test_candidates_mode(hand, tmp_path):
     fa, bam, _ = hand
-    res = make_examples(fa, bam, tmp_path / "c.tfrecord.gz", candidates=True, progress=False)
+    res = make_examples(
+        MakeExamplesConfig(fa, bam, tmp_path / "c.tfrecord.gz", candidates=True), progress=False
+    )
     exs = list(read_examples(res.shards[0]))
     found = {(e.start, e.ref, e.alts) for e in exs}
     # SITE: 1 alt read of 5 usable -> not enough reads (min_count 2); the multi site is found
@@ -321,16 +324,18 @@ def test_candidates_mode(hand, tmp_path):
     assert (MULTI, "A", ("G", "T")) in found or (MULTI, "A", ("T", "G")) in found
     assert not any(s == SITE for s, _, _ in found)
     res2 = make_examples(
-        fa, bam, tmp_path / "r.tfrecord.gz", candidates=True, ref_sites_fraction=0.5, progress=False
+        MakeExamplesConfig(fa, bam, tmp_path / "r.tfrecord.gz", candidates=True,
+                           ref_sites_fraction=0.5),
+        progress=False,
     )
     srcs = res2.by_source
     assert srcs["refsite"] > 20 and srcs["candidate"] == res.n_sites
 
 
 def test_on_simulated_sample(tmp_path):
-    from probing.simulate import simulate
+    from probing.simulate import SimulationConfig, simulate
 
-    sim = simulate(
+    config = SimulationConfig(
         tmp_path / "sim",
         seed=1,
         length=40_000,
@@ -343,14 +348,16 @@ def test_on_simulated_sample(tmp_path):
         n_strs=4,
         n_low_complexity=1,
         n_mosaic=3,
-        progress=False,
     )
+    sim = simulate(config, progress=False)
     res = make_examples(
-        sim["reference"],
-        sim["bam"],
-        tmp_path / "s.tfrecord.gz",
-        sites=sim["truth_vcf"],
-        truth=sim["truth_vcf"],
+        MakeExamplesConfig(
+            sim["reference"],
+            sim["bam"],
+            tmp_path / "s.tfrecord.gz",
+            sites=sim["truth_vcf"],
+            truth=sim["truth_vcf"],
+        ),
         progress=False,
     )
     n_alts = [len(r.alts) for r in pysam.VariantFile(str(sim["truth_vcf"]))]
@@ -362,12 +369,11 @@ def test_on_simulated_sample(tmp_path):
 
 def test_user_errors(hand, tmp_path):
     fa, bam, _ = hand
-    with pytest.raises(MakeExamplesError, match="--sites"):
-        make_examples(fa, bam, tmp_path / "x.gz", progress=False)
     unindexed = tmp_path / "noindex.bam"
     unindexed.write_bytes(Path(bam).read_bytes())
     with pytest.raises(MakeExamplesError, match="no index"):
-        make_examples(fa, unindexed, tmp_path / "x.gz", candidates=True, progress=False)
+        make_examples(MakeExamplesConfig(fa, unindexed, tmp_path / "x.gz", candidates=True),
+                      progress=False)
     bad = tmp_path / "bad.vcf"
     bad.write_text(
         "##fileformat=VCFv4.2\n##contig=<ID=c9,length=10>\n"
@@ -375,9 +381,57 @@ def test_user_errors(hand, tmp_path):
         "c9\t5\t.\tA\tC\t.\t.\t.\n"
     )
     with pytest.raises(MakeExamplesError, match="record 0.*c9"):
-        make_examples(fa, bam, tmp_path / "x.gz", sites=bad, progress=False)
-    with pytest.raises(MakeExamplesError, match="width"):
-        make_examples(fa, bam, tmp_path / "x.gz", candidates=True, width=220, progress=False)
+        make_examples(MakeExamplesConfig(fa, bam, tmp_path / "x.gz", sites=bad), progress=False)
+    assert not (tmp_path / "x.gz").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "give --sites VCF|BED or --candidates"),
+        ({"sites": "s.vcf.gz", "candidates": True}, "--sites VCF and --candidates are exclusive"),
+        ({"candidates": True, "ref_sites_fraction": 1.5}, "0 <= ref_sites_fraction <= 1"),
+        ({"candidates": True, "min_fraction": 0}, "0 < min_fraction <= 1"),
+        ({"candidates": True, "min_count": 0}, "min_count >= 1"),
+        ({"candidates": True, "width": 220}, "--width must be odd and >= 3, got 220"),
+        ({"candidates": True, "height": 5}, "--height must exceed 5, got 5"),
+        ({"candidates": True, "channels": (1, 2, 9)}, r"channels \[9\] not supported"),
+        ({"candidates": True, "compress_level": 10}, "compress_level must be 0..9, got 10"),
+    ],
+)
+def test_config_refuses_bad_options_when_built(options, message):
+    # no file is opened: these paths need not exist
+    with pytest.raises(MakeExamplesError, match=message):
+        MakeExamplesConfig("ref.fa", "reads.bam", "out.tfrecord.gz", **options)
+
+
+def test_config_takes_one_truth_or_several():
+    one = MakeExamplesConfig("r.fa", "r.bam", "o.gz", candidates=True, truth="t.vcf.gz")
+    two = MakeExamplesConfig("r.fa", "r.bam", "o.gz", candidates=True,
+                             truth=[Path("g.vcf.gz"), "m.vcf.gz"])
+    none = MakeExamplesConfig("r.fa", "r.bam", "o.gz", candidates=True)
+    assert one.truth == ("t.vcf.gz",) and two.truth == (Path("g.vcf.gz"), "m.vcf.gz")
+    assert none.truth == () and one.shape == (100, 221, 7)
+    with pytest.raises(MakeExamplesError, match="--sites"):
+        dataclasses.replace(none, candidates=False)
+
+
+def test_bed_sites_and_regions_limit_the_candidate_scan(hand, tmp_path):
+    fa, bam, _ = hand
+    bed = tmp_path / "multi.bed"
+    bed.write_text(f"c1\t{MULTI - 5}\t{MULTI + 5}\n")
+    by_bed = make_examples(MakeExamplesConfig(fa, bam, tmp_path / "b.gz", sites=bed),
+                           progress=False)
+    by_regions = make_examples(
+        MakeExamplesConfig(fa, bam, tmp_path / "r.gz", candidates=True,
+                           regions=[("c1", MULTI - 5, MULTI + 5)]),
+        progress=False,
+    )
+    for res in (by_bed, by_regions):
+        assert {e.start for e in read_examples(res.shards[0])} == {MULTI}
+    with pytest.raises(MakeExamplesError, match="no sites to make examples for"):
+        make_examples(MakeExamplesConfig(fa, bam, tmp_path / "n.gz", candidates=True,
+                                         regions=[("c1", 10, 20)]), progress=False)
 
 
 def test_block_cache_matches_fresh_fetch(hand):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,13 @@ import numpy as np
 import pysam
 import pytest
 
-from probing.simulate import SimulationError, planted_concepts, simulate
+from probing.simulate import (
+    SimulationConfig,
+    SimulationError,
+    planted_concepts,
+    simulate,
+    simulation_summary,
+)
 
 SMALL = dict(
     seed=7,
@@ -27,13 +34,12 @@ SMALL = dict(
     n_low_complexity=4,
     n_mosaic=12,
     mosaic_vaf=(0.10, 0.20),
-    progress=False,
 )
 
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> dict[str, Path]:
-    return simulate(tmp_path_factory.mktemp("sim"), **SMALL)
+    return simulate(SimulationConfig(tmp_path_factory.mktemp("sim"), **SMALL), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +119,7 @@ def test_files_valid_and_indexed(sim, manifest):
 
 def test_deterministic(sim, manifest, tmp_path):
     (tmp_path / "ref.fa").write_text(">stale\nACGT\n")  # from an earlier run: replaced
-    again = simulate(tmp_path, overwrite=True, **SMALL)
+    again = simulate(SimulationConfig(tmp_path, overwrite=True, **SMALL), progress=False)
     assert json.loads(again["manifest"].read_text()) == manifest
     assert again["reference"].read_bytes() == sim["reference"].read_bytes()
     a = [str(r) for r in pysam.VariantFile(str(sim["truth_vcf"]))]
@@ -260,21 +266,66 @@ def test_earlier_simulation_is_not_replaced_without_overwrite(tmp_path):
     (tmp_path / "reads.bam").write_bytes(b"an earlier run's reads")
     (tmp_path / "truth.json").write_text("{}")
     with pytest.raises(SimulationError, match=r"already holds reads\.bam, truth\.json.*--overwrite"):
-        simulate(tmp_path, progress=False)  # refused before any work
+        simulate(SimulationConfig(tmp_path), progress=False)  # refused before any work
     assert (tmp_path / "reads.bam").read_bytes() == b"an earlier run's reads"
     with pytest.raises(SimulationError, match="is a file"):
-        simulate(tmp_path / "truth.json", progress=False)
+        simulate(SimulationConfig(tmp_path / "truth.json"), progress=False)
 
 
-def test_bad_parameters(tmp_path):
-    with pytest.raises(SimulationError, match="length"):
-        simulate(tmp_path, length=1000, progress=False)
-    with pytest.raises(SimulationError, match="mosaic_vaf"):
-        simulate(tmp_path, length=50_000, mosaic_vaf=(0.3, 0.1), progress=False)
-    with pytest.raises(SimulationError, match="cannot place"):
-        simulate(tmp_path, length=30_000, n_line_families=3, line_copies=10, progress=False)
-    # a rate of 2 per bp used to loop forever looking for free positions
-    with pytest.raises(SimulationError, match="--snv-rate must be within 0..0.01"):
-        simulate(tmp_path, length=50_000, snv_rate=2, progress=False)
-    with pytest.raises(SimulationError, match=r"must be >= 0, got \{'n_mosaic': -1\}"):
-        simulate(tmp_path, length=50_000, n_mosaic=-1, progress=False)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"length": 1000}, r"--length 1000 is too small \(need >= 20000 bp\)"),
+        ({"contigs": ("chr1", "chr1")}, "contig names must be unique"),
+        ({"contigs": ()}, "contig names must be unique and non-empty"),
+        ({"coverage": 0}, "need coverage > 0"),
+        ({"read_length": 20}, "read_length >= 30"),
+        ({"insert_mean": 100.0}, "insert_mean >= read_length"),
+        ({"mosaic_vaf": (0.3, 0.1)}, r"mosaic_vaf must be 0 <= lo <= hi < 0.5, got \(0.3, 0.1\)"),
+        ({"line_divergence": (0.1, 0.6)}, "line_divergence must be 0 <= lo <= hi < 0.5"),
+        ({"young_divergence": 0.01}, r"young_divergence must be a pair \(lo, hi\), got 0.01"),
+        ({"line_length": 1000}, "line_length must be >= 2000 bp"),
+        # a rate of 2 per bp used to loop forever looking for free positions
+        ({"snv_rate": 2}, "--snv-rate must be within 0..0.01 per bp"),
+        ({"indel_rate": -1e-4}, "--indel-rate must be within 0..0.01 per bp"),
+        ({"n_mosaic": -1}, r"must be >= 0, got \{'n_mosaic': -1\}"),
+        ({"cnv_length": -5, "n_strs": -1}, r"got \{'n_strs': -1, 'cnv_length': -5\}"),
+    ],
+)
+def test_config_refuses_bad_values_when_built(tmp_path, options, message):
+    with pytest.raises(SimulationError, match=message):
+        SimulationConfig(tmp_path, **options)
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_config_is_checked_again_when_replaced(tmp_path):
+    config = SimulationConfig(tmp_path, length=50_000)
+    with pytest.raises(SimulationError, match="--length 10 is too small"):
+        dataclasses.replace(config, length=10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.length = 10  # type: ignore[misc]
+
+
+def test_manifest_records_every_parameter_but_where_to_write(tmp_path, manifest):
+    config = SimulationConfig(tmp_path, **SMALL)
+    names = [f.name for f in dataclasses.fields(SimulationConfig)]
+    assert list(manifest["params"]) == [n for n in names if n not in ("out", "overwrite")]
+    assert manifest["params"] == config.params()
+    assert manifest["params"]["contigs"] == ["chr20", "chr21"]
+    assert manifest["params"]["mosaic_vaf"] == [0.10, 0.20]
+
+
+def test_feature_that_does_not_fit_is_refused_with_the_options_to_change(tmp_path):
+    with pytest.raises(SimulationError, match="cannot place .* raise --length or lower"):
+        simulate(SimulationConfig(tmp_path, length=30_000, n_line_families=3, line_copies=10),
+                 progress=False)
+
+
+def test_summary_names_the_counts_and_every_file(sim, manifest):
+    text = simulation_summary(sim)
+    counts = manifest["counts"]
+    assert text.splitlines()[0].startswith(f"simulated {counts['reads']} reads "
+                                           f"({counts['misplaced_reads']} misplaced in repeats)")
+    assert f"{counts['mosaic_snvs']} mosaic SNVs" in text
+    for role, path in sim.items():
+        assert f"  {role:15s} {path}" in text
