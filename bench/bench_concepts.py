@@ -26,7 +26,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probing.demo import KMEANS_RUN, MULTILAYER_RUN, run_demo  # noqa: E402
+from probing.demo import KMEANS_RUN, MULTILAYER_RUN, DemoConfig, run_demo  # noqa: E402
 from probing.enrich import best_clusters, enrichment_table  # noqa: E402
 from probing.store import open_store  # noqa: E402
 
@@ -99,8 +99,8 @@ def main() -> None:
 
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        res = run_demo(args.out / f"seed{seed}", model=args.model, seed=seed,
-                       length=args.length, dtype=args.dtype, progress=False)
+        res = run_demo(DemoConfig(args.out / f"seed{seed}", model=args.model, seed=seed,
+                                  length=args.length, dtype=args.dtype), progress=False)
         store = open_store(res.store)
         for run, table in res.recovery.items():
             labels = store.load_run(run).obs["cluster"].astype(str).to_numpy()

@@ -492,12 +492,13 @@ def _model(demo: _Demo) -> tuple[Path, bool]:
 def _extract(demo: _Demo, bundle: Path, examples: str, out: Path):
     """The demo's layers of ``examples``, max-pooled, into STORE ``out`` (a finished STORE
     is reused by extract itself)."""
-    from probing.extract import extract
+    from probing.extract import ExtractConfig, extract
 
     config = demo.config
-    return extract(bundle, examples, out, layers=list(config.layers), pool="max",
-                   device=config.device, batch_size=config.batch_size,
-                   workers=config.workers, dtype=config.dtype, progress=demo.progress)
+    return extract(ExtractConfig(bundle, examples, out, layers=list(config.layers), pool="max",
+                                 device=config.device, batch_size=config.batch_size,
+                                 workers=config.workers, dtype=config.dtype),
+                   progress=demo.progress)
 
 
 def _annotate(paths: _Paths, store, mos_store, sample: _Sample) -> tuple:
