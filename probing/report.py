@@ -496,10 +496,11 @@ class _RunView:
 
 
 def _run_view(store: Store, ri: int, r: Run) -> _RunView:
-    obs = store.run_obs(r)
+    rows = store.run_rows(r)  # refuses a run whose keys are not the STORE's
+    obs = r.obs.take(rows).reset_index(drop=True)
     levels = [lv for lv in ("cluster", "level1") if lv in obs.columns]
     labels = obs["cluster"].astype(str) if "cluster" in obs.columns else None
-    return _RunView(r, ri, obs, store.run_rows(r), levels, labels)
+    return _RunView(r, ri, obs, rows, levels, labels)
 
 
 def _run_section(data: _Data, contents: _Contents, pts: pd.DataFrame, ri: int,
