@@ -328,8 +328,8 @@ class Store:
         """Per-example metadata (+ annotation columns), one row per example in input order.
 
         The frame is cached. If it was reordered or cut in place (``obs.sort_values(...,
-        inplace=True)`` in a notebook), it is read again: runs, annotations and enrichment
-        pair obs with layer rows by position, and a sorted cache gave runs scrambled keys.
+        inplace=True)`` in a notebook), it is read again: obs, annotations and layers share
+        row positions, and a sorted cache gave runs scrambled keys.
         """
         if self._obs is not None and not _in_row_order(self._obs.index, self.n):
             self._obs = None
