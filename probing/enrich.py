@@ -32,7 +32,7 @@ import pandas as pd
 from scipy.stats import fisher_exact
 
 from dvtorch.errors import DvprobeError
-from probing.store import Run, Store, open_store
+from probing.store import Run, Store, as_store
 
 CONTINUOUS_DEFAULT = ("depth", "mean_mapq", "frac_low_mapq", "mean_baseq", "alt_fraction")
 #: columns of a run that ``--level`` may name: flat clusters, hierarchy level 1, hierarchy node
@@ -68,10 +68,6 @@ def bh_qvalues(p: Sequence[float] | np.ndarray) -> np.ndarray:
     return q
 
 
-def _as_store(store: Store | str | os.PathLike) -> Store:
-    return store if isinstance(store, Store) else open_store(store)
-
-
 def _natural_key(v: str) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(v)))
 
@@ -87,13 +83,14 @@ def run_levels(run: Run) -> list[str]:
     return [lv for lv in LEVELS if lv in run.obs.columns]
 
 
-def cluster_labels(run: Run, level: str) -> pd.Series:
-    """The run's labels at ``level`` as strings (``cluster``, ``level1``, ``node``)."""
+def cluster_labels(store: Store, run: Run, level: str) -> pd.Series:
+    """The run's labels at ``level`` (``cluster``, ``level1``, ``node``) as strings, one per
+    STORE row in STORE order (the run is joined by key)."""
     valid = run_levels(run)
     if level not in valid:
         raise EnrichmentError(f"--level {level!r}: run {run.name!r} can be grouped by "
                               f"{' | '.join(valid) or 'nothing (it has no clusters)'}")
-    return run.obs[level].astype(str).reset_index(drop=True)
+    return store.run_obs(run)[level].astype(str)
 
 
 def equals_value(s: pd.Series, value: str) -> np.ndarray:
@@ -142,14 +139,13 @@ def _examples(s: pd.Series, vals: set, n: int = 5) -> str:
     return ", ".join(sorted(map(str, vals), key=_natural_key)[:n])
 
 
-def _frame(store: Store, run: Run) -> pd.DataFrame:
-    """obs + annotation columns + the run's own columns (run wins on name clashes)."""
+def run_frame(store: Store, run: Run) -> pd.DataFrame:
+    """obs + annotation columns + the run's own columns (run wins on name clashes), one row
+    per STORE row: the run is joined by key, and refused if its keys are not the STORE's."""
     obs = store.obs
-    if len(run.obs) and len(run.obs) != len(obs):
-        raise EnrichmentError(f"run {run.name!r} has {len(run.obs)} rows, STORE {len(obs)}")
-    extra = run.obs.drop(columns=[c for c in ("key",) if c in run.obs.columns])
-    return pd.concat([obs.drop(columns=[c for c in extra.columns if c in obs.columns]),
-                      extra.reset_index(drop=True)], axis=1)
+    extra = store.run_obs(run).drop(columns=["key"], errors="ignore")
+    return pd.concat([obs.drop(columns=[c for c in extra.columns if c in obs.columns]), extra],
+                     axis=1)
 
 
 def continuous_columns(frame: pd.DataFrame, asked: Sequence[str] | None,
@@ -323,12 +319,12 @@ def enrich(store: Store | str | os.PathLike, run: str, by: Sequence[str],
     """
     from probing.analysis.guard import warn_if_partial
 
-    store = _as_store(store)
+    store = as_store(store)
     if warn_partial:
         warn_if_partial(store, log)
     r = store.load_run(run)
-    labels = cluster_labels(r, level)
-    frame = _frame(store, r)
+    labels = cluster_labels(store, r, level)
+    frame = run_frame(store, r)
     attrs = dict(resolve_attribute(frame, b) for b in by)
     cont_cols = continuous_columns(frame, continuous, str(store.path))
     cont = {c: frame[c].to_numpy(dtype=float) for c in cont_cols}

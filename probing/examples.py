@@ -178,7 +178,49 @@ def parse_example(
     except DecodeError as e:
         raise ExampleFormatError(spath, record, f"corrupt record: not a tf.Example ({e})") from e
     fmap = ex.features.feature
+    image = _image(fmap, spath, record, expected_shape)
+    variant, aai = _variant(fmap, spath, record)
+    alts = tuple(variant.alternate_bases)
+    chrom, start, end, ref = (
+        variant.reference_name,
+        int(variant.start),
+        int(variant.end),
+        variant.reference_bases,
+    )
+    locus_v = _feature(fmap, K_LOCUS, "bytes_list", spath, record, required=False)
+    locus = (
+        _single(locus_v, K_LOCUS, spath, record).decode("utf-8", "replace")
+        if locus_v is not None
+        else make_locus(chrom, start, end)
+    )
+    vt_v = _feature(fmap, K_VARIANT_TYPE, "int64_list", spath, record, required=False)
+    variant_type = (
+        int(_single(vt_v, K_VARIANT_TYPE, spath, record))
+        if vt_v is not None
+        else encoded_variant_type(ref, alts)
+    )
+    label, seq_type = _label_and_sequencing_type(fmap, spath, record)
+    return DVExample(
+        image=image,
+        locus=locus,
+        chrom=chrom,
+        start=start,
+        end=end,
+        ref=ref,
+        alts=alts,
+        alt_allele_indices=aai,
+        variant_type=variant_type,
+        label=label,
+        sequencing_type=seq_type,
+        path=spath,
+        record=record,
+    )
 
+
+def _image(fmap: Any, spath: str, record: int, expected_shape: Sequence[int] | None
+           ) -> np.ndarray:
+    """The pileup as a read-only uint8 ``[H, W, C]`` view on the record's bytes, its shape
+    checked against ``image/shape`` and ``expected_shape``."""
     shape_v = _feature(fmap, K_SHAPE, "int64_list", spath, record, required=True)
     shape = tuple(int(s) for s in shape_v)
     if len(shape) != 3 or min(shape) <= 0:
@@ -205,8 +247,11 @@ def parse_example(
             f"feature '{K_IMAGE}' has {len(img_bytes)} bytes but '{K_SHAPE}' {list(shape)} "
             f"needs {n} (raw uint8 HWC expected)",
         )
-    image = np.frombuffer(img_bytes, dtype=np.uint8).reshape(shape)
+    return np.frombuffer(img_bytes, dtype=np.uint8).reshape(shape)
 
+
+def _variant(fmap: Any, spath: str, record: int) -> tuple[Any, tuple[int, ...]]:
+    """The candidate ``Variant`` and the alt-allele indices of this example (in range)."""
     var_bytes = _single(
         _feature(fmap, K_VARIANT, "bytes_list", spath, record, required=True),
         K_VARIANT,
@@ -228,34 +273,20 @@ def parse_example(
         raise ExampleFormatError(
             spath, record, f"feature '{K_AAI}' is not an AltAlleleIndices proto ({e})"
         ) from e
-
-    alts = tuple(variant.alternate_bases)
-    bad = [i for i in aai if not 0 <= i < len(alts)]
+    n_alts = len(variant.alternate_bases)
+    bad = [i for i in aai if not 0 <= i < n_alts]
     if bad:
         raise ExampleFormatError(
             spath,
             record,
-            f"feature '{K_AAI}' has indices {bad} outside the variant's {len(alts)} alt alleles",
+            f"feature '{K_AAI}' has indices {bad} outside the variant's {n_alts} alt alleles",
         )
-    chrom, start, end, ref = (
-        variant.reference_name,
-        int(variant.start),
-        int(variant.end),
-        variant.reference_bases,
-    )
+    return variant, aai
 
-    locus_v = _feature(fmap, K_LOCUS, "bytes_list", spath, record, required=False)
-    locus = (
-        _single(locus_v, K_LOCUS, spath, record).decode("utf-8", "replace")
-        if locus_v is not None
-        else make_locus(chrom, start, end)
-    )
-    vt_v = _feature(fmap, K_VARIANT_TYPE, "int64_list", spath, record, required=False)
-    variant_type = (
-        int(_single(vt_v, K_VARIANT_TYPE, spath, record))
-        if vt_v is not None
-        else encoded_variant_type(ref, alts)
-    )
+
+def _label_and_sequencing_type(fmap: Any, spath: str, record: int
+                               ) -> tuple[int | None, int | None]:
+    """The truth genotype class (0, 1, 2) and the sequencing type, each None when absent."""
     label_v = _feature(fmap, K_LABEL, "int64_list", spath, record, required=False)
     label = int(_single(label_v, K_LABEL, spath, record)) if label_v is not None else None
     if label is not None and label not in (0, 1, 2):
@@ -263,22 +294,7 @@ def parse_example(
                                  "genotype class (0 hom-ref, 1 het, 2 hom-alt)")
     seq_v = _feature(fmap, K_SEQ_TYPE, "int64_list", spath, record, required=False)
     seq_type = int(_single(seq_v, K_SEQ_TYPE, spath, record)) if seq_v is not None else None
-
-    return DVExample(
-        image=image,
-        locus=locus,
-        chrom=chrom,
-        start=start,
-        end=end,
-        ref=ref,
-        alts=alts,
-        alt_allele_indices=aai,
-        variant_type=variant_type,
-        label=label,
-        sequencing_type=seq_type,
-        path=spath,
-        record=record,
-    )
+    return label, seq_type
 
 
 def read_examples(

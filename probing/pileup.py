@@ -98,13 +98,12 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def _max_over_width(reads: np.ndarray) -> np.ndarray:
-    """``reads.max(axis=2)`` for uint8 ``[N, R, W, C]``, ~15x faster.
+    """``reads.max(axis=2)`` for uint8 ``[N, R, W, C]``, faster (docs/performance.md).
 
     numpy reduces a middle axis with an inner loop over the 7 channels only; maxima of
     the two halves of the width, halved again until one column is left, run as long
-    vectorised loops instead (log2(W) passes over shrinking data). This is most of the
-    loader's per-example CPU time otherwise (~0.7 ms of ~1 ms), which on a 2-core box is
-    taken from the model.
+    vectorised loops instead (log2(W) passes over shrinking data). Otherwise this is most
+    of the loader's per-example CPU time, which on a small CPU box is taken from the model.
     """
     r = reads
     while r.shape[2] > 1:

@@ -46,9 +46,9 @@ import pandas as pd
 
 from dvtorch.errors import DvprobeError
 from dvtorch.files import atomic_write_bytes
-from probing.enrich import EnrichmentError, _as_store, equals_value, to_markdown
+from probing.enrich import EnrichmentError, equals_value, to_markdown
 from probing.enrich import check_output as enrich_check_output
-from probing.store import Store
+from probing.store import Store, StoreError, as_store
 
 log = logging.getLogger(__name__)
 
@@ -320,13 +320,43 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
 
     See the module docstring for the method. ``available`` (bytes; default: what the
     machine or container has free) bounds one layer's sampled rows. ``baseline``: a STORE
-    of the same examples extracted with another model (the untrained reference); the same
-    rows, folds and concepts are probed there too, and the table gains ``baseline_mean``,
-    ``baseline_sd`` and ``gain`` (mean - baseline_mean).
+    of the same examples extracted with another model (the untrained reference); its rows
+    are joined to this STORE's by example key, the same examples, folds and concepts are
+    probed there too, and the table gains ``baseline_mean``, ``baseline_sd`` and ``gain``
+    (mean - baseline_mean).
     """
-    from probing.analysis.guard import available_memory, warn_if_partial
+    from probing.analysis.guard import warn_if_partial
 
-    st = _as_store(store)
+    st = as_store(store)
+    _check_options(pca, max_rows, seed, folds, block_bp)
+    names = _layer_names(st, layers)
+    warn_if_partial(st, log)
+    obs = _probe_obs(st, concepts)
+    todo = resolve_concepts(obs, concepts)
+    missing = [c for c in ("chrom", "pos") if c not in obs.columns]
+    if block_bp and missing:
+        raise ProbeError(f"{st.path}: obs has no {'/'.join(missing)} to make genomic blocks "
+                         "from; pass --block-bp 0 for folds by row (examples that are "
+                         "neighbours then land on both sides and inflate the scores)")
+    base = _baseline(as_store(baseline), st, names) if baseline is not None else None
+    rows = _sample_rows(st.n, max_rows, seed)
+    _check_memory(st, names, len(rows), available)
+    chrom, pos = (obs["chrom"].to_numpy()[rows], obs["pos"].to_numpy()[rows]) \
+        if not missing else (None, None)
+    fold = _folds(chrom, pos, folds, block_bp, seed, len(rows))
+    ys, notes = _targets(todo, rows, fold, folds)
+    n_blocks = len(np.unique(_block_keys(chrom, pos, block_bp))) if block_bp else None
+    if n_blocks is not None and n_blocks < FEW_BLOCKS:
+        notes.append(f"only {n_blocks} genomic blocks of {block_bp:,} bp: a concept that covers "
+                     "whole regions is scored on few independent units, so its score varies "
+                     "with --seed; a smaller --block-bp gives more")
+    table = _probe_table(st, base, names, rows, ys, fold, folds, pca, seed, progress)
+    return ProbeResult(table=table, n_rows=len(rows), n_store=st.n, folds=folds,
+                       block_bp=block_bp, pca=pca, seed=seed, notes=notes,
+                       baseline=str(base.store.path) if base is not None else None)
+
+
+def _check_options(pca: int, max_rows: int, seed: int, folds: int, block_bp: int) -> None:
     if pca < 0:
         raise ProbeError(f"--pca must be >= 0, got {pca}")
     if max_rows < 2:
@@ -334,6 +364,10 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
     if seed < 0:
         raise ProbeError(f"--seed must be >= 0, got {seed}")
     check_fold_options(folds, block_bp)
+
+
+def _layer_names(st: Store, layers: Sequence[str] | None) -> list[str]:
+    """The layers to probe (default: the STORE's, in extraction order), each checked."""
     names = list(layers) if layers is not None else _extraction_order(st)
     unknown = [n for n in names if n not in st.layers]
     if unknown:
@@ -343,34 +377,53 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
         raise ProbeError(f"--layers must name each layer once, got {names}")
     if st.n == 0:
         raise ProbeError(f"{st.path}: the STORE has no examples yet")
-    warn_if_partial(st, log)
-    obs = st.obs
-    todo = resolve_concepts(obs, concepts)
-    missing = [c for c in ("chrom", "pos") if c not in obs.columns]
-    if block_bp and missing:
-        raise ProbeError(f"{st.path}: obs has no {'/'.join(missing)} to make genomic blocks "
-                         "from; pass --block-bp 0 for folds by row (examples that are "
-                         "neighbours then land on both sides and inflate the scores)")
-    base = _check_baseline(_as_store(baseline), st, names) if baseline is not None else None
+    return names
 
-    n = st.n
+
+def _probe_obs(st: Store, concepts: Sequence[str] | None) -> pd.DataFrame:
+    """The obs columns a probe reads, and no others (a large STORE's key and locus strings
+    are most of its obs): every boolean column (the default concepts, and what an unknown
+    concept's message lists), the columns ``concepts`` may name, ``chrom`` and ``pos``."""
+    dtypes = st.obs_dtypes
+    wanted = [c for c, t in dtypes.items() if pd.api.types.is_bool_dtype(t)]
+    if concepts is None:
+        wanted += list(CONTINUOUS_DEFAULT)
+    else:
+        for spec in concepts:
+            col = spec.partition("=")[0]
+            wanted += [col, f"rmsk_{col}"]
+    wanted += ["chrom", "pos"]
+    return st.read_obs([c for c in dict.fromkeys(wanted) if c in dtypes.index])
+
+
+def _sample_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
+    """One seeded sample of at most ``max_rows`` rows, sorted (every layer reads the same)."""
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n, max_rows, replace=False)) if n > max_rows else np.arange(n)
+    return np.sort(rng.choice(n, max_rows, replace=False)) if n > max_rows else np.arange(n)
+
+
+def _check_memory(st: Store, names: Sequence[str], n_rows: int, available: int | None) -> None:
+    """Refuse a sample whose widest layer would not fit in :data:`MEMORY_SHARE` of memory."""
+    from probing.analysis.guard import available_memory
+
     room = available if available is not None else available_memory()
     widest = max(st.layer_specs[name].dim for name in names)
-    need = len(rows) * widest * 4 * 3  # the rows, their standardised copy, the PCA's work
+    need = n_rows * widest * 4 * 3  # the rows, their standardised copy, the PCA's work
     if room and need > MEMORY_SHARE * room:
         fit = int(MEMORY_SHARE * room / (widest * 4 * 3))
         advice = (f"pass --max-rows {fit} or less" if fit >= 100 else
                   "too little memory for a probe of this layer (a flatten-pooled one? probe "
                   "a max- or mean-pooled extraction)")
-        raise ProbeError(f"{len(rows):,} rows of a {widest:,}-wide layer need ~{need / 1e9:.1f} "
+        raise ProbeError(f"{n_rows:,} rows of a {widest:,}-wide layer need ~{need / 1e9:.1f} "
                          f"GB, more than {MEMORY_SHARE:.0%} of the {room / 1e9:.1f} GB "
                          f"available; {advice}")
-    chrom, pos = (obs["chrom"].to_numpy()[rows], obs["pos"].to_numpy()[rows]) \
-        if not missing else (None, None)
+
+
+def _folds(chrom: np.ndarray | None, pos: np.ndarray | None, folds: int, block_bp: int,
+           seed: int, n: int) -> np.ndarray:
+    """:func:`genomic_folds` of the sample, suggesting a smaller block when too few."""
     try:
-        fold = genomic_folds(chrom, pos, folds, block_bp, seed, n=len(rows))
+        return genomic_folds(chrom, pos, folds, block_bp, seed, n=n)
     except ProbeError as exc:
         better = _suggest_block(chrom, pos, folds, block_bp) if block_bp else None
         if better is None:
@@ -378,8 +431,16 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
         raise ProbeError(f"{exc} (--block-bp {better} gives at least {2 * folds} blocks "
                          "here)") from None
 
+
+#: a concept to probe: the concept, its sampled values and the folds that can score it
+Target = tuple[Concept, np.ndarray, list[int]]
+
+
+def _targets(todo: Sequence[Concept], rows: np.ndarray, fold: np.ndarray, folds: int
+             ) -> tuple[dict[str, Target], list[str]]:
+    """The concepts the sample can score, and a note for each one it cannot (fully)."""
     notes: list[str] = []
-    ys = {}
+    ys: dict[str, Target] = {}
     for c in todo:
         y = c.values[rows]
         if c.kind == "binary":
@@ -400,12 +461,13 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
         ys[c.name] = (c, y, usable)
     if not ys:
         raise ProbeError("no concept can be probed: " + "; ".join(notes))
-    n_blocks = len(np.unique(_block_keys(chrom, pos, block_bp))) if block_bp else None
-    if n_blocks is not None and n_blocks < FEW_BLOCKS:
-        notes.append(f"only {n_blocks} genomic blocks of {block_bp:,} bp: a concept that covers "
-                     "whole regions is scored on few independent units, so its score varies "
-                     "with --seed; a smaller --block-bp gives more")
+    return ys, notes
 
+
+def _probe_table(st: Store, base: Baseline | None, names: Sequence[str], rows: np.ndarray,
+                 ys: dict[str, Target], fold: np.ndarray, folds: int, pca: int, seed: int,
+                 progress: bool) -> pd.DataFrame:
+    """One row per layer x concept: the held-out scores (and the baseline's, when given)."""
     from tqdm.auto import tqdm
 
     records = []
@@ -414,7 +476,8 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
         for name in names:
             scores = _layer_scores(st, name, rows, ys, fold, folds, pca, seed, bar)
             if base is not None:
-                base_scores = _layer_scores(base, name, rows, ys, fold, folds, pca, seed, bar)
+                base_scores = _layer_scores(base.store, name, base.rows[rows], ys, fold, folds,
+                                            pca, seed, bar)
             for cname, (c, y, _) in ys.items():
                 rec = {"layer": name, "concept": cname, "metric": c.metric,
                        **_summary(scores[cname]), "folds": len(scores[cname]),
@@ -425,14 +488,11 @@ def probe_layers(store: Store | str | os.PathLike, concepts: Sequence[str] | Non
                     rec.update(baseline_mean=b["mean"], baseline_sd=b["sd"],
                                gain=rec["mean"] - b["mean"])
                 records.append(rec)
-    table = pd.DataFrame.from_records(records)
-    return ProbeResult(table=table, n_rows=len(rows), n_store=n, folds=folds,
-                       block_bp=block_bp, pca=pca, seed=seed, notes=notes,
-                       baseline=str(base.path) if base is not None else None)
+    return pd.DataFrame.from_records(records)
 
 
-#: fewer genomic blocks than this in the sample draws a note (scores of region-wide
-#: concepts then swing with the seed: 0.2-0.7 AUROC for a random one over 31 blocks)
+#: fewer genomic blocks than this in the sample draws a note (the score of a concept that
+#: covers whole regions then swings with the seed)
 FEW_BLOCKS = 100
 
 
@@ -501,20 +561,28 @@ def _layer_scores(st: Store, name: str, rows: np.ndarray,
     return scores
 
 
-def _check_baseline(base: Store, st: Store, names: Sequence[str]) -> Store:
-    """The baseline STORE must hold the same examples in the same order (its rows are taken
-    by the same indices) and the probed layers, pooled alike."""
+@dataclass(frozen=True)
+class Baseline:
+    """A baseline STORE and, for each row of the probed STORE, its row of the same example."""
+
+    store: Store
+    rows: np.ndarray
+
+
+def _baseline(base: Store, st: Store, names: Sequence[str]) -> Baseline:
+    """The baseline STORE must hold the same examples (joined by key, in any order) and the
+    probed layers, pooled alike."""
     if base.path.resolve() == st.path.resolve():
         raise ProbeError(f"--baseline {base.path} is the STORE itself")
     if base.n != st.n:
         raise ProbeError(f"--baseline {base.path} has {base.n:,} examples, {st.path} "
                          f"{st.n:,}: extract the same examples with the baseline model")
-    a, b = st.obs, base.obs
-    if "key" in a.columns and "key" in b.columns and not a["key"].equals(b["key"]):
-        row = int(np.flatnonzero(a["key"].to_numpy() != b["key"].to_numpy())[0])
-        raise ProbeError(f"--baseline {base.path}: example {row} is {b['key'].iloc[row]!r}, "
-                         f"in {st.path} {a['key'].iloc[row]!r}: extract the same examples "
-                         "(same files, same --limit)")
+    try:
+        rows = st.align_keys(base.keys, f"--baseline {base.path}",
+                             hint="extract the same examples (same files, same --limit) with "
+                                  "the baseline model")
+    except StoreError as exc:
+        raise ProbeError(str(exc)) from None
     for name in names:
         if name not in base.layers:
             raise ProbeError(f"--baseline {base.path} has no layer {name} (it has "
@@ -523,7 +591,7 @@ def _check_baseline(base: Store, st: Store, names: Sequence[str]) -> Store:
         if (mine.dim, mine.pool) != (theirs.dim, theirs.pool):
             raise ProbeError(f"--baseline {base.path}: layer {name} is {theirs.dim}-wide, "
                              f"pooled {theirs.pool}; here {mine.dim}-wide, pooled {mine.pool}")
-    return base
+    return Baseline(base, rows)
 
 
 def profile_markdown(res: ProbeResult) -> str:
@@ -625,7 +693,7 @@ def save_probes(store: Store | str | os.PathLike, res: ProbeResult, name: str = 
 
     Saved with the STORE's row count: probes of a partial STORE are set aside with its runs
     when extraction resumes, and :func:`load_probes` skips any made on another row count."""
-    st = _as_store(store)
+    st = as_store(store)
     path = probes_path(st, name)
     doc = {"format": PROBES_FORMAT, "name": name, "n_store": res.n_store,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -649,7 +717,7 @@ def _json_value(v):
 def load_probes(store: Store | str | os.PathLike) -> dict[str, ProbeResult]:
     """Every saved probe result of the STORE, by name (sorted); files that are not ours, are
     unreadable or were made on another number of rows are skipped with a warning."""
-    st = _as_store(store)
+    st = as_store(store)
     out: dict[str, ProbeResult] = {}
     for path in sorted((st.path / PROBES_DIR).glob("*.json")):
         try:

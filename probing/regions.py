@@ -3,8 +3,8 @@ overlaps them.
 
 Why at extraction: a whole-genome make_examples run is hours of work to redo, while the
 question is often about one chromosome, a benchmark's confident regions or a stratification
-(hard-to-map, segmental duplications). Reading past the other examples costs a parse
-(~0.05 ms) instead of a forward (~6 ms on 2 CPU cores).
+(hard-to-map, segmental duplications). Reading past the other examples costs a parse,
+far cheaper than a forward pass (docs/performance.md).
 
 A region is ``chrom``, ``chrom:start-end`` (1-based, inclusive, thousands separators
 allowed, as samtools / bcftools / IGV write it) or a BED file (0-based, half-open).

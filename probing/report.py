@@ -43,7 +43,7 @@ from probing.analysis.guard import partial_store_warning
 from probing.info import format_info, store_info
 from probing.probe import load_probes
 from probing.show import channel_pngs, data_uri, read_store_examples, store_channels
-from probing.store import Run, Store, open_store
+from probing.store import Run, Store, as_store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _thumbs(store: Store, rows: np.ndarray, examples, downsample: int,
     if len(rows) == 0:
         return {}
     try:
-        exs = read_store_examples(store, rows, examples)
+        exs = read_store_examples(store, rows, examples, examples_option="--examples")
     except DvprobeError as exc:
         warnings.append(f"pileup thumbnails unavailable: {exc}")
         return {}
@@ -350,12 +350,78 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
                  examples: str | os.PathLike | None = None,
                  export_dir: str | os.PathLike | None = None, rare_max: int = 1000,
                  seed: int = 0, title: str | None = None) -> ReportResult:
-    """Write the report; see the module docstring for what it contains."""
-    store = store if isinstance(store, Store) else open_store(store)
+    """Write the report; see the module docstring for what it contains.
+
+    Stages: gather what is reported (:func:`_gather`), the plotted points
+    (:func:`_points`), one section per run (:func:`_run_section`) and the saved probes,
+    pileup thumbnails, then the page (:func:`_page`), written atomically.
+    """
     if max_points < 1:
         raise ReportError("--max-points must be >= 1")
-    names = runs if runs else store.runs
-    loaded: list[Run] = [store.load_run(r) for r in names]
+    data = _gather(as_store(store), runs, attributes, continuous, max_points, rare_max, seed)
+    pts = _points(data)
+    contents = _Contents()
+    first_labels: pd.Series | None = None
+    for ri, run in enumerate(data.runs):
+        labels = _run_section(data, contents, pts, ri, run)
+        if first_labels is None:
+            first_labels = labels
+    _probe_sections(data.probes, contents)
+    thumb_rows = _pick_thumbnails(data.rows, data.obs, first_labels, data.rare, thumbnails)
+    thumbs = _thumbs(data.store, thumb_rows, examples, thumbnail_downsample, data.warnings)
+    pts["pileup"] = np.isin(pts["row"].to_numpy(), list(thumbs))
+    exported = _export(contents.figures, pts, Path(export_dir)) if export_dir else []
+    page = _page(data, contents, pts, thumbs, title or f"dvprobe report: {data.store.path.name}")
+    out = _write_text(Path(out), page)
+    for w in data.warnings:
+        log.warning(w)
+    return ReportResult(out, data.n, len(data.rows), len(thumbs),
+                        [f.title for f in contents.figures], exported, data.warnings)
+
+
+@dataclass
+class _Data:
+    """What every section reads: the STORE's rows, the runs and probes to show, the
+    attributes, and the rows plotted in the browser (``rows``; tables use all rows)."""
+
+    store: Store
+    obs: pd.DataFrame
+    runs: list[Run]
+    probes: dict
+    attrs: dict[str, np.ndarray]
+    cont_cols: list[str]
+    rare_cap: int
+    rare: list[np.ndarray]
+    keep: np.ndarray
+    rows: np.ndarray
+    max_points: int
+    seed: int
+    warnings: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.obs)
+
+
+@dataclass
+class _Contents:
+    """The figures and tables of the page, in page order."""
+
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[tuple[str, str]] = field(default_factory=list)
+
+    def figure(self, title: str, chart: alt.TopLevelMixin, caption: str, uses_points: bool,
+               section: str) -> None:
+        self.figures.append(Figure(f"f{len(self.figures)}", title, chart, caption,
+                                   uses_points, section))
+
+
+def _gather(store: Store, runs: list[str] | None, attributes: list[str] | None,
+            continuous: list[str] | None, max_points: int, rare_max: int,
+            seed: int) -> _Data:
+    """The runs (with a UMAP or clusters) and probes to report, the attributes, and the
+    sample of rows to plot; a ReportError when there is nothing to report."""
+    loaded = [store.load_run(r) for r in (runs if runs else store.runs)]
     loaded = [r for r in loaded if "umap" in r.arrays or "cluster" in r.obs.columns]
     probes = load_probes(store)
     if not loaded and not probes:
@@ -363,13 +429,8 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
                           f"saved probes, to report (runs: {store.runs}); run `dvprobe "
                           "cluster` or `dvprobe probe` first")
     obs = store.obs
-    n = len(obs)
-    warnings: list[str] = [w for w in [partial_store_warning(store)] if w]
-    bool_cols = _bool_columns(obs)
-    attrs: dict[str, np.ndarray] = {}
-    for a in (attributes if attributes is not None else bool_cols):
-        col, mask = en.resolve_attribute(obs, a)
-        attrs[col] = mask
+    attrs = dict(en.resolve_attribute(obs, a) for a in
+                 (attributes if attributes is not None else _bool_columns(obs)))
     # Asked-for columns must exist and be numeric (as enrich requires): silently skipping
     # a misspelt one hid it from the report; the defaults are used where present.
     cont_cols = ([c for c in CONTINUOUS_DEFAULT if c in obs.columns] if continuous is None
@@ -382,160 +443,222 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
         np.array([], np.int64)
     if len(keep) > max_points // 2:
         keep = np.sort(np.random.default_rng(seed).choice(keep, max_points // 2, replace=False))
-    rows = _subsample(n, max_points, keep.astype(np.int64), seed)
+    rows = _subsample(len(obs), max_points, keep.astype(np.int64), seed)
+    warnings = [w for w in [partial_store_warning(store)] if w]
+    return _Data(store, obs, loaded, probes, attrs, cont_cols, rare_cap, rare, keep, rows,
+                 max_points, seed, warnings)
 
-    # Plotted points: one shared table.
+
+def _points(data: _Data) -> pd.DataFrame:
+    """The plotted points: one shared table (each run adds its coordinates and labels)."""
+    obs, rows = data.obs, data.rows
     pts = pd.DataFrame({"row": rows})
     for c in ("key", "locus", "label", "pred_genotype", "p_hom_ref", "p_het", "p_hom_alt",
-              "depth", "mean_mapq", *cont_cols):
+              "depth", "mean_mapq", *data.cont_cols):
         if c in obs.columns and c not in pts.columns:
             v = obs[c].iloc[rows].reset_index(drop=True)
             pts[c] = v.astype("float64").round(4) if v.dtype.kind == "f" else v
     if {"ref", "alt", "alt_allele_indices"} <= set(obs.columns):
         o = obs.iloc[rows]
         pts["alleles"] = _fmt_alleles(o["ref"], o["alt"], o["alt_allele_indices"])
-    for a, m in attrs.items():
+    for a, m in data.attrs.items():
         pts[a] = m[rows]
+    return pts
 
-    figures: list[Figure] = []
-    tables: list[tuple[str, str]] = []
-    first_labels: pd.Series | None = None
-    for ri, r in enumerate(loaded):
-        sec = f"Run {r.name}"
-        kind = r.meta.get("kind", "?")
-        layers = r.meta.get("features", {}).get("layers") if isinstance(
-            r.meta.get("features"), dict) else None
-        xi, yi = f"x{ri}", f"y{ri}"
-        has_umap = "umap" in r.arrays and r.arrays["umap"].shape[1] >= 2
-        if has_umap:
-            u = r.arrays["umap"]
-            pts[xi] = np.round(u[rows, 0].astype(float), 4)
-            pts[yi] = np.round(u[rows, 1].astype(float), 4)
-        levels = [lv for lv in ("cluster", "level1") if lv in r.obs.columns]
-        for lv in levels:
-            pts[f"{lv}{ri}"] = r.obs[lv].astype(str).to_numpy()[rows]
-        labels = r.obs["cluster"].astype(str) if "cluster" in r.obs.columns else None
-        if first_labels is None and labels is not None:
-            first_labels = labels
-        lab_col = f"cluster{ri}" if labels is not None else "key"
-        desc = f"{kind} on {', '.join(layers) if layers else '?'}"
-        if has_umap:
-            for lv in levels:
-                order = en.sorted_levels(r.obs[lv])
-                figures.append(Figure(f"f{len(figures)}", f"{r.name}: UMAP by {lv}",
-                                      umap_by_category(f"{lv}{ri}", xi, yi, order,
-                                                       f"{r.name} ({desc}) - {lv}", lv),
-                                      f"{len(order)} clusters. Click a point to see its "
-                                      "pileup (when a thumbnail exists).", True, sec))
-        res = en.enrich(store, r.name, list(attrs), level="cluster", continuous=cont_cols,
-                        warn_partial=False) if labels is not None else None
-        lands = {ld.name: ld.summary() for ld in res.landings} if res else {}
-        for a, m in attrs.items():
-            if has_umap:
-                cap = lands.get(a, "") + f" ({int(m.sum())} of {n} examples carry {a}.)"
-                figures.append(Figure(f"f{len(figures)}", f"{r.name}: UMAP, {a}",
-                                      umap_by_flag(a, xi, yi, f"{r.name} - {a}", lab_col),
-                                      cap, True, sec))
-            if res is not None and m.sum():
-                figures.append(Figure(
-                    f"f{len(figures)}", f"{r.name}: share of {a} per cluster",
-                    share_bars(res.table, a, "cluster", m.mean(),
-                               f"{r.name}: % of each cluster that is {a}"),
-                    "All rows (not the plotted sample). Bar colour = BH q of a one-sided "
-                    "Fisher test; dashed line = overall rate.", False, sec))
-        if has_umap:
-            for c in cont_cols:
-                v = obs[c].to_numpy(dtype=float)
-                lo, hi = (np.nanpercentile(v, [1, 99]) if np.isfinite(v).any() else (0, 1))
-                figures.append(Figure(f"f{len(figures)}", f"{r.name}: UMAP by {c}",
-                                      umap_by_value(c, xi, yi, f"{r.name} - {c}", float(lo),
-                                                    float(hi), lab_col),
-                                      "Colour clipped to the 1st-99th percentile.", True, sec))
-        if res is not None:
-            for c in cont_cols:
-                figures.append(Figure(f"f{len(figures)}", f"{r.name}: {c} per cluster",
-                                      continuous_bars(res.continuous, c, "cluster",
-                                                      f"{r.name}: {c} (median, IQR)"),
-                                      "All rows.", False, sec))
-            if len(res.table):
-                tables.append((f"{r.name}: enrichment (all {n} rows)",
-                               _table_html(res.table)))
-            if res.landings:
-                tables.append((f"{r.name}: where labelled sets landed",
-                               "<ul>" + "".join(f"<li>{html.escape(ld.summary())}</li>"
-                                                for ld in res.landings) + "</ul>"))
-        af = r.meta.get("applied_from")
-        if af and has_umap and labels is not None:
-            figures.append(_projection_figure(r, af, rows, pts, xi, yi, ri, max_points, seed,
-                                              warnings, sec))
-        if kind == "multilayer" and labels is not None:
-            others = [o for o in loaded if o is not r and "cluster" in o.obs.columns
-                      and o.meta.get("kind") != "multilayer"]
-            if others:
-                o = others[0]
-                figures.append(Figure(
-                    f"f{len(figures)}", f"{r.name} vs {o.name}",
-                    crosstab_heatmap(labels, o.obs["cluster"].astype(str),
+
+@dataclass
+class _RunView:
+    """One run as its section draws it: its columns in STORE row order (joined by key) and
+    the names of its columns in the shared points table."""
+
+    run: Run
+    index: int
+    obs: pd.DataFrame
+    rows: np.ndarray  # for each STORE row, the run's row of the same example
+    levels: list[str]
+    labels: pd.Series | None
+
+    @property
+    def section(self) -> str:
+        return f"Run {self.run.name}"
+
+    @property
+    def xy(self) -> tuple[str, str]:
+        return f"x{self.index}", f"y{self.index}"
+
+    @property
+    def has_umap(self) -> bool:
+        return "umap" in self.run.arrays and self.run.arrays["umap"].shape[1] >= 2
+
+    @property
+    def label_col(self) -> str:
+        return f"cluster{self.index}" if self.labels is not None else "key"
+
+
+def _run_view(store: Store, ri: int, r: Run) -> _RunView:
+    rows = store.run_rows(r)  # refuses a run whose keys are not the STORE's
+    obs = r.obs.take(rows).reset_index(drop=True)
+    levels = [lv for lv in ("cluster", "level1") if lv in obs.columns]
+    labels = obs["cluster"].astype(str) if "cluster" in obs.columns else None
+    return _RunView(r, ri, obs, rows, levels, labels)
+
+
+def _run_section(data: _Data, contents: _Contents, pts: pd.DataFrame, ri: int,
+                 r: Run) -> pd.Series | None:
+    """Figures and tables of one run; adds its coordinates and labels to ``pts``. Returns
+    its cluster labels (STORE order), or None."""
+    view = _run_view(data.store, ri, r)
+    xi, yi = view.xy
+    if view.has_umap:
+        u = r.arrays["umap"]
+        pts[xi] = np.round(u[view.rows[data.rows], 0].astype(float), 4)
+        pts[yi] = np.round(u[view.rows[data.rows], 1].astype(float), 4)
+    for lv in view.levels:
+        pts[f"{lv}{ri}"] = view.obs[lv].astype(str).to_numpy()[data.rows]
+    if view.has_umap:
+        _umap_level_figures(contents, view)
+    res = en.enrich(data.store, r.name, list(data.attrs), level="cluster",
+                    continuous=data.cont_cols,
+                    warn_partial=False) if view.labels is not None else None
+    _attribute_figures(data, contents, view, res)
+    if view.has_umap:
+        _umap_value_figures(data, contents, view)
+    if res is not None:
+        _enrichment_sections(data, contents, view, res)
+    af = r.meta.get("applied_from")
+    if af and view.has_umap and view.labels is not None:
+        contents.figures.append(_projection_figure(data, view, af))
+    if r.meta.get("kind", "?") == "multilayer" and view.labels is not None:
+        _crosstab_figure(data, contents, view)
+    return view.labels
+
+
+def _umap_level_figures(contents: _Contents, view: _RunView) -> None:
+    r, (xi, yi) = view.run, view.xy
+    layers = r.meta.get("features", {}).get("layers") if isinstance(
+        r.meta.get("features"), dict) else None
+    desc = f"{r.meta.get('kind', '?')} on {', '.join(layers) if layers else '?'}"
+    for lv in view.levels:
+        order = en.sorted_levels(view.obs[lv])
+        contents.figure(f"{r.name}: UMAP by {lv}",
+                        umap_by_category(f"{lv}{view.index}", xi, yi, order,
+                                         f"{r.name} ({desc}) - {lv}", lv),
+                        f"{len(order)} clusters. Click a point to see its "
+                        "pileup (when a thumbnail exists).", True, view.section)
+
+
+def _attribute_figures(data: _Data, contents: _Contents, view: _RunView,
+                       res: en.Enrichment | None) -> None:
+    """Per attribute: the UMAP coloured by it, and its share per cluster (all rows)."""
+    r, (xi, yi) = view.run, view.xy
+    lands = {ld.name: ld.summary() for ld in res.landings} if res else {}
+    for a, m in data.attrs.items():
+        if view.has_umap:
+            cap = lands.get(a, "") + f" ({int(m.sum())} of {data.n} examples carry {a}.)"
+            contents.figure(f"{r.name}: UMAP, {a}",
+                            umap_by_flag(a, xi, yi, f"{r.name} - {a}", view.label_col),
+                            cap, True, view.section)
+        if res is not None and m.sum():
+            contents.figure(f"{r.name}: share of {a} per cluster",
+                            share_bars(res.table, a, "cluster", m.mean(),
+                                       f"{r.name}: % of each cluster that is {a}"),
+                            "All rows (not the plotted sample). Bar colour = BH q of a "
+                            "one-sided Fisher test; dashed line = overall rate.", False,
+                            view.section)
+
+
+def _umap_value_figures(data: _Data, contents: _Contents, view: _RunView) -> None:
+    r, (xi, yi) = view.run, view.xy
+    for c in data.cont_cols:
+        v = data.obs[c].to_numpy(dtype=float)
+        lo, hi = (np.nanpercentile(v, [1, 99]) if np.isfinite(v).any() else (0, 1))
+        contents.figure(f"{r.name}: UMAP by {c}",
+                        umap_by_value(c, xi, yi, f"{r.name} - {c}", float(lo), float(hi),
+                                      view.label_col),
+                        "Colour clipped to the 1st-99th percentile.", True, view.section)
+
+
+def _enrichment_sections(data: _Data, contents: _Contents, view: _RunView,
+                         res: en.Enrichment) -> None:
+    """Continuous summaries per cluster, the enrichment table and the landing lines."""
+    name = view.run.name
+    for c in data.cont_cols:
+        contents.figure(f"{name}: {c} per cluster",
+                        continuous_bars(res.continuous, c, "cluster",
+                                        f"{name}: {c} (median, IQR)"),
+                        "All rows.", False, view.section)
+    if len(res.table):
+        contents.tables.append((f"{name}: enrichment (all {data.n} rows)",
+                                _table_html(res.table)))
+    if res.landings:
+        contents.tables.append((f"{name}: where labelled sets landed",
+                                "<ul>" + "".join(f"<li>{html.escape(ld.summary())}</li>"
+                                                 for ld in res.landings) + "</ul>"))
+
+
+def _crosstab_figure(data: _Data, contents: _Contents, view: _RunView) -> None:
+    """A multi-layer run's clusters against the first single-layer run's."""
+    r = view.run
+    others = [o for o in data.runs if o is not r and "cluster" in o.obs.columns
+              and o.meta.get("kind") != "multilayer"]
+    if not others:
+        return
+    o = others[0]
+    contents.figure(f"{r.name} vs {o.name}",
+                    crosstab_heatmap(view.labels, data.store.run_obs(o)["cluster"].astype(str),
                                      f"{r.name} cluster", f"{o.name} cluster",
                                      f"Multi-layer clusters ({r.name}) vs {o.name}"),
                     "Counts over all rows: how the multi-layer clustering splits or merges "
-                    "the single-layer clusters.", False, sec))
+                    "the single-layer clusters.", False, view.section)
 
+
+def _probe_sections(probes: dict, contents: _Contents) -> None:
     for pname, pres in probes.items():
-        figures.append(Figure(
-            f"f{len(figures)}", f"{pname}: concepts across layers",
-            probe_profile(pres.table, f"{pname}: where each concept is decodable"),
-            pres.header() + ". " + " ".join(f"{line}." for line in pres.peaks()), False,
-            PROBES_SECTION))
-        tables.append((f"{pname}: linear probes per layer", _table_html(pres.table)))
+        contents.figure(f"{pname}: concepts across layers",
+                        probe_profile(pres.table, f"{pname}: where each concept is decodable"),
+                        pres.header() + ". " + " ".join(f"{line}." for line in pres.peaks()),
+                        False, PROBES_SECTION)
+        contents.tables.append((f"{pname}: linear probes per layer", _table_html(pres.table)))
 
-    thumb_rows = _pick_thumbnails(rows, obs, first_labels, rare, thumbnails)
-    thumbs = _thumbs(store, thumb_rows, examples, thumbnail_downsample, warnings)
-    pts["pileup"] = np.isin(pts["row"].to_numpy(), list(thumbs))
 
-    out = Path(out)
-    exported = _export(figures, pts, Path(export_dir)) if export_dir else []
-    page = _page(store, figures, tables, pts, thumbs, n, len(rows), warnings,
-                 title or f"dvprobe report: {store.path.name}", rare_cap, attrs, keep)
+def _write_text(out: Path, text: str) -> Path:
+    """Write ``text`` to ``out`` atomically (a reader never sees half a page)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)
-    for w in warnings:
-        log.warning(w)
-    return ReportResult(out, n, len(rows), len(thumbs), [f.title for f in figures],
-                        exported, warnings)
+    return out
 
 
-def _projection_figure(r: Run, af: dict, rows: np.ndarray, pts: pd.DataFrame, xi: str,
-                       yi: str, ri: int, max_points: int, seed: int, warnings: list[str],
-                       sec: str) -> Figure:
+def _projection_figure(data: _Data, view: _RunView, af: dict) -> Figure:
     """Applied points (coloured by their cluster) over the source run's UMAP in grey."""
+    r, (xi, yi) = view.run, view.xy
     bg = None
     try:
         src = open_store(af["store"]).load_run(af["run"])
         if "umap" in src.arrays:
             u = src.arrays["umap"]
-            pick = _subsample(len(u), max_points, np.array([], np.int64), seed)
+            pick = _subsample(len(u), data.max_points, np.array([], np.int64), data.seed)
             bg = pd.DataFrame({xi: u[pick, 0].astype(float).round(4),
                                yi: u[pick, 1].astype(float).round(4)})
     except (DvprobeError, OSError, KeyError) as exc:
-        warnings.append(f"projection {r.name}: source run unavailable ({exc}); "
-                        "showing the applied points alone")
-    land = en.landing(r.obs["cluster"], None, "applied set").summary()
-    order = en.sorted_levels(r.obs["cluster"])
-    fg = umap_by_category(f"cluster{ri}", xi, yi, order,
+        data.warnings.append(f"projection {r.name}: source run unavailable ({exc}); "
+                             "showing the applied points alone")
+    land = en.landing(view.labels, None, "applied set").summary()
+    order = en.sorted_levels(view.labels)
+    fg = umap_by_category(f"cluster{view.index}", xi, yi, order,
                           f"{r.name}: applied to run {af.get('run')}", "cluster")
     chart: alt.TopLevelMixin = fg
     if bg is not None:
         # InlineData, not the DataFrame: altair refuses a DataFrame over 5,000 rows
         # (MaxRowsError), and the background is subsampled to --max-points already.
-        back = alt.Chart(alt.InlineData(values=_records(bg))).mark_circle(size=8, color="#d0d0d0", opacity=0.5).encode(
-            x=f"{xi}:Q", y=f"{yi}:Q")
+        back = (alt.Chart(alt.InlineData(values=_records(bg)))
+                .mark_circle(size=8, color="#d0d0d0", opacity=0.5)
+                .encode(x=f"{xi}:Q", y=f"{yi}:Q"))
         chart = alt.layer(back, fg).properties(width=520, height=420)
     return Figure("", f"{r.name}: projection", chart,
                   f"Grey: source run {af.get('run')} ({Path(str(af.get('store'))).name}); "
-                  f"coloured: this STORE's examples. {land}", True, sec)
+                  f"coloured: this STORE's examples. {land}", True, view.section)
 
 
 def _table_html(df: pd.DataFrame) -> str:
@@ -655,47 +778,71 @@ status();
 """
 
 
-def _page(store: Store, figures: list[Figure], tables: list[tuple[str, str]],
-          pts: pd.DataFrame, thumbs: dict[int, dict], n: int, n_points: int,
-          warnings: list[str], title: str, rare_cap: int, attrs: dict,
-          kept: np.ndarray) -> str:
+def _sample_note(data: _Data) -> str:
+    """How the plotted points were chosen (all rows, or a sample keeping rare attributes)."""
+    n, n_points = data.n, len(data.rows)
+    if n_points == n:
+        return f"All {n} examples are plotted."
+    rare_names = [a for a, m in data.attrs.items() if 0 < m.sum() <= data.rare_cap]
+    all_kept = all(np.isin(np.flatnonzero(data.attrs[a]), data.keep).all() for a in rare_names)
+    return (f"{n_points} of {n} examples plotted ({n_points / n:.2%}, uniform random sample"
+            + (f"; {'every' if all_kept else 'a share of the'} example(s) of the rare "
+               f"attribute(s) {', '.join(rare_names)} included first" if rare_names
+               else "") + "). Tables and bar charts use all examples.")
+
+
+def _body(contents: _Contents) -> str:
+    """Each figure under its section's heading, then the tables (folded)."""
+    body = []
+    section = None
+    for f in contents.figures:
+        if f.section != section:
+            section = f.section
+            body.append(f"<h2>{html.escape(section)}</h2>")
+        body.append(f'<section><h3>{html.escape(f.title)}</h3><div id="{f.id}"></div>'
+                    f'<p class="cap">{html.escape(f.caption)}</p></section>')
+    for t, h in contents.tables:
+        body.append(f"<details><summary><b>{html.escape(t)}</b></summary>{h}</details>")
+    return "".join(body)
+
+
+def _contents_line(figures: list[Figure]) -> str:
+    """The runs (and probes) the page shows, for its header."""
+    line = ", ".join(sorted({f.section.removeprefix("Run ") for f in figures
+                             if f.section.startswith("Run ")}))
+    if any(f.section == PROBES_SECTION for f in figures):
+        line += "; linear probes"
+    return line
+
+
+def _vega_bundle() -> str:
+    """The Vega / Vega-Lite / vega-embed JavaScript, to inline in the page."""
     import vl_convert as vlc
     from altair.utils._importers import vl_version_for_vl_convert
 
     bundle = vlc.javascript_bundle(vl_version=vl_version_for_vl_convert())
     if "</script" in bundle.lower():
         raise ReportError("vl-convert's JavaScript bundle contains </script>; cannot inline")
+    return bundle
+
+
+def _page(data: _Data, contents: _Contents, pts: pd.DataFrame, thumbs: dict[int, dict],
+          title: str) -> str:
+    """The whole HTML page: header notes, the figures' specs, the points once, the
+    thumbnails, and the script that renders them offline."""
+    bundle = _vega_bundle()
+    figures, store = contents.figures, data.store
     for i, f in enumerate(figures):
         f.id = f"fig{i}"
-    frac = n_points / n if n else 0
-    rare_names = [a for a, m in attrs.items() if 0 < m.sum() <= rare_cap]
-    all_kept = all(np.isin(np.flatnonzero(attrs[a]), kept).all() for a in rare_names)
-    sample_note = (f"All {n} examples are plotted." if n_points == n else
-                   f"{n_points} of {n} examples plotted ({frac:.2%}, uniform random sample"
-                   + (f"; {'every' if all_kept else 'a share of the'} example(s) of the rare "
-                      f"attribute(s) {', '.join(rare_names)} included first" if rare_names
-                      else "") + "). Tables and bar charts use all examples.")
+    sample_note = _sample_note(data)
     thumb_note = (f"Pileup thumbnails are embedded for {len(thumbs)} of the plotted points "
                   "(chosen per cluster and from rare attributes; tooltip field pileup = true). "
                   "Click such a point to show its channels here.")
-    body = []
-    section = None
-    for f in figures:
-        if f.section != section:
-            section = f.section
-            body.append(f"<h2>{html.escape(section)}</h2>")
-        body.append(f'<section><h3>{html.escape(f.title)}</h3><div id="{f.id}"></div>'
-                    f'<p class="cap">{html.escape(f.caption)}</p></section>')
-    for t, h in tables:
-        body.append(f"<details><summary><b>{html.escape(t)}</b></summary>{h}</details>")
     fig_specs = [{"id": f.id, "points": f.uses_points, "spec": _spec(f.chart)} for f in figures]
     thumbs_js = {str(k): v for k, v in thumbs.items()}
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    warn_html = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in warnings)
-    contents = ", ".join(sorted({f.section.removeprefix("Run ") for f in figures
-                                 if f.section.startswith("Run ")}))
-    if any(f.section == PROBES_SECTION for f in figures):
-        contents += "; linear probes"
+    warn_html = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in data.warnings)
+    n = data.n
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; img-src data: blob:; font-src data:">
@@ -704,7 +851,7 @@ def _page(store: Store, figures: list[Figure], tables: list[tuple[str, str]],
 <body>
 <header><h1>{html.escape(title)}</h1>
 <div class="note">STORE <code>{html.escape(str(store.path))}</code>, {n} examples, runs:
-{html.escape(contents)}. Generated {created}.</div>
+{html.escape(_contents_line(figures))}. Generated {created}.</div>
 <div class="note" id="sampling">{html.escape(sample_note)}</div>
 <details class="note" id="provenance"><summary>How this STORE was made (<code>dvprobe info</code>)</summary>
 <pre>{html.escape(format_info(store_info(store.path)))}</pre></details>
@@ -712,7 +859,7 @@ def _page(store: Store, figures: list[Figure], tables: list[tuple[str, str]],
 </header>
 <aside id="panel"><b>Pileup of the selected point</b>
 <p class="cap">{html.escape(thumb_note)}</p><div id="pileup"></div></aside>
-<main>{''.join(body)}</main>
+<main>{_body(contents)}</main>
 <script>
 const POINTS = {_json_for_script(_records(pts))};
 const THUMBS = {_json_for_script(thumbs_js)};

@@ -26,7 +26,7 @@ import numpy as np
 from dvtorch.errors import DvprobeError
 from probing.channels import WGS_CHANNELS, channel_name
 from probing.examples import DVExample, parse_example, read_example_info, read_examples
-from probing.store import Store, open_store
+from probing.store import Store, as_store, open_store
 from probing.tfrecord import expand_spec, iter_records
 
 
@@ -208,7 +208,7 @@ def _shard_paths(store: Store, examples: str | os.PathLike | None) -> list[Path]
     given = {p.name: p for p in expand_spec(examples)}
     missing = [p.name for p in shards if p.name not in given]
     if missing:
-        raise ShowError(f"--examples {examples}: lacks shard(s) {missing[:3]} the STORE was "
+        raise ShowError(f"examples {examples}: lacks shard(s) {missing[:3]} the STORE was "
                         "extracted from")
     return [given[p.name] for p in shards]
 
@@ -226,15 +226,21 @@ def store_channels(store: Store) -> list[int] | None:
 
 
 def read_store_examples(store: Store | str | os.PathLike, rows: Iterable[int],
-                        examples: str | os.PathLike | None = None) -> dict[int, DVExample]:
+                        examples: str | os.PathLike | None = None, *,
+                        examples_option: str = "the EXAMPLES argument"
+                        ) -> dict[int, DVExample]:
     """Re-read the source records of STORE rows (obs ``shard``/``record``).
+
+    ``examples``: where the STORE's shards are now, when they were moved; a missing shard's
+    error says to give it with ``examples_option`` (how the calling command takes it:
+    ``dvprobe show``'s EXAMPLES argument, ``dvprobe report --examples``).
 
     Each needed shard is read once, in order, up to its last needed record; records are
     framed and CRC-checked on the way (gzip cannot seek) but only the wanted ones parsed.
     Every example's key is checked against obs so a modified file cannot show the wrong
     pileup.
     """
-    store = store if isinstance(store, Store) else open_store(store)
+    store = as_store(store)
     obs = store.obs
     for c in ("shard", "record", "key"):
         if c not in obs.columns:
@@ -254,7 +260,7 @@ def read_store_examples(store: Store | str | os.PathLike, rows: Iterable[int],
         path = paths[si]
         if not path.is_file():
             raise ShowError(f"{path}: source examples file of {store.path} is missing (moved? "
-                            "give its new location as the EXAMPLES argument)")
+                            f"give its new location with {examples_option})")
         last = max(recs)
         for idx, payload in iter_records(path):
             if idx in recs:

@@ -1,8 +1,11 @@
 """STORE: one directory that carries examples' metadata, layer activations and analysis runs.
 
 Like scanpy's AnnData, one object flows through extract -> reduce/cluster -> annotate ->
-enrich -> report, and rows always line up: row i of ``obs``, of every ``layer()`` and of
-every run is the same example, in input order.
+enrich -> report. Row i of ``obs``, of every ``layer()`` and of ``annotations.parquet`` is
+the same example, in input order: the STORE writes all three itself. A run is joined to the
+STORE by example ``key``, never by position (:meth:`Store.run_rows`): a run whose keys are
+not the STORE's (copied from another STORE, made before a re-extraction) is refused, while
+one that holds the same examples in another order is put back in STORE order.
 
 Layout (no pickle anywhere except UMAP models, which are hash-checked; see ``runs``)::
 
@@ -31,13 +34,14 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from dvtorch.errors import DvprobeError
 from dvtorch.files import (
@@ -237,6 +241,7 @@ class Store:
             raise StoreError(f"{self.path}: not a dvprobe STORE (no {_META})")
         self.meta: dict = _read_meta(meta_path)
         self._obs: pd.DataFrame | None = None
+        self._keys: pd.Index | None = None
 
     # -- rows ---------------------------------------------------------------------------
     @property
@@ -250,25 +255,81 @@ class Store:
     def complete(self) -> bool:
         return bool(self.meta.get("complete", False))
 
-    def _base_obs(self) -> pd.DataFrame:
+    def _base_files(self) -> list[Path]:
+        """The parquet file(s) that hold the extraction's obs rows, in row order."""
         single = self.path / "obs.parquet"
         if single.is_file():
-            df = pd.read_parquet(single)
-        else:
-            parts = [self.path / "obs" / p for p in self.meta.get("obs_parts", [])]
-            df = (pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-                  if parts else pd.DataFrame())
+            return [single]
+        return [self.path / "obs" / p for p in self.meta.get("obs_parts", [])]
+
+    def _base_obs(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """The extraction's obs rows (only ``columns``, when given: parquet reads no others)."""
+        parts = [pd.read_parquet(p, columns=columns) for p in self._base_files()]
+        df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
         if len(df) != self.n:
             raise StoreError(f"{self.path}: obs has {len(df)} rows but {self.n} are committed")
         return df.reset_index(drop=True)
+
+    def _dtypes_on_disk(self) -> tuple[pd.Series, pd.Series]:
+        """dtypes of the extraction's obs columns and of the annotation columns (those an
+        extraction column shadows left out), read from the parquet footers alone."""
+        def dtypes(path: Path) -> pd.Series:
+            return pq.read_schema(path).empty_table().to_pandas().dtypes
+
+        files = self._base_files()
+        base = dtypes(files[0]) if files else pd.Series(dtype=object)
+        ann = self.path / "annotations.parquet"
+        added = dtypes(ann) if ann.is_file() else pd.Series(dtype=object)
+        return base, added[~added.index.isin(base.index)]
+
+    def _obs_in_order(self) -> bool:
+        return self._obs is not None and _in_row_order(self._obs.index, self.n)
+
+    @property
+    def obs_dtypes(self) -> pd.Series:
+        """Column name -> dtype of ``obs``, without reading any rows."""
+        if self._obs_in_order():
+            return self._obs.dtypes
+        base, added = self._dtypes_on_disk()
+        return pd.concat([base, added])
+
+    def read_obs(self, columns: Sequence[str]) -> pd.DataFrame:
+        """Only ``columns`` of ``obs`` (in that order), reading no other column from disk.
+
+        For callers that need a few columns of a large STORE (``probe`` reads its concepts,
+        ``chrom`` and ``pos``, not every example's key and locus strings). Unknown names are
+        refused with the columns there are.
+        """
+        columns = list(dict.fromkeys(columns))
+        if not columns:
+            return pd.DataFrame(index=pd.RangeIndex(self.n))
+        if self._obs_in_order():
+            base, added = self._obs.dtypes, pd.Series(dtype=object)
+        else:
+            base, added = self._dtypes_on_disk()
+        missing = [c for c in columns if c not in base.index and c not in added.index]
+        if missing:
+            raise StoreError(f"{self.path}: obs has no column(s) {missing}; it has "
+                             f"{[*base.index, *added.index]}")
+        if self._obs_in_order():
+            return self._obs[columns].copy()
+        df = self._base_obs([c for c in columns if c in base.index])
+        wanted = [c for c in columns if c in added.index]
+        if wanted:
+            a = pd.read_parquet(self.path / "annotations.parquet", columns=wanted)
+            if len(a) != len(df):
+                raise StoreError(f"{self.path / 'annotations.parquet'}: {len(a)} rows, obs has "
+                                 f"{len(df)}")
+            df = pd.concat([df, a], axis=1)
+        return df[columns]
 
     @property
     def obs(self) -> pd.DataFrame:
         """Per-example metadata (+ annotation columns), one row per example in input order.
 
         The frame is cached. If it was reordered or cut in place (``obs.sort_values(...,
-        inplace=True)`` in a notebook), it is read again: runs, annotations and enrichment
-        pair obs with layer rows by position, and a sorted cache gave runs scrambled keys.
+        inplace=True)`` in a notebook), it is read again: obs, annotations and layers share
+        row positions, and a sorted cache gave runs scrambled keys.
         """
         if self._obs is not None and not _in_row_order(self._obs.index, self.n):
             self._obs = None
@@ -395,6 +456,75 @@ class Store:
                 "`ulimit -v` or analyse with --fit-sample") from e
         return arr if mmap else np.array(arr)
 
+    # -- joins by key -------------------------------------------------------------------
+    @property
+    def keys(self) -> pd.Index:
+        """Every example's ``key`` in row order: what runs and other STOREs are joined on.
+        Read once (only that column) and kept: keys are extraction columns, never rewritten."""
+        if self._keys is None:
+            if "key" not in self.obs_dtypes:
+                raise StoreError(f"{self.path}: obs has no 'key' column, so nothing can be "
+                                 "joined to its rows (a STORE written by `dvprobe extract` "
+                                 "has one)")
+            self._keys = pd.Index(self.read_obs(["key"])["key"], name="key")
+        return self._keys
+
+    def align_keys(self, keys: Sequence[str] | pd.Series | pd.Index, what: str, *,
+                   hint: str = "") -> np.ndarray:
+        """For each row of this STORE, the position in ``keys`` of the same example.
+
+        ``values[store.align_keys(keys, what)]`` puts anything row-aligned with ``keys`` (a
+        run's labels and coordinates, another STORE's layer rows) in this STORE's row order.
+        ``keys`` must name exactly this STORE's examples, in any order; otherwise a
+        StoreError names ``what``, this STORE and how many keys differ, with examples (and
+        ends with ``hint``, what to do about it). Keys that repeat can be joined only when
+        they are the STORE's keys in its own order.
+
+        The usual case (the STORE's keys in its order) is one vectorised comparison; any
+        other order costs one hash pass over both key lists (``pd.factorize``), no Python
+        loop, so it stays fast for millions of rows.
+        """
+        mine, theirs = self.keys, pd.Index(keys)
+        if mine.equals(theirs):
+            return np.arange(len(mine), dtype=np.int64)
+        codes, uniques = pd.factorize(pd.concat([pd.Series(mine), pd.Series(theirs)],
+                                                ignore_index=True))
+        mine_codes, their_codes = codes[:len(mine)], codes[len(mine):]
+        for owner, c in ((what, their_codes), ("the STORE", mine_codes)):
+            counts = np.bincount(c, minlength=len(uniques))
+            if counts.max(initial=0) > 1:
+                raise StoreError(
+                    f"{what} cannot be joined to {self.path} by key: {owner} holds key "
+                    f"{_plain(uniques[int(np.argmax(counts > 1))])!r} more than once, and the "
+                    "keys are not the STORE's in its own order" + (f"; {hint}" if hint else ""))
+        position = np.full(len(uniques), -1, dtype=np.int64)
+        position[their_codes] = np.arange(len(their_codes))
+        where = position[mine_codes]
+        absent = where < 0
+        used = np.zeros(len(theirs), dtype=bool)
+        used[where[~absent]] = True
+        if absent.any() or not used.all():
+            raise StoreError(_key_mismatch(what, self.path, theirs[~used], mine[absent],
+                                           len(theirs), len(mine), hint))
+        return where
+
+    def run_rows(self, run: Run) -> np.ndarray:
+        """For each row of this STORE, the row of ``run`` that holds the same example: runs
+        are joined by ``key`` (see :meth:`align_keys`), never by position."""
+        if "key" not in run.obs.columns:
+            raise StoreError(f"run {run.name!r} in {self.path} has no 'key' column, so its rows "
+                             "cannot be joined to the STORE's; rerun the analysis that wrote it")
+        return self.align_keys(run.obs["key"], f"run {run.name!r}",
+                               hint="was it made on another STORE, or before this one was "
+                                    "extracted again? Rerun the analysis on this STORE")
+
+    def run_obs(self, run: Run) -> pd.DataFrame:
+        """``run.obs`` with one row per STORE row, in STORE row order (joined by key)."""
+        rows = self.run_rows(run)
+        in_order = len(rows) == 0 or bool((rows == np.arange(len(rows))).all())
+        obs = run.obs if in_order else run.obs.iloc[rows]
+        return obs.reset_index(drop=True)
+
     # -- runs ---------------------------------------------------------------------------
     @property
     def runs(self) -> list[str]:
@@ -416,13 +546,16 @@ class Store:
     ) -> Run:
         """Write (or replace) run ``name`` atomically: a crash leaves the old run or the new one.
 
-        ``files`` are opaque blobs (e.g. a pickled UMAP model): their sha256 is recorded in
-        run.json and checked by :meth:`Run.file_bytes` before anyone loads them.
+        ``obs`` has one row per example. Its ``key`` column is what joins the run to the
+        STORE later (:meth:`run_rows`): keys that are not this STORE's are refused now, and an
+        ``obs`` without them gets the STORE's, since it was made from the STORE's rows in
+        their order. ``files`` are opaque blobs (e.g. a pickled UMAP model): their sha256 is
+        recorded in run.json and checked by :meth:`Run.file_bytes` before anyone loads them.
         """
         if not name or "/" in name or name.startswith("."):
             raise StoreError(f"invalid run name {name!r}")
-        if obs is not None and len(obs) != self.n:
-            raise StoreError(f"run {name!r}: obs has {len(obs)} rows, the STORE has {self.n}")
+        if obs is not None:
+            obs = self._keyed(name, obs)
         runs_dir = self.path / "runs"
         runs_dir.mkdir(exist_ok=True)
         sweep_dead_writers(runs_dir)  # what a run saved by a killed process left behind
@@ -447,6 +580,19 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return self.load_run(name)
+
+    def _keyed(self, name: str, obs: pd.DataFrame) -> pd.DataFrame:
+        """A run's ``obs`` with this STORE's keys (checked, or added as its first column)."""
+        if len(obs) != self.n:
+            raise StoreError(f"run {name!r}: obs has {len(obs)} rows, the STORE has {self.n}")
+        if "key" in obs.columns:
+            self.align_keys(obs["key"], f"run {name!r}")
+            return obs
+        if "key" not in self.obs_dtypes:
+            return obs  # a STORE without keys (not made by extract): nothing to add
+        keyed = obs.reset_index(drop=True)
+        keyed.insert(0, "key", self.keys.to_numpy())
+        return keyed
 
     def load_run(self, name: str) -> Run:
         p = self.path / "runs" / name
@@ -475,6 +621,19 @@ def open_store(path: str | os.PathLike) -> Store:
 def as_store(store: Store | str | os.PathLike) -> Store:
     """``store`` itself, or the STORE at that path: every API that takes a STORE takes either."""
     return store if isinstance(store, Store) else Store(store)
+
+
+def _key_mismatch(what: str, store: Path, extra: pd.Index, missing: pd.Index, n_theirs: int,
+                  n_mine: int, hint: str) -> str:
+    """Why ``what`` (a run, another STORE) cannot be joined to ``store`` by key."""
+    def some(keys: pd.Index) -> str:
+        shown = ", ".join(repr(_plain(k)) for k in keys[:3])
+        return f" (e.g. {shown}{', ...' if len(keys) > 3 else ''})" if len(keys) else ""
+
+    return (f"{what} does not hold the examples of STORE {store}: {len(extra):,} of its "
+            f"{n_theirs:,} keys are not in the STORE{some(extra)}, and {len(missing):,} of "
+            f"the STORE's {n_mine:,} keys are not in it{some(missing)} (rows are joined by "
+            "key)" + (f"; {hint}" if hint else ""))
 
 
 def _check_layer_file(path: Path, n: int, rowbytes: int) -> None:

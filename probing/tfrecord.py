@@ -7,8 +7,9 @@ Record framing (little-endian, repeated until EOF)::
 DeepVariant's ``make_examples`` gzip-compresses the whole stream (TF "GZIP" option);
 readers here detect gzip from the magic bytes, never from the file name, because people
 rename files and because TF itself ignores the suffix. CRC-32C comes from the
-``google_crc32c`` C extension (hardware accelerated); the pure-Python fallback would be
-~1000x slower on 150 kB pileup records, so its absence is reported, not silently tolerated.
+``google_crc32c`` C extension (hardware accelerated); the pure-Python fallback is orders
+of magnitude slower on pileup-sized records, so its absence is reported, not silently
+tolerated.
 
 Error policy: every problem a user's file can have raises
 :class:`dvtorch.errors.ExampleFormatError` naming the file, the record index and a reason
@@ -43,9 +44,9 @@ from dvtorch.errors import ExampleFormatError
 from dvtorch.files import give_default_mode
 
 try:
-    # zlib-ng reads the same gzip format with a 3-20x faster inflate. Inflating is most of
-    # the example loader's CPU time, which on a 2-core box comes out of the model's share
-    # and on a GPU box decides how many loader workers keep the GPU fed.
+    # zlib-ng reads the same gzip format with a faster inflate (docs/performance.md).
+    # Inflating is most of the example loader's CPU time, which on a small CPU box comes out
+    # of the model's share and on a GPU box decides how many loader workers keep it fed.
     from zlib_ng import gzip_ng as _gzip_ng
     from zlib_ng import zlib_ng as _zlib_ng
 

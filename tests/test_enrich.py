@@ -12,7 +12,7 @@ from scipy.stats import fisher_exact
 from typer.testing import CliRunner
 
 from probing import enrich as en
-from probing.store import LayerSpec, StoreWriter, open_store
+from probing.store import LayerSpec, StoreError, StoreWriter, open_store
 
 
 def test_bh_by_hand():
@@ -247,3 +247,59 @@ def test_a_value_attribute_matches_numbers_as_numbers_and_text_as_text():
                                                                   False]
     assert resolve_attribute(frame, "chrom=1")[1].tolist() == [False, True, False, False, False]
     assert not resolve_attribute(frame, "labelf=x")[1].any()  # text against numbers: none
+
+
+# -- runs are joined to the STORE by key ----------------------------------------------------
+
+def _copy_run(src, dst, name):
+    """What `cp -r src/runs/NAME dst/runs/` does: a run made on another STORE."""
+    import shutil
+
+    (dst.path / "runs").mkdir(exist_ok=True)
+    shutil.copytree(src.path / "runs" / name, dst.path / "runs" / name)
+
+
+def test_a_run_of_other_examples_is_refused_naming_the_run_the_store_and_the_keys(tmp_path):
+    s = _store(tmp_path)
+    w = StoreWriter.open(tmp_path / "other", {"inputs": {}}, [LayerSpec("mixed5", 2)])
+    keys = [f"chr1:{i}:A>G:0" for i in range(s.n)]
+    keys[3], keys[150] = "chr2:3:A>G:0", "chr2:150:A>G:0"
+    w.append(pd.DataFrame({"key": keys}), {"mixed5": np.zeros((s.n, 2), np.float32)})
+    other = w.finalize()
+    other.save_run("foreign", meta={"kind": "kmeans"},
+                   obs=pd.DataFrame({"cluster": np.arange(s.n) % 4}))
+    _copy_run(other, s, "foreign")
+    with pytest.raises(StoreError) as refused:
+        en.enrich(s, "foreign", ["LINE"])
+    assert str(refused.value) == (
+        f"run 'foreign' does not hold the examples of STORE {s.path}: 2 of its 200 keys are "
+        "not in the STORE (e.g. 'chr2:3:A>G:0', 'chr2:150:A>G:0'), and 2 of the STORE's 200 "
+        "keys are not in it (e.g. 'chr1:3:A>G:0', 'chr1:150:A>G:0') (rows are joined by "
+        "key); was it made on another STORE, or before this one was extracted again? Rerun "
+        "the analysis on this STORE")
+
+
+def test_a_run_with_fewer_examples_is_refused(tmp_path):
+    s = _store(tmp_path)
+    w = StoreWriter.open(tmp_path / "short", {"inputs": {}}, [LayerSpec("mixed5", 2)])
+    w.append(s.obs[["key"]].iloc[:150], {"mixed5": np.zeros((150, 2), np.float32)})
+    short = w.finalize()
+    short.save_run("short", meta={"kind": "kmeans"}, obs=pd.DataFrame({"cluster": [0] * 150}))
+    _copy_run(short, s, "short")
+    with pytest.raises(StoreError, match=r"0 of its 150 keys are not in the STORE, and 50 of "
+                                         r"the STORE's 200 keys are not in it \(e.g. "
+                                         r"'chr1:150:A>G:0', 'chr1:151:A>G:0', 'chr1:152:A>G:0', "
+                                         r"\.\.\.\)"):
+        en.enrich(s, "short", ["LINE"])
+
+
+def test_a_run_holding_the_examples_in_another_order_is_read_in_store_order(tmp_path):
+    s = _store(tmp_path)
+    order = np.random.default_rng(5).permutation(s.n)
+    run = s.load_run("km").obs.iloc[order]
+    s.save_run("shuffled", meta={"kind": "kmeans"}, obs=run)
+    expected = en.enrich(s, "km", ["LINE", "mosaic", "label=1"])
+    got = en.enrich(s, "shuffled", ["LINE", "mosaic", "label=1"])
+    pd.testing.assert_frame_equal(got.table, expected.table)
+    pd.testing.assert_frame_equal(got.continuous, expected.continuous)
+    assert [ld.summary() for ld in got.landings] == [ld.summary() for ld in expected.landings]

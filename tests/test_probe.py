@@ -301,8 +301,14 @@ def test_a_baseline_of_other_examples_or_layers_is_refused(planted, tmp_path):
         probe_layers(planted, ["early"], baseline=store("short", n=1100))
     keys = [f"chr1:{i}:A>C:1" for i in range(N)]
     keys[7] = "chr9:7:G>T:1"
-    with pytest.raises(ProbeError, match="example 7 is 'chr9:7:G>T:1', in .* 'chr1:7:A>C:1'"):
-        probe_layers(planted, ["early"], baseline=store("other", keys=keys))
+    other = store("other", keys=keys)
+    with pytest.raises(ProbeError) as refused:
+        probe_layers(planted, ["early"], baseline=other)
+    assert str(refused.value) == (
+        f"--baseline {other.path} does not hold the examples of STORE {planted.path}: 1 of "
+        "its 1,200 keys are not in the STORE (e.g. 'chr9:7:G>T:1'), and 1 of the STORE's "
+        "1,200 keys are not in it (e.g. 'chr1:7:A>C:1') (rows are joined by key); extract the "
+        "same examples (same files, same --limit) with the baseline model")
     with pytest.raises(ProbeError, match="has no layer mixed10"):
         probe_layers(planted, ["early"], baseline=store("one", layers=("mixed1",)))
     with pytest.raises(ProbeError, match="layer mixed1 is 32-wide"):
@@ -407,3 +413,20 @@ def test_cli_checks_where_it_writes_before_probing(planted, tmp_path):
     res = CliRunner().invoke(cli.app, [*args, "--no-save", "--name", "unsaved"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "saved" not in res.output and not (planted.path / "probes" / "unsaved.json").exists()
+
+
+def test_a_baseline_is_joined_by_key_so_its_row_order_does_not_matter(planted, tmp_path):
+    """A baseline extracted from the same examples in another order (shards listed in
+    another order) is probed on the same examples, not on whatever sits at the same row."""
+    rng = np.random.default_rng(11)
+    noise = {name: rng.normal(size=(N, DIM)).astype(np.float32) for name in ("mixed1", "mixed10")}
+    in_order = make_store(tmp_path / "base", noise, {"chrom": planted.obs["chrom"],
+                                                     "pos": planted.obs["pos"]})
+    shuffle = rng.permutation(N)
+    shuffled = make_store(tmp_path / "shuffled", {k: v[shuffle] for k, v in noise.items()},
+                          {"key": planted.obs["key"].to_numpy()[shuffle],
+                           "chrom": planted.obs["chrom"].to_numpy()[shuffle],
+                           "pos": planted.obs["pos"].to_numpy()[shuffle]})
+    a = probe_layers(planted, ["early"], baseline=in_order, max_rows=800).table
+    b = probe_layers(planted, ["early"], baseline=shuffled, max_rows=800).table
+    pd.testing.assert_frame_equal(a, b)

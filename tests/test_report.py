@@ -30,7 +30,7 @@ from probing import report as rp
 from probing import show as sh
 from probing.examples import encode_example, write_example_info
 from probing.probe import ProbeResult, save_probes
-from probing.store import LayerSpec, StoreWriter, open_store
+from probing.store import LayerSpec, StoreError, StoreWriter, open_store
 from probing.tfrecord import write_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -377,3 +377,60 @@ def test_report_refuses_missing_or_non_numeric_continuous(store, tmp_path):
     with pytest.raises(en.EnrichmentError, match=r"^--continuous key: not numeric"):
         rp.build_report(store, tmp_path / "k.html", continuous=["key"], thumbnails=0)
     assert not (tmp_path / "b.html").exists()
+
+
+# -- runs are joined to the STORE by key; where moved examples are given --------------------
+
+def _small_store(path: Path, n: int = 40, shards: list[str] | None = None):
+    w = StoreWriter.open(path, {"inputs": {}, "shards": shards or []}, [LayerSpec("mixed5", 2)])
+    w.append(pd.DataFrame({"key": [f"k{i}" for i in range(n)], "shard": 0,
+                           "record": np.arange(n), "flag": np.arange(n) < 5}),
+             {"mixed5": np.zeros((n, 2), np.float32)})
+    return w.finalize()
+
+
+def _page_without_time(path: Path) -> str:
+    return re.sub(r"Generated [^.]*\.", "Generated .", path.read_text())
+
+
+def test_a_run_in_another_order_gives_the_same_report(tmp_path):
+    s = _small_store(tmp_path / "s")
+    rng = np.random.default_rng(4)
+    obs = pd.DataFrame({"key": s.obs["key"], "cluster": np.arange(s.n) % 3})
+    umap = rng.normal(size=(s.n, 2))
+    s.save_run("a", meta={"kind": "kmeans"}, obs=obs, arrays={"umap": umap})
+    rp.build_report(s, tmp_path / "in-order.html", thumbnails=0, max_points=30)
+    order = rng.permutation(s.n)
+    s.save_run("a", meta={"kind": "kmeans"}, obs=obs.iloc[order], arrays={"umap": umap[order]})
+    rp.build_report(s, tmp_path / "shuffled.html", thumbnails=0, max_points=30)
+    assert _page_without_time(tmp_path / "shuffled.html") == \
+        _page_without_time(tmp_path / "in-order.html")
+
+
+def test_a_run_of_other_examples_is_refused(tmp_path):
+    s = _small_store(tmp_path / "s")
+    other = _small_store(tmp_path / "other", n=41)
+    other.save_run("foreign", meta={"kind": "kmeans"},
+                   obs=pd.DataFrame({"cluster": np.arange(41) % 3}),
+                   arrays={"umap": np.zeros((41, 2))})
+    (s.path / "runs").mkdir()
+    shutil.copytree(other.path / "runs" / "foreign", s.path / "runs" / "foreign")
+    with pytest.raises(StoreError, match=r"^run 'foreign' does not hold the examples of STORE "
+                                         r".*/s: 1 of its 41 keys are not in the STORE \(e\.g\. "
+                                         r"'k40'\), and 0 of the STORE's 40 keys are not in it "):
+        rp.build_report(s, tmp_path / "r.html", thumbnails=0)
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_moved_examples_are_to_be_given_with_the_commands_own_option(tmp_path):
+    """report takes the new location as --examples, show as its EXAMPLES argument."""
+    gone = tmp_path / "moved-away.tfrecord.gz"
+    s = _small_store(tmp_path / "s", shards=[str(gone)])
+    s.save_run("a", meta={"kind": "kmeans"}, obs=pd.DataFrame({"cluster": np.arange(s.n) % 3}),
+               arrays={"umap": np.zeros((s.n, 2))})
+    res = rp.build_report(s, tmp_path / "r.html", thumbnails=3)
+    assert res.warnings == [f"pileup thumbnails unavailable: {gone}: source examples file of "
+                            f"{s.path} is missing (moved? give its new location with "
+                            "--examples)"]
+    with pytest.raises(sh.ShowError, match=r"give its new location with the EXAMPLES argument"):
+        sh.read_store_examples(s, [0])

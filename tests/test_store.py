@@ -180,3 +180,74 @@ def test_a_run_half_written_by_a_killed_process_is_no_run_and_the_next_save_swee
     store.save_run("r", meta={"kind": "hkmeans"})  # replaces r, sweeps the leftover
     assert store.runs == ["r"] and store.load_run("r").meta["kind"] == "hkmeans"
     assert sorted(p.name for p in (store.path / "runs").iterdir()) == ["r"]
+
+
+# -- runs: joined to the STORE by key, never by position -----------------------------------
+
+KEYS = [f"chr1:{i}:A>C:1" for i in range(N)]  # make_store's keys
+
+
+def test_a_run_saved_without_keys_gets_the_stores_keys(store):
+    store.save_run("r", meta={"kind": "kmeans"}, obs=pd.DataFrame({"cluster": np.arange(N)}))
+    run = open_store(store.path).load_run("r")
+    assert run.obs.columns.tolist() == ["key", "cluster"]
+    assert run.obs["key"].tolist() == KEYS
+
+
+def test_a_run_in_another_order_is_read_back_in_store_order(store):
+    order = [3, 0, 5, 1, 4, 2]
+    store.save_run("r", meta={"kind": "kmeans"},
+                   obs=pd.DataFrame({"key": [KEYS[i] for i in order], "cluster": order}))
+    run = store.load_run("r")
+    assert store.run_rows(run).tolist() == [1, 3, 5, 0, 4, 2]
+    assert store.run_obs(run)["cluster"].tolist() == list(range(N))
+    assert store.run_obs(run)["key"].tolist() == KEYS
+
+
+def test_a_run_whose_keys_are_not_the_stores_is_refused_when_saved(store):
+    keys = [*KEYS[:5], "chr2:9:G>T:1"]
+    with pytest.raises(StoreError, match=r"^run 'r' does not hold the examples of STORE .*: 1 "
+                                         r"of its 6 keys are not in the STORE \(e\.g\. "
+                                         r"'chr2:9:G>T:1'\), and 1 of the STORE's 6 keys are "
+                                         r"not in it \(e\.g\. 'chr1:5:A>C:1'\)"):
+        store.save_run("r", meta={}, obs=pd.DataFrame({"key": keys, "cluster": np.zeros(N)}))
+    assert store.runs == []
+
+
+def test_repeated_keys_join_only_in_the_stores_own_order(tmp_path):
+    twice = ["a", "b", "a", "c"]
+    st = make_store(tmp_path / "twice", {"l": np.zeros((4, 2), np.float32)},
+                    extra_obs={"key": twice})
+    assert st.align_keys(twice, "run 'x'").tolist() == [0, 1, 2, 3]
+    with pytest.raises(StoreError, match=r"^run 'x' cannot be joined to .* by key: run 'x' "
+                                         r"holds key 'a' more than once, and the keys are not "
+                                         r"the STORE's in its own order$"):
+        st.align_keys(["b", "a", "a", "c"], "run 'x'")
+    with pytest.raises(StoreError, match=r"by key: the STORE holds key 'a' more than once"):
+        st.align_keys(["a", "b", "d", "c"], "run 'x'")
+
+
+def test_a_run_without_keys_cannot_be_joined(store):
+    from probing.store import Run
+
+    run = Run("old", {}, pd.DataFrame({"cluster": np.zeros(N)}), {}, store.path / "runs" / "old")
+    with pytest.raises(StoreError, match=r"^run 'old' in .* has no 'key' column, so its rows "
+                                         r"cannot be joined"):
+        store.run_rows(run)
+
+
+# -- reading a few columns ---------------------------------------------------------------
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_read_obs_gives_the_columns_asked_for_as_obs_has_them(tmp_path, complete):
+    """Extraction columns (one file or the parts of a partial STORE) and annotations alike."""
+    st = make_store(tmp_path / "s", {"l": np.zeros((N, 2), np.float32)},
+                    extra_obs={"score": np.linspace(0, 1, N)}, batch=4, complete=complete)
+    st.add_obs({"flag": pd.array([True, None, False, True, False, True], dtype="boolean")})
+    fresh = open_store(st.path)
+    got = fresh.read_obs(["flag", "score"])
+    pd.testing.assert_frame_equal(got, open_store(st.path).obs[["flag", "score"]])
+    assert fresh.obs_dtypes.to_dict() == open_store(st.path).obs.dtypes.to_dict()
+    with pytest.raises(StoreError, match=r"obs has no column\(s\) \['nope'\]; it has \['key', "
+                                         r"'score', 'flag'\]"):
+        fresh.read_obs(["score", "nope"])
