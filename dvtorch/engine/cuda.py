@@ -1,4 +1,5 @@
-"""The CUDA engine: channels-last weights, fp32 / bf16 / fp16, optional ``torch.compile``.
+"""The CUDA engine: BN folded, channels-last weights, fp32 / bf16 / fp16, optional
+``torch.compile``.
 
 Batches run in the caller's thread; CUDA kernels are asynchronous, so a caller that takes
 a batch's result after starting the next one (``ahead = 1``) overlaps the host work of
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from dvtorch.engine.base import Engine, Result, snapshot
+from dvtorch.inception import fuse_batchnorm
 
 
 class CUDAEngine(Engine):
@@ -34,7 +36,8 @@ class CUDAEngine(Engine):
         self.device = device
         self.dtype = dtype
         self.compiled = compile
-        fast = snapshot(model).to(device=device, dtype=dtype)
+        # BN folded in float32, then cast: what autocast of the folded model computes.
+        fast = fuse_batchnorm(snapshot(model)).to(device=device, dtype=dtype)
         self._model = fast.to(memory_format=torch.channels_last)
         self._install_captures(self._model)
         self._run = torch.compile(self._model) if compile else self._model
