@@ -1,19 +1,19 @@
-"""CPU benchmark: ``probing.extract`` (PyTorch fp32 / bf16) vs onnxruntime, end to end.
+"""CPU benchmark: ``probing.extract`` (the CPU engine, fp32 / bf16) vs onnxruntime, end to end.
 
 Both sides read the same gzipped TFRecord shards through the same loader
 (:class:`probing.loader.ExampleBatches`: same batches, same worker processes), so the
 comparison is of the whole pipeline, not of a model call on a pre-made tensor. The
-pipelines (each ``--engines`` entry in fp32 and bf16, then onnxruntime) run interleaved for
-``--rounds`` rounds so that a noisy moment on a shared machine hits all of them alike; the
-medians are reported: examples/s for each, the share of wall time the main thread spends
-getting the next batch (loading and decoding: a stall for onnxruntime, which waits for it;
-with 2+ threads both PyTorch engines compute whole batches on worker threads meanwhile),
-and the cosine similarity of every other pipeline's max-pooled mixed5 rows to the first
-engine's fp32 rows (target >= 0.999). The last line is the ratio line (targets: fp32 >= 1.0x
-onnxruntime, bf16 >= 2x onnxruntime fp32), printed for the whole run and for the run after
-its first 10 batches (what a whole-genome run sees: the ``graph`` engine traces, compiles and
-checks its first calls against the eager forward inside each run, a few seconds that a run
-of 6k examples still feels; the eager engine's start-up is paid by an untimed warm-up).
+pipelines (extract in fp32 and bf16, then onnxruntime) run interleaved for ``--rounds``
+rounds so that a noisy moment on a shared machine hits all of them alike; the medians are
+reported: examples/s for each, the share of wall time the main thread spends getting the
+next batch (loading and decoding: a stall for onnxruntime, which waits for it; with 2+
+threads the CPU engine computes whole batches on worker threads meanwhile, when memory
+allows), and the cosine similarity of the bf16 rows' max-pooled first layer to the fp32
+rows (target >= 0.999). The engine's own description (threads, whole batches in flight,
+fused conv) is printed from store.json. The last lines are the ratio lines (targets: fp32
+>= 1.0x onnxruntime, bf16 >= 2x onnxruntime fp32), for the whole run and for the run after
+its first 10 batches (what a whole-genome run sees once start-up costs are paid; the
+engine's oneDNN primitive creation is also paid by an untimed warm-up run).
 
 onnxruntime gets DeepVariant's ``(x - 128) / 128`` from ``dvtorch.preprocess`` (one allocation);
 the PyTorch model takes the uint8 batch and scales it itself. The ONNX model: a bundle
@@ -191,8 +191,6 @@ def main() -> None:
     ap.add_argument("--examples", help="examples spec (default: synthetic, written to a temp dir)")
     ap.add_argument("--layers", default="mixed5,mixed10")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (median)")
-    ap.add_argument("--engines", default="eager,graph",
-                    help="extract engines to time (eager: PyTorch's forward; graph: oneDNN Graph, what --engine auto runs for long CPU runs)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -200,8 +198,8 @@ def main() -> None:
     import torch
 
     import dvtorch
-    from dvtorch.cpu import describe
-    from probing.extract import default_workers, extract
+    from dvtorch.engine.cpu_features import describe
+    from probing.extract import ExtractConfig, default_workers, extract
 
     torch.set_num_threads(args.threads)
     if args.workers is None:
@@ -237,14 +235,16 @@ def main() -> None:
         t_load = time.perf_counter() - t0
         print(f"loader alone (one process): {n_loaded / t_load:.0f} ex/s = "
               f"{1e3 * t_load / n_loaded:.2f} ms of CPU per example")
-        engines = args.engines.split(",")
-        contenders = [(e, dt) for e in engines for dt in ("fp32", "bf16")]
-        label = {(e, dt): f"{'pytorch' if e == 'eager' else e} {dt}" for e, dt in contenders}
-        for dt in ("fp32", "bf16"):
-            # warm-up (oneDNN primitive creation) on one batch; the graph engine traces and
-            # specialises inside each run, so its warm-up is part of its figure
-            extract(bundle, spec, work / f"warm_{dt}", layers=layers, device="cpu", dtype=dt,
-                    batch_size=args.batch_size, workers=0, limit=args.batch_size,
+        contenders = ("fp32", "bf16")
+        label = {dt: f"pytorch {dt}" for dt in contenders}
+
+        def config(out: Path, dtype: str, **options) -> ExtractConfig:
+            return ExtractConfig(bundle, spec, out, layers=layers, device="cpu", dtype=dtype,
+                                 batch_size=args.batch_size, **options)
+
+        for dt in contenders:
+            # warm-up (oneDNN primitive creation) on one batch, not timed
+            extract(config(work / f"warm_{dt}", dt, workers=0, limit=args.batch_size),
                     progress=False)
         onnx_bytes, what = onnx_model(bundle, work, layers)
         print(f"onnx: {what}")
@@ -253,20 +253,20 @@ def main() -> None:
         runs["onnxruntime fp32"] = []
         stores = {}
         for r in range(args.rounds):
-            for e, dt in contenders:
-                out = work / f"store_{e}_{dt}_{r}"
+            for dt in contenders:
                 marks: list[tuple[int, float]] = []
-                s = extract(bundle, spec, out, layers=layers, device="cpu", dtype=dt,
-                            batch_size=args.batch_size, workers=args.workers, engine=e,
+                s = extract(config(work / f"store_{dt}_{r}", dt, workers=args.workers),
                             progress=False,
                             on_batch=lambda n, m=marks: m.append((n, time.perf_counter())))
                 ex = s.meta["extraction"]
-                if "engine_fallback" in ex:
-                    print(f"{label[e, dt]}: {ex['engine_fallback']}")
-                runs[label[e, dt]].append({"n": s.n, "ex_s": ex["examples_per_s"],
-                                           "data_share": ex["data_loading_share"],
-                                           "steady_ex_s": steady_rate(marks)})
-                stores[e, dt] = s
+                if r == 0:
+                    print(f"{label[dt]}: engine {ex['engine']}, threads {ex['threads']}, "
+                          f"whole batches in flight {ex['whole_batches_in_flight']}, "
+                          f"fused conv {ex['fused_conv']}")
+                runs[label[dt]].append({"n": s.n, "ex_s": ex["examples_per_s"],
+                                        "data_share": ex["data_loading_share"],
+                                        "steady_ex_s": steady_rate(marks)})
+                stores[dt] = s
             runs["onnxruntime fp32"].append(
                 run_ort(onnx_bytes, spec, shape, channels, batch_size=args.batch_size,
                         workers=args.workers, threads=args.threads))
@@ -281,7 +281,7 @@ def main() -> None:
                   f"(min {min(x['ex_s'] for x in v):.1f}, max {max(x['ex_s'] for x in v):.1f}), "
                   f"after batch {STEADY_AFTER} {steady[k]:.1f} ex/s, "
                   f"main thread loading data {100 * share:.0f}% of wall")
-        ref = stores[engines[0], "fp32"].layer(layers[0])
+        ref = stores[contenders[0]].layer(layers[0])
         for c in contenders[1:]:
             b = stores[c].layer(layers[0])
             cos = (ref * b).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(b, axis=1)
@@ -291,7 +291,7 @@ def main() -> None:
         for what, rates in ((f"after batch {STEADY_AFTER}", steady), ("whole run", med)):
             print(f"RATIO vs onnxruntime fp32 ({what}): " + ", ".join(
                 f"{label[c]} {rates[label[c]] / rates['onnxruntime fp32']:.2f}x "
-                f"(target >= {'1.0' if c[1] == 'fp32' else '2.0'})" for c in contenders))
+                f"(target >= {'1.0' if c == 'fp32' else '2.0'})" for c in contenders))
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)

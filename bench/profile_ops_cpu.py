@@ -1,15 +1,17 @@
-"""Where a CPU forward's time goes, per kind of operator: native model vs onnxruntime.
+"""Where a CPU forward's time goes, per kind of operator: the CPU engine vs onnxruntime.
 
     .venv/bin/python bench/profile_ops_cpu.py --batch-size 16 --iters 5
 
 One thread, one batch (no batch split, no thread pool), the same seeded weights on both
-sides (``bench_model_cpu``'s ONNX export). The native model is profiled with
-``torch.profiler`` (self CPU time per ATen / oneDNN op), onnxruntime with its node profiler
-(kernel time per node); both are grouped into convolution (with its fused bias + ReLU),
-max pool, average pool, concat and the rest, and given in ms per batch next to the plain
-wall time of a forward (both timed interleaved, as in ``bench_model_cpu``). This is the
-breakdown behind the README's explanation of the remaining fp32 gap and of the bf16
-ceiling; ``--dtype bf16`` profiles the bf16 model.
+sides (``bench_model_cpu``'s ONNX export). The native side is the CPU engine's model
+(:func:`dvtorch.engine.cpu.fused_model`: BN folded, channels-last, oneDNN fused
+conv+bias+ReLU with pre-packed weights), profiled with ``torch.profiler`` (self CPU time
+per ATen / oneDNN op); onnxruntime with its node profiler (kernel time per node). Both are
+grouped into convolution (with its fused bias + ReLU), max pool, average pool, concat and
+the rest, and given in ms per batch next to the plain wall time of a forward (both timed
+interleaved, as in ``bench_model_cpu``). This is the breakdown behind docs/performance.md's
+explanation of the remaining fp32 gap and of the bf16 ceiling; ``--dtype bf16`` profiles
+the bf16 engine.
 
 A second table times the convolution *kernels* alone, by stage (the conv's input height x
 width): oneDNN's own per-primitive timer (its verbose mode, read from the process's stdout)
@@ -39,12 +41,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model_cpu import SHAPE, _time_all, export_onnx, native, ort_session  # noqa: E402
+from bench_model_cpu import SHAPE, _time_all, export_onnx, ort_session  # noqa: E402
 
-from dvtorch.allocator import reuse_freed_memory  # noqa: E402
 from dvtorch.bundle import preprocess, random_state_dict  # noqa: E402
-from dvtorch.cpu import describe  # noqa: E402
-from dvtorch.inception import DeepVariantInceptionV3  # noqa: E402
+from dvtorch.engine.allocator import reuse_freed_memory  # noqa: E402
+from dvtorch.engine.cpu import FusedConvBN, fused_model  # noqa: E402
+from dvtorch.engine.cpu_features import describe  # noqa: E402
+from dvtorch.inception import ConvBN, DeepVariantInceptionV3  # noqa: E402
 
 GROUPS = ("conv", "max pool", "avg pool", "concat", "other")
 
@@ -98,7 +101,16 @@ def _stage(h: int, w: int) -> str:
     return f"{h}x{w}"
 
 
-def onednn_conv_stages(model: DeepVariantInceptionV3, x: torch.Tensor,
+def engine_model(sd: dict[str, torch.Tensor], dtype: str, batch: int) -> torch.nn.Module:
+    """The CPU engine's model for ``sd`` in ``dtype``, packed for ``batch``: run here in the
+    calling thread, without the engine's worker threads or captures."""
+    model = DeepVariantInceptionV3(SHAPE)
+    model.load_state_dict(sd)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    return fused_model(model.eval(), dt, batch)
+
+
+def onednn_conv_stages(model: torch.nn.Module, x: torch.Tensor,
                        iters: int) -> tuple[dict[str, float], float, int]:
     """oneDNN's own execution time of the conv primitives, ms per batch by input HxW, and
     the wall time of the 94 conv blocks around them (ms per batch) and their count.
@@ -114,7 +126,7 @@ def onednn_conv_stages(model: DeepVariantInceptionV3, x: torch.Tensor,
     kernels: dict[str, float] = collections.defaultdict(float)
     started: list[float] = []
     walls: list[float] = []
-    blocks = [m for _, m in model.conv_blocks()]
+    blocks = [m for m in model.modules() if isinstance(m, (ConvBN, FusedConvBN))]
     handles = [h for b in blocks for h in (
         b.register_forward_pre_hook(lambda *_: started.append(time.perf_counter())),
         b.register_forward_hook(lambda *_: walls.append(time.perf_counter() - started.pop())))]
@@ -175,9 +187,7 @@ def main() -> None:
     torch.set_num_threads(1)
     reuse_freed_memory()
     sd = random_state_dict(args.seed, SHAPE)
-    mode = "native_bf16" if args.dtype == "bf16" else "native_fp32"
-    model = native(sd, mode, args.batch_size)
-    model._batch_split = False  # one thread: profile the plain forward
+    model = engine_model(sd, args.dtype, args.batch_size)
     rng = np.random.default_rng(args.seed)
     pixels = rng.integers(0, 256, (args.batch_size, *SHAPE), dtype=np.uint8)
     x_native = torch.from_numpy(pixels)

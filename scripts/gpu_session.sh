@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Everything dvprobe checks on a GPU, as one device call (about 5-8 minutes on an H200):
+# Everything dvprobe checks on a GPU, as one device call (under 10 minutes; each step has
+# its own limit below):
 #   here:   bash scripts/gpu_wheels.sh
 #   device: run(command="bash scripts/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # 1. tests/test_cuda.py: CUDA rows = the CPU's (order, fp32 values), bf16 / fp16 close to
-#    fp32, loader processes keep order, a resumed run = one run, hooks on the device;
-# 2. bench/bench_extract_cuda.py: model-only ceiling and extract end to end from .gz shards
-#    (fp32, bf16), then the same with torch.compile (model only; may take minutes to build).
+#    fp32, loader processes keep order, a resumed run = one run, --compile rows = the
+#    uncompiled ones, the engine's cuDNN flags (TF32 off for fp32, restored), hooks on the
+#    device;
+# 2. bench/bench_extract_cuda.py: the CUDA engine's ceiling and extract end to end from .gz
+#    shards (fp32, bf16), then both again with torch.compile (ExtractConfig(compile=True);
+#    compiling takes minutes, so on fewer examples).
 # A dry run on a CPU machine: PY=.venv/bin/python DVPROBE_TEST_DEVICE=cpu bash scripts/gpu_session.sh
 # (the tests run with the CPU standing in; the benches say there is no GPU).
 # Each step has its own time limit, so a hang costs that step only. Logs land in $OUT
@@ -33,8 +37,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.is_available())"
   nproc; } 2>&1 | tee "$OUT/summary.txt"
-step test_cuda 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step bench_cuda 180 "$PY" bench/bench_extract_cuda.py --n 16384 --batch-size 256 --workers 8
-step bench_cuda_compile 120 "$PY" bench/bench_extract_cuda.py --n 4096 --batch-size 256 \
+step test_cuda 240 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
+step bench_cuda 150 "$PY" bench/bench_extract_cuda.py --n 8192 --batch-size 256 --workers 8
+step bench_cuda_compile 180 "$PY" bench/bench_extract_cuda.py --n 2048 --batch-size 256 \
   --workers 8 --compile
 cat "$OUT/summary.txt"

@@ -2,12 +2,14 @@
 
 Skipped without a CUDA device, so CI (CPU only) never runs it; on a GPU box it is the
 spec of what ``--device cuda`` must give: the CPU's rows in the same order, float32 values
-to cuDNN's IEEE rounding, bf16 / fp16 close to float32, worker processes that keep input
-order, and a resumed run that equals an uninterrupted one. ``scripts/gpu_session.sh``
-runs it on a device machine.
+to cuDNN's IEEE rounding (TF32 off, restored after each batch), bf16 / fp16 close to
+float32, worker processes that keep input order, a resumed run that equals an
+uninterrupted one, and ``--compile`` rows equal to the uncompiled ones.
+``scripts/gpu_session.sh`` runs it on a device machine.
 
 ``DVPROBE_TEST_DEVICE=cpu`` runs the same checks with the CPU standing in for the GPU (no
-fp16), which tests the tests where no GPU is available; they are not a GPU result then.
+fp16, no ``--compile``, no cuDNN), which tests the tests where no GPU is available; they are
+not a GPU result then.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 import dvtorch
-from probing.extract import PROB_COLUMNS, ExtractionInterrupted, extract
+from probing.extract import PROB_COLUMNS, ExtractConfig, ExtractionInterrupted, extract
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_extract_cpu import synth_examples  # noqa: E402
@@ -32,6 +34,9 @@ pytestmark = pytest.mark.skipif(
     DEVICE.startswith("cuda") and not torch.cuda.is_available(),
     reason="no CUDA device (DVPROBE_TEST_DEVICE=cpu runs these checks on the CPU)",
 )
+#: for what only a GPU has (fp16, torch.compile, cuDNN): skipped with the CPU standing in
+cuda_only = pytest.mark.skipif(not DEVICE.startswith("cuda"),
+                               reason="CUDA only (DVPROBE_TEST_DEVICE is not cuda)")
 
 N = 96
 BATCH = 16
@@ -49,15 +54,16 @@ def data(tmp_path_factory):
     bundle = root / "bundle"
     dvtorch.reference_bundle(bundle, seed=0)
     spec = synth_examples(root / "examples", N, shards=3)
-    cpu = extract(bundle, spec, root / "cpu", layers=LAYERS, device="cpu", batch_size=BATCH,
-                  workers=0, progress=False, engine="eager")
+    cpu = extract(ExtractConfig(bundle, spec, root / "cpu", layers=LAYERS, device="cpu",
+                                batch_size=BATCH, workers=0), progress=False)
     return {"root": root, "bundle": bundle, "spec": spec, "cpu": cpu}
 
 
-def _extract(data, name: str, **options):
-    return extract(data["bundle"], data["spec"], data["root"] / name,
-                   **{"layers": LAYERS, "device": DEVICE, "batch_size": BATCH, "workers": 0,
-                      "progress": False, **options})
+def _extract(data, name: str, on_batch=None, **options):
+    config = ExtractConfig(data["bundle"], data["spec"], data["root"] / name,
+                           **{"layers": LAYERS, "device": DEVICE, "batch_size": BATCH,
+                              "workers": 0, **options})
+    return extract(config, progress=False, on_batch=on_batch)
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,7 +81,11 @@ def _same_sites(a, b) -> None:
 def test_fp32_rows_equal_the_cpus(data):
     s = _extract(data, "fp32")
     cpu = data["cpu"]
-    assert s.meta["extraction"]["device"].startswith(DEVICE.split(":")[0])
+    ex = s.meta["extraction"]
+    assert ex["device"].startswith(DEVICE.split(":")[0])
+    assert ex["engine"] == DEVICE.split(":")[0]  # the engine that computed the rows
+    if DEVICE.startswith("cuda"):
+        assert ex["compile"] is False
     _same_sites(s, cpu)
     np.testing.assert_allclose(s.obs[list(PROB_COLUMNS)], cpu.obs[list(PROB_COLUMNS)],
                                atol=1e-4)
@@ -84,10 +94,8 @@ def test_fp32_rows_equal_the_cpus(data):
         np.testing.assert_allclose(s.layer(layer), cpu.layer(layer), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["bf16", pytest.param("fp16", marks=cuda_only)])
 def test_half_precision_stays_close_to_fp32(data, dtype):
-    if dtype == "fp16" and not DEVICE.startswith("cuda"):
-        pytest.skip("fp16 is CUDA only")
     s = _extract(data, dtype, dtype=dtype)
     _same_sites(s, data["cpu"])
     for layer in LAYERS:
@@ -131,3 +139,48 @@ def test_capture_returns_pooled_activations_on_the_device(data):
     assert probs.device.type == DEVICE.split(":")[0]
     assert acts["mixed5"].shape == (4, 768)
     assert acts["mixed5"].device.type == DEVICE.split(":")[0]
+
+
+@cuda_only
+def test_compiled_engine_gives_the_uncompiled_rows(data):
+    """``--compile`` changes how fast the rows come, not what they are (fp32, TF32 off)."""
+    n = 2 * BATCH  # whole batches only: one compiled graph, no recompile for a short tail
+    plain = _extract(data, "plain", limit=n)
+    compiled = _extract(data, "compiled", limit=n, compile=True)
+    assert compiled.meta["extraction"]["compile"] is True
+    assert compiled.n == n
+    _same_sites(compiled, plain)
+    np.testing.assert_allclose(compiled.obs[list(PROB_COLUMNS)], plain.obs[list(PROB_COLUMNS)],
+                               atol=1e-4)
+    for layer in LAYERS:
+        assert _min_cosine(compiled.layer(layer), plain.layer(layer)) >= FP32_COSINE, layer
+        np.testing.assert_allclose(compiled.layer(layer), plain.layer(layer),
+                                   rtol=1e-3, atol=1e-4)
+
+
+@cuda_only
+def test_cuda_engine_runs_ieee_fp32_with_cudnn_autotuning_and_restores_the_flags(
+        data, monkeypatch):
+    """PyTorch's default cuDNN convolutions are TF32 (~1e-3): not what a float32 STORE says.
+    Half precision keeps TF32 allowed; either way the caller's flags come back."""
+    from dvtorch.engine import make_engine
+    from dvtorch.inception import DeepVariantInceptionV3
+
+    c = torch.backends.cudnn
+    seen = []
+    forward = DeepVariantInceptionV3.forward
+
+    def looking(self, x):
+        seen.append((c.benchmark, c.allow_tf32))
+        return forward(self, x)
+
+    monkeypatch.setattr(DeepVariantInceptionV3, "forward", looking)
+    model = dvtorch.load(data["bundle"], device="cpu")
+    x = torch.randint(0, 256, (2, *model.input_shape), dtype=torch.uint8)
+    before = (c.benchmark, c.allow_tf32)
+    for dtype, tf32 in (("fp32", False), ("bf16", True)):
+        engine = make_engine(model, ["mixed5"], device=DEVICE, dtype=dtype)
+        seen.clear()
+        engine(x)
+        assert seen == [(True, tf32)], dtype
+        assert (c.benchmark, c.allow_tf32) == before, dtype

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -27,7 +28,7 @@ import dvtorch
 from dvtorch.errors import DvprobeError, ExampleFormatError
 from probing.channels import WGS_CHANNELS, WGS_SHAPE
 from probing.examples import encode_example, write_example_info
-from probing.extract import PROB_COLUMNS, ExtractionInterrupted, extract
+from probing.extract import PROB_COLUMNS, ExtractConfig, ExtractionInterrupted, extract
 from probing.probe import ProbeResult, load_probes, save_probes
 from probing.store import StoreError, open_store
 from probing.tfrecord import masked_crc32c, shard_name
@@ -126,25 +127,22 @@ def data(tmp_path_factory):
     spec = _write_shards(root / "examples", truth)
     bundle = root / "bundle"
     dvtorch.reference_bundle(bundle, seed=0)
-    baseline = extract(
-        bundle,
-        spec,
-        root / "baseline",
-        workers=0,
-        batch_size=BATCH,
-        device="cpu",
-        progress=False,
-        commit_interval_s=0,
-    )
+    baseline = extract(ExtractConfig(bundle, spec, root / "baseline", workers=0,
+                                     batch_size=BATCH, device="cpu", commit_interval_s=0),
+                       progress=False)
     return {"root": root, "truth": truth, "spec": spec, "bundle": bundle, "baseline": baseline}
 
 
-def _extract(data, out, spec=None, **options):
-    """``extract`` of the module's examples (or ``spec``) with the tests' defaults: batches
-    of BATCH, records decoded inline (no loader process), CPU, no progress bar."""
-    return extract(data["bundle"], spec or data["spec"], out,
-                   **{"batch_size": BATCH, "workers": 0, "device": "cpu", "progress": False,
-                      **options})
+def _config(data, out, spec=None, **options) -> ExtractConfig:
+    """The config of an extraction of the module's examples (or ``spec``) with the tests'
+    defaults: batches of BATCH, records decoded inline (no loader process), CPU."""
+    return ExtractConfig(data["bundle"], spec or data["spec"], out,
+                         **{"batch_size": BATCH, "workers": 0, "device": "cpu", **options})
+
+
+def _extract(data, out, spec=None, progress=False, on_batch=None, **options):
+    """``extract`` of :func:`_config` (no progress bar unless asked for)."""
+    return extract(_config(data, out, spec, **options), progress=progress, on_batch=on_batch)
 
 
 def _assert_same_store(a, b) -> None:
@@ -197,6 +195,8 @@ def test_obs_in_input_order_with_correct_fields(data):
 
 
 def test_layers_equal_direct_capture_forward(data):
+    """The engine's rows are the plain model's captures to the parity tolerance (the engine
+    folds BN into the convs: the same arithmetic, rounded in another order)."""
     store, truth = data["baseline"], data["truth"]
     model = dvtorch.load(data["bundle"], device="cpu")
     images = torch.from_numpy(np.stack([t["image"] for t in truth]))
@@ -208,12 +208,12 @@ def test_layers_equal_direct_capture_forward(data):
             for n in LAYERS:
                 outs[n].append(acts[n].float().numpy())
     for n in LAYERS:
-        np.testing.assert_allclose(store.layer(n), np.concatenate(outs[n]), rtol=1e-5, atol=1e-6)
+        want = np.concatenate(outs[n])
+        rel = np.abs(store.layer(n) - want).max() / np.abs(want).max()
+        assert rel <= 1e-4, (n, rel)  # the parity suite's bound for every mixedN
     p = torch.cat(probs).numpy()
     obs = store.obs
-    np.testing.assert_allclose(
-        obs[["p_hom_ref", "p_het", "p_hom_alt"]].to_numpy(), p, rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(obs[["p_hom_ref", "p_het", "p_hom_alt"]].to_numpy(), p, atol=1e-5)
     assert obs["pred_genotype"].tolist() == p.argmax(1).tolist()
 
 
@@ -266,34 +266,47 @@ def test_bf16_close_to_fp32_and_fp16_refused_on_cpu(data, tmp_path):
         _extract(data, tmp_path / "fp16", dtype="fp16")
 
 
-def test_graph_engine_stores_the_eager_rows(data, tmp_path):
-    from dvtorch import graph
+@pytest.mark.parametrize(("option", "value", "said"), [
+    ("layers", [], "--layers"),
+    pytest.param("layers", ["mixed5", "mixed5"], "--layers", marks=pytest.mark.xfail(
+        strict=True, reason="bug: a duplicate layer is refused without naming --layers "
+                            "('duplicate layers in [...]'; see the H6 report)")),
+    ("pool", "median", "--pool must be one of max, mean, flatten, got 'median'"),
+    ("dtype", "fp64", "--dtype must be one of fp32, bf16, fp16, got 'fp64'"),
+    ("batch_size", 0, "--batch-size must be >= 1, got 0"),
+    ("workers", -1, "--workers must be >= 0, got -1"),
+    ("limit", 0, "--limit must be >= 1, got 0"),
+    ("sample_seed", 3, "--sample-seed chooses which records a --sample keeps"),
+])
+def test_a_bad_option_is_refused_when_the_config_is_made_naming_its_flag(
+        data, tmp_path, option, value, said):
+    with pytest.raises(DvprobeError, match=re.escape(said)):
+        _config(data, tmp_path / "o", **{option: value})
+    assert not (tmp_path / "o").exists()
 
-    if not graph.available():
-        with pytest.raises(DvprobeError, match="oneDNN Graph"):
-            _extract(data, tmp_path / "graph", engine="graph")
-        return
-    torch.set_num_threads(2)  # two whole batches on worker threads at once, after the checks
-    s = _extract(data, tmp_path / "graph", engine="graph", commit_interval_s=0, batch_size=4)
-    base = data["baseline"]
-    pd.testing.assert_frame_equal(s.obs.drop(columns=list(PROB_COLUMNS)),
-                                  base.obs.drop(columns=list(PROB_COLUMNS)))
-    np.testing.assert_allclose(s.obs[list(PROB_COLUMNS)], base.obs[list(PROB_COLUMNS)], atol=1e-5)
-    for name in base.layers:
-        np.testing.assert_allclose(s.layer(name), base.layer(name), rtol=1e-4, atol=1e-4)
-    assert s.meta["extraction"]["engine"] == "graph"
-    assert "engine_fallback" not in s.meta["extraction"]
+
+def test_one_layer_name_is_one_layer_not_its_letters(data, tmp_path):
+    assert _config(data, tmp_path / "o", layers="mixed5").layers == ["mixed5"]
 
 
-def test_unknown_engine_and_graph_off_the_cpu_are_refused(data, tmp_path, monkeypatch):
-    import probing.extract as extract_module
+def test_compile_is_refused_on_the_cpu_before_anything_is_written(data, tmp_path):
+    with pytest.raises(DvprobeError, match="--compile is for --device cuda"):
+        _extract(data, tmp_path / "c", compile=True)
+    assert not (tmp_path / "c").exists()
 
-    with pytest.raises(DvprobeError, match="--engine must be one of auto, eager, graph"):
-        _extract(data, tmp_path / "e1", engine="jit")
-    monkeypatch.setattr(extract_module, "resolve_device", lambda _: torch.device("cuda"))
-    with pytest.raises(DvprobeError, match="--engine graph runs on the CPU only, not cuda"):
-        _extract(data, tmp_path / "e2", engine="graph", device="cuda")
-    assert not (tmp_path / "e2").exists()  # refused before anything is written
+
+def test_store_json_records_how_the_rows_were_computed(data):
+    """The engine that computed the rows describes itself in store.json's extraction."""
+    from dvtorch.engine.cpu import pointwise_conv_available
+
+    ex = data["baseline"].meta["extraction"]
+    assert ex["engine"] == "cpu" and ex["device"] == "cpu"
+    assert ex["threads"] == torch.get_num_threads()
+    assert ex["whole_batches_in_flight"] in (0, ex["threads"])
+    assert ex["fused_conv"] == pointwise_conv_available()
+    assert (ex["batch_size"], ex["workers"], ex["n"]) == (BATCH, 0, N)
+    assert ex["torch"] == torch.__version__
+    assert not {"engine_requested", "engine_fallback"} & set(ex)
 
 
 # ---- resume ----------------------------------------------------------------------------
@@ -359,9 +372,7 @@ def test_torn_tail_after_kill9_is_truncated_and_redone(data, tmp_path):
         with open(out / "layers" / f"{name}.bin", "ab") as fh:
             fh.write(b"\x7f" * 4096)
     (out / "obs" / "part-99999999.parquet").write_bytes(b"junk")
-    resumed = extract(
-        data["bundle"], data["spec"], out, batch_size=BATCH, workers=2, device="cpu", progress=False
-    )
+    resumed = _extract(data, out, workers=2)
     _assert_same_store(resumed, data["baseline"])
 
 
@@ -378,15 +389,13 @@ def test_ctrl_c_commits_finished_batches_and_says_how_to_resume(data, tmp_path, 
     assert "run the same command again to resume" in str(ei.value)
     assert open_store(out).n == 2 * BATCH
     assert "resume" in capsys.readouterr().err
-    resumed = extract(
-        data["bundle"], data["spec"], out, batch_size=BATCH, workers=1, device="cpu", progress=True
-    )
+    resumed = _extract(data, out, workers=1, progress=True)
     err = capsys.readouterr().err
     assert "resuming after 16 committed examples" in err
     _assert_same_store(resumed, data["baseline"])
     files = [p for p in out.rglob("*") if p.is_file()]
     before = {p: p.stat().st_mtime_ns for p in files}
-    again = extract(data["bundle"], data["spec"], out, batch_size=BATCH, device="cpu")
+    again = _extract(data, out, workers=None, progress=True)
     assert "already complete" in capsys.readouterr().err
     _assert_same_store(again, data["baseline"])
     # a complete STORE is only read (it may be read-only, shared): no file was written
@@ -397,10 +406,10 @@ def test_resume_after_real_kill_of_subprocess(data, tmp_path):
     out = tmp_path / "killed"
     code = (
         "import sys, time\n"
-        "from probing.extract import extract\n"
-        "extract(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=4, workers=1,\n"
-        "        device='cpu', progress=False, commit_interval_s=0,\n"
-        "        on_batch=lambda n: time.sleep(0.2))\n"
+        "from probing.extract import ExtractConfig, extract\n"
+        "extract(ExtractConfig(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=4, workers=1,\n"
+        "                      device='cpu', commit_interval_s=0),\n"
+        "        progress=False, on_batch=lambda n: time.sleep(0.2))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -423,9 +432,7 @@ def test_resume_after_real_kill_of_subprocess(data, tmp_path):
         proc.wait(timeout=30)
     partial = open_store(out)
     assert 8 <= partial.n < N and not partial.complete
-    resumed = extract(
-        data["bundle"], data["spec"], out, batch_size=4, workers=0, device="cpu", progress=False
-    )
+    resumed = _extract(data, out, batch_size=4)
     assert resumed.obs["key"].is_unique
     pd.testing.assert_frame_equal(resumed.obs, data["baseline"].obs)
     for n in LAYERS:  # batch size differs from the baseline: same values to rounding
@@ -442,13 +449,14 @@ def test_real_sigint_to_process_group_commits_and_resumes(data, tmp_path):
     code = (
         "import signal, sys, time, pathlib\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "from probing.extract import extract\n"
+        "from probing.extract import ExtractConfig, extract\n"
         "m = pathlib.Path(sys.argv[4])\n"
         "def cb(n):\n"
         "    time.sleep(0.2)\n"
         "    if n >= 8: m.touch()\n"
-        "extract(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=4, workers=2,\n"
-        "        device='cpu', progress=True, commit_interval_s=3600, on_batch=cb)\n"
+        "extract(ExtractConfig(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=4, workers=2,\n"
+        "                      device='cpu', commit_interval_s=3600),\n"
+        "        progress=True, on_batch=cb)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code, str(data["bundle"]), data["spec"],
@@ -471,8 +479,7 @@ def test_real_sigint_to_process_group_commits_and_resumes(data, tmp_path):
     # nothing was committed before the interrupt (interval 3600 s): the handler committed
     # every finished batch, at least the 8 examples the marker saw
     assert 8 <= partial.n < N and not partial.complete
-    resumed = extract(data["bundle"], data["spec"], out, batch_size=4, workers=0,
-                      device="cpu", progress=False)
+    resumed = _extract(data, out, batch_size=4)
     pd.testing.assert_frame_equal(resumed.obs, data["baseline"].obs)
     for n in LAYERS:
         np.testing.assert_allclose(resumed.layer(n), data["baseline"].layer(n),
@@ -497,33 +504,14 @@ def test_a_long_fp32_run_on_a_cpu_with_native_bf16_mentions_bf16(data, tmp_path,
     _extract(data, tmp_path / "small", limit=BATCH, progress=True)
     assert "--dtype bf16" not in capsys.readouterr().err  # a short run: no hint
     monkeypatch.setattr("probing.extract.LONG_RUN_MIN_EXAMPLES", BATCH)
-    _extract(data, tmp_path / "fp32", limit=BATCH, progress=True, engine="eager")
+    _extract(data, tmp_path / "fp32", limit=BATCH, progress=True)
     assert ("--dtype bf16 extracts" in capsys.readouterr().err) == bool(native)
-
-
-def test_auto_engine_runs_long_cpu_runs_on_the_graph_engine_and_short_ones_eagerly(
-        data, tmp_path, capsys, monkeypatch):
-    from dvtorch import graph
-
-    s = _extract(data, tmp_path / "short", limit=BATCH, progress=True)
-    assert s.meta["extraction"]["engine"] == "eager"  # the graph's start-up would not pay
-    assert s.meta["extraction"]["engine_requested"] == "auto"
-    assert "engine: graph" not in capsys.readouterr().err
-    monkeypatch.setattr("probing.extract.LONG_RUN_MIN_EXAMPLES", BATCH)  # long runs now
-    s = _extract(data, tmp_path / "long", limit=BATCH, progress=True)
-    picked = "graph" if graph.available() else "eager"
-    assert s.meta["extraction"]["engine"] == picked
-    assert ("engine: graph (a long CPU run" in capsys.readouterr().err) == graph.available()
-    s = _extract(data, tmp_path / "eager", limit=BATCH, progress=True, engine="eager")
-    assert s.meta["extraction"]["engine"] == "eager"  # asked for: no hint, no switch
-    assert "engine: graph" not in capsys.readouterr().err
 
 
 def test_a_long_run_is_counted_in_estimated_examples_after_limit_and_sample(tmp_path):
     from probing.extract import (
         GZ_BYTES_PER_EXAMPLE,
         LONG_RUN_MIN_EXAMPLES,
-        choose_engine,
         estimate_examples,
         is_long_run,
     )
@@ -542,16 +530,11 @@ def test_a_long_run_is_counted_in_estimated_examples_after_limit_and_sample(tmp_
     write_records(plain, [bytes(155_000)] * 3, compress=False)
     assert estimate_examples([str(plain)]) == 3
     assert not is_long_run([str(plain)] * 200, None)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_engine("auto", cpu, "fp32", long_run=False) == "eager"
-    assert choose_engine("auto", cuda, "bf16", long_run=True) == "eager"
-    assert choose_engine("auto", cuda, "fp16", long_run=True) == "eager"
-    assert choose_engine("eager", cpu, "fp32", long_run=True) == "eager"
 
 
 def test_different_extraction_at_same_out_is_refused_saying_what_differs(data, tmp_path):
     out = tmp_path / "one"
-    extract(data["bundle"], data["spec"], out, limit=4, workers=0, device="cpu", progress=False)
+    _extract(data, out, limit=4)
     with pytest.raises(StoreError, match=r'different extraction \(layers: \["mixed10", '
                                          r'"mixed5"\] there, \["mixed5"\] now\)'):
         _extract(data, out, layers=["mixed5"], limit=4)
@@ -819,20 +802,23 @@ def test_corrupt_record_errors_with_location_and_store_stays_consistent(
     _check_skipped(done, data, shard1)
 
 
-@pytest.mark.parametrize("engine", ["eager", "graph"])
-def test_batches_in_flight_are_finished_before_a_bad_record(data, corrupt_spec, tmp_path,
-                                                             engine):
-    from dvtorch import graph
+def _memory_available(monkeypatch, n_bytes: int) -> None:
+    """The memory the CPU engine sees as available when it is built."""
+    from dvtorch import memory
 
-    if engine == "graph" and not graph.available():
-        pytest.skip("torch without oneDNN Graph")
-    spec, shard1 = corrupt_spec
-    out = tmp_path / engine
+    monkeypatch.setattr(memory, "available_bytes", lambda *_: n_bytes)
+
+
+def test_batches_in_flight_are_finished_before_a_bad_record(data, corrupt_spec, tmp_path,
+                                                             monkeypatch):
+    spec, _ = corrupt_spec
+    out = tmp_path / "inflight"
     torch.set_num_threads(2)
-    # batches of 4 on worker threads (graph: after three checked ones), up to three in
-    # flight when batch 6 (rows 24-27) stops at the bad row 25
+    _memory_available(monkeypatch, 8 << 30)  # room for a whole batch on each worker thread
+    # batches of 4 on the 2 worker threads, up to three in flight when batch 6 (rows 24-27)
+    # stops at the bad row 25
     with pytest.raises(ExampleFormatError, match="CRC"):
-        _extract(data, out, spec=spec, engine=engine, batch_size=4, commit_interval_s=60)
+        _extract(data, out, spec=spec, batch_size=4, commit_interval_s=60)
     s = open_store(out)
     assert s.n == 25 and s.meta["cursor"] == {"shard": 1, "record": 5, "position": 25}
     base = data["baseline"]
@@ -842,28 +828,21 @@ def test_batches_in_flight_are_finished_before_a_bad_record(data, corrupt_spec, 
                                rtol=1e-4, atol=1e-4)
 
 
-def test_eager_cpu_runs_whole_batches_on_worker_threads_with_one_threads_rows(
-    data, tmp_path, monkeypatch
-):
-    from dvtorch import parallel
-
-    calls = []
-    real = parallel.submit_whole
-
-    def spy(fn, x, depth):
-        calls.append((x.shape[0], depth))
-        return real(fn, x, depth)
-
-    monkeypatch.setattr(parallel, "submit_whole", spy)
+def test_whole_batches_on_worker_threads_give_one_threads_rows_in_input_order(
+        data, tmp_path, monkeypatch):
+    """With memory to spare, each compute thread runs whole batches of its own, several in
+    flight at once; the STORE is the one a single thread writes, row for row."""
+    _memory_available(monkeypatch, 8 << 30)
     torch.set_num_threads(1)
     try:
         one = _extract(data, tmp_path / "one", batch_size=4, commit_interval_s=0)
     finally:
         torch.set_num_threads(2)
-    assert calls == []  # one compute thread: the batch runs in the calling thread
     two = _extract(data, tmp_path / "two", batch_size=4, commit_interval_s=0)
-    assert [n for n, _ in calls] == [4] * (N // 4) + ([N % 4] if N % 4 else [])
-    assert {d for _, d in calls} == {2}
+    assert (one.meta["extraction"]["threads"], one.meta["extraction"]["whole_batches_in_flight"]) \
+        == (1, 0)  # one compute thread: each batch runs in the calling thread
+    assert (two.meta["extraction"]["threads"], two.meta["extraction"]["whole_batches_in_flight"]) \
+        == (2, 2)
     _assert_same_store(two, one)
 
 
@@ -972,7 +951,7 @@ def test_example_info_mismatch_names_both_shapes_and_channels(data, tmp_path):
     shard0 = spec.replace("@1.gz", "-00000-of-00001.gz")
     write_example_info(shard0, (100, 221, 8), (1, 2, 3, 4, 5, 6, 9, 10), "1.6.0")
     with pytest.raises(ExampleFormatError) as ei:
-        extract(data["bundle"], spec, tmp_path / "o", device="cpu", progress=False)
+        _extract(data, tmp_path / "o", spec=spec, workers=None)
     msg = str(ei.value)
     assert "8" in msg and "7" in msg and "channels" in msg
     assert not (tmp_path / "o").exists()  # refused before anything was written
@@ -984,47 +963,36 @@ def test_without_example_info_first_record_shape_is_checked(data, tmp_path):
     t = dict(data["truth"][0], image=rng.integers(0, 255, (100, 199, 7), dtype=np.uint8))
     spec = _write_shards(d, [t], per_shard=1, info=False)
     with pytest.raises(ExampleFormatError, match=r"\[100, 199, 7\].*\[100, 221, 7\]"):
-        extract(data["bundle"], spec, tmp_path / "o", device="cpu", progress=False)
+        _extract(data, tmp_path / "o", spec=spec, workers=None)
     # matching shape without example_info.json is fine
     spec2 = _write_shards(tmp_path / "noinfo2", data["truth"][:3], per_shard=3, info=False)
-    s = extract(data["bundle"], spec2, tmp_path / "o2", device="cpu", workers=0, progress=False)
+    s = _extract(data, tmp_path / "o2", spec=spec2)
     assert s.meta["input_check"]["source"] == "first record" and s.n == 3
 
 
 # ---- CLI -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("engine", ["eager", "graph"])
 def test_without_memory_for_whole_batches_each_batch_is_split_and_the_run_says_so(
-    data, tmp_path, monkeypatch, capsys, engine
-):
-    from dvtorch import graph, parallel
-
-    if engine == "graph" and not graph.available():
-        pytest.skip("torch without oneDNN Graph")
-    whole = []
-    real_submit, real_graph_submit = parallel.submit_whole, graph.GraphForward.submit
-    monkeypatch.setattr(parallel, "submit_whole",
-                        lambda *a: whole.append(1) or real_submit(*a))
-    monkeypatch.setattr(graph.GraphForward, "submit",
-                        lambda self, x: whole.append(1) or real_graph_submit(self, x))
+        data, tmp_path, monkeypatch, capsys):
     torch.set_num_threads(2)
     # 2 whole batches of 8 (fp32, 100 x 221): ~90 MB, more than a quarter of 200 MB
-    monkeypatch.setattr("probing.extract.memory.available_bytes", lambda: 200_000_000)
-    s = _extract(data, tmp_path / "tight", engine=engine, progress=True, commit_interval_s=0)
+    _memory_available(monkeypatch, 200_000_000)
+    s = _extract(data, tmp_path / "tight", progress=True, commit_interval_s=0)
     err = capsys.readouterr().err
-    assert whole == []
     assert "each batch is split across the 2 compute threads" in err
     assert "--batch-size 4 or less would fit" in err
+    assert s.meta["extraction"]["whole_batches_in_flight"] == 0
     base = data["baseline"]
     pd.testing.assert_frame_equal(s.obs.drop(columns=list(PROB_COLUMNS)),
                                   base.obs.drop(columns=list(PROB_COLUMNS)))
     for name in base.layers:
         np.testing.assert_allclose(s.layer(name), base.layer(name), rtol=1e-4, atol=1e-4)
     # with room to spare the same run computes whole batches, silently
-    monkeypatch.setattr("probing.extract.memory.available_bytes", lambda: 8 << 30)
-    _extract(data, tmp_path / "roomy", engine=engine, progress=True, limit=24)
-    assert whole and "split across" not in capsys.readouterr().err
+    _memory_available(monkeypatch, 8 << 30)
+    roomy = _extract(data, tmp_path / "roomy", progress=True, limit=24)
+    assert roomy.meta["extraction"]["whole_batches_in_flight"] == 2
+    assert "split across" not in capsys.readouterr().err
 
 
 def test_cli_interrupted_run_says_how_to_resume_also_without_progress(data, tmp_path,
@@ -1089,8 +1057,9 @@ def test_cli_extract_and_user_error_exit_code(data, tmp_path):
                 "--pool", "median", "--device", "cpu"]
     r = CliRunner().invoke(app, bad_pool)
     assert isinstance(r.exception, DvprobeError) and "--pool must be one of" in str(r.exception)
-    r = CliRunner().invoke(app, [*bad_pool[:5], "--engine", "jit", "--device", "cpu"])
-    assert isinstance(r.exception, DvprobeError) and "--engine must be one of" in str(r.exception)
+    r = CliRunner().invoke(app, [*bad_pool[:5], "--compile", "--device", "cpu"])
+    assert isinstance(r.exception, DvprobeError)
+    assert "--compile is for --device cuda" in str(r.exception)
     # through the real entry point: one line, exit 2, no traceback
     proc = subprocess.run(
         [sys.executable, "-c", "import cli; cli.main()", *bad_pool],
@@ -1131,16 +1100,8 @@ def test_extracted_layers_equal_keras_mixed_outputs(ckpt_bundle, dv_keras_model,
     model's own mixed5 / mixed10 outputs, max-pooled over H and W."""
     from dvtorch.keras_dv import layer_model
 
-    s = extract(
-        ckpt_bundle,
-        data["spec"],
-        tmp_path / "tf",
-        limit=12,
-        batch_size=6,
-        workers=1,
-        device="cpu",
-        progress=False,
-    )
+    s = extract(ExtractConfig(ckpt_bundle, data["spec"], tmp_path / "tf", limit=12,
+                              batch_size=6, workers=1, device="cpu"), progress=False)
     images = np.stack([t["image"] for t in data["truth"][:12]])
     x = (images.astype(np.float32) - 128.0) / 128.0
     ref = layer_model(dv_keras_model)(x, training=False)
@@ -1168,21 +1129,6 @@ def test_default_workers_follow_free_cores(monkeypatch, cpus, threads, device, e
     monkeypatch.setattr(ex, "_usable_cpus", lambda: cpus)
     monkeypatch.setattr(ex.torch, "get_num_threads", lambda: threads)
     assert ex.default_workers(torch.device(device)) == expected
-
-
-def test_cuda_extraction_runs_ieee_fp32_with_cudnn_autotuning_and_restores_the_flags():
-    """PyTorch's default cuDNN convolutions are TF32 (~1e-3): not what a float32 STORE says."""
-    from probing.extract import _cudnn_flags
-
-    c = torch.backends.cudnn
-    before = (c.benchmark, c.conv.fp32_precision if hasattr(c, "conv") else c.allow_tf32)
-    with _cudnn_flags(torch.device("cuda"), "fp32"):
-        assert c.benchmark and not c.allow_tf32
-    with _cudnn_flags(torch.device("cuda"), "bf16"):
-        assert c.benchmark and c.allow_tf32
-    with _cudnn_flags(torch.device("cpu"), "fp32"):
-        assert c.benchmark == before[0]
-    assert (c.benchmark, c.conv.fp32_precision if hasattr(c, "conv") else c.allow_tf32) == before
 
 
 def test_the_total_is_estimated_from_the_shards_read_to_the_end():
