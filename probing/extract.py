@@ -367,19 +367,23 @@ class ExtractConfig:
         """Refuse bad options with the flag's name, before anything is read."""
         if not self.layers:
             raise DvprobeError("no layers requested (--layers)")
-        if len(set(self.layers)) != len(self.layers):
-            raise DvprobeError(f"duplicate layers in {self.layers}")
+        repeated = sorted({n for n in self.layers if self.layers.count(n) > 1})
+        if repeated:
+            raise DvprobeError(f"--layers names {', '.join(repeated)} more than once")
         for flag, value, allowed in (("--pool", self.pool, POOLS),
                                      ("--dtype", self.dtype, tuple(DTYPES))):
             if value not in allowed:
                 raise DvprobeError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
         for flag, value, low in (("--batch-size", self.batch_size, 1),
-                                 ("--workers", self.workers, 0), ("--limit", self.limit, 1)):
+                                 ("--workers", self.workers, 0), ("--limit", self.limit, 1),
+                                 ("--commit-every", self.commit_interval_s, 0)):
             if value is not None and value < low:
                 raise DvprobeError(f"{flag} must be >= {low}, got {value}")
         if self.sample is None and self.sample_seed:
             raise DvprobeError("--sample-seed chooses which records a --sample keeps; give "
                                "--sample FRACTION too")
+        if self.sample is not None:
+            RecordSample(self.sample, self.sample_seed)  # refuses a bad fraction or seed
 
 
 @dataclass

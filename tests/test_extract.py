@@ -268,9 +268,9 @@ def test_bf16_close_to_fp32_and_fp16_refused_on_cpu(data, tmp_path):
 
 @pytest.mark.parametrize(("option", "value", "said"), [
     ("layers", [], "--layers"),
-    pytest.param("layers", ["mixed5", "mixed5"], "--layers", marks=pytest.mark.xfail(
-        strict=True, reason="bug: a duplicate layer is refused without naming --layers "
-                            "('duplicate layers in [...]'; see the H6 report)")),
+    ("layers", ["mixed5", "mixed5"], "--layers names mixed5 more than once"),
+    ("sample", 1.5, "--sample"),
+    ("commit_interval_s", -1, "--commit-every must be >= 0"),
     ("pool", "median", "--pool must be one of max, mean, flatten, got 'median'"),
     ("dtype", "fp64", "--dtype must be one of fp32, bf16, fp16, got 'fp64'"),
     ("batch_size", 0, "--batch-size must be >= 1, got 0"),
