@@ -16,14 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from dvtorch.bundle import META_FILE
-from probing.extract import PROB_COLUMNS, bundle_fingerprint
-from probing.loader import META_COLUMNS
+from dvtorch.files import BUNDLE_META_FILE, bundle_fingerprint
 from probing.pileup import ATTRIBUTES
 from probing.probe import PROBES_DIR, PROBES_FORMAT
+from probing.schema import META_COLUMNS, MODEL_COLUMNS
 from probing.store import Store
-
-MODEL_COLUMNS = (*PROB_COLUMNS, "pred_genotype")
 
 
 def store_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -93,7 +90,7 @@ def _model(meta: dict) -> dict[str, Any]:
     out: dict[str, Any] = {"bundle": bundle,
                            "bundle_sha256": (meta.get("inputs") or {}).get("bundle_sha256")}
     try:
-        recorded = json.loads((Path(bundle) / META_FILE).read_text(encoding="utf-8"))
+        recorded = json.loads((Path(bundle) / BUNDLE_META_FILE).read_text(encoding="utf-8"))
     except (OSError, TypeError, ValueError):
         out["found"] = False  # moved or deleted since: the fingerprint still identifies it
         return out
