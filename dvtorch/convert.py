@@ -30,6 +30,7 @@ from typing import Any
 from dvtorch.bundle import check_replaceable
 from dvtorch.errors import ConversionError
 from dvtorch.files import sha256_file, swap_in_dir, sweep_dead_writers, writer_dir
+from dvtorch.onnx_import import load_onnx, onnx_input_shape
 from weights.fetch import LOCK_NAME, read_lock
 
 Progress = Callable[[str], None]
@@ -239,43 +240,6 @@ def converter_versions() -> dict[str, str | None]:
 
 
 # --------------------------------------------------------------------------- ONNX handling
-
-
-def load_onnx(path: Path, data: bytes | None = None) -> Any:
-    """Read and check an ONNX file (``data``: its bytes, when already read); a truncated or
-    garbage file gives a ConversionError."""
-    import onnx
-
-    try:
-        model = onnx.load_from_string(data) if data is not None else onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except Exception as exc:  # DecodeError, ValidationError, ...
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ConversionError(
-            f"{path}: corrupt or invalid ONNX file ({type(exc).__name__}: {first[:200]}); "
-            "re-export it or convert from the checkpoint/SavedModel instead"
-        ) from None
-    if not model.graph.node:
-        raise ConversionError(f"{path}: ONNX file has an empty graph")
-    return model
-
-
-def onnx_input_shape(model: Any) -> tuple[int | None, int | None, int | None]:
-    """(H, W, C) of the single NHWC graph input; None for symbolic dimensions."""
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise ConversionError(
-            f"ONNX graph has {len(inputs)} inputs; a DeepVariant classifier has exactly one (NHWC image)"
-        )
-    dims = inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4:
-        raise ConversionError(
-            f"ONNX input {inputs[0].name!r} has rank {len(dims)}, expected NHWC rank 4"
-        )
-    return tuple(
-        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:]
-    )  # type: ignore[return-value]
 
 
 def keras_to_onnx(model: Any, input_shape: tuple[int, int, int], opset: int) -> Any:
