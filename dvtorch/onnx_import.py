@@ -18,6 +18,9 @@ Conv2D+BatchNorm is one ``Conv`` with BN folded in (``..._weights_fused_bn`` /
 their block's concat, so ``mixed9_0`` / ``mixed9_1`` do not exist as tensors; the head is
 ``GlobalAveragePool -> Squeeze -> MatMul -> Add -> Softmax``. Unfolded
 ``Conv -> BatchNormalization`` pairs (other exporters, optimiser off) are imported too.
+
+:func:`load_onnx` and :func:`onnx_input_shape` read and check an ONNX file for conversion and
+verification alike (here, below both, so that neither imports the other).
 """
 
 from __future__ import annotations
