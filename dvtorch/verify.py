@@ -441,6 +441,46 @@ def _check_onnx(path: Path, data: bytes, meta: dict, shape: tuple[int, ...]) -> 
         )
 
 
+def _add_tf_backends(src_meta: dict[str, Any], source: str | Path | None,
+                     shape: tuple[int, ...], skip_tf: bool, backends: dict[str, Backend],
+                     skipped: dict[str, str], progress: Callable[[str], None] | None) -> None:
+    """Add the TensorFlow backends of a TF-converted bundle (restored from ``source``, else
+    from the path bundle.json records), or say in ``skipped`` why there are none."""
+    kind = src_meta.get("kind")
+    src_path = (
+        Path(source)
+        if source is not None
+        else (Path(src_meta["path"]) if src_meta.get("path") else None)
+    )
+    if kind in ("checkpoint", "savedmodel") and src_path is not None:
+        exists = Path(f"{src_path}.index").is_file() if kind == "checkpoint" else src_path.is_dir()
+        if source is not None and not exists:
+            what = f"{src_path}.index" if kind == "checkpoint" else "a SavedModel directory"
+            raise BundleError(
+                f"source {src_path}: no {kind} there (looked for {what}); give the moved "
+                "source's path, or leave TensorFlow out on purpose (--no-tf, skip_tf=True)"
+            )
+        if skip_tf:
+            skipped["tensorflow"] = "skipped on request"
+        elif not tf_available():
+            skipped["tensorflow"] = "not installed (pip install 'dvprobe[convert]')"
+        elif not exists:
+            skipped["tensorflow"] = f"source {src_path} no longer exists"
+        else:
+            from dvtorch import keras_dv
+
+            if progress:
+                progress(f"restoring {kind} {src_path} (TensorFlow)")
+            keras_dv.import_tf()
+            loader = keras_dv.load_checkpoint if kind == "checkpoint" else keras_dv.load_savedmodel
+            keras_model, _ = loader(src_path, shape)  # type: ignore[arg-type]
+            backends["tensorflow"] = tf_backend(keras_model)
+            if kind == "savedmodel":
+                backends["savedmodel-signature"] = savedmodel_signature_backend(src_path)
+    elif kind in ("checkpoint", "savedmodel"):
+        skipped["tensorflow"] = "skipped on request" if skip_tf else "bundle records no source path"
+
+
 def verify(
     bundle: str | Path,
     *,
@@ -486,40 +526,8 @@ def verify(
         raise BundleError(f"{onnx_path}: missing, though bundle.json records it (the bundle is "
                           "incomplete); copy it back or convert again")
 
-    src_meta = meta.get("source") or {}
-    kind = src_meta.get("kind")
-    src_path = (
-        Path(source)
-        if source is not None
-        else (Path(src_meta["path"]) if src_meta.get("path") else None)
-    )
-    if kind in ("checkpoint", "savedmodel") and src_path is not None:
-        exists = Path(f"{src_path}.index").is_file() if kind == "checkpoint" else src_path.is_dir()
-        if source is not None and not exists:
-            what = f"{src_path}.index" if kind == "checkpoint" else "a SavedModel directory"
-            raise BundleError(
-                f"source {src_path}: no {kind} there (looked for {what}); give the moved "
-                "source's path, or leave TensorFlow out on purpose (--no-tf, skip_tf=True)"
-            )
-        if skip_tf:
-            skipped["tensorflow"] = "skipped on request"
-        elif not tf_available():
-            skipped["tensorflow"] = "not installed (pip install 'dvprobe[convert]')"
-        elif not exists:
-            skipped["tensorflow"] = f"source {src_path} no longer exists"
-        else:
-            from dvtorch import keras_dv
-
-            if progress:
-                progress(f"restoring {kind} {src_path} (TensorFlow)")
-            keras_dv.import_tf()
-            loader = keras_dv.load_checkpoint if kind == "checkpoint" else keras_dv.load_savedmodel
-            keras_model, _ = loader(src_path, shape)  # type: ignore[arg-type]
-            backends["tensorflow"] = tf_backend(keras_model)
-            if kind == "savedmodel":
-                backends["savedmodel-signature"] = savedmodel_signature_backend(src_path)
-    elif kind in ("checkpoint", "savedmodel"):
-        skipped["tensorflow"] = "skipped on request" if skip_tf else "bundle records no source path"
+    _add_tf_backends(meta.get("source") or {}, source, shape, skip_tf, backends, skipped,
+                     progress)
 
     if onnx_bytes:
         backends["onnxruntime"] = ort_backend(onnx_bytes)
