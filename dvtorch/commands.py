@@ -101,9 +101,15 @@ def verify_cmd(
     """
     from dvtorch.verify import verify
 
+    images = None
+    if examples:  # read and checked against the bundle before any model is loaded
+        from probing.bundle_inputs import read_pileups
+
+        images = read_pileups(examples, bundle, batch)
     report = verify(
         bundle,
-        examples=examples,
+        images=images,
+        inputs=f"examples {examples}" if examples else None,
         batch=batch,
         seed=seed,
         source=source,

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from dvtorch.bundle import check_replaceable
-from dvtorch.errors import ConversionError
+from dvtorch.errors import ConversionError, ParityError
 from dvtorch.files import sha256_file, swap_in_dir, sweep_dead_writers, writer_dir
+from dvtorch.onnx_import import load_onnx, onnx_input_shape
 from weights.fetch import LOCK_NAME, read_lock
 
 Progress = Callable[[str], None]
@@ -241,43 +242,6 @@ def converter_versions() -> dict[str, str | None]:
 # --------------------------------------------------------------------------- ONNX handling
 
 
-def load_onnx(path: Path, data: bytes | None = None) -> Any:
-    """Read and check an ONNX file (``data``: its bytes, when already read); a truncated or
-    garbage file gives a ConversionError."""
-    import onnx
-
-    try:
-        model = onnx.load_from_string(data) if data is not None else onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except Exception as exc:  # DecodeError, ValidationError, ...
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ConversionError(
-            f"{path}: corrupt or invalid ONNX file ({type(exc).__name__}: {first[:200]}); "
-            "re-export it or convert from the checkpoint/SavedModel instead"
-        ) from None
-    if not model.graph.node:
-        raise ConversionError(f"{path}: ONNX file has an empty graph")
-    return model
-
-
-def onnx_input_shape(model: Any) -> tuple[int | None, int | None, int | None]:
-    """(H, W, C) of the single NHWC graph input; None for symbolic dimensions."""
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise ConversionError(
-            f"ONNX graph has {len(inputs)} inputs; a DeepVariant classifier has exactly one (NHWC image)"
-        )
-    dims = inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4:
-        raise ConversionError(
-            f"ONNX input {inputs[0].name!r} has rank {len(dims)}, expected NHWC rank 4"
-        )
-    return tuple(
-        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:]
-    )  # type: ignore[return-value]
-
-
 def keras_to_onnx(model: Any, input_shape: tuple[int, int, int], opset: int) -> Any:
     """Export the rebuilt Keras model with tf2onnx (batch dimension left dynamic)."""
     from dvtorch.keras_dv import import_tf
@@ -319,7 +283,6 @@ def convert(
     onnxruntime, the native model and onnx2torch agree to relative 1e-4 at the softmax and at
     every mixedN under max and mean pooling; the report is stored in ``bundle.json``.
     """
-    from dvtorch import verify as verify_mod
     from dvtorch.bundle import save_bundle
     from dvtorch.onnx_import import state_dict_from_onnx
 
@@ -334,39 +297,8 @@ def convert(
     hashes = {_rel(f, src): sha256_file(f) for f in src.files}
     download = _check_download(src, hashes)
 
-    keras_model = None
-    if src.kind == "onnx":
-        _say(progress, f"reading ONNX {src.path}")
-        proto = load_onnx(src.path)
-        graph_shape = onnx_input_shape(proto)
-        info = resolve_example_info(src, example_info, shape, channels, graph_shape)
-        for have, want, axis in zip(graph_shape, info.shape, "HWC", strict=True):
-            if have is not None and have != want:
-                raise ConversionError(
-                    f"{src.path}: ONNX input has {axis}={have} but example_info/--shape says "
-                    f"{axis}={want}" + (" channels" if axis == "C" else "")
-                )
-    else:
-        info = resolve_example_info(src, example_info, shape, channels)
-        from dvtorch import keras_dv
-
-        keras_dv.import_tf()
-        _check_opset(opset)
-        import tf_keras
-
-        tf_keras.backend.clear_session()  # deterministic Keras layer names → ONNX node names
-        _say(progress, f"restoring {src.kind} {src.path} (TensorFlow)")
-        if src.kind == "checkpoint":
-            keras_model, layout = keras_dv.load_checkpoint(src.path, info.shape)
-        else:
-            keras_model, layout = keras_dv.load_savedmodel(src.path, info.shape)
-        _say(
-            progress,
-            f"restored {keras_dv.EXPECTED_NUM_VARIABLES}/{keras_dv.EXPECTED_NUM_VARIABLES} "
-            f"variables ({layout.layout} layout); exporting ONNX opset {opset} with tf2onnx",
-        )
-        proto = keras_to_onnx(keras_model, info.shape, opset)
-
+    proto, info, keras_model = _source_as_onnx(src, example_info, shape, channels, opset,
+                                               progress)
     _say(progress, "importing ONNX weights into the native PyTorch model")
     state_dict = state_dict_from_onnx(proto)
     onnx_bytes = proto.SerializeToString()
@@ -376,24 +308,8 @@ def convert(
 
     parity: dict[str, Any] | None = None
     if check_parity:
-        _say(progress, f"checking parity on {parity_batch} random pileups (softmax + mixed0..10)")
-        report = verify_mod.parity_for_conversion(
-            state_dict=state_dict,
-            onnx_bytes=onnx_bytes,
-            input_shape=info.shape,
-            keras_model=keras_model,
-            savedmodel=src.path if src.kind == "savedmodel" else None,
-            batch=parity_batch,
-            seed=seed,
-        )
-        parity = report.to_dict()
-        if not report.passed:
-            from dvtorch.errors import ParityError
-
-            raise ParityError(
-                f"{src.path}: conversion rejected, nothing written: {report.failure_summary()}"
-            )
-        _say(progress, f"parity ok: {report.summary_line()}")
+        parity = _check_parity(src, state_dict, onnx_bytes, info.shape, keras_model,
+                               parity_batch, seed, progress)
 
     meta = {
         "source": {"kind": src.kind, "path": str(src.path.resolve()), "files": hashes,
@@ -414,6 +330,75 @@ def convert(
     )
     _say(progress, f"wrote {out} in {time.time() - t0:.0f}s")
     return out
+
+
+def _source_as_onnx(
+    src: Source,
+    example_info: str | Path | None,
+    shape: str | Sequence[int] | None,
+    channels: str | Sequence[int] | None,
+    opset: int,
+    progress: Progress | None,
+) -> tuple[Any, ExampleInfo, Any | None]:
+    """The source's graph as ONNX, the example info it takes, and the restored Keras model
+    (None for an ONNX source). A TF source is restored and exported with tf2onnx; an ONNX
+    source's input must agree with example_info / ``--shape``."""
+    if src.kind == "onnx":
+        _say(progress, f"reading ONNX {src.path}")
+        proto = load_onnx(src.path)
+        graph_shape = onnx_input_shape(proto)
+        info = resolve_example_info(src, example_info, shape, channels, graph_shape)
+        for have, want, axis in zip(graph_shape, info.shape, "HWC", strict=True):
+            if have is not None and have != want:
+                raise ConversionError(
+                    f"{src.path}: ONNX input has {axis}={have} but example_info/--shape says "
+                    f"{axis}={want}" + (" channels" if axis == "C" else "")
+                )
+        return proto, info, None
+    info = resolve_example_info(src, example_info, shape, channels)
+    from dvtorch import keras_dv
+
+    keras_dv.import_tf()
+    _check_opset(opset)
+    import tf_keras
+
+    tf_keras.backend.clear_session()  # deterministic Keras layer names → ONNX node names
+    _say(progress, f"restoring {src.kind} {src.path} (TensorFlow)")
+    if src.kind == "checkpoint":
+        keras_model, layout = keras_dv.load_checkpoint(src.path, info.shape)
+    else:
+        keras_model, layout = keras_dv.load_savedmodel(src.path, info.shape)
+    _say(
+        progress,
+        f"restored {keras_dv.EXPECTED_NUM_VARIABLES}/{keras_dv.EXPECTED_NUM_VARIABLES} "
+        f"variables ({layout.layout} layout); exporting ONNX opset {opset} with tf2onnx",
+    )
+    return keras_to_onnx(keras_model, info.shape, opset), info, keras_model
+
+
+def _check_parity(src: Source, state_dict: dict[str, Any], onnx_bytes: bytes,
+                  input_shape: tuple[int, int, int], keras_model: Any | None, batch: int,
+                  seed: int, progress: Progress | None) -> dict[str, Any]:
+    """The parity report for bundle.json; raises :class:`ParityError` (nothing written yet)
+    when the runtimes disagree beyond the tolerance."""
+    from dvtorch import verify as verify_mod
+
+    _say(progress, f"checking parity on {batch} random pileups (softmax + mixed0..10)")
+    report = verify_mod.parity_for_conversion(
+        state_dict=state_dict,
+        onnx_bytes=onnx_bytes,
+        input_shape=input_shape,
+        keras_model=keras_model,
+        savedmodel=src.path if src.kind == "savedmodel" else None,
+        batch=batch,
+        seed=seed,
+    )
+    if not report.passed:
+        raise ParityError(
+            f"{src.path}: conversion rejected, nothing written: {report.failure_summary()}"
+        )
+    _say(progress, f"parity ok: {report.summary_line()}")
+    return report.to_dict()
 
 
 def _onnx_opset(proto: Any) -> int | None:

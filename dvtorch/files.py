@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CHUNK = 1 << 20  # checkpoints are ~90 MB: hash them streamed, 1 MiB at a time
+#: A BUNDLE's metadata file (written by :mod:`dvtorch.bundle`); named here so that code
+#: which must not import torch (STORE provenance, ``dvprobe info``) can find it.
+BUNDLE_META_FILE = "bundle.json"
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -27,6 +30,14 @@ def sha256_file(path: str | os.PathLike) -> str:
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of ``data`` already in memory."""
     return hashlib.sha256(data).hexdigest()
+
+
+def bundle_fingerprint(bundle: str | os.PathLike) -> str:
+    """sha256 of a BUNDLE's bundle.json ("" when it has none), which identifies the model
+    exactly: bundle.json records the weights' sha256 (``dvtorch.load`` refuses weights that
+    do not match it), so ~100 MB of weights need not be hashed again."""
+    path = Path(bundle) / BUNDLE_META_FILE
+    return sha256_file(path) if path.is_file() else ""
 
 
 def _umask() -> int:

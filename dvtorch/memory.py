@@ -1,23 +1,24 @@
-"""How much memory a CPU forward needs, and how much the machine can give it.
+"""How much memory a CPU forward needs, and whether whole batches may run per thread.
 
 Why: CPU extraction runs one whole batch per compute thread at once
 (:func:`dvtorch.parallel.submit_whole`), so its activations take ``threads x batch``
-examples' worth of memory instead of ``batch``: +0.5 GB peak RSS for six layers at batch
-64 on 2 threads (measured), and on a 16-thread machine with the default batch of 64, ~6 GB
-(estimated). Extraction only runs that way
-when it fits comfortably (see :func:`whole_batches_fit`) and splits each batch across the
-threads otherwise, which is slower but needs one batch's worth.
+examples' worth of memory instead of ``batch``. Extraction only runs that way when it fits
+comfortably (see :func:`whole_batches_fit`) and splits each batch across the threads
+otherwise, which is slower but needs one batch's worth. What the machine can give comes
+from :mod:`dvtorch.system` (torch-free, shared with analysis); the measurements behind
+:data:`ACTIVATION_ELEMENTS_PER_PIXEL` are in docs/performance.md.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dvtorch.system import available_bytes
 
-# Peak live activations of one example's forward, in elements per input pixel (H x W).
-# Measured as the growth of peak RSS between single-threaded forwards of 16, 64 and 128
-# examples of 100 x 221 pileups (six captured layers; glibc told to reuse freed memory):
-# 4.3-5.2 MB per example in fp32 (49-59 elements per pixel), about half in bf16. The stem's
-# 32-64 channel maps at half the input's resolution dominate, so it scales with H x W.
+__all__ = ["ACTIVATION_ELEMENTS_PER_PIXEL", "IN_FLIGHT_SHARE", "activation_bytes_per_example",
+           "available_bytes", "largest_batch_that_fits", "whole_batches_fit"]
+
+# Peak live activations of one example's forward, in elements per input pixel (H x W): an
+# upper estimate of the measured growth of peak RSS per example (docs/performance.md). The
+# stem's 32-64 channel maps at half the input's resolution dominate, so it scales with H x W.
 ACTIVATION_ELEMENTS_PER_PIXEL = 64
 # whole batches in flight may take at most this share of the memory available at start
 IN_FLIGHT_SHARE = 0.25
@@ -27,43 +28,6 @@ def activation_bytes_per_example(input_shape: tuple[int, int, int], element_size
     """Peak activation memory of one example in a forward (an upper estimate, see above)."""
     h, w, _ = input_shape
     return ACTIVATION_ELEMENTS_PER_PIXEL * h * w * element_size
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max" (no limit) -> None
-
-
-def _meminfo_available(meminfo: Path) -> int | None:
-    try:
-        with open(meminfo, encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def available_bytes(root: Path = Path("/")) -> int | None:
-    """Memory this process can still use: the kernel's MemAvailable, lowered to what a
-    cgroup limit (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``) leaves, as in a
-    container or a batch-scheduler job. None where neither can be read (not Linux)."""
-    found = []
-    avail = _meminfo_available(root / "proc/meminfo")
-    if avail is not None:
-        found.append(avail)
-    for limit_file, usage_file in (("sys/fs/cgroup/memory.max", "sys/fs/cgroup/memory.current"),
-                                   ("sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, usage = _read_int(root / limit_file), _read_int(root / usage_file)
-        if limit is not None and usage is not None and limit < 1 << 60:  # v1: "no limit" is huge
-            found.append(max(0, limit - usage))
-            break
-    return min(found) if found else None
 
 
 def whole_batches_fit(depth: int, batch_size: int, input_shape: tuple[int, int, int],

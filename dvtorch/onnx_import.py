@@ -18,10 +18,14 @@ Conv2D+BatchNorm is one ``Conv`` with BN folded in (``..._weights_fused_bn`` /
 their block's concat, so ``mixed9_0`` / ``mixed9_1`` do not exist as tensors; the head is
 ``GlobalAveragePool -> Squeeze -> MatMul -> Add -> Softmax``. Unfolded
 ``Conv -> BatchNormalization`` pairs (other exporters, optimiser off) are imported too.
+
+:func:`load_onnx` and :func:`onnx_input_shape` read and check an ONNX file for conversion and
+verification alike (here, below both, so that neither imports the other).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -36,6 +40,41 @@ from dvtorch.inception import BN_EPS, DeepVariantInceptionV3
 
 # ---------------------------------------------------------------------------------------
 # ONNX side
+
+
+def load_onnx(path: str | os.PathLike, data: bytes | None = None) -> onnx.ModelProto:
+    """Read and check an ONNX file (``data``: its bytes, when already read); a truncated or
+    garbage file gives a ConversionError."""
+    try:
+        model = onnx.load_from_string(data) if data is not None else onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # DecodeError, ValidationError, ...
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConversionError(
+            f"{path}: corrupt or invalid ONNX file ({type(exc).__name__}: {first[:200]}); "
+            "re-export it or convert from the checkpoint/SavedModel instead"
+        ) from None
+    if not model.graph.node:
+        raise ConversionError(f"{path}: ONNX file has an empty graph")
+    return model
+
+
+def onnx_input_shape(model: onnx.ModelProto) -> tuple[int | None, int | None, int | None]:
+    """(H, W, C) of the single NHWC graph input; None for symbolic dimensions."""
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ConversionError(
+            f"ONNX graph has {len(inputs)} inputs; a DeepVariant classifier has exactly one (NHWC image)"
+        )
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise ConversionError(
+            f"ONNX input {inputs[0].name!r} has rank {len(dims)}, expected NHWC rank 4"
+        )
+    return tuple(
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:]
+    )  # type: ignore[return-value]
 
 
 @dataclass

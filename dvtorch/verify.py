@@ -329,43 +329,6 @@ def random_pileups(shape: Sequence[int], batch: int, seed: int) -> np.ndarray:
     return rng.integers(0, 256, size=(batch, *shape), dtype=np.uint8)
 
 
-def _examples_module() -> Any:
-    """probing.examples, which reads --examples (the probing side may not be installed)."""
-    if importlib.util.find_spec("probing.examples") is None:
-        raise BundleError("reading --examples needs probing.examples, which is not installed")
-    import probing.examples
-
-    return probing.examples
-
-
-def check_examples_info(spec: str, shape: Sequence[int], channels: Sequence[int] | None) -> None:
-    """Refuse examples whose example_info.json gives another shape or channel list than the
-    bundle's, saying what differs (the check ``extract`` makes).
-
-    Why: the reader only sees each record's shape, and examples with the right number of
-    channels in another order or of another kind would be compared all the same: parity on
-    inputs the model was never meant to see, passing or failing for the wrong reason.
-    Without an example_info.json only the shape can be and is checked, by the reader.
-    """
-    examples = _examples_module()
-    info = examples.read_example_info(spec)
-    if info is not None:
-        examples.check_example_info(info, shape=tuple(shape),
-                                    channels=list(channels) if channels else None)
-
-
-def example_pileups(spec: str, shape: Sequence[int], batch: int) -> np.ndarray:
-    """First ``batch`` images of a DeepVariant examples spec (shape checked by the reader)."""
-    images = [
-        np.array(ex.image, dtype=np.uint8)
-        for ex in _examples_module().read_examples(spec, limit=batch,
-                                                   expected_shape=tuple(shape))
-    ]
-    if not images:
-        raise BundleError(f"{spec}: no examples found")
-    return np.stack(images)
-
-
 def preprocess_np(images: np.ndarray) -> np.ndarray:
     """DeepVariant's (x - 128) / 128 via dvtorch.preprocess, as float32 NHWC numpy."""
     import torch
@@ -374,6 +337,16 @@ def preprocess_np(images: np.ndarray) -> np.ndarray:
 
     out = preprocess(torch.from_numpy(images))
     return out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out, dtype=np.float32)
+
+
+def _check_images(images: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Refuse pileups that are not uint8 ``[N, *shape]`` with N >= 1 (ValueError)."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise ValueError(f"images must be a uint8 numpy array of pileups, not "
+                         f"{getattr(images, 'dtype', type(images).__name__)}")
+    if images.ndim != 4 or tuple(images.shape[1:]) != shape or not len(images):
+        raise ValueError(f"images have shape {tuple(images.shape)}; the bundle takes "
+                         f"[N >= 1, {', '.join(map(str, shape))}] (N, H, W, C)")
 
 
 # --------------------------------------------------------------------------- entry points
@@ -454,8 +427,8 @@ def _check_onnx(path: Path, data: bytes, meta: dict, shape: tuple[int, ...]) -> 
     as a parity failure of the PyTorch port, or an onnxruntime traceback.
     """
     from dvtorch.bundle import check_recorded_sha256
-    from dvtorch.convert import load_onnx, onnx_input_shape
     from dvtorch.files import sha256_bytes
+    from dvtorch.onnx_import import load_onnx, onnx_input_shape
 
     recorded = (meta.get("files") or {}).get(path.name)
     if recorded:
@@ -468,51 +441,11 @@ def _check_onnx(path: Path, data: bytes, meta: dict, shape: tuple[int, ...]) -> 
         )
 
 
-def verify(
-    bundle: str | Path,
-    examples: str | None = None,
-    batch: int = 8,
-    seed: int = 0,
-    source: str | Path | None = None,
-    *,
-    skip_tf: bool = False,
-    check: bool = True,
-    progress: Callable[[str], None] | None = None,
-) -> ParityReport:
-    """Re-check a BUNDLE: TF source (if available) vs onnxruntime vs native vs onnx2torch.
-
-    ``source`` overrides the source path recorded in ``bundle.json`` (e.g. after moving the
-    checkpoint); one given explicitly must exist (a typo would otherwise quietly drop the
-    TensorFlow check and still PASS), while a *recorded* source that has gone is reported as
-    skipped. ``skip_tf`` leaves TensorFlow out on purpose (onnxruntime becomes the
-    reference). ``examples`` whose example_info.json disagrees with the bundle's shape or
-    channel list raise :class:`~dvtorch.errors.ExampleFormatError`. With ``check`` (default)
-    a failing report raises :class:`ParityError`; the CLI passes ``check=False`` to print the
-    table first.
-    """
-    import dvtorch
-    from dvtorch.bundle import read_meta
-
-    bundle = Path(bundle)
-    if examples:  # an input mistake: said before any model is loaded or restored
-        recorded = read_meta(bundle)
-        check_examples_info(examples, recorded["input_shape"], recorded["channels"])
-    model = dvtorch.load(bundle, device="cpu")
-    meta = dict(getattr(model, "bundle_meta", {}) or {})
-    shape = tuple(int(v) for v in meta.get("input_shape") or model.input_shape)
-    onnx_path = bundle / "model.onnx"
-    skipped: dict[str, str] = {}
-    backends: dict[str, Backend] = {}
-
-    onnx_bytes = b""
-    if onnx_path.is_file():  # checked before TF's restore, which takes a while
-        onnx_bytes = onnx_path.read_bytes()
-        _check_onnx(onnx_path, onnx_bytes, meta, shape)
-    elif (meta.get("files") or {}).get(onnx_path.name):
-        raise BundleError(f"{onnx_path}: missing, though bundle.json records it (the bundle is "
-                          "incomplete); copy it back or convert again")
-
-    src_meta = meta.get("source") or {}
+def _add_tf_backends(src_meta: dict[str, Any], source: str | Path | None,
+                     shape: tuple[int, ...], skip_tf: bool, backends: dict[str, Backend],
+                     skipped: dict[str, str], progress: Callable[[str], None] | None) -> None:
+    """Add the TensorFlow backends of a TF-converted bundle (restored from ``source``, else
+    from the path bundle.json records), or say in ``skipped`` why there are none."""
     kind = src_meta.get("kind")
     src_path = (
         Path(source)
@@ -547,6 +480,55 @@ def verify(
     elif kind in ("checkpoint", "savedmodel"):
         skipped["tensorflow"] = "skipped on request" if skip_tf else "bundle records no source path"
 
+
+def verify(
+    bundle: str | Path,
+    *,
+    images: np.ndarray | None = None,
+    inputs: str | None = None,
+    batch: int = 8,
+    seed: int = 0,
+    source: str | Path | None = None,
+    skip_tf: bool = False,
+    check: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> ParityReport:
+    """Re-check a BUNDLE: TF source (if available) vs onnxruntime vs native vs onnx2torch.
+
+    Compared on ``images`` (uint8 pileups ``[N, H, W, C]`` of the bundle's shape, e.g. from
+    :func:`probing.bundle_inputs.read_pileups`; ``inputs`` says what they are in the
+    report), else on ``batch`` random pileups drawn with ``seed``. ``source`` overrides the
+    source path recorded in ``bundle.json`` (e.g. after moving the checkpoint); one given
+    explicitly must exist (a typo would otherwise quietly drop the TensorFlow check and
+    still PASS), while a *recorded* source that has gone is reported as skipped.
+    ``skip_tf`` leaves TensorFlow out on purpose (onnxruntime becomes the reference). With
+    ``check`` (default) a failing report raises :class:`ParityError`; the CLI passes
+    ``check=False`` to print the table first.
+    """
+    import dvtorch
+    from dvtorch.bundle import read_meta
+
+    bundle = Path(bundle)
+    if images is not None:  # an input mistake: said before any model is loaded or restored
+        _check_images(images, tuple(int(v) for v in read_meta(bundle)["input_shape"]))
+    model = dvtorch.load(bundle, device="cpu")
+    meta = dict(getattr(model, "bundle_meta", {}) or {})
+    shape = tuple(int(v) for v in meta.get("input_shape") or model.input_shape)
+    onnx_path = bundle / "model.onnx"
+    skipped: dict[str, str] = {}
+    backends: dict[str, Backend] = {}
+
+    onnx_bytes = b""
+    if onnx_path.is_file():  # checked before TF's restore, which takes a while
+        onnx_bytes = onnx_path.read_bytes()
+        _check_onnx(onnx_path, onnx_bytes, meta, shape)
+    elif (meta.get("files") or {}).get(onnx_path.name):
+        raise BundleError(f"{onnx_path}: missing, though bundle.json records it (the bundle is "
+                          "incomplete); copy it back or convert again")
+
+    _add_tf_backends(meta.get("source") or {}, source, shape, skip_tf, backends, skipped,
+                     progress)
+
     if onnx_bytes:
         backends["onnxruntime"] = ort_backend(onnx_bytes)
     else:
@@ -562,12 +544,11 @@ def verify(
             f"{bundle}: nothing to verify against (no model.onnx and no TF source); "
             "reference bundles are verified by their seed, not by parity"
         )
-    if examples:
-        images = example_pileups(examples, shape, batch)
-        desc = f"examples {examples}"
+    if images is not None:
+        desc = inputs or f"{len(images)} given pileups"
     else:
         images = random_pileups(shape, batch, seed)
-        desc = f"random uint8 pileups (seed {seed})"
+        desc = inputs or f"random uint8 pileups (seed {seed})"
     report = run_backends(
         backends, preprocess_np(images), reference, inputs=desc, skipped=skipped, progress=progress
     )

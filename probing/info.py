@@ -16,14 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from dvtorch.bundle import META_FILE
-from probing.extract import PROB_COLUMNS, bundle_fingerprint
-from probing.loader import META_COLUMNS
+from dvtorch.files import BUNDLE_META_FILE, bundle_fingerprint
 from probing.pileup import ATTRIBUTES
 from probing.probe import PROBES_DIR, PROBES_FORMAT
+from probing.schema import META_COLUMNS, MODEL_COLUMNS
 from probing.store import Store
-
-MODEL_COLUMNS = (*PROB_COLUMNS, "pred_genotype")
 
 
 def store_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -93,7 +90,7 @@ def _model(meta: dict) -> dict[str, Any]:
     out: dict[str, Any] = {"bundle": bundle,
                            "bundle_sha256": (meta.get("inputs") or {}).get("bundle_sha256")}
     try:
-        recorded = json.loads((Path(bundle) / META_FILE).read_text(encoding="utf-8"))
+        recorded = json.loads((Path(bundle) / BUNDLE_META_FILE).read_text(encoding="utf-8"))
     except (OSError, TypeError, ValueError):
         out["found"] = False  # moved or deleted since: the fingerprint still identifies it
         return out
@@ -213,37 +210,59 @@ def _list(items: list[str], most: int = 12) -> str:
 
 def format_info(info: dict[str, Any]) -> str:
     """The human-readable summary ``dvprobe info`` prints."""
-    lines = []
+    lines = _state_lines(info)
+    lines.append(_model_line(info["model"]))
+    lines.append(_examples_line(info))
+    lines.append(_extraction_line(info["extraction"]))
+    lines += _layer_lines(info["layers"])
+    lines += _obs_lines(info["obs"])
+    lines += _run_lines(info["runs"])
+    lines += _probe_lines(info["probes"])
+    if info["set_aside"]:
+        lines.append(f"set aside:  {_list(info['set_aside'])} (analyses of an earlier, "
+                     "partial extraction)")
+    return "\n".join(lines)
+
+
+def _state_lines(info: dict[str, Any]) -> list[str]:
+    """Complete or partial (and where it resumes), and any damage, said first."""
     if info["complete"]:
-        lines.append(f"{info['path']}: complete STORE, {info['n']:,} examples")
+        lines = [f"{info['path']}: complete STORE, {info['n']:,} examples"]
     else:
         c = info["cursor"] or {}
         shards = info["examples"]["files"] or []
         shard = int(c.get("shard", 0))
         where = (f"record {c.get('record', 0)} (0-based) of {Path(shards[shard]).name}"
                  if shard < len(shards) else "the end of the input")
-        lines.append(f"{info['path']}: PARTIAL STORE, {info['n']:,} examples committed; "
-                     f"extraction resumes at {where} (rerun the same extract command, unless "
-                     "one is still running)")
+        lines = [f"{info['path']}: PARTIAL STORE, {info['n']:,} examples committed; "
+                 f"extraction resumes at {where} (rerun the same extract command, unless "
+                 "one is still running)"]
     if info["damage"]:  # every other command refuses such a STORE: say so first
         lines[0] += "; DAMAGED:"
         lines += [f"  {d}" for d in info["damage"]]
-    mo = info["model"]
+    return lines
+
+
+def _model_line(mo: dict[str, Any]) -> str:
     sha = (mo.get("bundle_sha256") or "")[:12] or "?"
     if not mo.get("bundle"):
-        lines.append("model:      not recorded (a STORE not written by dvprobe extract)")
-    elif mo.get("found") and mo.get("changed"):
-        lines.append(f"model:      {mo['bundle']} has changed since: its bundle.json is not the "
-                     f"one that made this STORE ({sha}); the model there now is another one")
-    elif mo.get("found"):
+        return "model:      not recorded (a STORE not written by dvprobe extract)"
+    if mo.get("found") and mo.get("changed"):
+        return (f"model:      {mo['bundle']} has changed since: its bundle.json is not the "
+                f"one that made this STORE ({sha}); the model there now is another one")
+    if mo.get("found"):
         what = "untrained reference model" if mo.get("untrained") else (
             mo.get("source") or "converted model")
         version = f", DeepVariant {mo['deepvariant_version']}" if mo.get(
             "deepvariant_version") else ""
-        lines.append(f"model:      {mo['bundle']} ({what}{version}; bundle.json {sha})")
-    else:
-        lines.append(f"model:      {mo.get('bundle')} (not found there now; bundle.json {sha})")
+        return f"model:      {mo['bundle']} ({what}{version}; bundle.json {sha})"
+    return f"model:      {mo.get('bundle')} (not found there now; bundle.json {sha})"
+
+
+def _examples_line(info: dict[str, Any]) -> str:
     ex = info["examples"]
+    if not ex["spec"]:
+        return "examples:   not recorded"
     shape = "x".join(str(v) for v in ex["input_shape"] or []) or "?"
     picked = []
     if ex["limit"] is not None:
@@ -255,41 +274,48 @@ def format_info(info: dict[str, Any]) -> str:
         picked.append(f"a {ex['sample']['fraction']:g} sample (seed {ex['sample']['seed']})")
     if (ex["sample"] or ex.get("regions")) and ex["records_read"]:
         picked.append(f"{info['n']:,} kept of {ex['records_read']:,} records read")
-    if ex["spec"]:
-        lines.append(f"examples:   {ex['spec']} ({ex['shards']} file(s), {_size(ex['bytes'])}; "
-                     f"{shape}, channels {_list([str(c) for c in ex['channels'] or []])}"
-                     + (f"; {'; '.join(picked)}" if picked else "") + ")")
-    else:
-        lines.append("examples:   not recorded")
-    e = info["extraction"]
-    if e.get("device"):
-        engine = e.get("engine", "?")
-        if e.get("engine_requested") and e["engine_requested"] != engine:
-            engine += f" (by {e['engine_requested']})"
-        if e.get("engine_fallback"):
-            engine += f", fell back to eager: {e['engine_fallback']}"
-        lines.append(f"extraction: {e['device']}, {e.get('dtype')}, engine {engine}, batch "
-                     f"{e.get('batch_size')}, {e.get('examples_per_s')} ex/s over "
-                     f"{e.get('seconds')} s (last run), torch {e.get('torch')}"
-                     + (f"; {e['skipped']} corrupt records skipped" if e["skipped"] else ""))
-    else:
-        lines.append(f"extraction: not finished ({e.get('dtype') or '?'}"
-                     + (f"; {e['skipped']} corrupt records skipped so far" if e["skipped"]
-                        else "") + ")")
-    lines.append("layers:")
-    for la in info["layers"]:
+    return (f"examples:   {ex['spec']} ({ex['shards']} file(s), {_size(ex['bytes'])}; "
+            f"{shape}, channels {_list([str(c) for c in ex['channels'] or []])}"
+            + (f"; {'; '.join(picked)}" if picked else "") + ")")
+
+
+def _extraction_line(e: dict[str, Any]) -> str:
+    if not e.get("device"):
+        return (f"extraction: not finished ({e.get('dtype') or '?'}"
+                + (f"; {e['skipped']} corrupt records skipped so far" if e["skipped"]
+                   else "") + ")")
+    engine = e.get("engine", "?")
+    if e.get("engine_requested") and e["engine_requested"] != engine:
+        engine += f" (by {e['engine_requested']})"
+    if e.get("engine_fallback"):
+        engine += f", fell back to eager: {e['engine_fallback']}"
+    return (f"extraction: {e['device']}, {e.get('dtype')}, engine {engine}, batch "
+            f"{e.get('batch_size')}, {e.get('examples_per_s')} ex/s over "
+            f"{e.get('seconds')} s (last run), torch {e.get('torch')}"
+            + (f"; {e['skipped']} corrupt records skipped" if e["skipped"] else ""))
+
+
+def _layer_lines(layers: list[dict[str, Any]]) -> list[str]:
+    lines = ["layers:"]
+    for la in layers:
         shape = "x".join(str(v) for v in la["map_shape"] or []) or "?"
         how = f"{la['pool']}-pooled from {shape}" if la["pool"] and la["pool"] != "flatten" \
             else (f"flattened {shape}" if la["pool"] == "flatten" else "a vector")
         lines.append(f"  {la['name']:<10} {la['dim']:>6} x {la['dtype']:<8} {how:<32} "
                      f"{_size(la['bytes'])}")
-    o = info["obs"]
-    lines.append(f"obs:        sites: {_list(o['sites'], 16)}")
-    lines.append(f"            model: {_list(o['model'])}; pileup: {_list(o['pileup'])}"
-                 + (f"; other: {_list(o['other'])}" if o["other"] else ""))
-    lines.append(f"            annotations: {_list(o['annotations'])}")
-    lines.append(f"runs ({len(info['runs'])}):" if info["runs"] else "runs:       none")
-    for r in info["runs"]:
+    return lines
+
+
+def _obs_lines(o: dict[str, Any]) -> list[str]:
+    return [f"obs:        sites: {_list(o['sites'], 16)}",
+            f"            model: {_list(o['model'])}; pileup: {_list(o['pileup'])}"
+            + (f"; other: {_list(o['other'])}" if o["other"] else ""),
+            f"            annotations: {_list(o['annotations'])}"]
+
+
+def _run_lines(runs: list[dict[str, Any]]) -> list[str]:
+    lines = [f"runs ({len(runs)}):" if runs else "runs:       none"]
+    for r in runs:
         if "error" in r:
             lines.append(f"  {r['name']}: {r['error']}")
             continue
@@ -308,18 +334,19 @@ def format_info(info: dict[str, Any]) -> str:
             parts.append(f"applied from {r['applied_from']}")
         made = ", ".join(x for x in (r.get("backend"), r.get("created")) if x)
         lines.append(f"  {r['name']}: {', '.join(parts)}" + (f" ({made})" if made else ""))
-    lines.append(f"probes ({len(info['probes'])}):" if info["probes"] else "probes:     none")
-    for p in info["probes"]:
+    return lines
+
+
+def _probe_lines(probes: list[dict[str, Any]]) -> list[str]:
+    lines = [f"probes ({len(probes)}):" if probes else "probes:     none"]
+    for p in probes:
         if "error" in p:
             lines.append(f"  {p['name']}: {p['error']}")
             continue
         lines.append(f"  {p['name']}: {_list(p['concepts'], 8)} over {len(p['layers'])} "
                      f"layer(s)" + (", with a baseline" if p["baseline"] else "")
                      + f" ({p.get('created') or '?'})")
-    if info["set_aside"]:
-        lines.append(f"set aside:  {_list(info['set_aside'])} (analyses of an earlier, "
-                     "partial extraction)")
-    return "\n".join(lines)
+    return lines
 
 
 __all__ = ["store_info", "format_info"]

@@ -16,4 +16,7 @@ if ! command -v chromium >/dev/null 2>&1 && { [ "${CI:-}" = "true" ] || [ "$(id 
     || echo "warning: could not install chromium; the report browser test will be skipped" >&2
 fi
 .venv/bin/python -m ruff check .
+# Layers and import rules (docs/architecture.md; contracts in pyproject.toml): a wrong-way
+# import or an import cycle fails here, before the tests run.
+.venv/bin/lint-imports --no-cache
 .venv/bin/python -m pytest -q "$@"

@@ -269,20 +269,37 @@ def _examples(d: Path, channels: list[int]) -> str:
     return str(path)
 
 
-def test_verify_refuses_examples_whose_channel_list_is_not_the_bundles(small_bundle, tmp_path):
+def test_examples_whose_channel_list_is_not_the_bundles_are_refused(small_bundle, tmp_path):
     from dvtorch.errors import ExampleFormatError
     from dvtorch.verify import verify
+    from probing.bundle_inputs import read_pileups
 
     reordered = _examples(tmp_path / "reordered", [1, 2, 3, 4, 6, 5, 19])
     with pytest.raises(ExampleFormatError, match=r"channel list differs.*different order"):
-        verify(small_bundle, examples=reordered, batch=2)
+        read_pileups(reordered, small_bundle, 2)
     other = _examples(tmp_path / "other", [1, 2, 3, 4, 5, 6, 9])
     with pytest.raises(ExampleFormatError, match=r"missing in examples: \[19 .*not used by"):
-        verify(small_bundle, examples=other, batch=2)
+        read_pileups(other, small_bundle, 2)
     # the same list passes the check (and this bundle then has nothing to compare against)
     same = _examples(tmp_path / "same", WGS)
+    images = read_pileups(same, small_bundle, 2)
+    assert images.shape == (2, *SMALL) and images.dtype == np.uint8
     with pytest.raises(BundleError, match="nothing to verify against"):
-        verify(small_bundle, examples=same, batch=2)
+        verify(small_bundle, images=images, batch=2)
+
+
+def test_verify_refuses_pileups_of_another_shape_before_loading_the_model(small_bundle,
+                                                                          monkeypatch):
+    from dvtorch.verify import verify
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the pileups were checked")
+
+    monkeypatch.setattr("dvtorch.bundle.load", no_load)
+    with pytest.raises(ValueError, match=r"shape \(2, 75, 80, 6\).*\[N >= 1, 75, 80, 7\]"):
+        verify(small_bundle, images=np.zeros((2, 75, 80, 6), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        verify(small_bundle, images=np.zeros((2, *SMALL), np.float32))
 
 
 def test_cli_verify_refuses_other_channels_in_one_line_with_exit_2(

@@ -5,7 +5,9 @@
     ['deepvariant-1.6.1-wgs-savedmodel', 'deepvariant-1.6.1-wgs-checkpoint']
     >>> path = weights.fetch("deepvariant-1.6.1-wgs-savedmodel")  # doctest: +SKIP
 
-Imports are light (stdlib only until a download starts), so ``dvprobe --help`` stays fast.
+Imports are light (no torch; the network only when a download starts), so ``dvprobe --help``
+stays fast. The registry sits below the model in the layers (docs/architecture.md): it
+imports only the shared basics, ``dvtorch.errors`` and ``dvtorch.files``.
 """
 
 from __future__ import annotations

@@ -419,83 +419,102 @@ def fetch(
     }
 
     for file in entry.files:
-        url = entry.url(file, mirror)
-        final = dest / file
-        part = final.with_name(final.name + ".part")
-        prev = recorded.get(file, {})
-        expected, origin = None, None
-        for cand, src in (
-            (user.get(file), "user"),
-            (entry.sha256.get(file), "registry"),
-            (prev.get("sha256"), f"{LOCK_NAME} (first download {prev.get('fetched', '?')})"),
-        ):
-            if cand:
-                expected, origin = cand.lower(), src
-                break
-
-        kept = ""  # a file on disk that does not match: kept until a verified one replaces it
-        if final.is_file():
-            digest = sha256_file(final)
-            if expected is None or digest == expected:
-                recorded[file] = {
-                    "sha256": digest,
-                    "size": final.stat().st_size,
-                    "url": prev.get("url", url),
-                    "fetched": prev.get("fetched", _now()),
-                    "verified_against": origin or "trust-on-first-use",
-                }
-                _write_json_atomic(dest / LOCK_NAME, doc)
-                continue
-            # Present but not matching: corrupted, replaced, or the expected digest is a typo.
-            # Deleting it here lost hand-copied files whenever the download then failed.
-            kept = (f"; {final} on disk (sha256 {digest}) does not match {expected} and was left "
-                    "as it is")
-            print(f"[dvprobe] {final}: sha256 {digest} does not match {expected} (from "
-                  f"{origin}); downloading it again", file=sys.stderr)
-
-        _ensure_dir(final.parent)
-        try:
-            digests, size, claimed = _download_with_retries(url, part, entry, file, progress,
-                                                            timeout, retries)
-        except DownloadError as exc:
-            if kept:
-                raise DownloadError(f"{exc}{kept}") from None
-            raise
-        digest, got = digests.sha256.hexdigest(), digests.gcs()
-        try:
-            matched = check_server_hashes(url, file, got, claimed)
-        except ChecksumError as exc:
-            part.unlink(missing_ok=True)
-            raise ChecksumError(f"{exc}{kept}") from None
-
-        if expected is not None and digest != expected:
-            part.unlink(missing_ok=True)
-            raise ChecksumError(
-                f"{url}: sha256 mismatch for {file}: got {digest}, expected {expected} "
-                f"(from {origin}); the downloaded file was deleted{kept}"
-                + (
-                    f". If upstream legitimately changed, delete {dest / LOCK_NAME} to accept "
-                    "the new file"
-                    if origin and origin.startswith(LOCK_NAME)
-                    else ""
-                )
-            )
-        try:
-            os.replace(part, final)
-        except OSError as exc:
-            raise DiskWriteError(f"cannot move {part} to {final}: {exc.strerror or exc}") from None
-        recorded[file] = {
-            "sha256": digest,
-            "size": size,
-            "url": url,
-            "fetched": _now(),
-            "verified_against": origin or (f"server {matched} (x-goog-hash)" if matched
-                                           else "trust-on-first-use"),
-        }
-        if matched:
-            recorded[file]["server_hash"] = dict(claimed)  # only md5 / crc32c are parsed
+        recorded[file] = _fetch_file(entry, file, dest, mirror, user.get(file),
+                                     recorded.get(file, {}), progress, timeout, retries)
         _write_json_atomic(dest / LOCK_NAME, doc)
     return dest
+
+
+def _expected_sha256(user: str | None, registry: str | None, prev: dict
+                     ) -> tuple[str | None, str | None]:
+    """The digest a file must have and where it comes from: the user's, else the
+    registry's, else the one the lock file recorded at the first download."""
+    for cand, origin in ((user, "user"), (registry, "registry"),
+                         (prev.get("sha256"),
+                          f"{LOCK_NAME} (first download {prev.get('fetched', '?')})")):
+        if cand:
+            return cand.lower(), origin
+    return None, None
+
+
+def _fetch_file(entry: ModelEntry, file: str, dest: Path, mirror: str | None,
+                user_sha256: str | None, prev: dict, progress: bool, timeout: float,
+                retries: int) -> dict:
+    """The lock record of one file of ``entry``: the file on disk when it matches its
+    expected digest, else a download verified against it (and the server's hashes)."""
+    url = entry.url(file, mirror)
+    final = dest / file
+    expected, origin = _expected_sha256(user_sha256, entry.sha256.get(file), prev)
+    kept = ""  # a file on disk that does not match: kept until a verified one replaces it
+    if final.is_file():
+        digest = sha256_file(final)
+        if expected is None or digest == expected:
+            return {
+                "sha256": digest,
+                "size": final.stat().st_size,
+                "url": prev.get("url", url),
+                "fetched": prev.get("fetched", _now()),
+                "verified_against": origin or "trust-on-first-use",
+            }
+        # Present but not matching: corrupted, replaced, or the expected digest is a typo.
+        # Deleting it here lost hand-copied files whenever the download then failed.
+        kept = (f"; {final} on disk (sha256 {digest}) does not match {expected} and was left "
+                "as it is")
+        print(f"[dvprobe] {final}: sha256 {digest} does not match {expected} (from "
+              f"{origin}); downloading it again", file=sys.stderr)
+    return _download_verified(entry, file, url, dest, expected, origin, kept, progress,
+                              timeout, retries)
+
+
+def _download_verified(entry: ModelEntry, file: str, url: str, dest: Path,
+                       expected: str | None, origin: str | None, kept: str, progress: bool,
+                       timeout: float, retries: int) -> dict:
+    """Download ``url`` to ``dest / file`` (through ``.part``, resumable), refuse it unless
+    it matches ``expected`` and the server's own hashes, and return its lock record."""
+    final = dest / file
+    part = final.with_name(final.name + ".part")
+    _ensure_dir(final.parent)
+    try:
+        digests, size, claimed = _download_with_retries(url, part, entry, file, progress,
+                                                        timeout, retries)
+    except DownloadError as exc:
+        if kept:
+            raise DownloadError(f"{exc}{kept}") from None
+        raise
+    digest, got = digests.sha256.hexdigest(), digests.gcs()
+    try:
+        matched = check_server_hashes(url, file, got, claimed)
+    except ChecksumError as exc:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(f"{exc}{kept}") from None
+
+    if expected is not None and digest != expected:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(
+            f"{url}: sha256 mismatch for {file}: got {digest}, expected {expected} "
+            f"(from {origin}); the downloaded file was deleted{kept}"
+            + (
+                f". If upstream legitimately changed, delete {dest / LOCK_NAME} to accept "
+                "the new file"
+                if origin and origin.startswith(LOCK_NAME)
+                else ""
+            )
+        )
+    try:
+        os.replace(part, final)
+    except OSError as exc:
+        raise DiskWriteError(f"cannot move {part} to {final}: {exc.strerror or exc}") from None
+    record = {
+        "sha256": digest,
+        "size": size,
+        "url": url,
+        "fetched": _now(),
+        "verified_against": origin or (f"server {matched} (x-goog-hash)" if matched
+                                       else "trust-on-first-use"),
+    }
+    if matched:
+        record["server_hash"] = dict(claimed)  # only md5 / crc32c are parsed
+    return record
 
 
 def is_fetched(entry: ModelEntry, dest: str | Path | None = None) -> bool:

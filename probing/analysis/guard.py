@@ -10,9 +10,9 @@ its job is to turn a 20-minute swap death into a one-line message naming the alt
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
+from dvtorch.system import usable_memory
 from probing.analysis.errors import ScaleError
 
 if TYPE_CHECKING:
@@ -29,30 +29,10 @@ CPU_SLOW_ROWS = {"umap": 150_000, "spectral": 500_000, "hspectral": 500_000}
 
 def available_memory() -> int:
     """Bytes of RAM this process can use now: MemAvailable lowered to a container's or batch
-    job's cgroup limit (``dvtorch.memory``, as extraction uses), else psutil, else sysconf.
-
-    Why the cgroup: on a 256 GB host with an 8 GB job limit, the host's figure lets a fit
-    through that the job's OOM killer then ends.
+    job's cgroup limit, the figure extraction sizes its batches by
+    (:func:`dvtorch.system.usable_memory`, torch-free).
     """
-    from dvtorch.memory import available_bytes
-
-    found = available_bytes()
-    if found is not None:
-        return int(found)
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return usable_memory()
 
 
 def estimate_bytes(n: int, d: int, method: str) -> int:
