@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dvtorch.errors import BundleError
+from dvtorch.files import BUNDLE_META_FILE as META_FILE
 from dvtorch.files import (
     give_default_mode,
     set_aside_copies,
@@ -48,7 +49,6 @@ from dvtorch.inception import (
 
 FORMAT = "dvprobe-bundle"
 FORMAT_VERSION = 1
-META_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
 

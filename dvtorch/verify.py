@@ -7,9 +7,11 @@ Backends (each maps NHWC float input to ``{layer: array}``; mixedN as NHWC maps)
 * ``savedmodel-signature`` – for SavedModel sources, the SavedModel's own ``serving_default``
   graph (softmax only), an independent check that the rebuild matches what DeepVariant runs;
 * ``onnxruntime`` – the bundle's ONNX, with mixed0..10 exposed as extra graph outputs;
-* ``torch`` – the native :class:`dvtorch.inception.DeepVariantInceptionV3` as ``dvtorch.load``
-  serves it to probing (BN folded, oneDNN-fused), activations read through
-  :func:`dvtorch.hooks.capture`; ``torch-unfused`` – the same weights exactly as stored;
+* ``torch`` – the CPU engine (:mod:`dvtorch.engine`: BN folded, oneDNN-fused kernels, worker
+  threads), i.e. the rows ``dvprobe extract`` computes, activations read by its captures;
+  ``torch-unfused`` – the plain :class:`dvtorch.inception.DeepVariantInceptionV3` exactly as
+  ``dvtorch.load`` returns it (the weights as stored), read through
+  :func:`dvtorch.hooks.capture`: the model hook experiments run;
 * ``onnx2torch`` – the same ONNX turned into torch by onnx2torch, an independent witness for
   the native port.
 
@@ -24,7 +26,6 @@ why intermediate layers are compared numerically.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 from collections.abc import Callable, Sequence
@@ -253,8 +254,25 @@ def onnx2torch_backend(onnx_bytes: bytes) -> Backend:
     return run
 
 
+def engine_backend(model: Any) -> Backend:
+    """The CPU engine built from ``model``; mixedN captured as NHWC maps by the engine."""
+    import torch
+
+    from dvtorch.engine import make_engine
+
+    engine = make_engine(model, list(MIXED_LAYERS), pool=None, device="cpu", dtype="fp32")
+
+    def run(x: np.ndarray) -> Outputs:
+        probs, acts = engine(torch.from_numpy(x.astype(np.float32)))
+        out = {name: acts[name].float().cpu().numpy() for name in MIXED_LAYERS}
+        out[SOFTMAX] = probs.float().cpu().numpy()
+        return out
+
+    return run
+
+
 def torch_backend(model: Any) -> Backend:
-    """The native model; mixedN captured as NHWC maps through the public hook API."""
+    """The plain model; mixedN captured as NHWC maps through the public hook API."""
     import torch
 
     from dvtorch.hooks import capture
@@ -396,13 +414,12 @@ def parity_for_conversion(
     seed: int,
 ) -> ParityReport:
     """Parity during ``convert`` (before anything is written), from in-memory artefacts."""
-    from dvtorch.inception import DeepVariantInceptionV3, optimize_for_inference
+    from dvtorch.inception import DeepVariantInceptionV3
 
-    # Two native variants: "torch" as dvtorch.load() serves it (BN folded, oneDNN fusion),
-    # "torch-unfused" exactly as weights.safetensors stores it.
+    # Two native variants: "torch", the CPU engine that extraction runs; "torch-unfused",
+    # the plain model exactly as weights.safetensors stores it.
     unfused = DeepVariantInceptionV3(input_shape)
     unfused.load_state_dict(state_dict, strict=True)
-    native = optimize_for_inference(copy.deepcopy(unfused))
     backends: dict[str, Backend] = {}
     skipped: dict[str, str] = {}
     if keras_model is not None:
@@ -410,8 +427,8 @@ def parity_for_conversion(
         if savedmodel is not None:
             backends["savedmodel-signature"] = savedmodel_signature_backend(savedmodel)
     backends["onnxruntime"] = ort_backend(onnx_bytes)
-    backends["torch"] = torch_backend(native)
-    backends["torch-unfused"] = torch_backend(unfused.eval())
+    backends["torch"] = engine_backend(unfused.eval())
+    backends["torch-unfused"] = torch_backend(unfused)
     _witness(onnx_bytes, backends, skipped)
     reference = "tensorflow" if keras_model is not None else "onnxruntime"
     x = preprocess_np(random_pileups(input_shape, batch, seed))
@@ -533,8 +550,8 @@ def verify(
         backends["onnxruntime"] = ort_backend(onnx_bytes)
     else:
         skipped["onnxruntime"] = f"{onnx_path} absent (reference bundle)"
-    backends["torch"] = torch_backend(model)
-    backends["torch-unfused"] = torch_backend(dvtorch.load(bundle, device="cpu", fuse_bn=False))
+    backends["torch"] = engine_backend(model)
+    backends["torch-unfused"] = torch_backend(model)
     if onnx_bytes:
         _witness(onnx_bytes, backends, skipped)
 

@@ -41,11 +41,12 @@ import dvtorch
 from dvtorch.engine import DTYPES, Engine, Result, make_engine
 from dvtorch.engine.cpu_features import native_bf16
 from dvtorch.errors import DvprobeError, ExampleFormatError
-from dvtorch.files import sha256_file
+from dvtorch.files import bundle_fingerprint
 from dvtorch.layers import layer_info
 from probing.examples import DVExample, check_example_info, parse_example, read_example_info
 from probing.loader import Batch, Cursor, ExampleBatches, RecordSample, make_loader
 from probing.regions import Regions, parse_regions
+from probing.schema import PROB_COLUMNS
 from probing.store import LayerSpec, Store, StoreWriter
 from probing.tfrecord import expand_spec, is_gzip, iter_records, report_skip
 
@@ -59,7 +60,6 @@ LONG_RUN_MIN_EXAMPLES = 16_000
 #: record's size instead.
 GZ_BYTES_PER_EXAMPLE = 6_500
 
-PROB_COLUMNS = ("p_hom_ref", "p_het", "p_hom_alt")
 MAX_SKIP_LOCATIONS = 20  # skipped records listed by location in store.json (all are counted)
 COMMIT_MAX_BYTES = 256 << 20  # commit early when this much output waits in memory
 
@@ -170,14 +170,6 @@ def _chose_none(sampling: RecordSample | None, where: Regions | None) -> str:
     advice = [a for a, given in (("check the regions' contigs and coordinates", where),
                                  ("sample a larger fraction", sampling)) if given is not None]
     return f"{' with '.join(said)} kept none of its records; {' or '.join(advice)}"
-
-
-def bundle_fingerprint(bundle: str | os.PathLike) -> str:
-    """sha256 of bundle.json, which records the weights' sha256 (``dvtorch.load`` refuses
-    weights that do not match it), so it identifies the model exactly without rehashing
-    ~100 MB of weights."""
-    p = Path(bundle) / "bundle.json"
-    return sha256_file(p) if p.is_file() else ""
 
 
 def check_inputs(files: Sequence[str], spec: str, shape: tuple[int, int, int],

@@ -54,13 +54,8 @@ from dvtorch.errors import DvprobeError, ExampleFormatError
 from probing.examples import parse_example
 from probing.pileup import pileup_attributes
 from probing.regions import Regions
+from probing.schema import META_COLUMNS
 from probing.tfrecord import ReadStats, iter_records
-
-# obs columns the loader fills (extract adds the model outputs); order = docs/architecture.md
-META_COLUMNS: tuple[str, ...] = (
-    "key", "shard", "record", "chrom", "pos", "end", "ref", "alt", "alt_allele_indices",
-    "locus", "variant_type", "label", "sequencing_type",
-)
 
 
 @dataclass(frozen=True)

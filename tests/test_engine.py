@@ -13,9 +13,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from dvtorch import memory
 from dvtorch.bundle import random_state_dict
-from dvtorch.engine import make_engine
+from dvtorch.engine import make_engine, memory
 from dvtorch.engine.cpu import FastMaxPool, pointwise_conv_available
 from dvtorch.hooks import capture, run_with_cache
 from dvtorch.inception import DeepVariantInceptionV3

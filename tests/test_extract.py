@@ -804,7 +804,7 @@ def test_corrupt_record_errors_with_location_and_store_stays_consistent(
 
 def _memory_available(monkeypatch, n_bytes: int) -> None:
     """The memory the CPU engine sees as available when it is built."""
-    from dvtorch import memory
+    from dvtorch.engine import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda *_: n_bytes)
 

@@ -14,7 +14,7 @@ from test_analysis_support import make_store
 
 import dvtorch
 from probing import analysis as pa
-from probing.extract import extract
+from probing.extract import ExtractConfig, extract
 from probing.info import format_info, store_info
 from probing.store import Store
 
@@ -30,9 +30,9 @@ def store(tmp_path_factory) -> Store:
     root = tmp_path_factory.mktemp("info")
     dvtorch.reference_bundle(root / "bundle", seed=0)
     spec = synth_examples(root / "examples", 48, shards=2)
-    s = extract(root / "bundle", spec, root / "store", layers=["mixed5", "mixed10"],
-                device="cpu", batch_size=8, workers=0, progress=False, sample=0.5,
-                sample_seed=2)
+    s = extract(ExtractConfig(root / "bundle", spec, root / "store", layers=["mixed5", "mixed10"],
+                              device="cpu", batch_size=8, workers=0, sample=0.5,
+                              sample_seed=2), progress=False)
     s.add_obs({"LINE": np.arange(s.n) % 3 == 0})
     pa.kmeans(s, "mixed5", k=2, pca=5, backend="sklearn", run="km2")
     return Store(s.path)
@@ -49,7 +49,7 @@ def test_info_says_what_the_store_holds_and_how_it_was_made(store):
     assert info["obs"]["annotations"] == ["LINE"]
     assert "alt_fraction" in info["obs"]["pileup"] and "p_het" in info["obs"]["model"]
     assert [(r["name"], r["kind"], r["clusters"]) for r in info["runs"]] == [("km2", "kmeans", 2)]
-    assert info["extraction"]["engine"] == "eager"
+    assert info["extraction"]["engine"] == "cpu"
     text = format_info(info)
     assert text.splitlines()[0] == f"{store.path}: complete STORE, {store.n} examples"
     assert "untrained reference model" in text

@@ -17,9 +17,10 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import helper, numpy_helper  # noqa: E402
 
+from dvtorch.engine import make_engine  # noqa: E402
 from dvtorch.errors import ConversionError  # noqa: E402
 from dvtorch.hooks import capture  # noqa: E402
-from dvtorch.inception import DeepVariantInceptionV3, optimize_for_inference  # noqa: E402
+from dvtorch.inception import DeepVariantInceptionV3  # noqa: E402
 from dvtorch.onnx_import import onnx_layer_outputs, state_dict_from_onnx  # noqa: E402
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
@@ -57,8 +58,9 @@ def _native_layers(sd, x, names, optimize):
     model = DeepVariantInceptionV3()
     model.load_state_dict(sd)
     model.eval()
-    if optimize:
-        optimize_for_inference(model)
+    if optimize:  # the CPU engine: BN folded, fused oneDNN kernels
+        _, acts = make_engine(model, names, pool=None)(torch.from_numpy(x))
+        return {n: acts[n].numpy() for n in names}
     with torch.inference_mode(), capture(model, names, pool=None) as acts:
         model(torch.from_numpy(x))
     return {n: acts[n].numpy() for n in names}

@@ -10,7 +10,7 @@ Built from a snapshot of the model (:func:`dvtorch.engine.base.snapshot`):
 * each max pool by :class:`FastMaxPool` (no int64 argmax indices);
 * forwards on :mod:`dvtorch.engine.threads` workers, each on one compute thread: whole
   batches side by side when their activations fit in memory
-  (:func:`dvtorch.memory.whole_batches_fit`), else each batch cut into one slice per core.
+  (:func:`dvtorch.engine.memory.whole_batches_fit`), else each batch cut into one slice per core.
 
 Where this torch build lacks the fused op or it is not exact
 (:func:`pointwise_conv_available`), or a bf16 engine runs on a CPU whose oneDNN has no
@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from dvtorch import memory
+from dvtorch.engine import memory
 from dvtorch.engine.allocator import reuse_freed_memory
 from dvtorch.engine.base import Engine, Result, snapshot
 from dvtorch.engine.cpu_features import mkldnn_bf16

@@ -1,8 +1,8 @@
 """How much memory a CPU forward needs, and whether whole batches may run per thread.
 
-Why: CPU extraction runs one whole batch per compute thread at once
-(:func:`dvtorch.parallel.submit_whole`), so its activations take ``threads x batch``
-examples' worth of memory instead of ``batch``. Extraction only runs that way when it fits
+Why: the CPU engine runs one whole batch per compute thread at once
+(:class:`dvtorch.engine.cpu.CPUEngine`), so its activations take ``threads x batch``
+examples' worth of memory instead of ``batch``. It only runs that way when it fits
 comfortably (see :func:`whole_batches_fit`) and splits each batch across the threads
 otherwise, which is slower but needs one batch's worth. What the machine can give comes
 from :mod:`dvtorch.system` (torch-free, shared with analysis); the measurements behind
