@@ -4,6 +4,7 @@ Quick start::
 
     import dvtorch
     model = dvtorch.load("BUNDLE")                      # a plain nn.Module
+    model = dvtorch.load("deepvariant-1.10.0-wgs")      # a release, converted in the cache
     probs, cache = dvtorch.run_with_cache(model, images_uint8_nhwc, ["mixed5"])
     with dvtorch.patch(model, {"mixed5": lambda out, name: out * 0}):
         ablated = model(images_uint8_nhwc)
@@ -19,6 +20,7 @@ needs the optional ``convert`` extra; nothing imported here needs TensorFlow.
 _EXPORTS = {
     "load": "dvtorch.bundle", "preprocess": "dvtorch.bundle",
     "reference_bundle": "dvtorch.bundle", "save_bundle": "dvtorch.bundle",
+    "resolve_bundle": "dvtorch.bundle",
     "capture": "dvtorch.hooks", "patch": "dvtorch.hooks", "run_with_cache": "dvtorch.hooks",
     "make_engine": "dvtorch.engine",
     "DeepVariantInceptionV3": "dvtorch.inception", "fuse_batchnorm": "dvtorch.inception",
@@ -41,6 +43,7 @@ __all__ = [
     "preprocess",
     "reference_bundle",
     "resolve",
+    "resolve_bundle",
     "run_with_cache",
     "save_bundle",
 ]

@@ -46,6 +46,12 @@ from dvtorch.inception import (
     ScaleFreeBatchNorm,
     scale_pixels,
 )
+from weights.registry import (
+    bundle_commands,
+    default_bundle,
+    looks_like_release,
+    release_entries,
+)
 
 FORMAT = "dvprobe-bundle"
 FORMAT_VERSION = 1
@@ -190,6 +196,32 @@ def check_recorded_sha256(path: Path, expected: str, actual: str) -> None:
                           f"({expected[:12]}...); the file is corrupt or was modified")
 
 
+def resolve_bundle(bundle: str | os.PathLike) -> Path:
+    """The BUNDLE directory ``bundle`` names: a path as given, or a release name
+    (``deepvariant-1.10.0-wgs``, like timm's model names) looked up in the cache.
+
+    A path that exists always wins, so a local directory that happens to be called like a
+    release still loads. A release name resolves to ``<cache>/bundles/<release>`` (see
+    :func:`weights.registry.cache_home`); when that is not there yet the
+    :class:`BundleError` gives the commands that make it, one per line. A name spelled like
+    a release but not in the registry gets did-you-mean suggestions
+    (:class:`weights.UnknownModelError`).
+    """
+    path = Path(bundle)
+    if path.exists() or not looks_like_release(str(bundle)):
+        return path
+    entry = release_entries(str(bundle))[0]
+    cached = default_bundle(entry)
+    if cached.is_dir():
+        return cached
+    fetch, convert = bundle_commands(entry)
+    raise BundleError(
+        f"{bundle}: not converted yet (no BUNDLE at {cached}); make it with\n"
+        f"  {fetch} --convert\n"
+        f"or step by step (convert where the `convert` extra is installed):\n"
+        f"  {fetch}\n  {convert}")
+
+
 #: ``dtype`` spellings :func:`load` accepts besides torch dtypes (the CLI's ``--dtype``).
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -198,6 +230,9 @@ DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bf
 def load(bundle: str | os.PathLike, device: str | torch.device = "cpu",
          dtype: torch.dtype | str | None = None) -> DeepVariantInceptionV3:
     """Load a BUNDLE as a plain model in eval mode, with ``.bundle_meta`` attached.
+
+    ``bundle`` is a directory or a release name such as ``"deepvariant-1.10.0-wgs"``
+    (:func:`resolve_bundle`: converted once with ``dvprobe weights fetch NAME --convert``).
 
     The weights are DeepVariant's Keras variables as they are (BatchNorm not folded), so a
     weight edit, hook or gradient means what it would in the Keras model. Parameters do not
@@ -221,7 +256,7 @@ def load(bundle: str | os.PathLike, device: str | torch.device = "cpu",
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BundleError(f"device {device!r}: torch sees no CUDA GPU here (torch "
                           f"{torch.__version__}); use device='cpu'")
-    path = Path(bundle)
+    path = resolve_bundle(bundle)
     meta = read_meta(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():

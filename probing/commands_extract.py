@@ -24,7 +24,7 @@ def _split_layers(value: str) -> list[str]:
 
 
 def extract_command(
-    bundle: Annotated[Path, typer.Argument(help="BUNDLE directory (dvprobe convert / reference).")],
+    bundle: Annotated[Path, typer.Argument(help="BUNDLE directory (dvprobe convert / reference) or release name, e.g. deepvariant-1.10.0-wgs (converted in the cache by `dvprobe weights fetch NAME --convert`).")],
     examples: Annotated[str, typer.Argument(
         help="DeepVariant examples: name@N.gz shard spec, glob, comma list or one file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="STORE directory to create or resume.")],

@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 import dvtorch
+from dvtorch.bundle import resolve_bundle
 from dvtorch.engine import DTYPES, Engine, Result, make_engine
 from dvtorch.engine.cpu_features import native_bf16
 from dvtorch.errors import DvprobeError, ExampleFormatError
@@ -383,6 +384,7 @@ class ExtractionPlan:
     """Everything decided before the first batch: device, inputs, model, layers, meta."""
 
     config: ExtractConfig
+    bundle: Path  # the BUNDLE directory config.bundle names (a path, or a release name)
     device: torch.device
     workers: int
     files: list[str]
@@ -411,13 +413,14 @@ def plan(config: ExtractConfig) -> ExtractionPlan:
         raise DvprobeError("--compile is for --device cuda (the CPU engine runs oneDNN's "
                            "fused kernels)")
     files = [str(f) for f in expand_spec(config.examples)]
-    model = dvtorch.load(config.bundle, device=str(dev))
+    bundle = resolve_bundle(config.bundle)
+    model = dvtorch.load(bundle, device=str(dev))
     bmeta = getattr(model, "bundle_meta", {}) or {}
     shape = tuple(int(s) for s in bmeta.get("input_shape", model.input_shape))
     channels = bmeta.get("channels")
     checked = check_inputs(files, config.examples, shape, channels)
     p = ExtractionPlan(
-        config=config, device=dev,
+        config=config, bundle=bundle, device=dev,
         workers=config.workers if config.workers is not None else default_workers(dev),
         files=files, sampling=sampling, regions=where,
         long_run=is_long_run(files, config.limit, sampling.fraction if sampling else 1.0),
@@ -431,7 +434,7 @@ def _store_meta(p: ExtractionPlan, checked: dict[str, Any]) -> dict[str, Any]:
     """store.json's record of the inputs; ``inputs`` is the fingerprint a resume must match."""
     c = p.config
     inputs = {
-        "bundle_sha256": bundle_fingerprint(c.bundle),
+        "bundle_sha256": bundle_fingerprint(p.bundle),
         "examples": [{"name": Path(f).name, "size": os.path.getsize(f)} for f in p.files],
         "layers": list(c.layers), "pool": c.pool, "dtype": c.dtype, "limit": c.limit,
     }
@@ -441,7 +444,7 @@ def _store_meta(p: ExtractionPlan, checked: dict[str, Any]) -> dict[str, Any]:
         inputs["regions"] = p.regions.to_json()
     meta = {
         "inputs": inputs,
-        "bundle": str(Path(c.bundle).resolve()),
+        "bundle": str(p.bundle.resolve()),
         "examples_spec": c.examples,
         "shards": [str(Path(f).resolve()) for f in p.files],
         "input_shape": list(p.shape),

@@ -23,8 +23,9 @@ import pytest
 from typer.testing import CliRunner
 
 import weights
+from dvtorch.errors import DvprobeError
 from weights.fetch import parse_sha256_overrides
-from weights.registry import DEFAULT_BUCKET
+from weights.registry import DEFAULT_BUCKET, TOOLS
 
 NAME = "deepvariant-1.6.1-wgs-savedmodel"
 CKPT = "deepvariant-1.7.0-wgs-checkpoint"
@@ -159,6 +160,7 @@ def gcs_crc32c(b: bytes) -> str:
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's real cache or an ambient mirror setting."""
     monkeypatch.setenv("DVPROBE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DVPROBE_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("DVPROBE_WEIGHTS_MIRROR", raising=False)
 
 
@@ -166,12 +168,46 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 def test_registry_covers_every_release_and_type():
-    names = {e.name for e in weights.list_models(fmt="savedmodel")}
-    for v in ("1.6.0", "1.6.1", "1.7.0", "1.8.0", "1.9.0"):
+    names = {e.name for e in weights.list_models(fmt="savedmodel", tool="deepvariant")}
+    versions = ("1.6.0", "1.6.1", "1.7.0", "1.8.0", "1.9.0", "1.10.0")
+    for v in versions:
         for t in ("wgs", "wes", "pacbio", "hybrid", "ont"):
             assert f"deepvariant-{v}-{t}-savedmodel" in names
-        assert (f"deepvariant-{v}-masseq-savedmodel" in names) == (v >= "1.8.0")
-    assert len(names) == 27
+        assert (f"deepvariant-{v}-masseq-savedmodel" in names) == (v in versions[3:])
+        assert (f"deepvariant-{v}-rnaseq-savedmodel" in names) == (v == "1.10.0")
+    assert len(names) == 34
+
+
+def test_every_1_10_model_type_is_listed_with_an_honest_tag():
+    entries = weights.list_models(version="1.10.0", tool="deepvariant")
+    assert {e.type for e in entries if e.format == "savedmodel"} == {
+        "wgs", "wes", "pacbio", "hybrid", "ont", "masseq", "rnaseq"}
+    by_type = {e.type: e for e in entries if e.format == "savedmodel"}
+    # no stored upstream file names a 1.10.0 object: the 1.9.0 layout is *derived*, and the
+    # RNASEQ bucket name was never seen at all
+    assert {e.confidence for t, e in by_type.items() if t != "rnaseq"} == {"derived"}
+    assert by_type["rnaseq"].confidence == "unknown"
+    assert by_type["rnaseq"].model_type == "RNASEQ" and by_type["rnaseq"].shape is None
+    assert by_type["pacbio"].shape == (100, 147, 10)
+    assert by_type["wgs"].urls[0] == (
+        "https://storage.googleapis.com/deepvariant/models/DeepVariant/1.10.0/savedmodels/"
+        "deepvariant.wgs.savedmodel/saved_model.pb")
+    ckpt = weights.get("deepvariant-1.10.0-wgs-checkpoint")
+    assert ckpt.confidence == "3rd-party" and ckpt.base_url.endswith("/1.10.0/checkpoints/wgs/")
+
+
+def test_deepsomatic_and_deeptrio_entries_follow_their_dockerfiles():
+    ds = {e.type: e for e in weights.list_models(tool="deepsomatic")}
+    assert {"wgs", "wes", "pacbio", "ont", "ffpe_wgs", "ffpe_wes", "wgs_tumor_only"} <= set(ds)
+    assert ds["wes"].name == "deepsomatic-1.9.0-wes-savedmodel"
+    assert ds["wes"].confidence == "verified" and ds["wgs"].confidence == "derived"
+    assert ds["ont"].url("saved_model.pb") == (
+        "https://storage.googleapis.com/deepvariant/models/DeepSomatic/1.9.0/savedmodels/"
+        "deepsomatic.ont.savedmodel/saved_model.pb")
+    assert all(e.shape is None for e in ds.values())  # only example_info.json says
+    trio = weights.get("deeptrio-1.6.0-wgs_child-savedmodel")
+    assert trio.base_url.endswith("/DeepTrio/1.6.0/savedmodels/deeptrio.wgs_child.savedmodel/")
+    assert trio.release == "deeptrio-1.6.0-wgs_child"
 
 
 def test_registry_entry_urls_files_and_confidence():
@@ -206,7 +242,7 @@ def test_registry_entry_urls_files_and_confidence():
 
 def test_registry_checkpoints_and_convert_source(tmp_path):
     ckpts = weights.list_models(kind="wgs", fmt="checkpoint")
-    assert [e.version for e in ckpts] == ["1.6.0", "1.6.1", "1.7.0", "1.8.0", "1.9.0"]
+    assert [e.version for e in ckpts] == ["1.6.0", "1.6.1", "1.7.0", "1.8.0", "1.9.0", "1.10.0"]
     e = weights.get(CKPT)
     assert e.confidence == "doc"
     assert e.base_url.endswith("/1.7.0/checkpoints/wgs/")
@@ -219,8 +255,14 @@ def test_registry_filters_and_aliases():
     assert {e.type for e in weights.list_models(kind="HYBRID_PACBIO_ILLUMINA")} == {"hybrid"}
     assert {e.type for e in weights.list_models(kind="ont_r104")} == {"ont"}
     assert {e.version for e in weights.list_models(version="1.7.0")} == {"1.7.0"}
-    with pytest.raises(weights.WeightsError, match="unknown DeepVariant version '1.5.0'"):
+    with pytest.raises(weights.WeightsError, match="unknown version '1.5.0'"):
         weights.list_models(version="1.5.0")
+    assert {e.tool for e in weights.list_models(version="1.9.0")} == {"deepvariant",
+                                                                       "deepsomatic"}
+    assert {e.tool for e in weights.list_models(version="1.9.0", tool="DeepSomatic")} == {
+        "deepsomatic"}
+    with pytest.raises(weights.WeightsError, match="unknown tool 'deepsomatik'"):
+        weights.list_models(tool="deepsomatik")
     with pytest.raises(weights.WeightsError, match="unknown model type 'rna'"):
         weights.list_models(kind="rna")
 
@@ -241,8 +283,37 @@ def test_default_dest_is_user_cache(tmp_path, monkeypatch):
     e = weights.get(NAME)
     assert weights.default_dest(e) == tmp_path / "cache" / NAME
     monkeypatch.delenv("DVPROBE_CACHE")
+    monkeypatch.delenv("DVPROBE_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert weights.default_dest(e) == tmp_path / "xdg" / "dvprobe" / "weights" / NAME
+    assert weights.default_bundle(e) == tmp_path / "xdg" / "dvprobe" / "bundles" / e.release
+
+
+def test_downloads_and_bundles_share_one_cache_rule(tmp_path, monkeypatch):
+    """$DVPROBE_HOME moves both; $DVPROBE_CACHE (older) still moves the downloads only."""
+    e = weights.get("deepvariant-1.10.0-wgs-savedmodel")
+    monkeypatch.delenv("DVPROBE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("DVPROBE_HOME", str(tmp_path / "home"))
+    assert weights.default_dest(e) == tmp_path / "home" / "weights" / e.name
+    assert weights.default_bundle(e) == tmp_path / "home" / "bundles" / "deepvariant-1.10.0-wgs"
+    monkeypatch.setenv("DVPROBE_CACHE", str(tmp_path / "dl"))
+    assert weights.default_dest(e) == tmp_path / "dl" / e.name
+    assert weights.default_bundle(e) == tmp_path / "home" / "bundles" / "deepvariant-1.10.0-wgs"
+
+
+def test_a_release_name_picks_its_best_established_format_and_typos_get_suggestions():
+    assert [e.format for e in weights.release_entries("deepvariant-1.10.0-wgs")] == [
+        "savedmodel", "checkpoint"]  # derived beats 3rd-party
+    assert [e.format for e in weights.release_entries("deepvariant-1.7.0-wgs")] == [
+        "checkpoint", "savedmodel"]  # doc beats derived
+    assert [e.name for e in weights.release_entries("deepvariant-1.10.0-wgs-checkpoint")] == [
+        "deepvariant-1.10.0-wgs-checkpoint"]
+    with pytest.raises(weights.UnknownModelError, match="did you mean deepvariant-1.10.0-wgs"):
+        weights.release_entries("deepvariant-1.10-wgs")
+    assert weights.looks_like_release("deepsomatic-1.9.0-wes")
+    assert not weights.looks_like_release("bundles/deepvariant-1.10.0-wgs")
+    assert not weights.looks_like_release("my-bundle")
 
 
 # --------------------------------------------------------------------------- fetch
@@ -561,7 +632,7 @@ def test_fetch_rejects_bad_overrides(tmp_path):
 
 def test_registry_default_urls_point_at_the_bucket():
     for e in weights.list_models():
-        assert e.base_url.startswith(DEFAULT_BUCKET + f"models/DeepVariant/{e.version}/")
+        assert e.base_url.startswith(DEFAULT_BUCKET + f"models/{TOOLS[e.tool]}/{e.version}/")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -584,7 +655,7 @@ def test_cli_weights_list():
 
     res = _cli("weights", "list", "--json", "--type", "masseq")
     assert res.exit_code == 0
-    assert {d["version"] for d in json.loads(res.output)} == {"1.8.0", "1.9.0"}
+    assert {d["version"] for d in json.loads(res.output)} == {"1.8.0", "1.9.0", "1.10.0"}
 
     res = _cli("weights", "list", "--type", "rna")
     assert isinstance(res.exception, weights.WeightsError)
@@ -626,10 +697,60 @@ def test_cli_weights_fetch_prints_convert_command(server, tmp_path):
     assert isinstance(res.exception, weights.WeightsError)
 
 
+def test_cli_weights_list_shows_every_1_10_type_and_filters_by_tool():
+    res = _cli("weights", "list", "--version", "1.10.0")
+    assert res.exit_code == 0, res.output
+    for t in ("wgs", "wes", "pacbio", "hybrid", "ont", "masseq", "rnaseq"):
+        assert any(line.startswith(f"deepvariant-1.10.0-{t}-savedmodel")
+                   for line in res.output.splitlines()), t
+    rnaseq = next(line for line in res.output.splitlines() if "-rnaseq-" in line)
+    assert rnaseq.split()[4:7] == ["json", "json", "unknown"]  # shape from example_info.json
+    res = _cli("weights", "list", "--tool", "deepsomatic", "--type", "wes")
+    assert res.exit_code == 0, res.output
+    assert "deepsomatic-1.9.0-wes-savedmodel" in res.output and "1 model(s)" in res.output
+    assert "deepvariant-" not in res.output
+
+
+def test_cli_fetch_of_a_1_10_release_from_the_mirror(server):
+    """A release name downloads its best-established format, checks it, and says how to
+    convert it into the cache, where `dvprobe extract RELEASE` then finds it."""
+    base, state = server
+    e = weights.get("deepvariant-1.10.0-wgs-savedmodel")
+    blobs = publish(state, e)
+    state.goog_hash = "md5+crc32c"
+    res = _cli("weights", "fetch", "deepvariant-1.10.0-wgs", "--mirror", base, "--no-progress")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    dest = weights.default_dest(e)
+    assert all((dest / f).read_bytes() == b for f, b in blobs.items())
+    assert f"({len(e.files)} matched the server's own hash)" in res.output
+    assert all(r["path"].startswith("/models/DeepVariant/1.10.0/savedmodels/deepvariant.wgs.")
+               for r in state.log)
+    assert (f"dvprobe convert {dest} --out {weights.default_bundle(e)}") in res.output
+    assert "dvprobe extract deepvariant-1.10.0-wgs EXAMPLES" in res.output
+    res = _cli("weights", "list", "--version", "1.10.0", "--type", "wgs")
+    assert res.output.splitlines()[1].split()[-1] == "yes"
+
+
+def test_cli_fetch_convert_without_the_extra_says_what_to_install(server, monkeypatch):
+    import importlib.util
+
+    base, state = server
+    publish(state, weights.get("deepvariant-1.10.0-wgs-savedmodel"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tf2onnx" else real(name, *a))
+    res = _cli("weights", "fetch", "deepvariant-1.10.0-wgs", "--convert", "--mirror", base,
+               "--no-progress")
+    assert isinstance(res.exception, DvprobeError)
+    assert "pip install 'dvprobe[convert]'" in str(res.exception)
+    assert "tf2onnx" in str(res.exception)
+    assert state.log == []  # refused before downloading anything
+
+
 def test_cli_main_prints_one_line_errors(monkeypatch, capsys):
     import cli
 
-    monkeypatch.setattr("sys.argv", ["dvprobe", "weights", "fetch", "deepvariant-1.6.1-wgs"])
+    monkeypatch.setattr("sys.argv", ["dvprobe", "weights", "fetch", "deepvariant-1.6.1-wsg"])
     with pytest.raises(SystemExit) as info:
         cli.main()
     assert info.value.code == 2

@@ -9,12 +9,19 @@ command, since conversion is the only thing a downloaded model is for here.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from dvtorch.errors import DvprobeError
+from weights.registry import default_bundle
+
+#: What ``--convert`` imports (the ``convert`` extra of pyproject.toml).
+CONVERT_EXTRA = ("tensorflow", "tf_keras", "tf2onnx", "onnx2torch")
 
 weights_app = typer.Typer(
     name="weights",
@@ -24,18 +31,32 @@ weights_app = typer.Typer(
 
 
 def _shape(entry) -> str:
-    return "x".join(map(str, entry.shape)) if entry.shape else "?"
+    return "x".join(map(str, entry.shape)) if entry.shape else "json"
+
+
+def _local(entry) -> str:
+    """``bundle`` when the release is converted in the cache, ``yes`` when only fetched."""
+    from weights.fetch import is_fetched
+
+    if (default_bundle(entry) / "bundle.json").is_file():
+        return "bundle"
+    return "yes" if is_fetched(entry) else ""
 
 
 @weights_app.command("list")
 def list_cmd(
-    version: Annotated[
+    tool: Annotated[
         Optional[str],  # noqa: UP045  (typer needs Optional on py3.10)
-        typer.Option("--version", help="DeepVariant version, e.g. 1.6.1."),
+        typer.Option("--tool", help="deepvariant, deepsomatic or deeptrio."),
+    ] = None,
+    version: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--version", help="Release version, e.g. 1.10.0."),
     ] = None,
     kind: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--type", help="Model type: wgs, wes, pacbio, hybrid, ont, masseq."),
+        typer.Option("--type", help="Model type: wgs, wes, pacbio, hybrid, ont, masseq, "
+                     "rnaseq, ... (DeepVariant's --model_type spelling works too)."),
     ] = None,
     fmt: Annotated[
         Optional[str],  # noqa: UP045
@@ -44,16 +65,15 @@ def list_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List registered DeepVariant models with input shape and URL confidence."""
-    from weights.fetch import is_fetched
     from weights.registry import list_models
 
-    entries = list_models(version=version, kind=kind, fmt=fmt)
+    entries = list_models(version=version, kind=kind, fmt=fmt, tool=tool)
     if as_json:
         typer.echo(json.dumps([e.to_dict() for e in entries], indent=2))
         return
     rows = [("NAME", "VERSION", "TYPE", "FORMAT", "SHAPE", "CHANNELS", "URL CONF.", "LOCAL")]
     for e in entries:
-        channels = ",".join(map(str, e.channels)) if e.channels else "?"
+        channels = ",".join(map(str, e.channels)) if e.channels else "json"
         rows.append(
             (
                 e.name,
@@ -63,7 +83,7 @@ def list_cmd(
                 _shape(e) + ("" if not e.shape or e.shape_confidence == "verified" else "*"),
                 channels,
                 e.confidence,
-                "yes" if is_fetched(e) else "",
+                _local(e),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -72,14 +92,16 @@ def list_cmd(
     typer.echo(
         f"{len(entries)} model(s). URL CONF. = how the URL is established "
         "(verified > doc > derived > 3rd-party > unknown); * = shape/channels not verified, "
-        "the model's example_info.json is authoritative."
+        "json = not established: the model's example_info.json is authoritative either way. "
+        "LOCAL: yes = downloaded, bundle = converted (load it by its name without the format)."
     )
 
 
 @weights_app.command("fetch")
 def fetch_cmd(
     name: Annotated[
-        str, typer.Argument(help="Registry name, e.g. deepvariant-1.6.1-wgs-savedmodel.")
+        str, typer.Argument(help="Registry name (deepvariant-1.10.0-wgs-savedmodel) or release "
+                            "(deepvariant-1.10.0-wgs: its best-established format).")
     ],
     dest: Annotated[
         Optional[Path],  # noqa: UP045
@@ -101,13 +123,19 @@ def fetch_cmd(
     retries: Annotated[
         int, typer.Option("--retries", help="Automatic resumes per file after a dropped link.")
     ] = 3,
+    convert: Annotated[
+        bool, typer.Option("--convert", help="Also convert it into the BUNDLE that "
+                           "`dvprobe extract RELEASE` loads (needs the convert extra).")
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Download a registered model (resumable, sha256-checked) and print the convert command."""
-    from weights.fetch import LOCK_NAME, fetch, parse_sha256_overrides, read_lock
-    from weights.registry import get
+    from weights.fetch import fetch, parse_sha256_overrides
+    from weights.registry import release_entries
 
-    entry = get(name)
+    entry = release_entries(name)[0]
+    if convert:
+        _require_convert_extra(entry)
     if entry.confidence in ("3rd-party", "unknown"):
         typer.secho(
             f"[dvprobe] note: {entry.name} URL confidence is '{entry.confidence}' "
@@ -123,6 +151,31 @@ def fetch_cmd(
         sha256=parse_sha256_overrides(sha256),
         retries=retries,
     )
+    _say_fetched(entry, path)
+    if convert:
+        _convert_into_cache(entry, path)
+        return
+    bundle = default_bundle(entry)
+    typer.echo("next:")
+    typer.echo(f"  dvprobe convert {shlex.quote(str(entry.convert_source(path)))} --out "
+               f"{shlex.quote(str(bundle))}")
+    typer.echo(f"  (then `dvprobe extract {entry.release} EXAMPLES --out STORE` loads it by name)")
+
+
+def _require_convert_extra(entry) -> None:
+    """Refuse ``--convert`` before downloading when the TensorFlow side is not installed."""
+    missing = [m for m in CONVERT_EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DvprobeError(
+            f"--convert needs the convert extra ({', '.join(missing)} not installed): "
+            f"pip install 'dvprobe[convert]', or run `dvprobe weights fetch {entry.name}` "
+            "here and `dvprobe convert` where TensorFlow is installed")
+
+
+def _say_fetched(entry, path: Path) -> None:
+    """Files, checksum provenance and the model's own example_info.json shape."""
+    from weights.fetch import LOCK_NAME, read_lock
+
     lock = read_lock(path)
     total = sum(f["size"] for f in lock["files"].values())
     typer.echo(f"{entry.name}: {len(entry.files)} files, {total:,} bytes in {path}")
@@ -145,10 +198,21 @@ def fetch_cmd(
                 err=True,
                 fg=typer.colors.YELLOW,
             )
-    source = entry.convert_source(path)
-    bundle = Path("bundles") / entry.name.removesuffix(f"-{entry.format}")
-    typer.echo("next:")
-    typer.echo(f"  dvprobe convert {shlex.quote(str(source))} --out {shlex.quote(str(bundle))}")
+
+
+def _convert_into_cache(entry, path: Path) -> None:
+    """Convert the download into ``default_bundle(entry)`` unless a BUNDLE is there already."""
+    from dvtorch.convert import convert
+
+    bundle = default_bundle(entry)
+    if (bundle / "bundle.json").is_file():
+        typer.echo(f"bundle {bundle} already exists (remove it to convert again)")
+    else:
+        convert(entry.convert_source(path), bundle,
+                progress=lambda msg: typer.echo(f"[dvprobe] {msg}", err=True))
+        typer.echo(f"bundle {bundle}")
+    typer.echo(f"load it by name: dvprobe extract {entry.release} EXAMPLES --out STORE, "
+               f"or dvtorch.load({entry.release!r})")
 
 
 def _checked_by(verified_against: str) -> str:

@@ -1,12 +1,16 @@
-"""Registry of DeepVariant's released models (1.6.0 – 1.9.0), read from ``releases.json``.
+"""Registry of DeepVariant's released models (1.6.0 – 1.10.0, and the DeepSomatic / DeepTrio
+models whose layout is documented), read from ``releases.json``.
 
 The facts live in data, not code, because they come from a reference sheet with per-fact
 confidence tags and will be corrected as URLs get confirmed; each :class:`ModelEntry` carries
 those tags (``confidence`` for the URL, ``shape_confidence`` for shape/channels) so a user can
 tell an established download from a guessed one *before* spending time on it.
 
-Names are timm-like and stable: ``deepvariant-<version>-<type>-<format>``, e.g.
-``deepvariant-1.6.1-wgs-savedmodel`` or ``deepvariant-1.7.0-wgs-checkpoint``.
+Names are timm-like and stable: ``<tool>-<version>-<type>-<format>``, e.g.
+``deepvariant-1.6.1-wgs-savedmodel`` or ``deepvariant-1.7.0-wgs-checkpoint``. A *release*
+name drops the format (``deepvariant-1.10.0-wgs``): it names the BUNDLE that either format
+converts to, which is what ``dvtorch.load(name)`` and ``dvprobe extract name`` look up in
+:func:`bundles_root`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -27,6 +32,10 @@ from dvtorch.errors import DvprobeError
 DEFAULT_BUCKET = "https://storage.googleapis.com/deepvariant/"
 MIRROR_ENV = "DVPROBE_WEIGHTS_MIRROR"
 CACHE_ENV = "DVPROBE_CACHE"
+HOME_ENV = "DVPROBE_HOME"
+
+#: The tools whose models the registry lists, with their directory in the bucket.
+TOOLS = {"deepvariant": "DeepVariant", "deepsomatic": "DeepSomatic", "deeptrio": "DeepTrio"}
 
 CONFIDENCE_LEVELS = ("verified", "doc", "derived", "3rd-party", "unknown")
 FORMATS = ("savedmodel", "checkpoint")
@@ -76,6 +85,13 @@ class ModelEntry:
     shape_note: str | None = None
     checkpoint_prefix: str | None = None
     docker_dir: str | None = None
+    tool: str = "deepvariant"
+
+    @property
+    def release(self) -> str:
+        """The name without the format (``deepvariant-1.10.0-wgs``): the BUNDLE's name, the
+        same whichever format it was converted from."""
+        return self.name.removesuffix(f"-{self.format}")
 
     @property
     def bucket_path(self) -> str:
@@ -112,6 +128,8 @@ class ModelEntry:
         """JSON-ready summary (used by ``dvprobe weights list --json``)."""
         return {
             "name": self.name,
+            "release": self.release,
+            "tool": self.tool,
             "version": self.version,
             "type": self.type,
             "model_type": self.model_type,
@@ -128,9 +146,9 @@ class ModelEntry:
         }
 
 
-def model_name(version: str, type_: str, fmt: str) -> str:
+def model_name(version: str, type_: str, fmt: str, tool: str = "deepvariant") -> str:
     """Canonical registry name, e.g. ``deepvariant-1.6.1-wgs-savedmodel``."""
-    return f"deepvariant-{version}-{type_}-{fmt}"
+    return f"{tool}-{version}-{type_}-{fmt}"
 
 
 def _entry_from_json(raw: dict, where: str) -> ModelEntry:
@@ -140,8 +158,9 @@ def _entry_from_json(raw: dict, where: str) -> ModelEntry:
         sha = {f["path"]: f.get("sha256") for f in raw["files"]}
         conf = raw["confidence"]
         fmt = raw["format"]
+        tool = raw.get("tool", "deepvariant")
         entry = ModelEntry(
-            name=model_name(raw["version"], raw["type"], fmt),
+            name=model_name(raw["version"], raw["type"], fmt, tool),
             version=raw["version"],
             type=raw["type"],
             model_type=raw["model_type"],
@@ -157,10 +176,13 @@ def _entry_from_json(raw: dict, where: str) -> ModelEntry:
             shape_note=raw.get("shape_note"),
             checkpoint_prefix=raw.get("checkpoint_prefix"),
             docker_dir=raw.get("docker_dir"),
+            tool=tool,
         )
     except (KeyError, TypeError) as exc:
         raise WeightsError(f"{where}: malformed registry record ({exc!r}): {raw!r}") from None
     problems = []
+    if entry.tool not in TOOLS:
+        problems.append(f"tool {entry.tool!r} not one of {tuple(TOOLS)}")
     if conf not in CONFIDENCE_LEVELS:
         problems.append(f"confidence {conf!r} not one of {CONFIDENCE_LEVELS}")
     if fmt not in FORMATS:
@@ -191,21 +213,25 @@ def _load() -> tuple[ModelEntry, ...]:
 
 
 def list_models(
-    version: str | None = None, kind: str | None = None, fmt: str | None = None
+    version: str | None = None, kind: str | None = None, fmt: str | None = None,
+    tool: str | None = None,
 ) -> list[ModelEntry]:
-    """Registered models, optionally filtered by DeepVariant version, model type and format.
+    """Registered models, optionally filtered by tool, version, model type and format.
 
     ``kind`` accepts the bucket name (``hybrid``, ``ont``) or DeepVariant's longer
     ``--model_type`` spelling (``HYBRID_PACBIO_ILLUMINA``, ``ONT_R104``), case-insensitively.
     An unknown filter value raises rather than silently listing nothing.
     """
     entries = list(_load())
+    if tool is not None:
+        t = tool.lower()
+        if t not in TOOLS:
+            raise WeightsError(f"unknown tool {tool!r}; known: {', '.join(TOOLS)}")
+        entries = [e for e in entries if e.tool == t]
     if version is not None:
-        known = sorted({e.version for e in entries})
+        known = sorted({e.version for e in _load()}, key=_version_key)
         if version not in known:
-            raise WeightsError(
-                f"unknown DeepVariant version {version!r}; known: {', '.join(known)}"
-            )
+            raise WeightsError(f"unknown version {version!r}; known: {', '.join(known)}")
         entries = [e for e in entries if e.version == version]
     if kind is not None:
         k = kind.lower()
@@ -224,6 +250,18 @@ def list_models(
     return entries
 
 
+def _version_key(version: str) -> tuple[int, ...]:
+    """``1.10.0`` sorts after ``1.9.0`` (a plain string sort puts it first)."""
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
+def _did_you_mean(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    if not close:  # prefix typos (missing "-savedmodel") score low with difflib
+        close = [n for n in names if n.startswith(key)][:3]
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
 def get(name: str) -> ModelEntry:
     """The entry called ``name`` (case-insensitive), or :class:`UnknownModelError` with the
     closest names so a typo such as ``deepvariant-1.6.1-wgs`` points at the real one."""
@@ -231,19 +269,59 @@ def get(name: str) -> ModelEntry:
     key = name.strip().lower()
     if key in by_name:
         return by_name[key]
-    close = difflib.get_close_matches(key, list(by_name), n=3, cutoff=0.6)
-    if not close:  # prefix typos (missing "-savedmodel") score low with difflib
-        close = [n for n in by_name if n.startswith(key)][:3]
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise UnknownModelError(
-        f"unknown model {name!r}{hint} (see `dvprobe weights list`; names look like "
-        f"{model_name('1.6.1', 'wgs', 'savedmodel')})"
+        f"unknown model {name!r}{_did_you_mean(key, list(by_name))} (see `dvprobe weights "
+        f"list`; names look like {model_name('1.6.1', 'wgs', 'savedmodel')})"
     )
+
+
+#: Which of a release's formats to download when the user names only the release: the
+#: better-established URL first, then the SavedModel (what DeepVariant's own image uses).
+_CONFIDENCE_RANK = {c: i for i, c in enumerate(CONFIDENCE_LEVELS)}
+
+
+def release_entries(name: str) -> list[ModelEntry]:
+    """The entries of a release (``deepvariant-1.10.0-wgs``), best download first; a full
+    entry name (``…-savedmodel``) gives that entry alone. Raises :class:`UnknownModelError`
+    with did-you-mean suggestions (releases and entries) for a name in neither."""
+    key = name.strip().lower()
+    entries = _load()
+    exact = [e for e in entries if e.name == key]
+    if exact:
+        return exact
+    found = [e for e in entries if e.release == key]
+    if found:
+        return sorted(found, key=lambda e: (_CONFIDENCE_RANK[e.confidence],
+                                            e.format != "savedmodel"))
+    names = sorted({e.release for e in entries} | {e.name for e in entries})
+    raise UnknownModelError(
+        f"unknown model {name!r}{_did_you_mean(key, names)} (see `dvprobe weights list`; "
+        f"releases look like deepvariant-1.10.0-wgs)"
+    )
+
+
+def looks_like_release(name: str) -> bool:
+    """Whether ``name`` is spelled as a registry name (``deepvariant-…``) rather than a path."""
+    text = str(name)
+    return "/" not in text and os.sep not in text and any(
+        text.lower().startswith(f"{tool}-") for tool in TOOLS)
+
+
+def cache_home() -> Path:
+    """dvprobe's cache directory: ``$DVPROBE_HOME`` if set, else ``$XDG_CACHE_HOME/dvprobe``
+    (default ``~/.cache/dvprobe``). Downloads go to ``weights/`` and bundles to ``bundles/``
+    below it: one rule for both, so a user moves everything with one variable."""
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "dvprobe"
 
 
 def cache_root() -> Path:
     """Directory holding downloaded models: ``$DVPROBE_CACHE`` if set, else
-    ``$XDG_CACHE_HOME/dvprobe/weights`` (default ``~/.cache/dvprobe/weights``).
+    ``<cache_home()>/weights`` (default ``~/.cache/dvprobe/weights``).
 
     Never inside the installed package: site-packages may be read-only and shared, and a
     reinstall would silently delete ~100 MB downloads.
@@ -251,11 +329,29 @@ def cache_root() -> Path:
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "dvprobe" / "weights"
+    return cache_home() / "weights"
+
+
+def bundles_root() -> Path:
+    """Directory of BUNDLEs loaded by release name: ``<cache_home()>/bundles``."""
+    return cache_home() / "bundles"
 
 
 def default_dest(entry: ModelEntry) -> Path:
     """Default download directory of ``entry``: ``<cache_root()>/<name>/``."""
     return cache_root() / entry.name
+
+
+def default_bundle(entry: ModelEntry) -> Path:
+    """Where ``dvprobe weights fetch --convert`` writes ``entry``'s BUNDLE and where
+    ``dvtorch.load(entry.release)`` finds it: ``<bundles_root()>/<release>/``."""
+    return bundles_root() / entry.release
+
+
+def bundle_commands(entry: ModelEntry) -> list[str]:
+    """The commands that make ``entry``'s BUNDLE in the cache, as a user types them: the
+    download, then the conversion into :func:`default_bundle` (where loading by name looks)."""
+    source = entry.convert_source(default_dest(entry))
+    return [f"dvprobe weights fetch {entry.name}",
+            f"dvprobe convert {shlex.quote(str(source))} --out "
+            f"{shlex.quote(str(default_bundle(entry)))}"]
