@@ -214,7 +214,8 @@ def test_cli_layers(ckpt_bundle: Path, monkeypatch, capsys) -> None:
     assert "conv2d_40" not in lines
     code, out, _ = _run_cli(monkeypatch, capsys, "layers", str(ckpt_bundle), "--all")
     every = [line.split()[0] for line in out.splitlines()[1:]]
-    assert code == 0 and len(every) == 114 and "conv2d_40" in every and "concatenate_1" in every
+    assert code == 0 and len(every) == 116 and "conv2d_40" in every and "concatenate_1" in every
+    assert "max_pooling2d_2" in every and "max_pooling2d_3" in every  # the branch pools
 
 
 def test_report_table_and_json_roundtrip() -> None:
