@@ -43,6 +43,7 @@ from probing.explain import (
     model_channels,
     scaled,
     select_examples,
+    split_options,
 )
 
 NEUTRALS = ("zeros", "mean")
@@ -157,7 +158,8 @@ def bootstrap_ci(values: np.ndarray, resamples: np.ndarray) -> tuple[float, floa
 
 def summarise(p0: np.ndarray, ablated: dict[str, np.ndarray], labels: np.ndarray,
               names: Sequence[str], config: AblateConfig) -> pd.DataFrame:
-    """One row per channel and mode, sorted by importance within each mode."""
+    """One row per channel and mode: modes in ``ablated``'s order (the neutral value, then
+    the shuffle), channels by importance within each."""
     n = len(p0)
     rng = np.random.default_rng(config.seed)
     resamples = rng.integers(0, n, size=(config.bootstrap, n))
@@ -171,9 +173,10 @@ def summarise(p0: np.ndarray, ablated: dict[str, np.ndarray], labels: np.ndarray
                 row[f"{stat}_lo"], row[f"{stat}_hi"] = bootstrap_ci(v, resamples)
             rows.append(row)
     t = pd.DataFrame(rows)
-    t = t.sort_values(["mode", "importance"], ascending=[True, False], kind="stable")
+    t["order"] = t["mode"].map({m: i for i, m in enumerate(ablated)})
+    t = t.sort_values(["order", "importance"], ascending=[True, False], kind="stable")
     t.insert(0, "rank", t.groupby("mode").cumcount() + 1)
-    return t.reset_index(drop=True)
+    return t.drop(columns="order").reset_index(drop=True)
 
 
 def ablate(bundle_or_model: Any, examples: str | os.PathLike | None,
@@ -181,11 +184,13 @@ def ablate(bundle_or_model: Any, examples: str | os.PathLike | None,
            progress: bool = True, **options: Any) -> Ablation:
     """Channel ablation over the selected examples; writes the table and chart if ``out``.
 
-    ``options`` override fields of ``config`` (``ablate(b, ex, n=200, neutral="mean")``).
+    ``options`` override fields of ``config`` or ``select`` (``ablate(b, ex, n=200,
+    neutral="mean")``); ``config.n`` is the sample size of any selection.
     """
-    config = replace(config or AblateConfig(), **options)
+    config, select = split_options(config or AblateConfig(), select or Selection(), options)
     config.check()
-    select = select or Selection(n=config.n)
+    select = replace(select, n=config.n)
+    select.check()
     model, device = load_model(bundle_or_model, config.device)
     exs = select_examples(examples, select)
     images = np.stack([ex.image for ex in exs])
@@ -242,7 +247,8 @@ def chart_spec(table: pd.DataFrame) -> dict:
     return {
         "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
         "data": {"values": data.fillna(0).to_dict("records")},
-        "facet": {"row": {"field": "mode", "type": "nominal", "title": "neutral"}},
+        "facet": {"row": {"field": "mode", "type": "nominal", "title": "neutral",
+                           "sort": list(dict.fromkeys(table["mode"]))}},
         "spec": {"width": 360, "layer": [
             {"mark": "bar", "encoding": {
                 "y": enc_y, "x": {"field": "importance", "type": "quantitative",

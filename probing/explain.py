@@ -65,8 +65,8 @@ OUTPUTS = ("probability", "logit")
 #: needs depends on how rough the model is along the path: the untrained reference
 #: architecture is very rough (along the blank-reads path of a pileup its logit's total
 #: variation is ~7x its net change), so at 50 steps its attributions missed f(x) - f(baseline)
-#: by 0.1-8 % of a large change (more of a small one) on seeded pileups, and it takes :data:`STEPS_WITHIN_1PC` steps to be within 1 %
-#: (tests/test_explain.py). Every example's convergence delta is reported and flagged
+#: by 0.1-8 % of a large change (more of a small one) on seeded pileups, and it takes
+#: :data:`STEPS_WITHIN_1PC` steps to be within 1 % (tests/test_explain.py). Every example's convergence delta is reported and flagged
 #: (``Explanation.converged``): raise ``steps`` for the ones that are not.
 DEFAULT_STEPS = 50
 #: Steps at which the reference architecture's attributions summed to f(x) - f(baseline)
@@ -393,12 +393,12 @@ def explain(bundle_or_model: Any, examples: str | os.PathLike | None,
             progress: bool = True, **options: Any) -> list[Explanation]:
     """Attribute each selected example; write the files when ``out`` is set.
 
-    ``options`` override fields of ``config`` (``explain(b, ex, target="het", steps=100)``).
-    Options are checked before the model is loaded or a record read.
+    ``options`` override fields of ``config`` or ``select`` (``explain(b, ex, target="het",
+    steps=100, loci=["chr20:1001"])``). Everything is checked before the model is loaded
+    or a record read.
     """
-    config = replace(config or ExplainConfig(), **options)
+    config, select = split_options(config or ExplainConfig(), select or Selection(), options)
     config.check()
-    select = select or Selection()
     select.check()
     model, device = load_model(bundle_or_model, config.device)
     forward = logit_forward(model) if config.output == "logit" else model
@@ -409,6 +409,20 @@ def explain(bundle_or_model: Any, examples: str | os.PathLike | None,
         channels = model_channels(model, examples, results[0].attributions.shape[2])
         write_explanations(results, Path(config.out), channels, config)
     return results
+
+
+def split_options(config: Any, select: Selection, options: dict[str, Any]) -> tuple[Any, Selection]:
+    """``config`` and ``select`` with ``options`` applied, each to the dataclass that has it
+    (``config`` first); an option neither has is a TypeError naming it."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(config)}
+    picked = {k: v for k, v in options.items() if k in names}
+    rest = {k: v for k, v in options.items() if k not in names}
+    unknown = set(rest) - {f.name for f in fields(select)}
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    return replace(config, **picked), replace(select, **rest)
 
 
 def _bar(items: list, progress: bool, desc: str):
