@@ -8,7 +8,9 @@ attributions sum to ``f(x) - f(baseline)`` up to the integration error (Captum's
 :data:`DEFAULT_STEPS` for how many steps a rough model needs).
 
 Inputs are the **scaled** pileup, ``(pixel - 128) / 128`` in [-1, 1), which is what the
-network's first convolution sees; attributions are per scaled pixel.
+network's first convolution sees; attributions are per scaled pixel. ``output="logit"``
+attributes the pre-softmax logit instead: a confident call's probability is saturated (flat
+near x, a steep step somewhere on the path), its logit is not.
 
 Baselines (what "no evidence" means is a choice; the answer is relative to it):
 
@@ -17,9 +19,9 @@ Baselines (what "no evidence" means is a choice; the answer is relative to it):
   the reference rows (the top :data:`~probing.channels.REF_ROWS` = 5 rows of DeepVariant's
   pileup) kept. This is an input the model can really receive (a site with no usable
   reads), so attributions answer "what did *the reads* contribute to this call, given this
-  reference context?". The reference rows get exactly zero attribution (they do not change
-  along the path), which is the honest outcome: the reference is not evidence for any
-  genotype by itself.
+  reference context?". The reference rows get exactly zero attribution by construction
+  (IG only credits what differs from the baseline). It assumes DeepVariant's default layout,
+  one reference band on top; for stacked (alt-aligned) layouts pass an array.
 * ``"zeros"``: the zero-signal pileup in scaled units, i.e. 0.0 everywhere (raw pixel 128
   in every channel, reference rows included). Captum's default; it is off the data
   manifold (no pileup is mid-grey everywhere) and attributes to the reference rows too.

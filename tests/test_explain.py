@@ -225,6 +225,19 @@ def test_a_locus_without_an_example_names_the_file_and_says_positions_are_1_base
         explain(RegionModel(), spec, Selection(loci=["chr20:1000"]), progress=False)
 
 
+def test_examples_chosen_by_keys_come_in_the_keys_order_and_missing_keys_are_named(
+        tmp_path):
+    spec = write_examples(tmp_path / "ex.tfrecord.gz", pileups(3, seed=4))
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# chosen\nchr20:1020:A>C:0\n\nchr20:1000:A>C:0\n")
+    got = select_examples(spec, Selection(keys_file=keys))
+    assert [ex.key for ex in got] == ["chr20:1020:A>C:0", "chr20:1000:A>C:0"]
+    keys.write_text("chr20:1000:A>C:0\nchr20:1001:A>C:0\n")
+    with pytest.raises(ExplainError, match=r"keys\.txt: 1 key\(s\) not in .*ex\.tfrecord\.gz, "
+                                           r"e\.g\. chr20:1001:A>C:0 \(keys hold the 0-based"):
+        select_examples(spec, Selection(keys_file=keys))
+
+
 def test_a_cluster_that_does_not_exist_is_refused_with_the_clusters_there_are(tmp_path):
     spec = write_examples(tmp_path / "ex.tfrecord.gz", pileups(4, seed=4))
     store = _clustered_store(tmp_path, spec, 4)
