@@ -1,0 +1,86 @@
+"""Benchmark ``dvprobe explain`` (integrated gradients) and ``dvprobe ablate`` (channel ablation).
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_explain.py              # issue 24's sizes
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_explain.py --ig 5 --ablate 100   # quick
+    .venv/bin/python bench/bench_explain.py --device cuda                  # on a GPU
+
+Model: the untrained reference bundle (seeded, DeepVariant's WGS input 100x221x7 unless
+``--shape``); timings do not depend on the weights. Examples: seeded WGS-like pileups (5
+reference rows, 15-95 reads, alt reads differing at the centre) written as a gzip TFRecord.
+IG: ``--ig`` examples at the default steps, the predicted genotype's probability, the
+blank-reads baseline, no PNG panels (rendering is timed apart: ``--panels``). Ablation:
+``--ablate`` examples x every channel, zero neutral, 1,000 bootstrap resamples. Prints the
+CPU (dvtorch.engine.cpu_features.describe()), each time and examples per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import dvtorch  # noqa: E402
+from dvtorch.engine.cpu_features import describe  # noqa: E402
+from probing.ablate import ablate  # noqa: E402
+from probing.explain import DEFAULT_STEPS, explain  # noqa: E402
+from tests.test_explain import pileups, write_examples  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ig", type=int, default=50, help="examples for integrated gradients")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--ablate", type=int, default=1000, help="examples for ablation")
+    ap.add_argument("--shape", default="100,221,7")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--panels", type=int, default=3, help="PNG panels to time (0: none)")
+    args = ap.parse_args()
+    shape = tuple(int(v) for v in args.shape.split(","))
+
+    print(f"{describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, device {args.device}")
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = dvtorch.reference_bundle(Path(tmp) / "b", seed=0, input_shape=shape)
+        model = dvtorch.load(bundle, device=args.device)
+        n = max(args.ig, args.ablate)
+        spec = write_examples(Path(tmp) / "ex.tfrecord.gz", pileups(n, seed=0, shape=shape))
+        if args.ig:
+            t0 = time.perf_counter()
+            res = _ig(model, spec, args)
+            s = time.perf_counter() - t0
+            bad = sum(not e.converged for e in res)
+            print(f"IG: {len(res)} examples x {args.steps} steps {shape}: {s:.1f} s, "
+                  f"{len(res) / s:.3f} examples/s ({bad} with |delta| > 1 % of the change)")
+        if args.panels:
+            t0 = time.perf_counter()
+            _ig(model, spec, args, n=args.panels, out=Path(tmp) / "panels", steps=1)
+            s = time.perf_counter() - t0
+            print(f"panels: {args.panels} (IG at 1 step + npz + PNG): {s:.1f} s")
+        if args.ablate:
+            t0 = time.perf_counter()
+            r = ablate(model, spec, n=args.ablate, device=args.device, progress=False,
+                       batch_size=64)
+            s = time.perf_counter() - t0
+            c = len(r.channels)
+            print(f"ablation: {len(r.keys)} examples x {c} channels {shape}: {s:.1f} s, "
+                  f"{len(r.keys) / s:.1f} examples/s ({len(r.keys) * (c + 1) / s:.1f} "
+                  "forwards/s)")
+
+
+def _ig(model, spec, args, n=None, out=None, steps=None):
+    from probing.explain import Selection
+
+    return explain(model, spec, Selection(n=n or args.ig), steps=steps or args.steps,
+                   device=args.device, batch_size=args.batch_size, out=out, progress=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""CLI commands ``explain`` and ``ablate`` (registered by cli.py): parse, call, summarise.
+
+The work is in :func:`probing.explain.explain` and :func:`probing.ablate.ablate`; torch and
+Captum are imported inside the commands so ``dvprobe --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelArg = Annotated[Path, typer.Argument(help="BUNDLE directory (dvprobe convert / reference).")]
+ExamplesArg = Annotated[
+    Optional[str],  # noqa: UP045  (typer needs Optional on py3.10)
+    typer.Argument(help="examples spec (file, name@N.gz, glob); with --store: where the "
+                   "STORE's shards are now (default: the paths it recorded)"),
+]
+LocusOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--locus", help="chr20:10001234, the variant's 1-based first base "
+                 "(repeatable; every alt subset there)"),
+]
+KeysOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--keys", help="file of obs keys (chrom:pos:ref>alt:indices), one a line"),
+]
+StoreOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--store", help="STORE whose run's cluster to sample (with --run, --cluster)"),
+]
+RunOpt = Annotated[Optional[str], typer.Option("--run", help="analysis run of --store")]  # noqa: UP045
+ClusterOpt = Annotated[Optional[str], typer.Option("--cluster", help="cluster of --run")]  # noqa: UP045
+SeedOpt = Annotated[int, typer.Option("--seed", help="seed of the cluster sample / bootstrap")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="progress bar")]
+
+
+def _selection(locus, keys, store, run, cluster, n, seed):
+    from probing.explain import Selection
+
+    return Selection(loci=locus or (), keys_file=keys, store=store, run=run, cluster=cluster,
+                     n=n, seed=seed)
+
+
+def explain_cmd(
+    model: ModelArg,
+    examples: ExamplesArg = None,
+    locus: LocusOpt = None,
+    keys: KeysOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+    cluster: ClusterOpt = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="examples to take (cluster sample, "
+                                   "or the first N without --locus/--keys/--store)")] = 20,
+    seed: SeedOpt = 0,
+    target: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--target", help="hom_ref | het | hom_alt (default: the predicted genotype)")] = None,
+    baseline: Annotated[str, typer.Option(
+        "--baseline", help="blank-reads (read rows empty, reference rows kept) | zeros "
+        "(scaled 0 = pixel 128) | PATH.npy ([H, W, C] uint8 pixels or scaled floats)")
+    ] = "blank-reads",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="integration steps")] = 50,
+    output: Annotated[str, typer.Option(
+        "--output", help="probability (softmax) | logit (pre-softmax; does not saturate)")
+    ] = "probability",
+    out: Annotated[Path, typer.Option("--out", help="directory for npz, csv and png")
+                   ] = Path("explain"),
+    no_png: Annotated[bool, typer.Option("--no-png", help="skip the panels")] = False,
+    device: DeviceOpt = "cpu",
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, help="path points per forward")] = 50,
+    progress: ProgressOpt = True,
+) -> None:
+    """Integrated-gradients attribution of chosen examples' calls, with a panel each."""
+    import numpy as np
+
+    from probing.explain import explain
+
+    base = np.load(baseline) if baseline.endswith(".npy") else baseline
+    results = explain(model, examples, _selection(locus, keys, store, run, cluster, n, seed),
+                      target=target, baseline=base, steps=steps, output=output, out=out,
+                      render=not no_png, device=device, batch_size=batch_size,
+                      progress=progress)
+    for e in results:
+        flag = "" if e.converged else "  (not converged: raise --steps)"
+        typer.echo(f"{e.example.key}  {e.target_name}  f(x)-f(b) {e.f_x - e.f_baseline:+.4g}  "
+                   f"sum {e.attributions.sum():+.4g}  delta {e.delta:+.2g}{flag}")
+    typer.echo(f"{len(results)} example(s) -> {out}")
+
+
+def ablate_cmd(
+    model: ModelArg,
+    examples: ExamplesArg = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="examples (the first N, or a sample "
+                                   "of --cluster)")] = 1000,
+    neutral: Annotated[str, typer.Option(
+        "--neutral", help="zeros (scaled 0 = pixel 128) | mean (per-pixel mean of the sample)")
+    ] = "zeros",
+    shuffle: Annotated[bool, typer.Option(
+        "--shuffle", help="also swap each channel between examples (seeded)")] = False,
+    bootstrap: Annotated[int, typer.Option(
+        "--bootstrap", min=0, help="bootstrap resamples for the 95% intervals")] = 1000,
+    seed: SeedOpt = 0,
+    locus: LocusOpt = None,
+    keys: KeysOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+    cluster: ClusterOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="directory for csv, md and png")
+                   ] = Path("ablation"),
+    device: DeviceOpt = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="pileups per forward")
+                          ] = 64,
+    progress: ProgressOpt = True,
+) -> None:
+    """Channel importance: each channel replaced by a neutral value over N examples."""
+    from probing.ablate import ablate, markdown
+
+    res = ablate(model, examples, select=_selection(locus, keys, store, run, cluster, n, seed),
+                 n=n, neutral=neutral, shuffle=shuffle, bootstrap=bootstrap, seed=seed,
+                 out=out, device=device, batch_size=batch_size, progress=progress)
+    typer.echo(markdown(res.table), nl=False)
+    typer.echo(f"{len(res.keys)} example(s) -> {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach ``explain`` and ``ablate`` to the app."""
+    app.command("explain")(explain_cmd)
+    app.command("ablate")(ablate_cmd)
