@@ -13,8 +13,8 @@ so that machine noise hits every variant alike:
 * ``engine_split_fp32``  the CPU engine (:mod:`dvtorch.engine.cpu`: BN folded, fused oneDNN
   conv+ReLU, pre-packed weights), each batch cut into one slice per thread
 * ``engine_fp32`` / ``engine_bf16``  the CPU engine as extraction runs it: whole batches
-  side by side on the worker threads, ``engine.ahead`` of them in flight per round (the
-  rate counts every example of the round)
+  side by side on the worker threads, ``3 x threads`` batches per round with at most
+  ``engine.ahead`` in flight (the rate counts every example of the round)
 
 ``--busy 1`` keeps one extra process spinning while timing: what a shared 2-core machine
 looks like.
@@ -30,6 +30,7 @@ fp32 max-pooled mixed5 embeddings (the blog's probing layer).
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import statistics
 import subprocess
@@ -86,11 +87,17 @@ def engines(model: DeepVariantInceptionV3, batch: int) -> dict[str, CPUEngine]:
     }
 
 
-def stream(engine: CPUEngine, x: torch.Tensor) -> Callable[[], object]:
-    """``engine.ahead`` batches started, then taken in order: one round of extraction."""
+def stream(engine: CPUEngine, x: torch.Tensor, batches: int) -> Callable[[], object]:
+    """``batches`` batches through the engine as extraction feeds it: up to
+    ``engine.ahead`` in flight, results taken in order."""
     def run() -> None:
-        for getter in [engine.submit(x) for _ in range(engine.ahead)]:
-            getter()
+        in_flight: collections.deque = collections.deque()
+        for _ in range(batches):
+            in_flight.append(engine.submit(x))
+            while len(in_flight) > engine.ahead:
+                in_flight.popleft()()
+        while in_flight:
+            in_flight.popleft()()
     return run
 
 
@@ -154,9 +161,10 @@ def main() -> None:
     runs: dict[str, Callable[[], object]] = {"ort_fp32": lambda: sess.run(None, {in_name: xn}),
                                              "plain_fp32": lambda: model(x)}
     examples = {"ort_fp32": args.batch_size, "plain_fp32": args.batch_size}
+    per_round = 3 * args.threads  # whole batches: every worker busy for most of the round
     for name, engine in timed.items():
-        runs[name] = stream(engine, x)
-        examples[name] = engine.ahead * args.batch_size
+        runs[name] = stream(engine, x, per_round)
+        examples[name] = per_round * args.batch_size
 
     times: dict[str, list[float]] = {k: [] for k in runs}
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
