@@ -174,9 +174,11 @@ def patch(model: nn.Module, patches: Mapping[str, PatchFn]) -> Iterator[None]:
     """Context manager: replace layer outputs during forwards (ablation, activation patching).
 
     ``patches`` maps a layer name to ``fn(output, name)``, which returns the output to use
-    instead (same shape; NCHW maps), or None to keep it. Patches run before any
-    :func:`capture` hook on the same layer, so captures read what the rest of the network
-    sees. Gradients flow through what the function returns.
+    instead (a tensor of the same shape, dtype and device; NCHW maps), or None to keep it.
+    Patches run before any :func:`capture` hook on the same layer, so captures read what
+    the rest of the network sees. Nested patches of one layer run outermost first: an
+    inner patch gets the outer one's output and has the last word (zero every channel
+    outside, restore one inside). Gradients flow through what the function returns.
     """
     if not patches:
         raise ValueError("no patches given")
@@ -189,18 +191,49 @@ def patch(model: nn.Module, patches: Mapping[str, PatchFn]) -> Iterator[None]:
     def make_hook(name: str, fn: PatchFn) -> Callable:
         def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor | None:
             new = fn(output, name)
-            if new is not None and new.shape != output.shape:
-                raise ValueError(f"patch for {name!r} returned shape {list(new.shape)}; the "
-                                 f"layer's output is {list(output.shape)}")
+            if new is not None:
+                _check_patched(name, new, output)
             return new
+        setattr(hook, _PATCH_MARK, True)
         return hook
 
     hooks: list = []
     with _removing(hooks):
         for name, m in modules:
-            hooks.append((m, m.register_forward_hook(make_hook(name, patches[name]),
-                                                     prepend=True)))
+            handle = m.register_forward_hook(make_hook(name, patches[name]), prepend=True)
+            _after_earlier_patches(m, handle.id)
+            hooks.append((m, handle))
         yield
+
+
+_PATCH_MARK = "_dvtorch_patch"
+
+
+def _check_patched(name: str, new: Any, output: torch.Tensor) -> None:
+    """A patch must return what the next layer can take in place of ``output``."""
+    if not isinstance(new, torch.Tensor):
+        raise TypeError(f"patch for {name!r} returned {type(new).__name__}; return a tensor "
+                        "like the layer's output, or None to keep it")
+    for what, got, want in (("shape", list(new.shape), list(output.shape)),
+                            ("dtype", new.dtype, output.dtype),
+                            ("device", new.device, output.device)):
+        if got != want:
+            raise ValueError(f"patch for {name!r} returned {what} {got}; the layer's output "
+                             f"has {what} {want}")
+
+
+def _after_earlier_patches(module: nn.Module, hook_id: int) -> None:
+    """Move the just-prepended patch hook behind the patches registered before it, so that
+    patches run in the order they were entered, all of them before any capture hook.
+    (``register_forward_hook`` can only append or prepend; the order is its dict's.)"""
+    hooks = module._forward_hooks
+    new = hooks.pop(hook_id)
+    ordered = list(hooks.items())
+    first_other = next((i for i, (_, h) in enumerate(ordered)
+                        if not getattr(h, _PATCH_MARK, False)), len(ordered))
+    ordered.insert(first_other, (hook_id, new))
+    hooks.clear()
+    hooks.update(ordered)
 
 
 def run_with_cache(model: nn.Module, x: torch.Tensor, names_filter: Names | None = None,

@@ -523,9 +523,9 @@ def verify(
     ``check=False`` to print the table first.
     """
     import dvtorch
-    from dvtorch.bundle import read_meta
+    from dvtorch.bundle import read_meta, resolve_bundle
 
-    bundle = Path(bundle)
+    bundle = resolve_bundle(bundle)  # a BUNDLE path, or a release name from the cache
     if images is not None:  # an input mistake: said before any model is loaded or restored
         _check_images(images, tuple(int(v) for v in read_meta(bundle)["input_shape"]))
     model = dvtorch.load(bundle, device="cpu")

@@ -127,6 +127,18 @@ def test_a_model_carrying_hooks_is_refused_rather_than_run_without_them(model):
         make_engine(model, ["mixed10"], "max")
 
 
+def test_a_global_forward_hook_is_refused_too(model):
+    from torch.nn.modules.module import register_module_forward_hook
+
+    handle = register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with pytest.raises(ValueError, match="a global hook"):
+            make_engine(model, ["mixed5"], "max")
+    finally:
+        handle.remove()
+    make_engine(model, ["mixed5"], "max")  # fine once it is gone
+
+
 def test_bad_engine_requests_fail_before_any_work(model):
     with pytest.raises(ValueError, match="float16 runs on CUDA only"):
         make_engine(model, ["mixed5"], dtype="fp16")

@@ -204,6 +204,34 @@ def test_capture_sees_the_patched_output_whichever_block_comes_first(trained_lik
         assert float(acts["mixed5"][:, 8].abs().max()) > 0.0
 
 
+def test_nested_patches_run_outermost_first_and_the_inner_one_has_the_last_word(trained_like):
+    order = []
+
+    def zero_all(out, name):
+        order.append("outer")
+        return torch.zeros_like(out)
+
+    def restore_7(out, name):
+        order.append("inner")
+        assert float(out.abs().max()) == 0.0  # sees the outer patch's output
+        return out.index_fill(1, torch.tensor([7]), 1.0)
+
+    with torch.no_grad(), capture(trained_like, "mixed5", pool="max") as acts, \
+            patch(trained_like, {"mixed5": zero_all}), \
+            patch(trained_like, {"mixed5": restore_7}):
+        trained_like(_pixels())
+    assert order == ["outer", "inner"] * 1
+    assert float(acts["mixed5"][:, 7].min()) == 1.0 and float(acts["mixed5"][:, 8].max()) == 0.0
+
+
+def test_a_patch_must_return_a_tensor_like_the_layers_output(trained_like):
+    for bad, said in ((lambda out, name: 0, "returned int"),
+                      (lambda out, name: out.double(), "returned dtype torch.float64")):
+        with patch(trained_like, {"mixed5": bad}), torch.no_grad(), \
+                pytest.raises((TypeError, ValueError), match=said):
+            trained_like(_pixels())
+
+
 def test_patches_are_checked_before_any_forward(trained_like):
     with pytest.raises(UnknownLayerError, match="did you mean mixed5"), \
             patch(trained_like, {"mixed_5": _zero_channel(0)}):

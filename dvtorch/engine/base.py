@@ -19,8 +19,13 @@ Result = tuple[torch.Tensor, dict[str, torch.Tensor]]
 def check_hookless(model: nn.Module) -> None:
     """Refuse a model with forward hooks: an engine runs a snapshot without them, and a
     patch meant to change the results must not be dropped without a word."""
+    from torch.nn.modules import module as torch_module
+
     hooked = [name or type(model).__name__ for name, m in model.named_modules()
               if m._forward_hooks or m._forward_pre_hooks]
+    if getattr(torch_module, "_global_forward_hooks", None) \
+            or getattr(torch_module, "_global_forward_pre_hooks", None):
+        hooked.append("every module (a global hook, register_module_forward_hook)")
     if hooked:
         raise ValueError(
             f"the model carries forward hooks on {', '.join(hooked[:5])}"
@@ -50,9 +55,10 @@ def snapshot(model: nn.Module) -> DeepVariantInceptionV3:
 class Engine:
     """Bulk inference of one model snapshot: ``engine(pixels) -> (probs, {layer: rows})``.
 
-    ``submit(pixels)`` starts a batch and returns a getter of its result; up to ``ahead``
-    batches may be started before the oldest result is taken (take results in submission
-    order). Subclasses set ``ahead`` and implement :meth:`submit`.
+    ``submit(pixels)`` starts a batch and returns a getter of its result. A caller keeps at
+    most ``ahead`` batches started and not yet taken after each submit (CPU: one per
+    worker thread plus one queued), and takes results in submission order. Subclasses set
+    ``ahead`` and implement :meth:`submit`.
     """
 
     name = "engine"
