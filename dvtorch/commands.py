@@ -79,7 +79,8 @@ def convert_cmd(
 
 
 def verify_cmd(
-    bundle: Annotated[Path, typer.Argument(help="BUNDLE directory.")],
+    bundle: Annotated[Path, typer.Argument(
+        help="BUNDLE directory, or a release name converted into the cache.")],
     examples: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option("--examples", help="DeepVariant examples spec (default: random pileups)."),
@@ -99,8 +100,10 @@ def verify_cmd(
     Exits 0 when every layer is within relative 1e-4, else prints the table and exits 3
     (2: bad input).
     """
+    from dvtorch.bundle import resolve_bundle
     from dvtorch.verify import verify
 
+    bundle = resolve_bundle(bundle)
     images = None
     if examples:  # read and checked against the bundle before any model is loaded
         from probing.bundle_inputs import read_pileups
@@ -123,7 +126,8 @@ def verify_cmd(
 
 
 def layers_cmd(
-    bundle: Annotated[Path, typer.Argument(help="BUNDLE directory.")],
+    bundle: Annotated[Path, typer.Argument(
+        help="BUNDLE directory, or a release name converted into the cache.")],
     every: Annotated[bool, typer.Option(
         "--all", help="Every capturable name, each block's convs (conv2d_N = Keras "
                       "activation_N) and inner concats included.")] = False,

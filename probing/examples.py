@@ -445,7 +445,9 @@ def encode_example(
         f[K_SEQ_TYPE].int64_list.value.append(int(sequencing_type))
     if label is not None:
         f[K_LABEL].int64_list.value.append(int(label))
-    return ex.SerializeToString()
+    # deterministic: the feature map's order would otherwise differ between processes, and
+    # the same input should give the same bytes (reproducible shards, stable checksums).
+    return ex.SerializeToString(deterministic=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -430,3 +430,23 @@ def test_check_example_info_messages():
     swapped = [2, 1, 3, 4, 5, 6, 19]
     with pytest.raises(ExampleFormatError, match="same channels, different order"):
         check_example_info(info, shape=(100, 221, 7), channels=swapped, what="bundle")
+
+
+def test_encoding_the_same_example_gives_the_same_bytes_in_every_process():
+    """Shards written twice from the same input are byte-identical (checksums, caching):
+    the tf.Example feature map is serialised in a fixed order, whatever the process."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, numpy as np\n"
+        "from probing.examples import encode_example\n"
+        "img = np.arange(100 * 221 * 7, dtype=np.uint32).astype(np.uint8).reshape(100, 221, 7)\n"
+        "b = encode_example(img, chrom='chr20', start=999, end=1000, ref='A', alts=['G'],\n"
+        "                   alt_allele_indices=[0], label=1)\n"
+        "print(hashlib.sha256(b).hexdigest())\n")
+    digests = {subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}
+                              ).stdout for seed in (1, 2, 3)}
+    assert len(digests) == 1
