@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "probing.commands_annotate",  # annotate, enrich, probe, report, show
     "probing.commands_sim",  # simulate, make-examples, demo
     "probing.commands_explain",  # explain, ablate
+    "probing.commands_cvo",  # read-cvo
 )
 
 for _module in COMMAND_MODULES:

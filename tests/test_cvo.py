@@ -1,0 +1,182 @@
+"""``read_cvo`` / ``dvprobe read-cvo``: DeepVariant's call_variants output as a table whose
+keys are the STORE's obs keys for the same examples."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dvtorch.errors import ExampleFormatError
+from probing import protos
+from probing.cvo import CVO_COLUMNS, read_cvo
+from probing.examples import encode_example, read_examples
+from probing.tfrecord import TFRecordWriter, write_records
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (chrom, 0-based start, ref, alts, alt_allele_indices, probabilities): a SNP, a deletion,
+# and a multi-allelic site that call_variants scores once per alt subset.
+SITES = [
+    ("chr20", 10_000_116, "A", ("G",), (0,), (0.0012345678, 0.9987654321, 1e-10)),
+    ("chr20", 10_000_210, "CTT", ("C",), (0,), (0.05, 0.15, 0.8)),
+    ("chr20", 10_000_400, "G", ("T", "GA"), (0,), (0.1, 0.6, 0.3)),
+    ("chr20", 10_000_400, "G", ("T", "GA"), (1,), (0.2, 0.7, 0.1)),
+    ("chr20", 10_000_400, "G", ("T", "GA"), (0, 1), (0.0, 0.05, 0.95)),
+    ("20", 7, "T", ("A",), (0,), (1.0, 0.0, 0.0)),
+]
+
+
+def _variant(chrom, start, ref, alts):
+    """The candidate Variant as make_examples hands it to call_variants: with its end and
+    the sample's call (call_variants copies the example's variant into its output)."""
+    return protos.Variant(
+        reference_name=chrom, start=start, end=start + len(ref), reference_bases=ref,
+        alternate_bases=list(alts),
+        calls=[protos.VariantCall(call_set_name="HG002", genotype=[-1, -1])],
+    )
+
+
+def _cvo_record(chrom, start, ref, alts, aai, probs) -> bytes:
+    """One record as call_variants writes it (variant = 1, alt_allele_indices = 2,
+    genotype_probabilities = 3)."""
+    return protos.CallVariantsOutput(
+        variant=_variant(chrom, start, ref, alts),
+        alt_allele_indices=protos.AltAlleleIndices(indices=list(aai)),
+        genotype_probabilities=list(probs),
+    ).SerializeToString()
+
+
+def _write_cvo(path: Path, sites=SITES) -> Path:
+    write_records(path, [_cvo_record(*s) for s in sites])
+    return path
+
+
+def test_every_record_becomes_one_row_with_locus_alleles_and_probabilities(tmp_path):
+    table = read_cvo(_write_cvo(tmp_path / "call_variants_output.tfrecord.gz"))
+
+    assert list(table.columns) == list(CVO_COLUMNS)
+    assert len(table) == len(SITES)
+    assert table["chrom"].tolist() == [s[0] for s in SITES]
+    assert table["pos"].tolist() == [s[1] + 1 for s in SITES]  # 1-based, as in a VCF
+    assert table["ref"].tolist() == [s[2] for s in SITES]
+    assert table["alts"].tolist() == ["G", "C", "T,GA", "T,GA", "T,GA", "A"]
+    assert table["alt_allele_indices"].tolist() == ["0", "0", "0", "1", "0,1", "0"]
+    probs = table[["p_hom_ref", "p_het", "p_hom_alt"]].to_numpy()
+    np.testing.assert_array_equal(probs, np.array([s[5] for s in SITES]))  # exact doubles
+    assert table["pos"].dtype == np.int64
+
+
+def test_keys_equal_the_keys_extraction_gives_the_same_examples(tmp_path):
+    cvo = read_cvo(_write_cvo(tmp_path / "cvo.tfrecord.gz"))
+    image = np.zeros((100, 221, 7), np.uint8)
+    examples = tmp_path / "examples.tfrecord.gz"
+    write_records(examples, [
+        encode_example(image, chrom=c, start=s, end=s + len(r), ref=r, alts=a,
+                       alt_allele_indices=i)
+        for c, s, r, a, i, _ in SITES
+    ])
+    # extraction's obs key is DVExample.key (probing/loader.py)
+    assert cvo["key"].tolist() == [ex.key for ex in read_examples(examples)]
+    assert cvo["key"].iloc[4] == "chr20:10000400:G>T,GA:0,1"
+    assert cvo["key"].is_unique
+
+
+def test_a_sharded_spec_reads_every_shard_in_order(tmp_path):
+    for i, part in enumerate((SITES[:2], SITES[2:])):
+        _write_cvo(tmp_path / f"call_variants_output-{i:05d}-of-00002.tfrecord.gz", part)
+    table = read_cvo(str(tmp_path / "call_variants_output@2.tfrecord.gz"))
+    assert table["pos"].tolist() == [s[1] + 1 for s in SITES]
+
+
+def test_a_file_without_records_gives_an_empty_table_with_the_columns(tmp_path):
+    table = read_cvo(_write_cvo(tmp_path / "none.tfrecord.gz", []))
+    assert table.empty and list(table.columns) == list(CVO_COLUMNS)
+
+
+def _crc_damaged(path: Path) -> Path:
+    """A gzip CVO file whose second record's payload no longer matches its CRC."""
+    plain = path.with_suffix(".plain")
+    with TFRecordWriter(plain, compress=False) as w:
+        for s in SITES[:3]:
+            w.write(_cvo_record(*s))
+    data = bytearray(plain.read_bytes())
+    first = 12 + len(_cvo_record(*SITES[0])) + 4
+    data[first + 12 + 3] ^= 0xFF  # a byte inside record 1's payload
+    path.write_bytes(gzip.compress(bytes(data)))
+    return path
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("crc", "payload CRC mismatch"),
+    ("not-a-proto", "not a CallVariantsOutput proto"),
+    ("two-probabilities", "2 genotype probabilities, expected 3"),
+    ("index-out-of-range", "alt_allele_indices [1] outside the variant's 1 alt alleles"),
+])
+def test_a_damaged_record_is_named_by_file_and_record(tmp_path, damage, reason):
+    path = tmp_path / "cvo.tfrecord.gz"
+    bad = {
+        "not-a-proto": b"\xff\xff\xff",
+        "two-probabilities": _cvo_record("chr1", 5, "A", ("C",), (0,), (0.5, 0.5)),
+        "index-out-of-range": _cvo_record("chr1", 5, "A", ("C",), (1,), (0.2, 0.3, 0.5)),
+    }
+    if damage == "crc":
+        _crc_damaged(path)
+    else:
+        write_records(path, [_cvo_record(*SITES[0]), bad[damage]])
+    with pytest.raises(ExampleFormatError) as err:
+        read_cvo(path)
+    assert err.value.path == str(path) and err.value.record == 1
+    assert reason in err.value.reason
+
+
+# ---------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------
+
+ENTRY = "import sys, cli; sys.argv[0] = 'dvprobe'; cli.main()"  # as the console script
+
+
+def _dvprobe(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", ENTRY, *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".parquet"])
+def test_cli_writes_the_table_as_tsv_or_parquet(tmp_path, suffix):
+    src = _write_cvo(tmp_path / "call_variants_output.tfrecord.gz")
+    out = tmp_path / f"table{suffix}"
+    proc = _dvprobe("read-cvo", src, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    back = (pd.read_parquet(out) if suffix == ".parquet"
+            else pd.read_csv(out, sep="\t", dtype={"alt_allele_indices": str}))
+    pd.testing.assert_frame_equal(back, read_cvo(src))
+
+
+def test_cli_without_out_prints_tsv(tmp_path):
+    src = _write_cvo(tmp_path / "cvo.tfrecord.gz", SITES[:2])
+    proc = _dvprobe("read-cvo", src)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split("\t") == list(CVO_COLUMNS)
+    assert lines[1].split("\t")[:6] == ["chr20:10000116:A>G:0", "chr20", "10000117", "A",
+                                        "G", "0"]
+
+
+def test_cli_damaged_record_is_one_line_naming_file_and_record(tmp_path):
+    path = _crc_damaged(tmp_path / "cvo.tfrecord.gz")
+    proc = _dvprobe("read-cvo", path, "--out", tmp_path / "t.tsv")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert f"{path}, record 1: payload CRC mismatch" in proc.stderr
+    assert not (tmp_path / "t.tsv").exists()
+
+
+def test_cli_refuses_an_unknown_table_suffix_before_reading(tmp_path):
+    proc = _dvprobe("read-cvo", tmp_path / "missing.tfrecord.gz", "--out", tmp_path / "t.csv")
+    assert proc.returncode == 2 and "must end in .tsv or .parquet" in proc.stderr
