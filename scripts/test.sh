@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[convert,dev]"
+.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[convert,dev,scale]"
 # Headless Chromium for tests/test_report.py (opens the offline HTML report, checks every
 # Vega view rendered, no console errors, no network requests, non-blank screenshot). Installed
 # from Debian only when missing and in CI or as root; without it that test skips with a reason.
