@@ -38,6 +38,7 @@ COMMAND_MODULES = (
     "probing.commands_sim",  # simulate, make-examples, demo
     "probing.commands_explain",  # explain, ablate
     "probing.commands_cvo",  # read-cvo
+    "probing.commands_export",  # export (AnnData)
 )
 
 for _module in COMMAND_MODULES:
