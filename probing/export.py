@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -202,6 +203,23 @@ def _chunk_rows(store: Store, name: str, chunk_rows: int | None) -> int:
     return max(1, min(store.n, CHUNK_BYTES // max(row_bytes, 1)))
 
 
+class _Float32Rows:
+    """A layer as dask reads it: only the rows asked for, as float32.
+
+    Why not hand dask the layer itself: ``da.from_array`` slices a numpy array (a memmap is
+    one) into all its chunks at once, which reads the whole layer into memory.
+    """
+
+    def __init__(self, rows) -> None:
+        self.rows = rows
+        self.shape = tuple(rows.shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.asarray(self.rows[index], dtype=np.float32)
+
+
 def _layer_array(store: Store, name: str, lazy: bool, chunk_rows: int | None):
     """Layer ``name`` as float32 ``[n, dim]``: in memory, or a dask array of row chunks."""
     rows = store.layer(name)
@@ -210,7 +228,8 @@ def _layer_array(store: Store, name: str, lazy: bool, chunk_rows: int | None):
     import dask.array as da
 
     chunks = (_chunk_rows(store, name, chunk_rows), rows.shape[1])
-    return da.from_array(rows, chunks=chunks, asarray=True, name=False).astype(np.float32)
+    return da.from_array(_Float32Rows(rows), chunks=chunks, name=False,
+                         meta=np.empty((0, 0), dtype=np.float32))
 
 
 def _provenance(store: Store, config: ExportConfig, runs: list[Run],
@@ -276,10 +295,14 @@ def _write_zarr(adata: anndata.AnnData, path: Path) -> None:
 
     group = zarr.open_group(path, mode="w",
                             zarr_format=anndata.settings.zarr_write_format)
-    with anndata.settings.override(allow_write_nullable_strings=True):
+    # no shards (zarr v3): each chunk of rows is one file, written whole by one task
+    with anndata.settings.override(allow_write_nullable_strings=True,
+                                   auto_shard_zarr_v3=False):
         anndata.experimental.write_dispatched(group, "/", adata,
                                               callback=_dask_chunks_callback)
-    zarr.consolidate_metadata(group.store)
+    with warnings.catch_warnings():  # v3: "not part of the spec"; anndata reads it, as
+        warnings.filterwarnings("ignore", "Consolidated metadata")  # its own writer does
+        zarr.consolidate_metadata(group.store)
 
 
 def _write_h5ad(adata: anndata.AnnData, path: Path) -> None:
