@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["convert", "verify", "layers", "extract", "reduce", "cluster", "apply", "annotate",
             "enrich", "report", "show", "simulate", "make-examples", "demo", "weights list",
-            "weights fetch", "info", "probe", "explain", "ablate", "read-cvo"]
+            "weights fetch", "info", "probe", "explain", "ablate", "read-cvo", "export"]
 
 
 ENTRY = "import sys, cli; sys.argv[0] = 'dvprobe'; cli.main()"  # as the console script
