@@ -275,3 +275,50 @@ def test_cli_annotate_cvo_reads_a_sharded_spec_and_names_the_prefix(tmp_path):
     res = CliRunner().invoke(app, ["annotate", str(store.path), "--cvo", spec,
                                    "--name", "dv110"])
     assert res.exit_code != 0 and "--overwrite" in str(res.exception)
+
+
+# --------------------------------------------------------------------- the small model
+
+
+def _examples_dir(d: Path) -> str:
+    d.mkdir(parents=True)
+    image = np.zeros((100, 221, 7), np.uint8)
+    shard = d / "make_examples.tfrecord-00000-of-00001.gz"
+    write_records(shard, [encode_example(image, chrom="chr20", start=5, end=6, ref="A",
+                                         alts=("G",), alt_allele_indices=(0,))])
+    # call_variants' own output beside them is not the small model's
+    _write_cvo(d / "call_variants_output-00000-of-00001.tfrecord.gz")
+    return str(shard)
+
+
+def test_small_model_calls_beside_the_examples_are_found(tmp_path):
+    from probing.cvo import small_model_calls
+
+    spec = _examples_dir(tmp_path / "run")
+    assert small_model_calls(spec) is None  # small model off (or its files not here)
+    empty = tmp_path / "run" / "make_examples_call_variant_outputs.tfrecord-00000-of-00002.gz"
+    _write_cvo(empty, [])
+    found = small_model_calls(spec)
+    assert found.files == (empty,) and not found.called_sites
+    assert "are empty: no site is missing" in found.summary()
+    full = empty.with_name("make_examples_call_variant_outputs.tfrecord-00001-of-00002.gz")
+    _write_cvo(full, SITES[:1])
+    found = small_model_calls(spec)
+    assert found.files == (empty, full) and found.first_record_in == full
+    assert "small model: ON" in found.summary()
+    assert "--disable_small_model" in found.summary()
+    # what the small model called reads like any call_variants output
+    assert read_cvo(full)["key"].tolist() == ["chr20:10000116:A>G:0"]
+
+
+def test_small_model_flags_of_a_model_example_info():
+    from probing.cvo import small_model_flags
+
+    info = {"version": "1.10.0", "shape": [100, 221, 7], "channels": [1, 2, 3, 4, 5, 6, 19],
+            "flags_for_calling": {"trained_small_model_path": "/opt/smallmodels/wgs",
+                                  "small_model_snp_gq_threshold": 25,
+                                  "sort_by_haplotypes": True}}
+    assert small_model_flags(info) == {"trained_small_model_path": "/opt/smallmodels/wgs",
+                                       "small_model_snp_gq_threshold": 25}
+    assert small_model_flags({"shape": [100, 221, 7]}) == {}
+    assert small_model_flags({"flags_for_calling": "not a mapping"}) == {}
