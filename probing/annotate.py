@@ -1,4 +1,5 @@
-"""Annotate a STORE's examples with genomic intervals and truth sets (boolean obs columns).
+"""Annotate a STORE's examples with genomic intervals and truth sets (boolean obs columns),
+and with DeepVariant's own call_variants probabilities (:class:`Cvo`, joined by key).
 
 The blog's concepts were found by *labelling examples after the fact*: UCSC RepeatMasker
 LINEs, GIAB stratifications (low mappability, segdups) and the GIAB mosaic truth set. Each
@@ -776,7 +777,7 @@ def plan_columns(sources: Sequence[Source]) -> list[str]:
     """The column each source writes; two sources writing one column are refused (before
     anything is written, so a clash in the second does not leave the first's behind)."""
     if not sources:
-        raise AnnotationError("annotate: give --bed, --rmsk, --vcf or --cvo (from Python: "
+        raise AnnotationError("annotate: give --bed, --rmsk or --vcf, or --cvo (from Python: "
                               "sources=[Bed(path), RepeatMasker(path), Vcf(path), Cvo(spec)])")
     seen: dict[str, Source] = {}
     for src in sources:
