@@ -62,12 +62,19 @@ class Source:
 
 @dataclass
 class ExampleInfo:
-    """Shape [H, W, C], channel enum list and DeepVariant version (from JSON or flags)."""
+    """Shape [H, W, C], channel enum list and DeepVariant version (from JSON or flags).
+
+    ``flags_for_calling``: the make_examples flags a model's example_info.json lists for
+    calling with it, when it lists any (released 1.9/1.10 models are reported to: e.g.
+    ``trained_small_model_path`` when run_deepvariant uses the small model with it). Kept in
+    ``bundle.json`` so ``info`` / ``extract`` can say how a default run made its examples.
+    """
 
     shape: tuple[int, int, int]
     channels: list[int] | None
     version: str | None
     path: Path | None  # None when it came from --shape/--channels
+    flags_for_calling: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- locating sources
@@ -157,7 +164,9 @@ def read_example_info(path: Path) -> ExampleInfo:
         raise ConversionError(f"{path}: 'shape' must be [H, W, C], got {list(shape)}")
     if len(channels) != shape[2]:
         raise ConversionError(f"{path}: lists {len(channels)} channels but shape has C={shape[2]}")
-    return ExampleInfo(shape, channels, data.get("version"), path)  # type: ignore[arg-type]
+    flags = data.get("flags_for_calling")
+    return ExampleInfo(shape, channels, data.get("version"), path,  # type: ignore[arg-type]
+                       flags if isinstance(flags, dict) and flags else None)
 
 
 def resolve_example_info(
@@ -218,7 +227,8 @@ def resolve_example_info(
         )
     version = info.version if info else None
     used_path = info.path if info and (flag_shape is None or flag_channels is None) else None
-    return ExampleInfo(tuple(int(v) for v in final_shape), list(final_channels), version, used_path)  # type: ignore[arg-type]
+    return ExampleInfo(tuple(int(v) for v in final_shape), list(final_channels),  # type: ignore[arg-type]
+                       version, used_path, info.flags_for_calling if info else None)
 
 
 def converter_versions() -> dict[str, str | None]:
@@ -321,6 +331,7 @@ def convert(
         "converters": converter_versions(),
         "parity": parity,
         "untrained": False,
+        **({"flags_for_calling": info.flags_for_calling} if info.flags_for_calling else {}),
     }
     _write_atomically(
         out,

@@ -1,4 +1,5 @@
-"""Annotate a STORE's examples with genomic intervals and truth sets (boolean obs columns).
+"""Annotate a STORE's examples with genomic intervals and truth sets (boolean obs columns),
+and with DeepVariant's own call_variants probabilities (:class:`Cvo`, joined by key).
 
 The blog's concepts were found by *labelling examples after the fact*: UCSC RepeatMasker
 LINEs, GIAB stratifications (low mappability, segdups) and the GIAB mosaic truth set. Each
@@ -43,6 +44,7 @@ import pandas as pd
 
 from dvtorch.errors import DvprobeError
 from probing.examples import alternate_contig_name
+from probing.schema import PROB_COLUMNS
 from probing.store import Store, as_store
 
 log = logging.getLogger(__name__)
@@ -73,10 +75,15 @@ class AnnotationResult:
     renamed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     unplaced: int = 0  # records / intervals on contigs the STORE lacks under either name
+    detail: str = ""  # what else a user should read (a CVO source: agreement with the STORE)
 
     def summary(self) -> str:
         """One line with the counts a user should sanity-check (unplaced ones included, since
         they are the silent loss a naming mismatch causes)."""
+        if self.source.startswith("cvo"):
+            return (f"{self.column}: {self.n_true}/{self.n_examples} examples have "
+                    f"DeepVariant's probabilities; {self.unmatched} of {self.n_records} "
+                    f"call_variants records match no example{self.detail}")
         if self.source.startswith("vcf"):
             body = (f"{self.matched}/{self.n_records} VCF records matched an example, "
                     f"{self.unmatched} unmatched; {self.n_true}/{self.n_examples} examples True")
@@ -574,6 +581,60 @@ def _write_vcf(store: Store, src: Vcf, column: str) -> AnnotationResult:
                             len(rec) - matched, mapping, warns, unplaced)
 
 
+def _cvo_by_key(table: pd.DataFrame, source: str) -> pd.DataFrame:
+    """``table`` with one row per key. The same example scored twice (a shard given twice)
+    is one row; two different scores for one key are refused: which is DeepVariant's?"""
+    twice = table["key"].duplicated(keep=False)
+    if not twice.any():
+        return table
+    dup = table[twice]
+    if dup.drop_duplicates(["key", *PROB_COLUMNS]).key.duplicated().any():
+        key = dup.key.iat[0]
+        raise AnnotationError(f"{source}: key {key!r} has call_variants records with "
+                              "different probabilities; give one run's output")
+    return table.drop_duplicates("key")
+
+
+def _agreement(obs: pd.DataFrame, probs: np.ndarray, called: np.ndarray,
+               found: np.ndarray) -> str:
+    """How the STORE's own model compares with DeepVariant's on the joined examples."""
+    if not found.any() or not set(PROB_COLUMNS) <= set(obs.columns):
+        return ""
+    mine = obs[list(PROB_COLUMNS)].to_numpy(np.float64)[found]
+    gap = float(np.nanmax(np.abs(mine - probs[found])))
+    text = f"; max |p - DeepVariant's p| = {gap:.3g}"
+    if "pred_genotype" in obs.columns:
+        same = int((obs["pred_genotype"].to_numpy()[found] == called[found]).sum())
+        text += f", same genotype on {same}/{int(found.sum())}"
+    return text
+
+
+def _write_cvo(store: Store, src: Cvo, prefix: str) -> AnnotationResult:
+    from probing.cvo import read_cvo
+
+    obs = _require_obs(store, ["key"])
+    source = f"cvo {src.path}"
+    table = _cvo_by_key(read_cvo(src.path), source)
+    where = pd.Index(table["key"]).get_indexer(obs["key"].astype(str))
+    found = where >= 0
+    if len(table) and not found.any():
+        raise AnnotationError(
+            f"{source}: none of its {len(table)} records has a key of {store.path} (e.g. "
+            f"{table['key'].iat[0]!r} vs {obs['key'].iat[0]!r}): the output of another run "
+            "or region?")
+    probs = np.full((len(obs), len(PROB_COLUMNS)), np.nan)
+    probs[found] = table[list(PROB_COLUMNS)].to_numpy(np.float64)[where[found]]
+    called = np.where(found, np.nan_to_num(probs).argmax(axis=1), -1)
+    genotype = pd.array(np.where(found, called, 0), dtype="Int64")
+    genotype[~found] = pd.NA
+    cols = dict(zip(src.columns(), [*probs.T, genotype], strict=True))
+    store.add_obs(cols)
+    matched = int(found.sum())
+    return AnnotationResult(
+        ",".join(src.columns()), source, len(obs), matched, len(table), matched,
+        len(table) - matched, detail=_agreement(obs, probs, called, found))
+
+
 # --------------------------------------------------------------------------------------
 # Sources and the one entry
 # --------------------------------------------------------------------------------------
@@ -593,6 +654,10 @@ class _Source:
 
     def column(self) -> str:
         return self.name or default_name(self.kind, self.path)
+
+    def columns(self) -> list[str]:
+        """Every column the source writes (one, except :class:`Cvo`'s)."""
+        return [self.column()]
 
     def named_by_file(self) -> Path | None:
         """The file the column name was taken from (named in a refusal), if it was."""
@@ -671,41 +736,77 @@ class Vcf(_Source):
         return _write_vcf(store, self, column)
 
 
-Source = Bed | RepeatMasker | Vcf
+#: What :class:`Cvo` writes after its prefix: DeepVariant's three probabilities and its call.
+CVO_SUFFIXES = ("p_hom_ref", "p_het", "p_hom_alt", "genotype")
+
+
+@dataclass(frozen=True)
+class Cvo(_Source):
+    """DeepVariant's own ``call_variants`` output (``call_variants_output*.tfrecord.gz``: a
+    file, a ``name@N.tfrecord.gz`` spec, a glob or a comma list), joined to the STORE by
+    ``key``. Columns ``<name>_p_hom_ref``, ``_p_het``, ``_p_hom_alt`` (float; NaN where
+    DeepVariant scored no such example) and ``<name>_genotype`` (0/1/2, the argmax of the
+    three, as postprocess_variants calls a bi-allelic site; <NA> there); ``name`` defaults
+    to ``dv``. Why: the rebuilt model's ``p_*`` / ``pred_genotype`` beside DeepVariant's own,
+    example by example, is a parity check on real data that needs no TensorFlow."""
+
+    kind = "cvo"
+
+    def column(self) -> str:
+        return self.name or "dv"
+
+    def columns(self) -> list[str]:
+        return [f"{self.column()}_{suffix}" for suffix in CVO_SUFFIXES]
+
+    def named_by_file(self) -> Path | None:
+        return None  # the prefix is fixed, not taken from the file
+
+    def check(self) -> None:
+        if self.by != "variant":
+            raise AnnotationError(f"{self.path}: call_variants records are joined by example "
+                                  "key; --by does not apply to --cvo")
+
+    def write(self, store: Store, column: str) -> AnnotationResult:
+        return _write_cvo(store, self, column)
+
+
+Source = Bed | RepeatMasker | Vcf | Cvo
 
 
 def plan_columns(sources: Sequence[Source]) -> list[str]:
     """The column each source writes; two sources writing one column are refused (before
     anything is written, so a clash in the second does not leave the first's behind)."""
     if not sources:
-        raise AnnotationError("annotate: give --bed, --rmsk or --vcf (from Python: "
-                              "sources=[Bed(path), RepeatMasker(path), Vcf(path)])")
+        raise AnnotationError("annotate: give --bed, --rmsk or --vcf, or --cvo (from Python: "
+                              "sources=[Bed(path), RepeatMasker(path), Vcf(path), Cvo(spec)])")
     seen: dict[str, Source] = {}
     for src in sources:
         src.check()
-        col = src.column()
-        if col in seen:
-            raise AnnotationError(f"annotate: {Path(seen[col].path)} and {Path(src.path)} "
-                                  f"would both write column {col!r}; annotate them in "
-                                  "separate commands with --name")
-        seen[col] = src
+        for col in src.columns():
+            if col in seen:
+                raise AnnotationError(f"annotate: {seen[col].path} and {src.path} would both "
+                                      f"write column {col!r}; annotate them in separate "
+                                      "commands with --name")
+            seen[col] = src
     return list(seen)
 
 
 def annotate(store: Store | str | os.PathLike, sources: Sequence[Source], *,
              overwrite: bool = True) -> list[AnnotationResult]:
     """Write one boolean obs column per source (:class:`Bed`, :class:`RepeatMasker`,
-    :class:`Vcf`); returns what each did, in order.
+    :class:`Vcf`), or DeepVariant's probabilities and call (:class:`Cvo`); returns what each
+    did, in order.
 
-    Every source's options and column name are checked against the STORE before the first
+    Every source's options and column names are checked against the STORE before the first
     column is written. ``overwrite=False`` (the CLI's default) refuses an existing column.
     """
     store = as_store(store)
-    columns = plan_columns(sources)
-    _require_examples(store, Path(sources[0].path))
-    for src, col in zip(sources, columns, strict=True):
-        check_name(store, col, overwrite=overwrite, from_file=src.named_by_file())
-    return [src.write(store, col) for src, col in zip(sources, columns, strict=True)]
+    plan_columns(sources)
+    _require_examples(store, Path(str(sources[0].path).split(",")[0]))
+    for src in sources:
+        for col in src.columns():
+            check_name(store, col, overwrite=overwrite, from_file=src.named_by_file())
+    return [src.write(store, src.column()) for src in sources]
 
 
 def annotate_bed(store: Store | str | os.PathLike, path: str | os.PathLike,
@@ -723,6 +824,12 @@ def annotate_rmsk(store: Store | str | os.PathLike, path: str | os.PathLike,
     """One :class:`RepeatMasker` source."""
     src = RepeatMasker(path, name, by, repeat_class, repeat_family)
     return annotate(store, [src], overwrite=overwrite)[0]
+
+
+def annotate_cvo(store: Store | str | os.PathLike, spec: str | os.PathLike,
+                 name: str | None = None, *, overwrite: bool = True) -> AnnotationResult:
+    """One :class:`Cvo` source: DeepVariant's probabilities and call as obs columns."""
+    return annotate(store, [Cvo(spec, name)], overwrite=overwrite)[0]
 
 
 def annotate_vcf(store: Store | str | os.PathLike, path: str | os.PathLike,

@@ -56,9 +56,9 @@ Seed = Annotated[int, typer.Option("--seed")]
 
 def _annotation_sources(bed: list[Path] | None, rmsk: Path | None, repeat_class: str | None,
                         repeat_family: str | None, vcf: Path | None, match_alleles: bool,
-                        name: str | None, by: str) -> list:
+                        name: str | None, by: str, cvo: str | None = None) -> list:
     """The command line's files as :mod:`probing.annotate` sources (BEDs, then rmsk, then
-    VCF); refuses flags that belong to a file type not given."""
+    VCF, then call_variants output); refuses flags that belong to a file type not given."""
     from probing import annotate as an
 
     if (repeat_class or repeat_family) and rmsk is None:
@@ -71,6 +71,8 @@ def _annotation_sources(bed: list[Path] | None, rmsk: Path | None, repeat_class:
                                        _split(repeat_family)))
     if vcf is not None:
         sources.append(an.Vcf(vcf, name, by, match_alleles))
+    if cvo is not None:
+        sources.append(an.Cvo(cvo, name, by))
     if name and len(sources) > 1:
         raise CliUsageError("annotate: --name applies to a single source")
     return sources
@@ -95,15 +97,21 @@ def annotate_cmd(
     by: Annotated[str, typer.Option(
         "--by", help="variant: [pos, end) (VCF: same POS) | locus: the pileup window pos±110 "
                      "overlaps / holds a record")] = "variant",
+    cvo: Annotated[str | None, typer.Option(
+        "--cvo", help="DeepVariant's call_variants output (file, name@N.tfrecord.gz, glob or "
+                      "comma list): its probabilities and genotype as columns dv_p_hom_ref, "
+                      "dv_p_het, dv_p_hom_alt, dv_genotype, joined by key (--name: the "
+                      "prefix)")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="replace annotation columns that already exist")] = False,
 ) -> None:
-    """Add boolean obs columns from BED / RepeatMasker / VCF files."""
+    """Add boolean obs columns from BED / RepeatMasker / VCF files, and DeepVariant's own
+    probabilities from its call_variants output."""
     from probing.annotate import annotate
 
     _warnings_to_stderr()
     sources = _annotation_sources(bed, rmsk, repeat_class, repeat_family, vcf, match_alleles,
-                                  name, by)
+                                  name, by, cvo)
     for result in annotate(store, sources, overwrite=overwrite):
         typer.echo(result.summary())
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -98,4 +100,81 @@ def write_table(frame: pd.DataFrame, out: str | os.PathLike) -> None:
     atomic_write_bytes(name, buf.getvalue())
 
 
-__all__ = ["CVO_COLUMNS", "iter_cvo", "parse_cvo", "read_cvo", "write_table"]
+# --------------------------------------------------------------------- the small model
+#
+# DeepVariant 1.7+ can genotype confident candidates inside make_examples with a small MLP
+# (``--call_small_model_examples``, run_deepvariant's default for some model types since
+# 1.8): those sites get a CallVariantsOutput record in
+# ``<examples name>_call_variant_outputs.tfrecord@N.gz`` (run_deepvariant:
+# ``make_examples_call_variant_outputs.tfrecord@N.gz`` in the intermediate directory, beside
+# ``make_examples.tfrecord@N.gz``) and NO pileup example. What the files a user has can
+# tell (docs/guide.md, "The small model"):
+#
+# * the examples' own ``example_info.json`` cannot: make_examples writes only ``version``,
+#   ``shape`` and ``channels`` there, and the run's flags are not stored with the examples;
+# * those ``*call_variant_outputs*`` files beside the examples can: holding records, they
+#   are sites the small model called, missing from the examples;
+# * a model's ``example_info.json`` may list the flags run_deepvariant passes for it under
+#   ``flags_for_calling`` (seen in third-party code reading the 1.9/1.10 Docker images'
+#   model.example_info.json, not in Google's docs): a ``trained_small_model_path`` there
+#   means a default run with that model uses the small model.
+
+#: The names make_examples gives its small-model call files (sharded or not).
+SMALL_MODEL_GLOB = "*call_variant_outputs*.tfrecord*"
+
+
+@dataclass(frozen=True)
+class SmallModelCalls:
+    """make_examples' small-model call files found beside a set of examples."""
+
+    files: tuple[Path, ...]
+    first_record_in: Path | None  # the first file holding a record; None: all are empty
+
+    @property
+    def called_sites(self) -> bool:
+        """Whether the small model genotyped any site (so the examples lack those sites)."""
+        return self.first_record_in is not None
+
+    def summary(self) -> str:
+        where = self.files[0].parent
+        if self.called_sites:
+            return (f"small model: ON: {len(self.files)} make_examples call_variant_outputs "
+                    f"file(s) in {where} hold sites it genotyped without writing an example; "
+                    "the examples miss those (mostly easy) sites. Rerun make_examples with "
+                    "--disable_small_model to get every candidate")
+        return (f"small model: on, but its {len(self.files)} call_variant_outputs file(s) in "
+                f"{where} are empty: no site is missing from the examples")
+
+
+def small_model_calls(examples: str | os.PathLike | Sequence[str | os.PathLike]
+                      ) -> SmallModelCalls | None:
+    """The small-model call files beside ``examples`` (a spec, glob, list or file), or None
+    when there are none (the small model was off, or its files were not kept there).
+
+    Reads at most one record per file: enough to tell "called sites" from "empty", cheap on
+    whole-genome runs (counting every record would read gigabytes).
+    """
+    dirs = dict.fromkeys(Path(f).resolve().parent for f in expand_spec(examples))
+    files = tuple(sorted(f for d in dirs for f in d.glob(SMALL_MODEL_GLOB)
+                         if f.is_file() and not f.name.endswith(".json")))
+    if not files:
+        return None
+    first = next((f for f in files if next(iter_records(f), None) is not None), None)
+    return SmallModelCalls(files, first)
+
+
+#: ``flags_for_calling`` keys that say a model is run with the small model.
+SMALL_MODEL_FLAGS = ("trained_small_model_path", "call_small_model_examples")
+
+
+def small_model_flags(example_info: Mapping[str, Any]) -> dict[str, Any]:
+    """The small-model flags a model's ``example_info.json`` (or a BUNDLE's meta) lists
+    under ``flags_for_calling``: ``{}`` when it lists none (most do not say either way)."""
+    flags = example_info.get("flags_for_calling") or {}
+    if not isinstance(flags, Mapping):
+        return {}
+    return {k: v for k, v in flags.items() if k.startswith("small_model") or k in SMALL_MODEL_FLAGS}
+
+
+__all__ = ["CVO_COLUMNS", "SMALL_MODEL_GLOB", "SmallModelCalls", "iter_cvo", "parse_cvo",
+           "read_cvo", "small_model_calls", "small_model_flags", "write_table"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dvtorch.errors import DvprobeError
-from probing.channels import WGS_CHANNELS, channel_name
+from probing.channels import channel_name
 from probing.examples import DVExample, parse_example, read_example_info, read_examples
 from probing.store import Store, as_store, open_store
 from probing.tfrecord import expand_spec, iter_records
@@ -66,12 +66,20 @@ def data_uri(png: bytes) -> str:
 
 def channel_images(image: np.ndarray, channels: Sequence[int] | None,
                    downsample: int = 1) -> list[tuple[str, np.ndarray]]:
-    """``[(label, gray [H, W])]`` per channel; labels like ``"1 read_base"``."""
+    """``[(label, gray [H, W])]`` per channel; labels like ``"1 read_base"``.
+
+    ``channels`` is the enum list of the model or examples the pileup belongs to (a BUNDLE's
+    or STORE's ``channels``, an example_info.json's). Without one, channels are labelled by
+    position (``"channel 3"``): guessing the WGS names from the channel count would put
+    ``insert_size`` on another model's seventh channel.
+    """
     img = np.asarray(image)
     if img.ndim != 3:
         raise ShowError(f"expected an [H, W, C] pileup, got shape {img.shape}")
-    chans = list(channels) if channels is not None else (
-        list(WGS_CHANNELS) if img.shape[2] == len(WGS_CHANNELS) else None)
+    chans = list(channels) if channels is not None else None
+    if chans is not None and len(chans) != img.shape[2]:
+        raise ShowError(f"pileup has {img.shape[2]} channels but the channel list names "
+                        f"{len(chans)}: {chans}")
     out = []
     for i in range(img.shape[2]):
         label = f"{chans[i]} {channel_name(chans[i])}" if chans else f"channel {i}"

@@ -450,3 +450,19 @@ def test_cli_convert_error_is_one_line(tmp_path: Path, monkeypatch, capsys) -> N
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not a model directory" in err
+
+
+def test_a_models_flags_for_calling_are_kept_for_the_bundle(tmp_path: Path) -> None:
+    """A model example_info.json listing the flags run_deepvariant calls it with (small model
+    included) hands them on; flags given on the command line keep them too."""
+    from dvtorch.convert import Source, read_example_info, resolve_example_info
+
+    flags = {"trained_small_model_path": "/opt/smallmodels/wgs", "track_ref_reads": True}
+    path = tmp_path / "example_info.json"
+    path.write_text(json.dumps({"version": "1.10.0", "shape": [100, 221, 7],
+                                "channels": [1, 2, 3, 4, 5, 6, 19], "flags_for_calling": flags}))
+    assert read_example_info(path).flags_for_calling == flags
+    src = Source("checkpoint", tmp_path / "deepvariant.wgs.ckpt", [])
+    assert resolve_example_info(src, None, None, None).flags_for_calling == flags
+    path.write_text(json.dumps({"shape": [100, 221, 7], "channels": [1, 2, 3, 4, 5, 6, 19]}))
+    assert resolve_example_info(src, None, None, None).flags_for_calling is None
