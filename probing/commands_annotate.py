@@ -95,8 +95,9 @@ def annotate_cmd(
     name: Annotated[str | None, typer.Option(
         "--name", help="column name (one source only)")] = None,
     by: Annotated[str, typer.Option(
-        "--by", help="variant: [pos, end) (VCF: same POS) | locus: the pileup window pos±110 "
-                     "overlaps / holds a record")] = "variant",
+        "--by", help="variant: [pos, end) (VCF: same POS) | locus: the pileup window "
+                     "pos ± (width-1)/2 of the STORE's examples (±110 for WGS) overlaps / "
+                     "holds a record")] = "variant",
     cvo: Annotated[str | None, typer.Option(
         "--cvo", help="DeepVariant's call_variants output (file, name@N.tfrecord.gz, glob or "
                       "comma list): its probabilities and genotype as columns dv_p_hom_ref, "
