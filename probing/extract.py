@@ -114,6 +114,16 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def _rank_device(dev: torch.device, config: ExtractConfig) -> torch.device:
+    """Under torchrun, ``--device auto`` is this rank's GPU (``LOCAL_RANK``; every rank
+    on cuda:0 would share one GPU), or cuda:0 where each rank sees only its own."""
+    local = os.environ.get("LOCAL_RANK", "")
+    if config.device != "auto" or dev.type != "cuda" or config.task is None \
+            or not local.isdigit():
+        return dev
+    return torch.device("cuda", int(local) % torch.cuda.device_count())
+
+
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -435,7 +445,7 @@ def plan(config: ExtractConfig) -> ExtractionPlan:
     if sampling is not None and sampling.fraction == 1:
         sampling = None  # every record: the same STORE as no --sample (and resumes as one)
     where = parse_regions(config.regions) if config.regions is not None else None
-    dev = resolve_device(config.device)
+    dev = _rank_device(resolve_device(config.device), config)
     if config.dtype == "fp16" and dev.type != "cuda":
         raise DvprobeError("--dtype fp16 needs --device cuda (on a CPU, --dtype bf16 is the "
                            "fast half precision)")
@@ -629,7 +639,9 @@ def _disk_full_said(where: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        # pyarrow's write errors carry the reason in the message only
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) and not any(
+                why in str(e) for why in ("No space left", "Disk quota exceeded")):
             raise
         try:
             free = f"{shutil.disk_usage(where).free:,} bytes free"

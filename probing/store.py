@@ -764,9 +764,9 @@ def open_parted_root(path: str | os.PathLike, meta: Mapping[str, Any],
     meta_path = path / _META
     if not meta_path.is_file():
         path.mkdir(parents=True, exist_ok=True)
-        ours = {PARTS_DIR, _META}
+        # hidden names: the temp files of tasks creating store.json at this moment
         odd = [p.name for p in path.iterdir()
-               if p.name not in ours and not p.name.startswith(f".{_META}.")]
+               if p.name != PARTS_DIR and not p.name.startswith(".")]
         if odd:
             raise StoreError(f"{path} exists and is not a STORE (it holds {odd[:3]}); "
                              "refusing to write into it; choose another --out")

@@ -351,3 +351,14 @@ def test_extract_refuses_a_task_count_the_top_level_does_not_hold(data, tmp_path
         _extract(data, out, task=0, num_tasks=2)
     with pytest.raises(DvprobeError, match="one-task extraction"):
         _extract(data, data["root"] / "whole", task=0, num_tasks=2)
+
+
+def test_under_torchrun_auto_is_the_gpu_of_the_local_rank(data, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    config = _config(data, tmp_path / "o", device="auto", task=6, num_tasks=8)
+    assert ex._rank_device(torch.device("cuda"), config) == torch.device("cuda", 2)
+    single = _config(data, tmp_path / "o", device="auto")
+    assert ex._rank_device(torch.device("cuda"), single) == torch.device("cuda")
