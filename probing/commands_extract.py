@@ -120,20 +120,22 @@ def extract_command(
             # committed, how to resume) is its outcome, like an error: say it anyway.
             typer.echo(str(exc), err=True)
         raise
-    typer.echo(f"{store.path}: {store.n} examples, layers {', '.join(store.layers)}"
-               + (f", {store.meta['skipped']['count']} corrupt records skipped"
-                  if (store.meta.get("skipped") or {}).get("count") else "")
-               + (_parts_said(out) if config.task is not None else ""))
+    _say_extracted(store, out if config.task is not None else None)
 
 
-def _parts_said(out: Path) -> str:
-    """How far a STORE written by tasks is, after one of its tasks finished."""
-    from probing.store import Store
+def _say_extracted(store, parted: Path | None) -> None:
+    """The summary line; after a task, how far its STORE (``parted``) is."""
+    line = (f"{store.path}: {store.n} examples, layers {', '.join(store.layers)}"
+            + (f", {store.meta['skipped']['count']} corrupt records skipped"
+               if (store.meta.get("skipped") or {}).get("count") else ""))
+    if parted is not None:
+        from probing.store import Store
 
-    parts = Store(out, partial_parts=True).parts
-    done = sum(p.complete for p in parts)
-    return (f"; all {len(parts)} parts of {out} are complete" if done == len(parts)
-            else f"; {done} of {len(parts)} parts of {out} are complete")
+        parts = Store(parted, partial_parts=True).parts
+        done = sum(p.complete for p in parts)
+        line += (f"; all {len(parts)} parts of {parted} are complete" if done == len(parts)
+                 else f"; {done} of {len(parts)} parts of {parted} are complete")
+    typer.echo(line)
 
 
 def _launch(config, procs: int | None, gpus: str | None, *, progress: bool) -> None:
