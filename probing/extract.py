@@ -597,7 +597,9 @@ def command_line(config: ExtractConfig, *, task: int | str | None = None,
     paths; ``run_options`` adds how to run (device, batch, workers, commits).
     ``task`` may be a placeholder such as ``"{task}"``."""
     c = config
-    argv = ["dvprobe", "extract", _absolute(str(c.bundle)), _absolute(c.examples),
+    bundle = str(c.bundle)
+    argv = ["dvprobe", "extract", os.path.abspath(bundle) if os.path.exists(bundle) else bundle,
+            ",".join(os.path.abspath(os.path.expanduser(f)) for f in c.examples.split(",")),
             "--out", os.path.abspath(c.out), "--layers", ",".join(c.layers),
             "--pool", c.pool, "--dtype", c.dtype]
     if c.limit is not None:
@@ -605,7 +607,7 @@ def command_line(config: ExtractConfig, *, task: int | str | None = None,
     if c.sample is not None:
         argv += ["--sample", repr(c.sample), "--sample-seed", str(c.sample_seed)]
     for r in c.regions or []:
-        argv += ["--regions", _absolute(r) if os.path.exists(r) else r]
+        argv += ["--regions", os.path.abspath(r) if os.path.isfile(r) else r]
     if c.skip_corrupt:
         argv.append("--skip-corrupt")
     if run_options:
@@ -619,13 +621,6 @@ def command_line(config: ExtractConfig, *, task: int | str | None = None,
     if task is not None:
         argv += ["--task", str(task), "--num-tasks", str(num_tasks or c.num_tasks)]
     return argv
-
-
-def _absolute(spec: str) -> str:
-    """A path, shard spec or comma list of them made absolute (a release name stays)."""
-    if os.sep not in spec and not os.path.exists(spec.split("@")[0].split(",")[0]):
-        return spec  # a release name, or a bare file name that is not here
-    return ",".join(os.path.abspath(part) for part in spec.split(","))
 
 
 class DiskFullError(DvprobeError):

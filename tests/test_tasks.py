@@ -362,3 +362,19 @@ def test_under_torchrun_auto_is_the_gpu_of_the_local_rank(data, tmp_path, monkey
     assert ex._rank_device(torch.device("cuda"), config) == torch.device("cuda", 2)
     single = _config(data, tmp_path / "o", device="auto")
     assert ex._rank_device(torch.device("cuda"), single) == torch.device("cuda")
+
+
+def test_the_command_that_makes_a_task_holds_absolute_paths_and_the_choices(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bundle").mkdir()
+    c = ExtractConfig("bundle", "ex.tfrecord@3.gz", "out", layers=["mixed5"], sample=0.5,
+                      regions=["chr20"], limit=9)
+    argv = ex.command_line(c, task="{task}", num_tasks=4)
+    assert argv == ["dvprobe", "extract", str(tmp_path / "bundle"),
+                    str(tmp_path / "ex.tfrecord@3.gz"), "--out", str(tmp_path / "out"),
+                    "--layers", "mixed5", "--pool", "max", "--dtype", "fp32", "--limit", "9",
+                    "--sample", "0.5", "--sample-seed", "0", "--regions", "chr20",
+                    "--task", "{task}", "--num-tasks", "4"]
+    release = ExtractConfig("deepvariant-1.10.0-wgs", "ex.gz", "out")
+    assert ex.command_line(release)[2] == "deepvariant-1.10.0-wgs"
