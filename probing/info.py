@@ -93,10 +93,10 @@ def _damage(store: Store, info: dict[str, Any]) -> list[str]:
     out = [f"parts/{p.name}/store.json is unreadable" for p in store.parts
            if p.state == "damaged"]
     for u in _units(store):
-        for name, spec in (store.meta.get("layers") or {}).items():
+        for la in info["layers"]:
+            name = la["name"]
             f = u.path / "layers" / f"{name}.bin"
-            want = u.n * int(spec.get("dim") or 0) * np.dtype(
-                spec.get("dtype") or "float32").itemsize
+            want = u.n * int(la["dim"] or 0) * np.dtype(la["dtype"] or "float32").itemsize
             if not f.is_file():
                 out.append(f"{u.prefix}layers/{name}.bin is missing")
             elif f.stat().st_size < want or (u.complete and f.stat().st_size != want):
