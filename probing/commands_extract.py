@@ -75,6 +75,25 @@ def extract_command(
         help="Seconds between commits (0: after every batch). Ctrl-C always commits; a hard "
              "kill redoes at most the batches since the last commit, never duplicates "
              "rows.")] = 15.0,
+    task: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--task", metavar="I|auto",
+        help="Extract only task I (0-based) of --num-tasks into its own part of the STORE, "
+             "like DeepVariant's make_examples --task: run every task, anywhere the STORE "
+             "is mounted, and the parts read back as one STORE in input order. auto: "
+             "torchrun's RANK / WORLD_SIZE, or a SLURM array's SLURM_ARRAY_TASK_ID / "
+             "SLURM_ARRAY_TASK_COUNT.")] = None,
+    num_tasks: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--num-tasks", min=1,
+        help="How many tasks share the input: blocks of whole shards, or record ranges "
+             "when there are fewer shards than tasks.")] = None,
+    procs: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--procs", min=1,
+        help="Run the extraction as N tasks in N local processes on the CPU (cores split "
+             "between them), with one progress bar.")] = None,
+    gpus: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--gpus", metavar="all|0,1,3",
+        help="Run one task per GPU, each process seeing only its GPU "
+             "(CUDA_VISIBLE_DEVICES), with one progress bar.")] = None,
     no_progress: Annotated[bool, typer.Option(
         "--no-progress", help="No progress bar / messages.")] = False,
 ) -> None:
@@ -89,7 +108,10 @@ def extract_command(
         device=device, batch_size=batch_size, workers=workers, dtype=dtype, limit=limit,
         skip_corrupt=skip_corrupt, sample=sample, sample_seed=sample_seed,
         regions=regions or None, overwrite=overwrite, compile=compile_,
-        commit_interval_s=commit_every)
+        commit_interval_s=commit_every, task=task, num_tasks=num_tasks)
+    if procs is not None or gpus is not None:
+        _launch(config, procs, gpus, progress=not no_progress)
+        return
     try:
         store = extract(config, progress=not no_progress)
     except ExtractionInterrupted as exc:
@@ -98,9 +120,31 @@ def extract_command(
             # committed, how to resume) is its outcome, like an error: say it anyway.
             typer.echo(str(exc), err=True)
         raise
-    typer.echo(f"{store.path}: {store.n} examples, layers {', '.join(store.layers)}"
-               + (f", {store.meta['skipped']['count']} corrupt records skipped"
-                  if (store.meta.get("skipped") or {}).get("count") else ""))
+    _say_extracted(store, out if config.task is not None else None)
+
+
+def _say_extracted(store, parted: Path | None) -> None:
+    """The summary line; after a task, how far its STORE (``parted``) is."""
+    line = (f"{store.path}: {store.n} examples, layers {', '.join(store.layers)}"
+            + (f", {store.meta['skipped']['count']} corrupt records skipped"
+               if (store.meta.get("skipped") or {}).get("count") else ""))
+    if parted is not None:
+        from probing.store import Store
+
+        parts = Store(parted, partial_parts=True).parts
+        done = sum(p.complete for p in parts)
+        line += (f"; all {len(parts)} parts of {parted} are complete" if done == len(parts)
+                 else f"; {done} of {len(parts)} parts of {parted} are complete")
+    typer.echo(line)
+
+
+def _launch(config, procs: int | None, gpus: str | None, *, progress: bool) -> None:
+    """``--procs`` / ``--gpus``: the tasks as local processes (:mod:`probing.launch`)."""
+    from probing.launch import LaunchConfig, launch
+
+    store = launch(LaunchConfig(config, procs=procs, gpus=gpus), progress=progress)
+    typer.echo(f"{store.path}: {store.n} examples in {len(store.parts)} parts, layers "
+               f"{', '.join(store.layers)}")
 
 
 def info_command(

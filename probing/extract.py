@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -48,7 +50,8 @@ from probing.examples import DVExample, check_example_info, parse_example, read_
 from probing.loader import Batch, Cursor, ExampleBatches, RecordSample, make_loader
 from probing.regions import Regions, parse_regions
 from probing.schema import PROB_COLUMNS
-from probing.store import LayerSpec, Store, StoreWriter
+from probing.store import LayerSpec, Store, StoreWriter, open_parted_root, part_states
+from probing.tasks import PARTS_DIR, PartClaim, Task, TaskRange, resolve_task, split_input
 from probing.tfrecord import expand_spec, is_gzip, iter_records, report_skip
 
 POOLS = ("max", "mean", "flatten")
@@ -109,6 +112,16 @@ def resolve_device(device: str) -> torch.device:
         raise DvprobeError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA "
                            f"device(s), numbered from 0")
     return dev
+
+
+def _rank_device(dev: torch.device, config: ExtractConfig) -> torch.device:
+    """Under torchrun, ``--device auto`` is this rank's GPU (``LOCAL_RANK``; every rank
+    on cuda:0 would share one GPU), or cuda:0 where each rank sees only its own."""
+    local = os.environ.get("LOCAL_RANK", "")
+    if config.device != "auto" or dev.type != "cuda" or config.task is None \
+            or not local.isdigit():
+        return dev
+    return torch.device("cuda", int(local) % torch.cuda.device_count())
 
 
 def _usable_cpus() -> int:
@@ -330,7 +343,9 @@ class ExtractConfig:
     keeps the examples whose variant overlaps them. ``workers``: loader processes (None:
     :func:`default_workers`). ``compile``: ``torch.compile`` the CUDA engine. Commits
     happen every ``commit_interval_s`` seconds (0: after every batch), when 256 MiB of
-    output is pending, on Ctrl-C and at the end.
+    output is pending, on Ctrl-C and at the end. ``task`` / ``num_tasks``: extract only
+    task ``task``'s block of the input into part ``task`` of ``out``
+    (:mod:`probing.tasks`; ``task="auto"`` reads torchrun's or SLURM's environment).
     """
 
     bundle: str | os.PathLike
@@ -350,11 +365,23 @@ class ExtractConfig:
     overwrite: bool = False
     compile: bool = False
     commit_interval_s: float = 15.0
+    task: int | str | None = None
+    num_tasks: int | None = None
 
     def __post_init__(self) -> None:
         layers = [self.layers] if isinstance(self.layers, str) else list(self.layers)
         object.__setattr__(self, "layers", layers)
         self.validate()
+        # "auto" becomes this process's task now (torchrun / SLURM environment)
+        found = resolve_task(self.task, self.num_tasks)
+        if found is not None:
+            object.__setattr__(self, "task", found.index)
+            object.__setattr__(self, "num_tasks", found.count)
+
+    @property
+    def part(self) -> Task | None:
+        """The task this config extracts (``--task I --num-tasks N``), or None: no parts."""
+        return Task(int(self.task), int(self.num_tasks)) if self.task is not None else None
 
     def validate(self) -> None:
         """Refuse bad options with the flag's name, before anything is read."""
@@ -396,6 +423,19 @@ class ExtractionPlan:
     channels: list[int] | None
     specs: list[LayerSpec]
     meta: dict[str, Any] = field(default_factory=dict)
+    dest: Path | None = None  # the directory written: out, or the task's part of it
+    task: Task | None = None
+    range: TaskRange | None = None  # the records the task reads (None: all)
+
+    def loader_bounds(self, cursor: dict[str, Any] | None) -> tuple[list[str], Cursor,
+                                                                     int | None]:
+        """(files, start, limit) for :class:`ExampleBatches`: the whole input, or the
+        task's block of it (whose read position counts from the block's start)."""
+        if self.range is None:
+            return self.files, Cursor.from_json(cursor), self.config.limit
+        r = self.range
+        start = Cursor.from_json(cursor) if cursor else Cursor(r.first_shard, r.first_record, 0)
+        return self.files[:r.end_shard], start, r.records
 
 
 def plan(config: ExtractConfig) -> ExtractionPlan:
@@ -405,7 +445,7 @@ def plan(config: ExtractConfig) -> ExtractionPlan:
     if sampling is not None and sampling.fraction == 1:
         sampling = None  # every record: the same STORE as no --sample (and resumes as one)
     where = parse_regions(config.regions) if config.regions is not None else None
-    dev = resolve_device(config.device)
+    dev = _rank_device(resolve_device(config.device), config)
     if config.dtype == "fp16" and dev.type != "cuda":
         raise DvprobeError("--dtype fp16 needs --device cuda (on a CPU, --dtype bf16 is the "
                            "fast half precision)")
@@ -427,6 +467,9 @@ def plan(config: ExtractConfig) -> ExtractionPlan:
         model=model, shape=shape, channels=channels,
         specs=_layer_specs(model, shape, config.layers, config.pool))
     p.meta = _store_meta(p, checked)
+    if config.part is not None:
+        p.task = config.part
+        p.range = split_input(files, p.task, config.limit)
     return p
 
 
@@ -459,8 +502,8 @@ def _store_meta(p: ExtractionPlan, checked: dict[str, Any]) -> dict[str, Any]:
 def _say_before_start(p: ExtractionPlan, writer: StoreWriter,
                       log: Callable[[str], None]) -> None:
     """What the user should know before a (resumed) run starts."""
-    out, n_before = p.config.out, writer.n_committed
-    start = Cursor.from_json(writer.meta.get("cursor"))
+    out, n_before = p.dest, writer.n_committed
+    start = p.loader_bounds(writer.meta.get("cursor"))[1]
     if writer.set_aside is not None:  # said also with --no-progress: files were moved
         _log(True)(f"{out}: annotations / runs made on the {n_before} examples committed so "
                    f"far no longer line up once extraction resumes; moved to "
@@ -494,18 +537,115 @@ def extract(config: ExtractConfig, *, progress: bool = True,
     """
     log = _log(progress)
     p = plan(config)
+    if p.task is not None:
+        return _extract_part(p, log, progress, on_batch)
     writer = StoreWriter.open(config.out, p.meta, p.specs, overwrite=config.overwrite)
+    return _extract_into(p, writer, log, progress, on_batch)
+
+
+def _extract_into(p: ExtractionPlan, writer: StoreWriter, log: Callable[[str], None],
+                  progress: bool, on_batch: Callable[[int], None] | None) -> Store:
+    """Resume or start the extraction ``writer`` holds, through to its final commit."""
+    p.dest = writer.path
     if writer.complete:
-        log(f"{config.out}: already complete ({writer.n_committed} examples); nothing to do "
+        log(f"{p.dest}: already complete ({writer.n_committed} examples); nothing to do "
             "(pass --overwrite to redo it)")
-        return Store(config.out)
+        return Store(p.dest)
     _say_before_start(p, writer, log)
-    engine = make_engine(p.model, [s.name for s in p.specs], config.pool, device=p.device,
-                         dtype=config.dtype, batch_size=config.batch_size,
-                         compile=config.compile, log=log)
-    run = _Run(p, writer, engine, progress, on_batch)
-    run.loop()
-    return _finish(run, log)
+    c = p.config
+    engine = make_engine(p.model, [s.name for s in p.specs], c.pool, device=p.device,
+                         dtype=c.dtype, batch_size=c.batch_size, compile=c.compile, log=log)
+    with _disk_full_said(p.dest):
+        run = _Run(p, writer, engine, progress, on_batch)
+        run.loop()
+        return _finish(run, log)
+
+
+def _extract_part(p: ExtractionPlan, log: Callable[[str], None], progress: bool,
+                  on_batch: Callable[[int], None] | None) -> Store:
+    """Task ``p.task``'s block of the input into its part of ``out``: the top-level
+    store.json is created or checked first, then the part is claimed (one writer per part)
+    and written like any STORE (resumable, atomic commits). Returns the part."""
+    c, task = p.config, p.task
+    root = Path(c.out)
+    open_parted_root(root, {**p.meta, "task_command": command_line(c, task="{task}")},
+                     p.specs, task.count)
+    part = root / PARTS_DIR / task.part
+    with PartClaim.take(part.with_name(part.name + ".claim"),
+                        f"{root}: part {task.index} of {task.count}"):
+        writer = StoreWriter.open(part, _part_meta(p), p.specs, overwrite=c.overwrite)
+        store = _extract_into(p, writer, log, progress, on_batch)
+    states = part_states(root, Store(root, partial_parts=True).root_meta)
+    done = sum(s.complete for s in states)
+    log(f"{root}: all {task.count} parts complete; it opens as one STORE" if done == task.count
+        else f"{root}: {done} of {task.count} parts complete")
+    return store
+
+
+def _part_meta(p: ExtractionPlan) -> dict[str, Any]:
+    """A part's store.json record: the extraction's, with the task in the fingerprint (a
+    part resumes only as the same task of the same split) and the records it reads."""
+    task = {"index": p.task.index, "count": p.task.count}
+    return {**p.meta, "inputs": {**p.meta["inputs"], "task": task},
+            "task": {**task, "range": p.range.to_json()}}
+
+
+def command_line(config: ExtractConfig, *, task: int | str | None = None,
+                 num_tasks: int | None = None, run_options: bool = False) -> list[str]:
+    """``dvprobe extract ...`` for ``config`` as argv: what a task's part needs to be
+    (re)made the same (model, inputs, layers, pooling, dtype, choices), with absolute
+    paths; ``run_options`` adds how to run (device, batch, workers, commits).
+    ``task`` may be a placeholder such as ``"{task}"``."""
+    c = config
+    bundle = str(c.bundle)
+    argv = ["dvprobe", "extract", os.path.abspath(bundle) if os.path.exists(bundle) else bundle,
+            ",".join(os.path.abspath(os.path.expanduser(f)) for f in c.examples.split(",")),
+            "--out", os.path.abspath(c.out), "--layers", ",".join(c.layers),
+            "--pool", c.pool, "--dtype", c.dtype]
+    if c.limit is not None:
+        argv += ["--limit", str(c.limit)]
+    if c.sample is not None:
+        argv += ["--sample", repr(c.sample), "--sample-seed", str(c.sample_seed)]
+    for r in c.regions or []:
+        argv += ["--regions", os.path.abspath(r) if os.path.isfile(r) else r]
+    if c.skip_corrupt:
+        argv.append("--skip-corrupt")
+    if run_options:
+        argv += ["--device", c.device, "--batch-size", str(c.batch_size),
+                 "--commit-every", repr(c.commit_interval_s)]
+        if c.workers is not None:
+            argv += ["--workers", str(c.workers)]
+        if c.compile:
+            argv.append("--compile")
+    task = c.task if task is None else task
+    if task is not None:
+        argv += ["--task", str(task), "--num-tasks", str(num_tasks or c.num_tasks)]
+    return argv
+
+
+class DiskFullError(DvprobeError):
+    """The disk filled up while a STORE was written: what is committed is kept."""
+
+
+@contextlib.contextmanager
+def _disk_full_said(where: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing ``where`` as one line, not a traceback: the
+    commit it cut short is undone when the same command is rerun, so it resumes there."""
+    try:
+        yield
+    except OSError as e:
+        # pyarrow's write errors carry the reason in the message only
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) and not any(
+                why in str(e) for why in ("No space left", "Disk quota exceeded")):
+            raise
+        try:
+            free = f"{shutil.disk_usage(where).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFullError(
+            f"{where}: disk full while writing ({e.strerror or e}; {free} there); every "
+            "commit before it is kept: free some space or raise the quota, then rerun the "
+            "same command to resume") from None
 
 
 class _Run:
@@ -528,9 +668,9 @@ class _Run:
     def loop(self) -> None:
         """Every batch of the input through the engine, committed; Ctrl-C commits too."""
         c = self.p.config
-        start = Cursor.from_json(self.writer.meta.get("cursor"))
-        dataset = ExampleBatches(self.p.files, batch_size=c.batch_size, shape=self.p.shape,
-                                 channels=self.p.channels, start=start, limit=c.limit,
+        files, start, limit = self.p.loader_bounds(self.writer.meta.get("cursor"))
+        dataset = ExampleBatches(files, batch_size=c.batch_size, shape=self.p.shape,
+                                 channels=self.p.channels, start=start, limit=limit,
                                  skip_corrupt=c.skip_corrupt, sample=self.p.sampling,
                                  regions=self.p.regions)
         it = iter(make_loader(dataset, workers=self.p.workers,
@@ -545,7 +685,7 @@ class _Run:
                 del it  # abandon the batch in flight; commit the finished ones
             self._commit()
             msg = (f"interrupted: {self.writer.n_committed} examples are committed in "
-                   f"{c.out}; run the same command again to resume from there")
+                   f"{self.p.dest}; run the same command again to resume from there")
             if self.bar is not None:
                 self.bar.close()
                 _log(True)(msg)
@@ -613,7 +753,8 @@ class _Run:
         if self.bar is None:
             return
         c = self.p.config
-        if c.limit is None and self.p.regions is None and len(self.sizes) > 1:
+        if c.limit is None and self.p.regions is None and len(self.sizes) > 1 \
+                and self.p.task is None:
             total = estimate_total(batch.end, self.sizes)
             if total is not None:
                 fraction = self.p.sampling.fraction if self.p.sampling else 1.0
@@ -632,8 +773,10 @@ def _progress_bar(p: ExtractionPlan, initial: int) -> Any:
 
     # with --sample / --regions, --limit counts records read, not examples: no exact total
     exact = p.sampling is None and p.regions is None
-    return tqdm(total=p.config.limit if exact else None, initial=initial, unit="ex",
-                dynamic_ncols=True, desc="extract", file=sys.stderr, smoothing=0.1)
+    total = p.config.limit if p.range is None else p.range.records
+    desc = "extract" if p.task is None else f"extract {p.task.index}/{p.task.count}"
+    return tqdm(total=total if exact else None, initial=initial, unit="ex",
+                dynamic_ncols=True, desc=desc, file=sys.stderr, smoothing=0.1)
 
 
 def _finish(run: _Run, log: Callable[[str], None]) -> Store:
@@ -641,7 +784,7 @@ def _finish(run: _Run, log: Callable[[str], None]) -> Store:
     p, writer = run.p, run.writer
     elapsed = time.perf_counter() - run.t_start
     skipped = writer.meta.get("skipped") or {"count": 0, "first": []}
-    if writer.n_committed == 0:
+    if writer.n_committed == 0 and p.task is None:  # a task's block may well keep none
         # An empty STORE only fails later ("the STORE has no examples"); say it now, and
         # leave no empty STORE behind to be resumed or mistaken for a result.
         writer.discard()
@@ -664,7 +807,7 @@ def _finish(run: _Run, log: Callable[[str], None]) -> Store:
         f"{summary['examples_per_s']} ex/s, data loading "
         f"{100 * run.t_wait / max(elapsed, 1e-9):.0f}% of wall time"
         + (f"; skipped {skipped['count']} corrupt records" if skipped["count"] else "")
-        + f" -> {p.config.out}")
+        + f" -> {p.dest}")
     return store
 
 

@@ -20,19 +20,21 @@ from dvtorch.files import BUNDLE_META_FILE, bundle_fingerprint
 from probing.pileup import ATTRIBUTES
 from probing.probe import PROBES_DIR, PROBES_FORMAT
 from probing.schema import META_COLUMNS, MODEL_COLUMNS
-from probing.store import Store
+from probing.store import PartState, Store, finish_command
+from probing.tasks import describe_claim
 
 
 def store_info(path: str | os.PathLike) -> dict[str, Any]:
     """Everything :func:`format_info` prints, as plain JSON-able data."""
-    store = Store(path)
+    store = Store(path, partial_parts=True)
     m = store.meta
     inputs = m.get("inputs") or {}
     info: dict[str, Any] = {
         "path": str(store.path),
         "complete": store.complete,
         "n": store.n,
-        "cursor": None if store.complete else m.get("cursor"),
+        "cursor": None if store.complete or store.parts else m.get("cursor"),
+        "parts": [_part(store, p) for p in store.parts],
         "model": _model(m),
         "examples": {
             "spec": m.get("examples_spec"),
@@ -46,7 +48,8 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
             "regions": (dict(inputs["regions"], given=m.get("regions_given"))
                         if inputs.get("regions") else None),
             # the committed cursor counts every record read (chosen or not, corrupt too)
-            "records_read": int((m.get("cursor") or {}).get("position", 0)),
+            "records_read": sum(int((u.meta.get("cursor") or {}).get("position", 0))
+                                for u in _units(store)),
         },
         "extraction": {**(m.get("extraction") or {}),
                        "dtype": inputs.get("dtype"),
@@ -62,19 +65,45 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+class _Unit:
+    """Where rows are written: a STORE, or one started part of a parted STORE."""
+
+    def __init__(self, path: Path, prefix: str, n: int, complete: bool, meta: dict):
+        self.path, self.prefix, self.n, self.complete, self.meta = path, prefix, n, complete, meta
+
+
+def _units(store: Store) -> list[_Unit]:
+    if not store.parts:
+        return [_Unit(store.path, "", store.n, store.complete, store.meta)]
+    return [_Unit(p.path, f"parts/{p.name}/", p.n, p.complete, p.meta)
+            for p in store.parts if p.meta is not None]
+
+
+def _part(store: Store, p: PartState) -> dict[str, Any]:
+    """One part of a parted STORE: its state, who writes it, how to finish it."""
+    return {"index": p.index, "name": p.name, "state": p.state, "n": p.n,
+            "cursor": None if p.complete or p.meta is None else p.meta.get("cursor"),
+            "writer": describe_claim(p.writer) if p.writer is not None else None,
+            "command": None if p.complete else finish_command(store.root_meta, p.index)}
+
+
 def _damage(store: Store, info: dict[str, Any]) -> list[str]:
     """What is missing or cut short, as far as metadata and file sizes tell: every other
     command refuses such a STORE, so info must not call it complete and say nothing."""
-    out = []
-    for la in info["layers"]:
-        want = store.n * int(la["dim"] or 0) * np.dtype(la["dtype"] or "float32").itemsize
-        if la["bytes"] is None:
-            out.append(f"layers/{la['name']}.bin is missing")
-        elif la["bytes"] < want or (store.complete and la["bytes"] != want):
-            out.append(f"layers/{la['name']}.bin holds {la['bytes']:,} bytes, "
-                       f"{want:,} expected for {store.n:,} rows")
-    if store.complete and not (store.path / "obs.parquet").is_file():
-        out.append("obs.parquet is missing")
+    out = [f"parts/{p.name}/store.json is unreadable" for p in store.parts
+           if p.state == "damaged"]
+    for u in _units(store):
+        for la in info["layers"]:
+            name = la["name"]
+            f = u.path / "layers" / f"{name}.bin"
+            want = u.n * int(la["dim"] or 0) * np.dtype(la["dtype"] or "float32").itemsize
+            if not f.is_file():
+                out.append(f"{u.prefix}layers/{name}.bin is missing")
+            elif f.stat().st_size < want or (u.complete and f.stat().st_size != want):
+                out.append(f"{u.prefix}layers/{name}.bin holds {f.stat().st_size:,} bytes, "
+                           f"{want:,} expected for {u.n:,} rows")
+        if u.complete and not (u.path / "obs.parquet").is_file():
+            out.append(f"{u.prefix}obs.parquet is missing")
     out += info["obs"].pop("unreadable")
     return out
 
@@ -107,10 +136,11 @@ def _model(meta: dict) -> dict[str, Any]:
 
 
 def _layer(store: Store, name: str, spec: dict) -> dict[str, Any]:
-    f = store.path / "layers" / f"{name}.bin"
+    files = [u.path / "layers" / f"{name}.bin" for u in _units(store)]
+    found = [f.stat().st_size for f in files if f.is_file()]
     return {"name": name, "dim": spec.get("dim"), "pool": spec.get("pool"),
             "dtype": spec.get("dtype"), "map_shape": spec.get("map_shape"),
-            "bytes": f.stat().st_size if f.is_file() else None}
+            "bytes": sum(found) if found or store.parts else None}
 
 
 def _parquet_columns(path: Path, unreadable: list[str]) -> list[str]:
@@ -126,12 +156,15 @@ def _parquet_columns(path: Path, unreadable: list[str]) -> list[str]:
 def _obs_columns(store: Store) -> dict[str, Any]:
     """obs columns by where they come from (schemas only, no rows read)."""
     unreadable: list[str] = []
-    base_file = store.path / "obs.parquet"
-    if base_file.is_file():
-        base = _parquet_columns(base_file, unreadable)
-    else:
-        parts = store.meta.get("obs_parts") or []
-        base = _parquet_columns(store.path / "obs" / parts[0], unreadable) if parts else []
+    base = []
+    for u in _units(store):
+        parts = u.meta.get("obs_parts") or []
+        if (u.path / "obs.parquet").is_file() and u.n:
+            base = _parquet_columns(u.path / "obs.parquet", unreadable)
+        elif parts:
+            base = _parquet_columns(u.path / "obs" / parts[0], unreadable)
+        if base:
+            break
     base = [c for c in base if not c.startswith("__index")]
     annotations = [c for c in _parquet_columns(store.path / "annotations.parquet", unreadable)
                    if c not in base and not c.startswith("__index")]
@@ -226,7 +259,9 @@ def format_info(info: dict[str, Any]) -> str:
 
 def _state_lines(info: dict[str, Any]) -> list[str]:
     """Complete or partial (and where it resumes), and any damage, said first."""
-    if info["complete"]:
+    if info["parts"]:
+        lines = _parts_lines(info)
+    elif info["complete"]:
         lines = [f"{info['path']}: complete STORE, {info['n']:,} examples"]
     else:
         c = info["cursor"] or {}
@@ -239,7 +274,42 @@ def _state_lines(info: dict[str, Any]) -> list[str]:
                  "one is still running)"]
     if info["damage"]:  # every other command refuses such a STORE: say so first
         lines[0] += "; DAMAGED:"
-        lines += [f"  {d}" for d in info["damage"]]
+        lines[1:1] = [f"  {d}" for d in info["damage"]]
+    return lines
+
+
+#: a parted STORE's parts listed one per line up to this many; beyond, the unfinished ones
+MAX_PART_LINES = 16
+
+
+def _parts_lines(info: dict[str, Any]) -> list[str]:
+    """A parted STORE: how many parts are done, each part's state, how to finish the rest."""
+    parts = info["parts"]
+    done = sum(p["state"] == "complete" for p in parts)
+    if done == len(parts):
+        head = (f"{info['path']}: complete STORE, {info['n']:,} examples in {len(parts)} "
+                "parts (extract --task)")
+    else:
+        head = (f"{info['path']}: PARTIAL STORE in {len(parts)} parts (extract --task): "
+                f"{done} complete, {info['n']:,} examples committed; it opens when every "
+                "part is complete")
+    shown = parts if len(parts) <= MAX_PART_LINES else [
+        p for p in parts if p["state"] != "complete"][:MAX_PART_LINES]
+    lines = [head, "parts:"]
+    for p in shown:
+        cursor = p["cursor"] or {}
+        where = (f", resumes at shard {cursor.get('shard', 0)} record "
+                 f"{cursor.get('record', 0)}" if p["state"] == "partial" and cursor else "")
+        who = f"; {p['writer']} is writing it" if p["writer"] else ""
+        lines.append(f"  {p['name']}  {p['state']:<8} {p['n']:>10,} examples{where}{who}")
+    if len(shown) < len(parts):
+        lines.append(f"  ... and {len(parts) - len(shown)} more ({done} complete in all)")
+    todo = [p for p in parts if p["state"] != "complete" and not p["writer"]]
+    if todo:
+        others = ", ".join(str(p["index"]) for p in todo[1:8]) + (
+            ", ..." if len(todo) > 8 else "")
+        lines.append(f"  finish with: {todo[0]['command']}"
+                     + (f" (and likewise --task {others})" if others else ""))
     return lines
 
 
@@ -291,7 +361,9 @@ def _extraction_line(e: dict[str, Any]) -> str:
         engine += f", fell back to eager: {e['engine_fallback']}"
     return (f"extraction: {e['device']}, {e.get('dtype')}, engine {engine}, batch "
             f"{e.get('batch_size')}, {e.get('examples_per_s')} ex/s over "
-            f"{e.get('seconds')} s (last run), torch {e.get('torch')}"
+            f"{e.get('seconds')} s "
+            + (f"(the {e['parts']} parts' last runs, rates summed)" if e.get("parts")
+               else "(last run)") + f", torch {e.get('torch')}"
             + (f"; {e['skipped']} corrupt records skipped" if e["skipped"] else ""))
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from dvtorch.files import (
     sweep_dead_writers,
     writer_dir,
 )
+from probing.tasks import PARTS_DIR, claim_state, describe_claim, part_name, read_claim
 
 FORMAT = "dvprobe-store"
 FORMAT_VERSION = 1
@@ -232,16 +234,32 @@ class Run:
 
 
 class Store:
-    """Read side of a STORE. Use :func:`open_store`."""
+    """Read side of a STORE. Use :func:`open_store`.
 
-    def __init__(self, path: str | os.PathLike):
+    A *parted* STORE (written by ``extract --task I --num-tasks N``) reads as one: ``n``,
+    ``obs`` and ``layer()`` run over its parts in part order, which is input order, while
+    annotations, runs and probes live at the top level as in any STORE. It opens only when
+    every part is complete, else a StoreError names the part and the command that finishes
+    it (``partial_parts=True``, for ``dvprobe info``, opens it anyway, to describe it).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, partial_parts: bool = False):
         self.path = Path(path)
         meta_path = self.path / _META
         if not meta_path.is_file():
             raise StoreError(f"{self.path}: not a dvprobe STORE (no {_META})")
         self.meta: dict = _read_meta(meta_path)
+        #: store.json as written (a parted STORE's ``meta`` adds what its parts hold)
+        self.root_meta: dict = self.meta
         self._obs: pd.DataFrame | None = None
         self._keys: pd.Index | None = None
+        #: the parts of a parted STORE, in order (empty for a one-task STORE)
+        self.parts: list[PartState] = []
+        if "parts" in self.meta:
+            self.parts = part_states(self.path, self.meta)
+            if not partial_parts:
+                _refuse_unfinished(self.path, self.meta, self.parts)
+            self.meta = _parted_meta(self.meta, self.parts)
 
     # -- rows ---------------------------------------------------------------------------
     @property
@@ -257,6 +275,8 @@ class Store:
 
     def _base_files(self) -> list[Path]:
         """The parquet file(s) that hold the extraction's obs rows, in row order."""
+        if self.parts:
+            return [p.path / "obs.parquet" for p in self.parts if p.complete and p.n]
         single = self.path / "obs.parquet"
         if single.is_file():
             return [single]
@@ -436,25 +456,37 @@ class Store:
     def layers(self) -> list[str]:
         return list(self.meta.get("layers", {}))
 
-    def layer(self, name: str, mmap: bool = True) -> np.ndarray:
-        """Activations of ``name`` as ``[n, dim]`` in obs order (memory-mapped, read-only)."""
+    def layer(self, name: str, mmap: bool = True, *, dask: bool = False) -> Any:
+        """Activations of ``name`` as ``[n, dim]`` in obs order (memory-mapped, read-only).
+
+        A parted STORE gives a :class:`RowsView` over its parts' memory maps (numpy-like:
+        ``shape``, ``m[rows]`` with ints, slices, index arrays or masks, ``np.asarray(m)``),
+        or the one part's memory map. ``mmap=False`` reads every row into memory.
+        ``dask=True`` gives a ``dask.array`` whose row chunks never cross a part, read
+        chunk by chunk (by file path, so it also works on ``distributed`` workers).
+        """
         specs = self.layer_specs
         if name not in specs:
             raise StoreError(f"{self.path}: no layer {name!r}; it holds {sorted(specs)}")
         spec = specs[name]
-        path = self.path / "layers" / f"{name}.bin"
-        shape = (self.n, spec.dim)
-        if self.n == 0:
-            return np.zeros(shape, dtype=spec.dtype)
-        _check_layer_file(path, self.n, spec.row_bytes)
-        try:
-            arr = np.memmap(path, dtype=spec.dtype, mode="r", shape=shape)
-        except OSError as e:  # ENOMEM under `ulimit -v`, as on many HPC clusters
-            raise StoreError(
-                f"{path}: cannot memory-map {self.n:,} x {spec.dim} rows ({e.strerror or e}); "
-                "a memory map needs virtual address space the size of the file: raise "
-                "`ulimit -v` or analyse with --fit-sample") from e
+        files = self._layer_files(name)
+        if dask:
+            return _dask_rows(files, spec)
+        blocks = [_map_rows(path, n, spec) for path, n in files]
+        if len(blocks) == 1:
+            arr = blocks[0]
+        elif not blocks:
+            arr = np.zeros((0, spec.dim), dtype=spec.dtype)
+        else:
+            arr = RowsView(blocks)
         return arr if mmap else np.array(arr)
+
+    def _layer_files(self, name: str) -> list[tuple[Path, int]]:
+        """(layer file, committed rows) of each part holding rows, in row order."""
+        if self.parts:
+            _refuse_unfinished(self.path, self.root_meta, self.parts)
+            return [(p.path / "layers" / f"{name}.bin", p.n) for p in self.parts if p.n]
+        return [(self.path / "layers" / f"{name}.bin", self.n)] if self.n else []
 
     # -- joins by key -------------------------------------------------------------------
     @property
@@ -613,6 +645,303 @@ class Store:
         return f"Store({str(self.path)!r}, n={self.n}, {state}, layers={self.layers}, runs={self.runs})"
 
 
+# -- parted STOREs (``extract --task I --num-tasks N``) -----------------------------------
+
+
+@dataclass(frozen=True)
+class PartState:
+    """One part of a parted STORE, from its metadata: ``state`` is ``missing`` (never
+    started), ``partial`` (started, not finished), ``complete`` or ``damaged``."""
+
+    index: int
+    count: int
+    path: Path
+    state: str
+    n: int = 0
+    meta: dict | None = None
+    #: who claimed it (``probing.tasks.read_claim``), unless that process is known gone
+    writer: dict | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "complete"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def part_states(root: Path, meta: Mapping[str, Any]) -> list[PartState]:
+    """Every part of the parted STORE at ``root`` (whose store.json is ``meta``), in order."""
+    count = int(meta["parts"]["count"])
+    out = []
+    for i in range(count):
+        path = root / PARTS_DIR / part_name(i, count)
+        claim = read_claim(path.with_name(path.name + ".claim"))
+        writer = claim if claim_state(claim) in ("live", "unknown") else None
+        if not (path / _META).is_file():
+            out.append(PartState(i, count, path, "missing", writer=writer))
+            continue
+        try:
+            pm = _read_meta(path / _META)
+        except StoreError:
+            out.append(PartState(i, count, path, "damaged", writer=writer))
+            continue
+        state = "complete" if pm.get("complete") else "partial"
+        out.append(PartState(i, count, path, state, int(pm.get("n_committed", 0)), pm, writer))
+    return out
+
+
+def finish_command(meta: Mapping[str, Any], index: int) -> str:
+    """The command that (re)runs task ``index`` of a parted STORE, as store.json records it."""
+    template = meta.get("task_command")
+    if not template:
+        count = meta.get("parts", {}).get("count")
+        return (f"the extraction that wrote it, with task {index} of {count} "
+                "(the same inputs and options)")
+    return shlex.join(str(t).replace("{task}", str(index)) for t in template)
+
+
+def _refuse_unfinished(root: Path, meta: Mapping[str, Any], parts: list[PartState]) -> None:
+    """A StoreError naming the first part that is not complete and how to finish it."""
+    bad = [p for p in parts if not p.complete]
+    if not bad:
+        return
+    p = bad[0]
+    said = {"missing": "missing (its task has not run)",
+            "partial": f"partial ({p.n:,} examples committed)",
+            "damaged": f"damaged (its {_META} is unreadable)"}[p.state]
+    others = (f"; {len(bad) - 1} more part(s) are not complete either "
+              f"({', '.join(str(q.index) for q in bad[1:6])}{', ...' if len(bad) > 6 else ''})"
+              if len(bad) > 1 else "")
+    if p.writer is not None:
+        how = f"{describe_claim(p.writer)} is writing it: wait for it to finish"
+    else:
+        how = f"finish it with: {finish_command(meta, p.index)}"
+    raise StoreError(f"{root}: part {p.index} of {p.count} ({PARTS_DIR}/{p.name}) is "
+                     f"{said}{others}; {how}")
+
+
+def _parted_meta(root: dict, parts: list[PartState]) -> dict:
+    """A parted STORE's metadata as one STORE's: store.json plus the rows, skips and
+    extraction summaries of its parts."""
+    metas = [p.meta for p in parts if p.meta is not None]
+    first: list[dict] = []
+    for m in metas:
+        first += (m.get("skipped") or {}).get("first", [])
+    runs = [m["extraction"] for m in metas if m.get("extraction")]
+    extraction = None
+    if runs and len(runs) == len(parts):
+        extraction = {**runs[0], "n": sum(int(r.get("n", 0)) for r in runs),
+                      "n_this_run": sum(int(r.get("n_this_run", 0)) for r in runs),
+                      "seconds": max(float(r.get("seconds") or 0) for r in runs),
+                      "examples_per_s": round(sum(float(r.get("examples_per_s") or 0)
+                                                  for r in runs), 2),
+                      "parts": len(runs)}
+    return {**root,
+            "n_committed": sum(p.n for p in parts),
+            "complete": all(p.complete for p in parts),
+            "skipped": {"count": sum(int((m.get("skipped") or {}).get("count", 0))
+                                     for m in metas), "first": first[:20]},
+            **({"extraction": extraction} if extraction else {})}
+
+
+def open_parted_root(path: str | os.PathLike, meta: Mapping[str, Any],
+                     layers: list[LayerSpec], count: int) -> dict:
+    """Create the top-level store.json of a STORE written by ``count`` tasks, or check that
+    the one there describes the same extraction (inputs, layers, number of tasks).
+
+    Every task calls this; the first creates it (atomically: it is linked into place, so two
+    tasks starting together agree on one), the others compare. A difference is refused,
+    naming it: parts of two extractions must never make one STORE.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a STORE directory; choose another --out")
+    full = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION,
+            "parts": {"count": int(count)},
+            "layers": {s.name: s.to_json() for s in layers}}
+    meta_path = path / _META
+    if not meta_path.is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        # hidden names: the temp files of tasks creating store.json at this moment
+        odd = [p.name for p in path.iterdir()
+               if p.name != PARTS_DIR and not p.name.startswith(".")]
+        if odd:
+            raise StoreError(f"{path} exists and is not a STORE (it holds {odd[:3]}); "
+                             "refusing to write into it; choose another --out")
+        tmp = path / f".{_META}.{os.getpid()}.new"
+        atomic_write_json(tmp, full)
+        try:
+            os.link(tmp, meta_path)
+            return full
+        except FileExistsError:
+            pass  # another task created it meanwhile: compare with that one
+        finally:
+            tmp.unlink(missing_ok=True)
+    old = _read_meta(meta_path)
+    if "parts" not in old:
+        raise StoreError(f"{path} holds a one-task extraction, not one split into tasks; "
+                         "choose another --out, or remove it to extract there with --task")
+    differ = (_differences(_comparable(old.get("inputs")),
+                           _comparable(json.loads(json.dumps(meta.get("inputs")))), "")
+              or _differences(old.get("layers"), full["layers"], "layers.")
+              or _differences(old["parts"].get("count"), int(count), "tasks"))
+    if differ:
+        raise StoreError(
+            f"{path} holds the parts of a different extraction ("
+            + "; ".join(differ[:4]) + (f"; {len(differ) - 4} more" if len(differ) > 4 else "")
+            + "); every task must be given the same inputs and --num-tasks. Choose another "
+            "--out, or remove that STORE to start it again")
+    return old
+
+
+def _map_rows(path: Path, n: int, spec: LayerSpec) -> np.ndarray:
+    """The first ``n`` rows of a layer file, memory-mapped read-only."""
+    _check_layer_file(path, n, spec.row_bytes)
+    try:
+        return np.memmap(path, dtype=spec.dtype, mode="r", shape=(n, spec.dim))
+    except OSError as e:  # ENOMEM under `ulimit -v`, as on many HPC clusters
+        raise StoreError(
+            f"{path}: cannot memory-map {n:,} x {spec.dim} rows ({e.strerror or e}); "
+            "a memory map needs virtual address space the size of the file: raise "
+            "`ulimit -v` or analyse with --fit-sample") from e
+
+
+class RowsView:
+    """Rows of several ``[n_i, dim]`` arrays read as one ``[sum n_i, dim]`` array.
+
+    Why a view and not one file: a parted STORE's parts are written by separate tasks and
+    are never merged, yet analysis code indexes a layer like a numpy array (``m[rows]``
+    with slices, sorted or unsorted index arrays, masks; ``np.asarray(m)``). Each read
+    touches only the parts its rows are in, and returns a new array (read-only input is
+    never handed out for writing).
+    """
+
+    def __init__(self, blocks: Sequence[np.ndarray]):
+        self.blocks = list(blocks)
+        dims = {b.shape[1:] for b in self.blocks}
+        if len(dims) != 1 or len({b.dtype for b in self.blocks}) != 1:
+            raise StoreError("RowsView: parts differ in row shape or dtype")
+        self.offsets = np.cumsum([0] + [len(b) for b in self.blocks])
+        self.dtype = self.blocks[0].dtype
+        self.shape = (int(self.offsets[-1]), *self.blocks[0].shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.concatenate(self.blocks, axis=0)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for b in self.blocks:
+            yield from (np.array(row) for row in b)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            key, rest = (key[0] if key else slice(None)), key[1:]
+        rows = self._rows(key)
+        if not rest:
+            return rows
+        return rows[rest] if rows.ndim == self.ndim - 1 else rows[(slice(None), *rest)]
+
+    def _rows(self, key: Any) -> np.ndarray:
+        n = self.shape[0]
+        if key is Ellipsis:
+            key = slice(None)
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (n if key < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"row {int(key)} is out of bounds for {n} rows")
+            b = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            return np.array(self.blocks[b][i - self.offsets[b]])
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                return self._take(np.arange(start, stop, step))
+            pieces = [b[max(start - lo, 0):max(min(stop, hi) - lo, 0)]
+                      for b, lo, hi in zip(self.blocks, self.offsets[:-1], self.offsets[1:],
+                                           strict=True)
+                      if start < hi and stop > lo]
+            if not pieces:
+                return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+            return np.concatenate(pieces, axis=0)
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"boolean index of shape {idx.shape} for {n} rows")
+            return self._take(np.flatnonzero(idx))
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise IndexError(f"rows must be ints, slices, integer arrays or masks, not {key!r}")
+        return self._take(idx)
+
+    def _take(self, idx: np.ndarray) -> np.ndarray:
+        n = self.shape[0]
+        flat = idx.reshape(-1).astype(np.int64)
+        flat = np.where(flat < 0, flat + n, flat)
+        if flat.size and (flat.min() < 0 or flat.max() >= n):
+            raise IndexError(f"row index out of bounds for {n} rows")
+        out = np.empty((flat.size, *self.shape[1:]), dtype=self.dtype)
+        owner = np.searchsorted(self.offsets, flat, side="right") - 1
+        for b in np.unique(owner):
+            here = owner == b
+            out[here] = self.blocks[b][flat[here] - self.offsets[b]]
+        return out.reshape(*idx.shape, *self.shape[1:])
+
+    def __repr__(self) -> str:
+        return f"RowsView(shape={self.shape}, dtype={self.dtype}, parts={len(self.blocks)})"
+
+
+class _RowFile:
+    """One layer file as a lazily opened array for dask: it pickles as its path, so a
+    ``distributed`` worker opens the file itself instead of being sent its rows."""
+
+    def __init__(self, path: Path, n: int, spec: LayerSpec):
+        self.path, self.spec = str(path), spec
+        self.shape = (n, spec.dim)
+        self.dtype = np.dtype(spec.dtype)
+        self.ndim = 2
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.array(np.memmap(self.path, dtype=self.dtype, mode="r",
+                                  shape=self.shape)[key])
+
+    def __dask_tokenize__(self) -> tuple:
+        st = os.stat(self.path)
+        return (self.path, st.st_size, st.st_mtime_ns, self.shape, str(self.dtype))
+
+
+#: rows per dask chunk: about this many bytes (dask's own default chunk size)
+DASK_CHUNK_BYTES = 128 << 20
+
+
+def _dask_rows(files: list[tuple[Path, int]], spec: LayerSpec) -> Any:
+    """A ``dask.array`` over the layer files, row chunks of ~DASK_CHUNK_BYTES that never
+    cross a part (one file per task: chunk-aligned with the writers)."""
+    import dask.array as da
+
+    rows = max(1, DASK_CHUNK_BYTES // spec.row_bytes)
+    arrays = []
+    for path, n in files:
+        _check_layer_file(path, n, spec.row_bytes)
+        arrays.append(da.from_array(_RowFile(path, n, spec), chunks=(rows, spec.dim),
+                                    meta=np.empty((0, spec.dim), dtype=spec.dtype)))
+    if not arrays:
+        return da.zeros((0, spec.dim), dtype=spec.dtype)
+    return arrays[0] if len(arrays) == 1 else da.concatenate(arrays, axis=0)
+
+
 def open_store(path: str | os.PathLike) -> Store:
     """Open a STORE written by ``dvprobe extract`` (complete, or partial after a crash)."""
     return Store(path)
@@ -648,6 +977,15 @@ def _check_layer_file(path: Path, n: int, rowbytes: int) -> None:
         raise StoreError(f"{path}: holds {size // rowbytes} complete rows but store.json "
                          f"commits {n}: the file was cut short and the STORE is damaged; "
                          "rerun the extraction with --overwrite")
+
+
+def write_rows(path: Path, offset: int, rows: np.ndarray) -> None:
+    """Write ``rows`` at byte ``offset`` of a layer file and flush them to disk."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(rows.tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class StoreWriter:
@@ -697,6 +1035,11 @@ class StoreWriter:
             old = _read_meta(meta_path)
             if overwrite:
                 shutil.rmtree(path)
+            elif "parts" in old:
+                raise StoreError(
+                    f"{path} holds an extraction split into {old['parts'].get('count')} "
+                    "tasks; extract into it with --task I --num-tasks "
+                    f"{old['parts'].get('count')}, or pass --overwrite to replace it")
             else:
                 return cls._reopen(path, old, meta, layers)
         if path.exists() and any(path.iterdir()):
@@ -757,6 +1100,8 @@ class StoreWriter:
         for p in (self.path / "obs").glob("*.parquet"):
             if p.name not in keep:
                 p.unlink()
+        for p in (self.path / "obs").glob(".*.parquet.tmp"):  # a write cut short (disk full)
+            p.unlink()
 
     def append(self, obs: pd.DataFrame, layers: Mapping[str, np.ndarray],
                meta_fields: Mapping[str, Any] | None = None) -> None:
@@ -777,11 +1122,7 @@ class StoreWriter:
             a = np.ascontiguousarray(arr, dtype=s.dtype)
             if a.shape != (k, s.dim):
                 raise StoreError(f"append: {name} has shape {a.shape}, expected {(k, s.dim)}")
-            with open(self.path / "layers" / f"{name}.bin", "r+b") as fh:
-                fh.seek(n * s.row_bytes)
-                fh.write(a.tobytes())
-                fh.flush()
-                os.fsync(fh.fileno())
+            write_rows(self.path / "layers" / f"{name}.bin", n * s.row_bytes, a)
         part = f"part-{len(self.meta['obs_parts']):08d}.parquet"
         _write_parquet_atomic(obs.reset_index(drop=True), self.path / "obs" / part)
         meta = dict(self.meta)

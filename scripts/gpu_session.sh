@@ -10,6 +10,8 @@
 # 2. bench/bench_extract_cuda.py: the CUDA engine's ceiling and extract end to end from .gz
 #    shards (fp32, bf16), then both again with torch.compile (ExtractConfig(compile=True);
 #    compiling takes minutes, so on fewer examples).
+# 3. (separately: `bash scripts/gpu_session.sh launch`) extraction on k GPUs with the local
+#    launcher (--gpus all) against one GPU, rows compared.
 # A dry run on a CPU machine: PY=.venv/bin/python DVPROBE_TEST_DEVICE=cpu bash scripts/gpu_session.sh
 # (the tests run with the CPU standing in; the benches say there is no GPU).
 # Each step has its own time limit, so a hang costs that step only. Logs land in $OUT
@@ -37,6 +39,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'cudnn', torch.backends.cudnn.version(), 'gpu', torch.cuda.is_available())"
   nproc; } 2>&1 | tee "$OUT/summary.txt"
+if [ "${1:-}" = launch ]; then
+  # k GPUs (issue 21): one extraction as one process on cuda:0, then as one task per GPU
+  # (dvprobe extract --gpus all); target >= 0.9*k x one GPU. Its own device call:
+  #   run(command="bash scripts/gpu_session.sh launch", carry=[".whl"], timeout_s=600)
+  step bench_launch_gpus 540 "$PY" bench/bench_launch.py --gpus all --n 16384 --shards 16 \
+    --batch-size 256 --rounds 1
+  cat "$OUT/summary.txt"
+  exit 0
+fi
 step test_cuda 240 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
 step bench_cuda 150 "$PY" bench/bench_extract_cuda.py --n 8192 --batch-size 256 --workers 8
 step bench_cuda_compile 180 "$PY" bench/bench_extract_cuda.py --n 2048 --batch-size 256 \

@@ -131,3 +131,33 @@ def test_a_model_replaced_at_the_recorded_path_is_not_passed_off_as_the_stores(s
     text = format_info(store_info(moved))
     assert f"model:      {bundle} has changed since: its bundle.json is not the one" in text
     assert "untrained reference model" not in text
+
+
+def test_info_lists_the_parts_of_a_store_written_by_tasks_and_how_to_finish_them(tmp_path):
+    from test_store import make_parted_store
+
+    from probing.tasks import PartClaim
+
+    x = np.ones((9, 4), np.float32)
+    store = make_parted_store(tmp_path / "p", {"l": x}, [4, 3, 2],
+                              ["complete", "partial", "missing"])
+    info = store_info(store.path)
+    assert not info["complete"] and info["n"] == 7
+    assert [(p["name"], p["state"], p["n"]) for p in info["parts"]] == [
+        ("part-00000-of-00003", "complete", 4), ("part-00001-of-00003", "partial", 3),
+        ("part-00002-of-00003", "missing", 0)]
+    assert info["layers"][0]["bytes"] == 7 * 4 * 4 and info["damage"] == []
+    text = format_info(info)
+    assert text.splitlines()[0] == (f"{store.path}: PARTIAL STORE in 3 parts (extract "
+                                    "--task): 1 complete, 7 examples committed; it opens "
+                                    "when every part is complete")
+    assert "part-00001-of-00003  partial           3 examples" in text
+    assert (f"finish with: dvprobe extract B E --out {store.path} --task 1 --num-tasks 3 "
+            "(and likewise --task 2)") in text
+    with PartClaim.take(store.path / "parts" / "part-00001-of-00003.claim", "part 1"):
+        text = format_info(store_info(store.path))
+    assert "partial           3 examples; pid" in text and "is writing it" in text
+    assert "--task 2 --num-tasks 3" in text and "--task 1 --num-tasks" not in text
+    (store.path / "parts" / "part-00000-of-00003" / "layers" / "l.bin").write_bytes(b"")
+    assert store_info(store.path)["damage"] == [
+        "parts/part-00000-of-00003/layers/l.bin holds 0 bytes, 64 expected for 4 rows"]

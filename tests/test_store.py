@@ -3,12 +3,16 @@ input is refused with a message that says what to do."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from test_analysis_support import make_store
 
-from probing.store import Store, StoreError, open_store
+from probing.store import LayerSpec, Store, StoreError, StoreWriter, open_parted_root, open_store
+from probing.tasks import part_name
 
 N = 6
 
@@ -251,3 +255,63 @@ def test_read_obs_gives_the_columns_asked_for_as_obs_has_them(tmp_path, complete
     with pytest.raises(StoreError, match=r"obs has no column\(s\) \['nope'\]; it has \['key', "
                                          r"'score', 'flag'\]"):
         fresh.read_obs(["score", "nope"])
+
+
+# -- a STORE written in parts (extract --task): read as one -------------------------------
+
+def make_parted_store(root: Path, layers: dict[str, np.ndarray], sizes: list[int],
+                      states: list[str] | None = None) -> Store:
+    """``layers`` written as ``len(sizes)`` parts of ``sizes`` rows, as tasks leave them:
+    each part ``complete`` (default), ``partial`` (committed, not finished) or ``missing``."""
+    specs = [LayerSpec(name, arr.shape[1]) for name, arr in layers.items()]
+    count = len(sizes)
+    inputs = {"test": "parted"}
+    open_parted_root(root, {"inputs": inputs, "task_command": [
+        "dvprobe", "extract", "B", "E", "--out", str(root), "--task", "{task}",
+        "--num-tasks", str(count)]}, specs, count)
+    start = 0
+    for i, (size, state) in enumerate(zip(sizes, states or ["complete"] * count,
+                                          strict=True)):
+        rows = slice(start, start + size)
+        start += size
+        if state == "missing":
+            continue
+        w = StoreWriter.open(root / "parts" / part_name(i, count), {"inputs": inputs}, specs)
+        if size:
+            w.append(pd.DataFrame({"key": [f"chr1:{j}:A>C:1" for j in range(rows.start,
+                                                                              rows.stop)]}),
+                     {k: v[rows] for k, v in layers.items()})
+        if state == "complete":
+            w.finalize()
+    return Store(root, partial_parts=True)
+
+
+def test_a_store_in_parts_is_analysed_like_the_same_rows_in_one(tmp_path):
+    """Analysis indexes layers like numpy arrays (slices, sorted row samples, asarray):
+    a k-means of the parts equals the k-means of one STORE of the same rows."""
+    from test_analysis_support import blobs
+
+    from probing import analysis as pa
+
+    x, _ = blobs(90, 6, 3, seed=1)
+    one = make_store(tmp_path / "one", {"l": x})
+    parted = make_parted_store(tmp_path / "parted", {"l": x}, [40, 0, 30, 20])
+    parted = open_store(parted.path)
+    assert parted.n == 90 and parted.complete and len(parted.parts) == 4
+    pd.testing.assert_frame_equal(parted.obs, one.obs)
+    for store in (one, parted):
+        pa.kmeans(store, "l", k=3, pca=4, backend="sklearn", run="km", fit_sample=60)
+    assert (open_store(parted.path).load_run("km").obs["cluster"].tolist()
+            == open_store(one.path).load_run("km").obs["cluster"].tolist())
+
+
+def test_a_part_not_written_by_the_cli_says_how_to_finish_it_without_a_command(tmp_path):
+    x = np.ones((5, 2), np.float32)
+    root = make_parted_store(tmp_path / "p", {"l": x}, [3, 2], ["complete", "partial"]).path
+    meta = json.loads((root / "store.json").read_text())
+    del meta["task_command"]
+    (root / "store.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"part 1 of 2 \(parts/part-00001-of-00002\) is "
+                                         r"partial \(2 examples committed\); finish it with: "
+                                         "the extraction that wrote it, with task 1 of 2"):
+        open_store(root)
