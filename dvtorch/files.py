@@ -88,13 +88,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 # ``.NAME.dvprobe-KIND.HOST.PID.RANDOM``: what :func:`writer_dir` creates, and the only names
-# :func:`sweep_dead_writers` ever removes. HOST is :func:`_host` (machine and PID namespace),
+# :func:`sweep_dead_writers` ever removes. HOST is :func:`host_id` (machine and PID namespace),
 # RANDOM is tempfile's ([a-z0-9_]).
 _WRITER_DIR = re.compile(r"^\.(?P<name>.+)\.dvprobe-(?P<kind>tmp|old)\.(?P<host>[A-Za-z0-9-]+)"
                          r"\.(?P<pid>[1-9][0-9]*)\.[a-z0-9_]+$")
 
 
-def _host() -> str:
+def host_id() -> str:
     """Where a pid means this process: the machine's name (no dots) and the id of this
     process's PID namespace, as it appears in a :func:`writer_dir` name.
 
@@ -120,7 +120,7 @@ def writer_dir(parent: str | os.PathLike, name: str, kind: str = "tmp") -> Path:
     """
     if kind not in ("tmp", "old"):
         raise ValueError(f"kind must be 'tmp' or 'old', got {kind!r}")
-    return Path(tempfile.mkdtemp(prefix=f".{name}.dvprobe-{kind}.{_host()}.{os.getpid()}.",
+    return Path(tempfile.mkdtemp(prefix=f".{name}.dvprobe-{kind}.{host_id()}.{os.getpid()}.",
                                  dir=parent))
 
 
@@ -167,7 +167,7 @@ def sweep_dead_writers(parent: str | os.PathLike) -> list[Path]:
     once ``parent / name`` exists again. Returns what was removed.
     """
     parent = Path(parent)
-    host = _host()
+    host = host_id()
     removed = []
     for entry, m in _writer_dirs(parent):
         if (m["host"] != host or not entry.is_dir(follow_symlinks=False)

@@ -640,6 +640,13 @@ class Store:
         arrays: Mapping[str, np.ndarray] = RunArrays(npz) if npz.is_file() else {}
         return Run(name, meta, obs, arrays, p)
 
+    def to_anndata(self, layer: str | None = None, runs: Sequence[str] | None = None, *,
+                   lazy: bool = False) -> Any:
+        """This STORE as AnnData for scanpy: ``layer`` as X (else every layer in obsm), the
+        runs' labels as obs columns and coordinates as obsm (:mod:`probing.anndata_mapping`)."""
+        from probing.anndata_mapping import store_to_anndata
+        return store_to_anndata(self, layer, runs, lazy=lazy)
+
     def __repr__(self) -> str:
         state = "complete" if self.complete else "partial"
         return f"Store({str(self.path)!r}, n={self.n}, {state}, layers={self.layers}, runs={self.runs})"

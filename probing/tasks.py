@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dvtorch.errors import DvprobeError
-from dvtorch.files import _host, atomic_write_bytes, give_default_mode, pid_alive
+from dvtorch.files import atomic_write_bytes, give_default_mode, host_id, pid_alive
 from probing.tfrecord import ReadStats, iter_records, shard_name
 
 PARTS_DIR = "parts"
@@ -226,7 +226,7 @@ def claim_state(claim: Mapping[str, Any] | None) -> str:
     ``unknown`` (another machine's, or unreadable: only its owner can tell)."""
     if claim is None:
         return "none"
-    if claim.get("unreadable") or claim.get("host") != _host():
+    if claim.get("unreadable") or claim.get("host") != host_id():
         return "unknown"
     pid = claim.get("pid")
     if not isinstance(pid, int) or pid <= 0:
@@ -260,7 +260,7 @@ class PartClaim:
         """Claim ``path`` for this process; refused (TaskError) while another holds it."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"host": _host(), "hostname": os.uname().nodename, "pid": os.getpid(),
+        record = {"host": host_id(), "hostname": os.uname().nodename, "pid": os.getpid(),
                   "start": _start_ticks(os.getpid()),
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         data = (json.dumps(record, sort_keys=True) + "\n").encode()

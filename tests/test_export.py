@@ -115,6 +115,13 @@ def test_no_runs_exports_the_store_alone(store):
     assert a.X.shape == (N, 12)
 
 
+def test_a_store_maps_itself_to_anndata(store):
+    """``Store.to_anndata`` is the same mapping as the export's, without writing a file."""
+    a = store.to_anndata("mixed10", runs=["km"])
+    assert np.array_equal(a.X, store.layer("mixed10"))
+    assert list(a.obs_names) == list(store.keys) and "km:cluster" in a.obs
+
+
 def test_zarr_layers_are_chunked_by_rows_and_read_lazily(store, tmp_path):
     """Bounded memory: layers are dask arrays of row chunks, each written as whole zarr
     chunks; a reader gets rows without the rest."""
