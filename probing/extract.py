@@ -30,7 +30,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from dvtorch.engine.cpu_features import native_bf16
 from dvtorch.errors import DvprobeError, ExampleFormatError
 from dvtorch.files import bundle_fingerprint
 from dvtorch.layers import layer_info
+from probing.cvo import small_model_calls, small_model_flags
 from probing.examples import DVExample, check_example_info, parse_example, read_example_info
 from probing.loader import Batch, Cursor, ExampleBatches, RecordSample, make_loader
 from probing.regions import Regions, parse_regions
@@ -496,7 +497,30 @@ def _store_meta(p: ExtractionPlan, checked: dict[str, Any]) -> dict[str, Any]:
     }
     if p.regions is not None:
         meta["regions_given"] = list(p.regions.given)
+    small = _small_model(p)
+    if small:  # outside ``inputs``: a STORE's resume does not depend on it
+        meta["small_model"] = small
     return meta
+
+
+def _small_model(p: ExtractionPlan) -> dict[str, Any] | None:
+    """What the inputs say about DeepVariant's small model (since 1.8 it genotypes easy sites
+    and writes no example for them): its call files beside the examples, and the model's
+    ``flags_for_calling``. None when neither says anything."""
+    calls = small_model_calls(p.files)
+    flags = small_model_flags(getattr(p.model, "bundle_meta", {}) or {})
+    if calls is None and not flags:
+        return None
+    out: dict[str, Any] = {"flags": _plain_flags(flags)} if flags else {}
+    if calls is not None:
+        out.update(files=[f.name for f in calls.files], called_sites=calls.called_sites,
+                   summary=calls.summary())
+    return out
+
+
+def _plain_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (str, int, float, bool)) or v is None else str(v))
+            for k, v in flags.items()}
 
 
 def _say_before_start(p: ExtractionPlan, writer: StoreWriter,
@@ -511,6 +535,9 @@ def _say_before_start(p: ExtractionPlan, writer: StoreWriter,
     if n_before or start.position:
         log(f"{out}: resuming after {n_before} committed examples "
             f"(shard {start.shard}, record {start.record})")
+    small = p.meta.get("small_model") or {}
+    if small.get("called_sites"):
+        _LOG.warning("%s", small["summary"])
     on_cpu = p.device.type == "cpu"
     if p.config.dtype == "bf16" and on_cpu and native_bf16() is False:
         _LOG.warning("this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated here, "

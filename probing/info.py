@@ -45,6 +45,7 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
             "channels": m.get("channels"),
             "limit": inputs.get("limit"),
             "sample": inputs.get("sample"),
+            "small_model": m.get("small_model"),
             "regions": (dict(inputs["regions"], given=m.get("regions_given"))
                         if inputs.get("regions") else None),
             # the committed cursor counts every record read (chosen or not, corrupt too)
@@ -344,9 +345,21 @@ def _examples_line(info: dict[str, Any]) -> str:
         picked.append(f"a {ex['sample']['fraction']:g} sample (seed {ex['sample']['seed']})")
     if (ex["sample"] or ex.get("regions")) and ex["records_read"]:
         picked.append(f"{info['n']:,} kept of {ex['records_read']:,} records read")
-    return (f"examples:   {ex['spec']} ({ex['shards']} file(s), {_size(ex['bytes'])}; "
+    line = (f"examples:   {ex['spec']} ({ex['shards']} file(s), {_size(ex['bytes'])}; "
             f"{shape}, channels {_list([str(c) for c in ex['channels'] or []])}"
             + (f"; {'; '.join(picked)}" if picked else "") + ")")
+    return line + _small_model_line(ex.get("small_model"))
+
+
+def _small_model_line(small: dict[str, Any] | None) -> str:
+    """DeepVariant's small model, when the inputs said anything about it at extraction."""
+    if not small:
+        return ""
+    said = [small["summary"]] if small.get("summary") else []
+    if small.get("flags"):
+        said.append("model flags_for_calling: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(small["flags"].items())))
+    return "".join(f"\n            {s}" for s in said)
 
 
 def _extraction_line(e: dict[str, Any]) -> str:

@@ -161,3 +161,22 @@ def test_info_lists_the_parts_of_a_store_written_by_tasks_and_how_to_finish_them
     (store.path / "parts" / "part-00000-of-00003" / "layers" / "l.bin").write_bytes(b"")
     assert store_info(store.path)["damage"] == [
         "parts/part-00000-of-00003/layers/l.bin holds 0 bytes, 64 expected for 4 rows"]
+
+
+def test_the_small_models_calls_beside_the_examples_are_said_at_extraction_and_by_info(
+        tmp_path, caplog):
+    """Since 1.8 DeepVariant's small model genotypes easy sites without writing an example:
+    a STORE of such examples misses them, and extract and info say so."""
+    from probing.tfrecord import write_records
+
+    dvtorch.reference_bundle(tmp_path / "bundle", seed=0)
+    spec = synth_examples(tmp_path / "examples", 8, shards=1)
+    calls = Path(spec).parent / "make_examples_call_variant_outputs.tfrecord-00000-of-00001.gz"
+    write_records(calls, [b"one site the small model called"])
+    with caplog.at_level("WARNING"):
+        s = extract(ExtractConfig(tmp_path / "bundle", spec, tmp_path / "store",
+                                  layers=["mixed5"], device="cpu", batch_size=8, workers=0),
+                    progress=False)
+    assert "small model: ON" in caplog.text and "--disable_small_model" in caplog.text
+    assert s.meta["small_model"]["files"] == [calls.name]
+    assert "small model: ON" in format_info(store_info(s.path))
