@@ -7,16 +7,21 @@ every commit also records the read :class:`~probing.loader.Cursor`. A crash, kil
 Ctrl-C therefore loses at most the uncommitted tail; re-running the same command truncates
 to the last commit and continues from its cursor without decoding what came before.
 
-Storage dtypes: pooled rows (``max`` / ``mean``) are float32. ``flatten`` rows are stored as
-float16: a flattened mixed5 map is 36,864 values per example (about 150 GB per chromosome in
-float32), and the activations after BN+ReLU are well inside float16's range, with ~3
-significant digits, which is more than clustering / PCA need.
+Storage dtypes: pooled rows (``max`` / ``mean``, and layers that are vectors already) are
+float32, or ``store_dtype`` (``--store-dtype float16 | bfloat16``: half the disk; the loss
+against float32 is measured in docs/performance.md). They cross from the engine as float32
+and the writer rounds them to the nearest (ties to even, as numpy's / ml_dtypes' ``astype``),
+refusing a value beyond float16's range rather than storing inf
+(:func:`probing.store.cast_rows`). ``flatten`` rows are stored as float16: a flattened
+mixed5 map is 36,864 values per example (about 150 GB per chromosome in float32), and the
+activations after BN+ReLU are well inside float16's range, with ~3 significant digits,
+which is more than clustering / PCA need.
 
 Mixed precision (``dtype``): ``bf16`` runs the engine in bfloat16 (CPU or CUDA; pooled
 embeddings agree with float32 to cosine > 0.999) and ``fp16`` in float16 (CUDA only), with
 the softmax in float32 either way. Casting the weights once gives bit-for-bit what autocast
 of the float32 model gives, without autocast's per-forward cast of each weight.
-Activations are converted to the storage dtype on the device, after pooling.
+Flattened maps are converted to float16 on the device, after pooling.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +56,15 @@ from probing.examples import DVExample, check_example_info, parse_example, read_
 from probing.loader import Batch, Cursor, ExampleBatches, RecordSample, make_loader
 from probing.regions import Regions, parse_regions
 from probing.schema import PROB_COLUMNS
-from probing.store import LayerSpec, Store, StoreWriter, open_parted_root, part_states
+from probing.store import (
+    DEFAULT_STORE_DTYPE,
+    STORE_DTYPES,
+    LayerSpec,
+    Store,
+    StoreWriter,
+    open_parted_root,
+    part_states,
+)
 from probing.tasks import PARTS_DIR, PartClaim, Task, TaskRange, resolve_task, split_input
 from probing.tfrecord import expand_spec, is_gzip, iter_records, report_skip
 
@@ -246,6 +259,12 @@ def _layer_specs(model: torch.nn.Module, shape: tuple[int, int, int], layers: Se
     return specs
 
 
+def _stored_as(specs: list[LayerSpec], store_dtype: str) -> list[LayerSpec]:
+    """``specs`` with every row but a flattened map's (always float16) in ``store_dtype``."""
+    return [s if s.pool == "flatten" else replace(s, dtype=store_dtype)
+            for s in specs]
+
+
 def _obs_frame(batch: Batch, probs: np.ndarray) -> pd.DataFrame:
     cols: dict[str, Any] = {}
     pileup = {}
@@ -347,6 +366,8 @@ class ExtractConfig:
     output is pending, on Ctrl-C and at the end. ``task`` / ``num_tasks``: extract only
     task ``task``'s block of the input into part ``task`` of ``out``
     (:mod:`probing.tasks`; ``task="auto"`` reads torchrun's or SLURM's environment).
+    ``store_dtype`` (float32, float16, bfloat16): how pooled rows are stored (see the
+    module docstring; ``dtype`` is how the engine computes them).
     """
 
     bundle: str | os.PathLike
@@ -358,6 +379,7 @@ class ExtractConfig:
     batch_size: int = 64
     workers: int | None = None
     dtype: str = "fp32"
+    store_dtype: str = DEFAULT_STORE_DTYPE
     limit: int | None = None
     skip_corrupt: bool = False
     sample: float | None = None
@@ -392,7 +414,8 @@ class ExtractConfig:
         if repeated:
             raise DvprobeError(f"--layers names {', '.join(repeated)} more than once")
         for flag, value, allowed in (("--pool", self.pool, POOLS),
-                                     ("--dtype", self.dtype, tuple(DTYPES))):
+                                     ("--dtype", self.dtype, tuple(DTYPES)),
+                                     ("--store-dtype", self.store_dtype, STORE_DTYPES)):
             if value not in allowed:
                 raise DvprobeError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
         for flag, value, low in (("--batch-size", self.batch_size, 1),
@@ -466,7 +489,8 @@ def plan(config: ExtractConfig) -> ExtractionPlan:
         files=files, sampling=sampling, regions=where,
         long_run=is_long_run(files, config.limit, sampling.fraction if sampling else 1.0),
         model=model, shape=shape, channels=channels,
-        specs=_layer_specs(model, shape, config.layers, config.pool))
+        specs=_stored_as(_layer_specs(model, shape, config.layers, config.pool),
+                         config.store_dtype))
     p.meta = _store_meta(p, checked)
     if config.part is not None:
         p.task = config.part
@@ -482,6 +506,8 @@ def _store_meta(p: ExtractionPlan, checked: dict[str, Any]) -> dict[str, Any]:
         "examples": [{"name": Path(f).name, "size": os.path.getsize(f)} for f in p.files],
         "layers": list(c.layers), "pool": c.pool, "dtype": c.dtype, "limit": c.limit,
     }
+    if c.store_dtype != DEFAULT_STORE_DTYPE:  # STOREs from before --store-dtype still resume
+        inputs["store_dtype"] = c.store_dtype
     if p.sampling is not None:  # only when given: STOREs from before --sample still resume
         inputs["sample"] = p.sampling.to_json()
     if p.regions is not None:  # the merged intervals' digest: the same bases, the same STORE
@@ -629,6 +655,8 @@ def command_line(config: ExtractConfig, *, task: int | str | None = None,
             ",".join(os.path.abspath(os.path.expanduser(f)) for f in c.examples.split(",")),
             "--out", os.path.abspath(c.out), "--layers", ",".join(c.layers),
             "--pool", c.pool, "--dtype", c.dtype]
+    if c.store_dtype != DEFAULT_STORE_DTYPE:
+        argv += ["--store-dtype", c.store_dtype]
     if c.limit is not None:
         argv += ["--limit", str(c.limit)]
     if c.sample is not None:
@@ -682,7 +710,11 @@ class _Run:
                  progress: bool, on_batch: Callable[[int], None] | None):
         self.p, self.writer, self.engine, self.on_batch = p, writer, engine, on_batch
         self.pending = _Pending([s.name for s in p.specs])
-        self.store_dtypes = {s.name: getattr(torch, s.dtype) for s in p.specs}
+        # Flattened maps cross to the host as float16 (converted on the device: half the
+        # bytes); other rows as float32, which the writer rounds to the store dtype after
+        # checking the range (probing.store.cast_rows).
+        self.host_dtypes = {s.name: torch.float16 if s.pool == "flatten" else torch.float32
+                            for s in p.specs}
         self.n_before = writer.n_committed
         self.n_new = 0
         self.t_wait = 0.0
@@ -762,7 +794,7 @@ class _Run:
         probs_dev, acts_dev = result()
         probs = probs_dev.float().cpu().numpy()
         # Converted on the device: a flattened layer crosses to the host as float16.
-        arrs = {n: acts_dev[n].to(dt).cpu().numpy() for n, dt in self.store_dtypes.items()}
+        arrs = {n: acts_dev[n].to(dt).cpu().numpy() for n, dt in self.host_dtypes.items()}
         obs = _obs_frame(batch, probs)
         with _defer_sigint():  # a batch is queued whole or not at all
             self.pending.add(obs, arrs, batch)

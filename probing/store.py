@@ -13,7 +13,8 @@ Layout (no pickle anywhere except UMAP models, which are hash-checked; see ``run
       store.json                 metadata + commit journal (n_committed, obs parts)
       obs.parquet                example metadata (written when extraction completes)
       obs/part-NNNNNNNN.parquet  per-commit obs parts while extraction runs / after a crash
-      layers/<name>.bin          raw row-major [n, dim] arrays (dtype in store.json): np.memmap
+      layers/<name>.bin          raw row-major [n, dim] arrays (dtype in store.json: float32,
+                                 float16 or bfloat16): np.memmap
       annotations.parquet        columns added by ``dvprobe annotate`` (same rows as obs)
       runs/<run>/run.json        analysis run: parameters, backend, model hashes
       runs/<run>/obs.parquet     per-example results (cluster labels ...)
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -124,9 +126,14 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _comparable(inputs: Any) -> Any:
     """Extraction inputs as compared for resuming: the order of ``layers`` does not change
-    what a STORE holds (layers are stored by name)."""
+    what a STORE holds (layers are stored by name). The store dtype is recorded only when it
+    is not float32 (STOREs from before ``--store-dtype`` still resume); it is compared under
+    its flag's name, so that a refusal says ``--store-dtype: "float32" there, "float16"
+    now``."""
     if isinstance(inputs, dict) and isinstance(inputs.get("layers"), list):
-        return {**inputs, "layers": sorted(inputs["layers"])}
+        rest = {k: v for k, v in inputs.items() if k != "store_dtype"}
+        return {**rest, "layers": sorted(inputs["layers"]),
+                "--store-dtype": inputs.get("store_dtype", DEFAULT_STORE_DTYPE)}
     return inputs
 
 
@@ -134,6 +141,50 @@ def _plain(value: Any) -> Any:
     """A numpy scalar as the Python value it holds, so messages say ``6``, not
     ``np.int64(6)``."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+#: dtypes a layer's rows may be stored in (``extract --store-dtype`` for pooled rows;
+#: flattened maps are float16). bfloat16 is ``ml_dtypes``' numpy type: float32's range with
+#: 8 bits of mantissa; float16 keeps 11 bits but ends at 65504.
+STORE_DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_STORE_DTYPE = "float32"
+
+
+def storage_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a stored dtype's name (``np.dtype("bfloat16")`` alone does not
+    know it: ml_dtypes adds the type, not the name)."""
+    if name == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    if name not in STORE_DTYPES:
+        raise StoreError(f"unknown layer dtype {name!r}; a STORE holds "
+                         f"{', '.join(STORE_DTYPES)}")
+    return np.dtype(name)
+
+
+def cast_rows(rows: np.ndarray, dtype: str, what: str,
+              keys: Sequence[Any] | None = None) -> np.ndarray:
+    """``rows`` in the stored ``dtype``, rounded to the nearest (ties to even), as numpy's
+    and ml_dtypes' ``astype`` round: a half-precision STORE equals the float32 rows cast.
+
+    A finite value that would become inf (beyond float16's 65504) is refused, naming
+    ``what`` (the layer) and the example (``keys``, row-aligned): an inf poisons every
+    mean, distance and PCA computed from the layer, and a clamped value would silently
+    break the equality above. bfloat16 has float32's range and holds them.
+    """
+    target = storage_dtype(dtype)
+    if rows.dtype == target:
+        return np.ascontiguousarray(rows)
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(rows.astype(target))
+    lost = np.isfinite(rows) & ~np.isfinite(out.astype(np.float32))
+    if lost.any():
+        row, col = (int(i[0]) for i in np.nonzero(lost))
+        who = f"example {_plain(keys[row])!r}" if keys is not None else f"row {row}"
+        raise StoreError(
+            f"{what}: {float(rows[row, col]):g} (feature {col} of {who}) is beyond "
+            f"{dtype}'s range and would be stored as inf; extract with --store-dtype "
+            "bfloat16 (the same 2 bytes, float32's range) or float32")
+    return out
 
 
 @dataclass(frozen=True)
@@ -149,7 +200,12 @@ class LayerSpec:
     @property
     def row_bytes(self) -> int:
         """Bytes of one example's row in ``layers/<name>.bin``."""
-        return self.dim * np.dtype(self.dtype).itemsize
+        return self.dim * self.numpy_dtype.itemsize
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """The dtype of the rows in ``layers/<name>.bin`` (what ``Store.layer`` gives)."""
+        return storage_dtype(self.dtype)
 
     def to_json(self) -> dict:
         return {
@@ -462,8 +518,11 @@ class Store:
         A parted STORE gives a :class:`RowsView` over its parts' memory maps (numpy-like:
         ``shape``, ``m[rows]`` with ints, slices, index arrays or masks, ``np.asarray(m)``),
         or the one part's memory map. ``mmap=False`` reads every row into memory.
-        ``dask=True`` gives a ``dask.array`` whose row chunks never cross a part, read
-        chunk by chunk (by file path, so it also works on ``distributed`` workers).
+        Either is in the stored dtype (``layer_specs[name].dtype``: float32, or float16 /
+        bfloat16 after ``extract --store-dtype``): compute on ``np.asarray(m[rows],
+        dtype=np.float32)``. ``dask=True`` gives a float32 ``dask.array`` whose row chunks
+        never cross a part, read chunk by chunk (by file path, so it also works on
+        ``distributed`` workers).
         """
         specs = self.layer_specs
         if name not in specs:
@@ -476,7 +535,7 @@ class Store:
         if len(blocks) == 1:
             arr = blocks[0]
         elif not blocks:
-            arr = np.zeros((0, spec.dim), dtype=spec.dtype)
+            arr = np.zeros((0, spec.dim), dtype=spec.numpy_dtype)
         else:
             arr = RowsView(blocks)
         return arr if mmap else np.array(arr)
@@ -807,7 +866,7 @@ def _map_rows(path: Path, n: int, spec: LayerSpec) -> np.ndarray:
     """The first ``n`` rows of a layer file, memory-mapped read-only."""
     _check_layer_file(path, n, spec.row_bytes)
     try:
-        return np.memmap(path, dtype=spec.dtype, mode="r", shape=(n, spec.dim))
+        return np.memmap(path, dtype=spec.numpy_dtype, mode="r", shape=(n, spec.dim))
     except OSError as e:  # ENOMEM under `ulimit -v`, as on many HPC clusters
         raise StoreError(
             f"{path}: cannot memory-map {n:,} x {spec.dim} rows ({e.strerror or e}); "
@@ -911,41 +970,47 @@ class RowsView:
 
 
 class _RowFile:
-    """One layer file as a lazily opened array for dask: it pickles as its path, so a
-    ``distributed`` worker opens the file itself instead of being sent its rows."""
+    """One layer file as a lazily opened float32 array for dask: it pickles as its path, so
+    a ``distributed`` worker opens the file itself instead of being sent its rows. Rows
+    stored in half precision are widened as each chunk is read."""
 
     def __init__(self, path: Path, n: int, spec: LayerSpec):
         self.path, self.spec = str(path), spec
         self.shape = (n, spec.dim)
-        self.dtype = np.dtype(spec.dtype)
+        self.dtype = np.dtype(np.float32)
         self.ndim = 2
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return np.array(np.memmap(self.path, dtype=self.dtype, mode="r",
-                                  shape=self.shape)[key])
+        rows = np.memmap(self.path, dtype=self.spec.numpy_dtype, mode="r", shape=self.shape)
+        return np.array(rows[key], dtype=np.float32)
 
     def __dask_tokenize__(self) -> tuple:
         st = os.stat(self.path)
-        return (self.path, st.st_size, st.st_mtime_ns, self.shape, str(self.dtype))
+        return (self.path, st.st_size, st.st_mtime_ns, self.shape, self.spec.dtype)
 
 
-#: rows per dask chunk: about this many bytes (dask's own default chunk size)
+#: rows per dask chunk: about this many bytes of float32 (dask's own default chunk size)
 DASK_CHUNK_BYTES = 128 << 20
 
 
 def _dask_rows(files: list[tuple[Path, int]], spec: LayerSpec) -> Any:
-    """A ``dask.array`` over the layer files, row chunks of ~DASK_CHUNK_BYTES that never
-    cross a part (one file per task: chunk-aligned with the writers)."""
+    """A float32 ``dask.array`` over the layer files, row chunks of ~DASK_CHUNK_BYTES that
+    never cross a part (one file per task: chunk-aligned with the writers).
+
+    float32 whatever the stored dtype: a dask array is for computing, and dask's reductions
+    and dask-ml's estimators accumulate in the array's dtype (a bfloat16 sum of a million
+    rows keeps 8 bits of mantissa); the memory map (``layer()``) keeps the stored dtype.
+    """
     import dask.array as da
 
-    rows = max(1, DASK_CHUNK_BYTES // spec.row_bytes)
+    rows = max(1, DASK_CHUNK_BYTES // (spec.dim * np.dtype(np.float32).itemsize))
     arrays = []
     for path, n in files:
         _check_layer_file(path, n, spec.row_bytes)
         arrays.append(da.from_array(_RowFile(path, n, spec), chunks=(rows, spec.dim),
-                                    meta=np.empty((0, spec.dim), dtype=spec.dtype)))
+                                    meta=np.empty((0, spec.dim), dtype=np.float32)))
     if not arrays:
-        return da.zeros((0, spec.dim), dtype=spec.dtype)
+        return da.zeros((0, spec.dim), dtype=np.float32)
     return arrays[0] if len(arrays) == 1 else da.concatenate(arrays, axis=0)
 
 
@@ -1124,11 +1189,16 @@ class StoreWriter:
         if set(layers) != set(self.specs):
             raise StoreError(f"append: layers {sorted(layers)} != {sorted(self.specs)}")
         n = self.n_committed
-        for name, arr in layers.items():
+        keys = obs["key"].to_numpy() if "key" in obs.columns else None
+        stored = {}
+        for name, arr in layers.items():  # every layer checked before any row is written
             s = self.specs[name]
-            a = np.ascontiguousarray(arr, dtype=s.dtype)
+            a = np.asarray(arr)
             if a.shape != (k, s.dim):
                 raise StoreError(f"append: {name} has shape {a.shape}, expected {(k, s.dim)}")
+            stored[name] = cast_rows(a, s.dtype, f"layer {name}", keys)
+        for name, a in stored.items():
+            s = self.specs[name]
             write_rows(self.path / "layers" / f"{name}.bin", n * s.row_bytes, a)
         part = f"part-{len(self.meta['obs_parts']):08d}.parquet"
         _write_parquet_atomic(obs.reset_index(drop=True), self.path / "obs" / part)
