@@ -15,6 +15,13 @@ import typer
 
 from dvtorch.errors import DvprobeError
 
+STORE_DTYPE_HELP = (
+    "float32 | float16 | bfloat16: how pooled rows are stored on disk (rounded to nearest "
+    "from float32; analyses read them back as float32). float16 and bfloat16 halve the "
+    "disk; the loss against float32 (max relative error, k-means ARI) is measured in "
+    "docs/performance.md. float16 refuses values beyond 65504; bfloat16 has float32's "
+    "range. Flattened maps are float16 always.")
+
 
 def _split_layers(value: str) -> list[str]:
     layers = [v.strip() for v in value.split(",") if v.strip()]
@@ -43,14 +50,7 @@ def extract_command(
              "is free beyond torch's threads, else 0; on CUDA min(4, cores - 1).")] = None,
     dtype: Annotated[str, typer.Option(
         "--dtype", help="fp32 | bf16 | fp16 (fp16: cuda only).")] = "fp32",
-    store_dtype: Annotated[str, typer.Option(
-        "--store-dtype",
-        help="float32 | float16 | bfloat16: how pooled rows are stored on disk (rounded to "
-             "nearest from float32; analyses read them back as float32). float16 and "
-             "bfloat16 halve the disk; the loss against float32 (max relative error, "
-             "k-means ARI) is measured in docs/performance.md. float16 refuses values beyond "
-             "65504; bfloat16 has float32's range. Flattened maps are float16 "
-             "always.")] = "float32",
+    store_dtype: Annotated[str, typer.Option("--store-dtype", help=STORE_DTYPE_HELP)] = "float32",
     limit: Annotated[Optional[int], typer.Option(  # noqa: UP045
         "--limit", min=1,
         help="Only the first N records of the input (with --sample: the chosen ones among "

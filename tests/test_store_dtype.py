@@ -300,3 +300,27 @@ def test_info_shows_how_each_layer_is_stored(data):
     assert {la["name"]: la["dtype"] for la in info["layers"]} == \
         {"mixed0": "float16", "mixed10": "float16"}
     assert info["damage"] == []
+
+
+def test_the_cli_stores_the_dtype_it_is_given_and_refuses_an_unknown_one(data, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from probing import commands_extract
+
+    app = typer.Typer()
+    commands_extract.register(app)
+    app.command("noop")(lambda: None)  # two commands: keep "extract" as a subcommand
+    argv = ["extract", str(data["bundle"]), data["spec"], "--layers", ",".join(LAYERS),
+            "--limit", "4", "--workers", "0", "--device", "cpu", "--batch-size", "4",
+            "--no-progress"]
+    r = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "s"),
+                                 "--store-dtype", "bfloat16"])
+    assert r.exit_code == 0, r.output
+    got = open_store(tmp_path / "s").layer("mixed10")
+    assert got.dtype == BF16
+    assert np.asarray(got).tobytes() == np.asarray(data["bfloat16"].layer("mixed10"))[:4].tobytes()
+    r = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "x"), "--store-dtype", "fp16"])
+    assert isinstance(r.exception, DvprobeError)
+    assert "--store-dtype must be one of float32, float16, bfloat16" in str(r.exception)
+    assert not (tmp_path / "x").exists()
