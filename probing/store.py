@@ -151,8 +151,8 @@ DEFAULT_STORE_DTYPE = "float32"
 
 
 def storage_dtype(name: str) -> np.dtype:
-    """The numpy dtype of a stored dtype's name (``np.dtype("bfloat16")`` alone does not
-    know it: ml_dtypes adds the type, not the name)."""
+    """The numpy dtype of a stored dtype's name (``np.dtype("bfloat16")`` knows the name
+    only once ml_dtypes is imported, as this module does)."""
     if name == "bfloat16":
         return np.dtype(ml_dtypes.bfloat16)
     if name not in STORE_DTYPES:

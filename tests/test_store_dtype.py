@@ -29,7 +29,7 @@ from probing import analysis as pa
 from probing.channels import WGS_CHANNELS, WGS_SHAPE
 from probing.examples import encode_example, write_example_info
 from probing.extract import ExtractConfig, ExtractionInterrupted, extract
-from probing.info import store_info
+from probing.info import format_info, store_info
 from probing.store import LayerSpec, StoreError, StoreWriter, cast_rows, open_store
 from probing.tfrecord import TFRecordWriter, shard_name
 from tests.test_analysis_support import blobs, make_store
@@ -295,11 +295,13 @@ def test_the_anndata_export_of_a_float16_store_has_float32_x_and_obsm(blob_store
     np.testing.assert_array_equal(np.asarray(lazy.obsm["mixed5"].compute()), widened)
 
 
-def test_info_shows_how_each_layer_is_stored(data):
-    info = store_info(data["float16"].path)
+@pytest.mark.parametrize("store_dtype", ["float16", "bfloat16"])
+def test_info_shows_how_each_layer_is_stored(data, store_dtype):
+    info = store_info(data[store_dtype].path)
     assert {la["name"]: la["dtype"] for la in info["layers"]} == \
-        {"mixed0": "float16", "mixed10": "float16"}
-    assert info["damage"] == []
+        {"mixed0": store_dtype, "mixed10": store_dtype}
+    assert info["damage"] == []  # file sizes checked against the stored dtype's
+    assert re.search(rf"mixed10 +2048 x {store_dtype}", format_info(info))
 
 
 def test_the_cli_stores_the_dtype_it_is_given_and_refuses_an_unknown_one(data, tmp_path):
