@@ -181,9 +181,9 @@ def cast_rows(rows: np.ndarray, dtype: str, what: str,
         row, col = (int(i[0]) for i in np.nonzero(lost))
         who = f"example {_plain(keys[row])!r}" if keys is not None else f"row {row}"
         raise StoreError(
-            f"{what}: {float(rows[row, col]):g} (feature {col} of {who}) is beyond "
-            f"{dtype}'s range and would be stored as inf; extract with --store-dtype "
-            "bfloat16 (the same 2 bytes, float32's range) or float32")
+            f"{what}: {int(lost.sum()):,} value(s) beyond {dtype}'s range would be stored as "
+            f"inf, e.g. {float(rows[row, col]):g} (feature {col} of {who}); extract with "
+            "--store-dtype bfloat16 (the same 2 bytes, float32's range) or float32")
     return out
 
 
