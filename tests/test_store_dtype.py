@@ -268,8 +268,9 @@ def test_kmeans_and_pca_run_on_a_float16_store_on_its_rows_read_as_float32(blob_
                                 {"mixed5": x.astype(np.float16).astype(np.float32)},
                                 {"truth": y}),
                      "mixed5", k=4, pca=8, seed=0, run="km", backend="sklearn")
-    assert r.arrays["pca"].dtype == np.float32
-    np.testing.assert_array_equal(r.arrays["pca"], want.arrays["pca"])
+    for fitted in ("feat.mixed5.pca.components", "flat.protos"):
+        assert r.arrays[fitted].dtype == np.float32
+        np.testing.assert_array_equal(r.arrays[fitted], want.arrays[fitted])
     np.testing.assert_array_equal(r.obs["cluster"], want.obs["cluster"])
     assert pd.crosstab(r.obs["cluster"], y).gt(0).sum(axis=1).eq(1).all()  # blobs recovered
 
