@@ -44,7 +44,9 @@ from probing.explain import (
     scaled,
     select_examples,
     split_options,
+    store_model,
 )
+from probing.store import as_store
 
 NEUTRALS = ("zeros", "mean")
 
@@ -191,6 +193,8 @@ def ablate(bundle_or_model: Any, examples: str | os.PathLike | None,
     config.check()
     select = replace(select, n=config.n)
     select.check()
+    if select.store is not None:
+        store_model(as_store(select.store), bundle_or_model)
     model, device = load_model(bundle_or_model, config.device)
     exs = select_examples(examples, select)
     images = np.stack([ex.image for ex in exs])

@@ -1,6 +1,8 @@
-"""CLI commands ``explain`` and ``ablate`` (registered by cli.py): parse, call, summarise.
+"""CLI commands ``explain``, ``ablate`` and ``tcav`` (registered by cli.py): parse, call,
+summarise.
 
-The work is in :func:`probing.explain.explain` and :func:`probing.ablate.ablate`; torch and
+The work is in :func:`probing.explain.explain`, :func:`probing.ablate.ablate` and
+:func:`probing.tcav.tcav`; torch and
 Captum are imported inside the commands so ``dvprobe --help`` stays fast.
 """
 
@@ -125,7 +127,69 @@ def ablate_cmd(
     typer.echo(f"{len(res.keys)} example(s) -> {out}")
 
 
+def tcav_cmd(
+    store: Annotated[Path, typer.Argument(help="STORE (dvprobe extract), annotated with the "
+                                          "concepts (dvprobe annotate)")],
+    concepts: Annotated[str, typer.Option(
+        "--concepts", help="comma-separated yes/no obs columns: mosaic,LINE (rmsk_LINE), "
+        "col=value; a BED: annotate it first")],
+    layers: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--layers", help="comma-separated layers (default: the STORE's)")] = None,
+    model: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--model", help="BUNDLE (default: the one the STORE was extracted with)")] = None,
+    examples: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--examples", help="where the STORE's examples are now (default: the recorded paths)")
+    ] = None,
+    target: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--target", help="hom_ref | het | hom_alt: examples called that, its logit "
+        "(default: each example's predicted genotype)")] = None,
+    output: Annotated[str, typer.Option(
+        "--output", help="logit (the paper's) | probability")] = "logit",
+    n_examples: Annotated[int, typer.Option(
+        "--n-examples", min=2, help="examples whose directional derivatives are counted")] = 200,
+    n_concept: Annotated[int, typer.Option(
+        "--n-concept", min=10, help="examples per concept / random set (at most)")] = 100,
+    n_random: Annotated[int, typer.Option(
+        "--n-random", min=10, help="random sets: concept CAVs and random CAVs each")] = 10,
+    folds: Annotated[int, typer.Option("--folds", min=2, help="folds of the CAV AUROC")] = 5,
+    block_bp: Annotated[int, typer.Option(
+        "--block-bp", min=0, help="genomic block of the CAV AUROC's folds (0: by position)")
+    ] = 1_000_000,
+    alpha: Annotated[float, typer.Option("--alpha", help="after Bonferroni")] = 0.05,
+    seed: SeedOpt = 0,
+    name: Annotated[str, typer.Option("--name", help="saved as STORE/tcav/NAME.json")] = "tcav",
+    no_save: Annotated[bool, typer.Option("--no-save", help="print only")] = False,
+    device: DeviceOpt = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="examples per "
+                                            "backward pass")] = 16,
+    progress: ProgressOpt = True,
+) -> None:
+    """Concept sensitivity (TCAV): does moving a layer towards a concept raise the call?"""
+    from probing.tcav import TcavConfig, check_name, save_tcav, tcav
+
+    if not no_save:
+        check_name(name)
+    cfg = TcavConfig(concepts=[c.strip() for c in concepts.split(",") if c.strip()],
+                     layers=[s.strip() for s in layers.split(",")] if layers else None,
+                     model=model, examples=examples, target=target, output=output,
+                     n_examples=n_examples, n_concept=n_concept, n_random=n_random,
+                     folds=folds, block_bp=block_bp, alpha=alpha, seed=seed, device=device,
+                     batch_size=batch_size)
+    res = tcav(store, cfg, progress=progress)
+    for w in res.warnings:
+        typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
+    p = res.params
+    typer.echo(f"TCAV of the {p['output']} of the {p['target']} genotype over {p['n_examples']} "
+               f"examples, {p['n_random']} concept and random CAVs each "
+               f"(two-sided Welch t-test, Bonferroni over {len(res.table)} tests)")
+    for line in res.lines() + [f"note: {n}" for n in res.notes]:
+        typer.echo(line)
+    if not no_save:
+        typer.echo(f"saved {save_tcav(store, res, name)}")
+
+
 def register(app: typer.Typer) -> None:
-    """Attach ``explain`` and ``ablate`` to the app."""
+    """Attach ``explain``, ``ablate`` and ``tcav`` to the app."""
     app.command("explain")(explain_cmd)
     app.command("ablate")(ablate_cmd)
+    app.command("tcav")(tcav_cmd)

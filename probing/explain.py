@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from dvtorch.errors import DvprobeError
+from dvtorch.files import bundle_fingerprint
 from probing.channels import REF_ROWS, WGS_CHANNELS
 from probing.examples import DVExample, read_example_info, read_examples
 from probing.show import data_uri, describe, parse_locus, png_bytes, read_store_examples
@@ -223,6 +225,40 @@ def load_model(bundle_or_model: Any, device: str = "cpu"):
     import dvtorch
 
     return dvtorch.load(bundle_or_model, device=device), torch.device(device)
+
+
+class StoreBundleWarning(UserWarning):
+    """The model given is not the one the STORE was extracted with."""
+
+
+def store_model(store: Store, given: Any) -> tuple[Any, list[str]]:
+    """``(model, warnings)``: the model to use with ``store``'s examples and activations.
+
+    ``given`` (a BUNDLE path or a module) wins; a BUNDLE whose bundle.json is not the one
+    the STORE recorded (``inputs.bundle_sha256``) is used with a
+    :class:`StoreBundleWarning` (clusters, CAVs and probabilities in the STORE are another
+    model's). Without ``given``, the STORE's own bundle, refused when it is missing or was
+    replaced since extraction. A module cannot be checked (no bundle.json).
+    """
+    recorded = store.meta.get("bundle")
+    sha = (store.meta.get("inputs") or {}).get("bundle_sha256")
+    if given is None:
+        if not recorded:
+            raise ExplainError(f"{store.path}: records no bundle; give the model with --model")
+        if not (Path(recorded) / "bundle.json").is_file():
+            raise ExplainError(f"{store.path}: its bundle {recorded} is missing (moved or "
+                               "deleted?); give it with --model BUNDLE")
+        if sha and bundle_fingerprint(recorded) != sha:
+            raise ExplainError(f"{store.path}: its bundle {recorded} was replaced since the "
+                               "extraction (bundle.json differs); give the bundle it was "
+                               "extracted with via --model BUNDLE")
+        return recorded, []
+    said = []
+    if isinstance(given, (str, os.PathLike)) and sha and bundle_fingerprint(given) != sha:
+        said.append(f"{given} is not the bundle {store.path} was extracted with ({recorded}): "
+                    "the STORE's activations, clusters and probabilities are another model's")
+        warnings.warn(said[-1], StoreBundleWarning, stacklevel=3)
+    return given, said
 
 
 def model_channels(model: Any, examples: str | os.PathLike | None, n_channels: int) -> list[int]:
@@ -402,6 +438,8 @@ def explain(bundle_or_model: Any, examples: str | os.PathLike | None,
     config, select = split_options(config or ExplainConfig(), select or Selection(), options)
     config.check()
     select.check()
+    if select.store is not None:
+        store_model(as_store(select.store), bundle_or_model)
     model, device = load_model(bundle_or_model, config.device)
     forward = logit_forward(model) if config.output == "logit" else model
     exs = select_examples(examples, select)
