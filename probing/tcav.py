@@ -70,6 +70,7 @@ from dvtorch.errors import DvprobeError
 from dvtorch.files import atomic_write_bytes
 from probing.explain import GENOTYPES, load_model, logit_forward, scaled, store_model
 from probing.probe import ProbeError, genomic_folds, resolve_concepts
+from probing.report import TCAV_DIR, TCAV_FORMAT, load_tcav  # noqa: F401  (the reader)
 from probing.show import read_store_examples
 from probing.store import Store, as_store
 
@@ -79,8 +80,6 @@ log = logging.getLogger(__name__)
 MIN_RANDOM = 10
 #: concept examples needed, and as many without the concept for every random set
 MIN_CONCEPT = 10
-TCAV_DIR = "tcav"
-TCAV_FORMAT = "dvprobe-tcav"
 OUTPUTS = ("logit", "probability")
 
 
@@ -532,21 +531,3 @@ def _records(df: pd.DataFrame) -> list[dict]:
         return None if isinstance(v, float) and not np.isfinite(v) else v
 
     return [{k: plain(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
-
-
-def load_tcav(store: Store | str | os.PathLike) -> dict[str, dict]:
-    """Every saved TCAV result of the STORE by name: the JSON document, ``table`` and
-    ``scores`` as DataFrames; unreadable or foreign files are skipped with a warning."""
-    st = as_store(store)
-    out = {}
-    for path in sorted((st.path / TCAV_DIR).glob("*.json")):
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-            if doc.get("format") != TCAV_FORMAT:
-                raise ValueError(f"format is not {TCAV_FORMAT}")
-            doc["table"] = pd.DataFrame.from_records(doc["table"])
-            doc["scores"] = pd.DataFrame.from_records(doc["scores"])
-            out[path.stem] = doc
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("%s: not a readable TCAV result (%s); skipped", path, exc)
-    return out

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -232,3 +233,90 @@ def test_explain_from_a_store_cluster_warns_when_the_bundle_is_not_the_stores(tm
     with pytest.warns(StoreBundleWarning):
         explain(ref_bundle, None, Selection(store=st, run="k", cluster="1", n=1), steps=1,
                 progress=False)
+
+
+# --------------------------------------------------------------------------------------
+# The report's attribution view
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def attributed_store(tmp_path_factory):
+    """The report tests' STORE, with what explain, ablate and tcav save in it: a cluster's
+    examples explained and ablated (the planted-region model), and a TCAV result."""
+    from probing.ablate import ablate
+    from probing.explain import Selection, explain
+    from probing.tcav import TcavResult
+    from tests.test_explain import RegionModel
+    from tests.test_report import build_store
+
+    st = build_store(tmp_path_factory.mktemp("attributed"), n=60)
+    pick = Selection(store=st, run="kmeans5-mixed5", cluster="2", n=3)
+    explain(RegionModel(), None, pick, steps=4, save_in=st, name="cluster2", progress=False)
+    ablate(RegionModel(), None, select=pick, n=12, bootstrap=50, save_in=st, progress=False)
+    layers = ["mixed1", "mixed5", "mixed10"]
+    table = pd.DataFrame([{"layer": layer, "concept": c, "score_mean": s, "score_sd": 0.05,
+                           "random_mean": 0.5, "random_sd": 0.2, "t": 3.0, "p": p,
+                           "cav_auroc": 0.8, "n_set": 8, "n_with": 8, "n_examples": 20,
+                           "p_bonferroni": min(1.0, 6 * p), "significant": 6 * p < 0.05}
+                          for layer in layers for c, s, p in (("mosaic", 0.9, 0.001),
+                                                               ("rmsk_LINE", 0.55, 0.5))])
+    scores = pd.DataFrame([{"layer": "mixed5", "concept": "mosaic", "kind": k, "cav": i,
+                            "score": 0.5} for k in ("concept", "random") for i in range(10)])
+    save_tcav(st, TcavResult(table, scores, {"mixed5|mosaic|concept": np.zeros((10, 2))},
+                             {"n_examples": 20, "n_random": 10, "output": "logit",
+                              "target": "predicted"}), "tcav")
+    return open_store(st.path)
+
+
+def test_the_report_draws_tcav_beside_the_probes_ablation_bars_and_attributions(
+        attributed_store, tmp_path):
+    import re
+
+    from probing import report as rp
+
+    st = attributed_store
+    res = rp.build_report(st, tmp_path / "r.html", max_points=20, thumbnails=4)
+    page = (tmp_path / "r.html").read_text()
+    titles = "\n".join(res.figures)
+    assert "tcav: concepts encoded and used" in titles
+    assert "ablation: channel importance" in titles
+    assert "Significant: mosaic at mixed1 (0.90), mosaic at mixed5 (0.90)" in page
+    assert "encoded: probe AUROC" in page and "used: TCAV score" in page
+    # every explained example is plotted, flagged, and has its attribution images
+    explained = pd.read_csv(st.path / "attributions" / "cluster2" / "explain.csv")
+    rows = set(st.align_keys(st.keys, "x")[np.isin(st.keys, explained["key"])].tolist())
+    pts = json.loads(re.search(r"const POINTS = (\[.*?\]);\n", page).group(1))
+    assert rows <= {p["row"] for p in pts}
+    assert {p["row"] for p in pts if p["attribution"]} == rows
+    attr = json.loads(re.search(r"const ATTR = (\{.*?\});\n", page).group(1))
+    assert {int(r) for r in attr} == rows
+    one = next(iter(attr.values()))
+    assert len(one["ch"]) == 8 and one["ch"][0][1].startswith("data:image/png;base64,")
+    assert "IG of p(" in one["title"]
+    assert not re.search(r"<script[^>]*\bsrc=", page) and "default-src 'none'" in page
+
+
+def test_results_of_examples_not_in_the_store_are_not_saved_there(attributed_store,
+                                                                   tmp_path):
+    from probing.explain import explain
+    from tests.test_explain import RegionModel
+
+    spec = write_examples(tmp_path / "ex.tfrecord.gz", pileups(1, seed=1))
+    with pytest.raises(ExplainError, match=r"1 explained example\(s\) are not in"):
+        explain(RegionModel(), spec, steps=2, save_in=attributed_store, progress=False)
+
+
+def test_the_attribution_view_renders_offline_in_chromium(attributed_store, tmp_path):
+    from probing import report as rp
+    from tests.test_report import CHROMIUM, _chromium
+
+    if CHROMIUM is None:
+        pytest.skip("Chromium not installed (apt-get install chromium; scripts/test.sh "
+                    "does this in CI)")
+    res = rp.build_report(attributed_store, tmp_path / "r.html", max_points=20, thumbnails=4)
+    dom = _chromium((tmp_path / "r.html").as_uri(), tmp_path, "--dump-dom")
+    n = len(res.figures)
+    assert f'data-rendered="{n}"' in dom.stdout and 'data-failed="0"' in dom.stdout, \
+        dom.stdout[-3000:]
+    assert 'alt="attribution: all channels (sum)"' in dom.stdout  # the first point's panel
