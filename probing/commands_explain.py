@@ -36,6 +36,11 @@ RunOpt = Annotated[Optional[str], typer.Option("--run", help="analysis run of --
 ClusterOpt = Annotated[Optional[str], typer.Option("--cluster", help="cluster of --run")]  # noqa: UP045
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed of the cluster sample / bootstrap")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")]
+SaveInOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--save-in", help="also save in this STORE (its examples only), for its "
+                 "report (default: --store's)"),
+]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="progress bar")]
 
 
@@ -70,6 +75,12 @@ def explain_cmd(
     out: Annotated[Path, typer.Option("--out", help="directory for npz, csv and png")
                    ] = Path("explain"),
     no_png: Annotated[bool, typer.Option("--no-png", help="skip the panels")] = False,
+    sanity: Annotated[bool, typer.Option(
+        "--sanity", help="model-randomisation check (Adebayo et al.): attribute with a "
+        "randomised copy too and report how alike the maps are")] = False,
+    save_in: SaveInOpt = None,
+    name: Annotated[str, typer.Option("--name", help="saved as STORE/attributions/NAME")
+                    ] = "explain",
     device: DeviceOpt = "cpu",
     batch_size: Annotated[int, typer.Option(
         "--batch-size", min=1, help="path points per forward")] = 50,
@@ -78,18 +89,22 @@ def explain_cmd(
     """Integrated-gradients attribution of chosen examples' calls, with a panel each."""
     import numpy as np
 
-    from probing.explain import explain
+    from probing.explain import explain, sanity_line
 
-    base = np.load(baseline) if baseline.endswith(".npy") else baseline
+    base = np.load(baseline, allow_pickle=False) if baseline.endswith(".npy") else baseline
     results = explain(model, examples, _selection(locus, keys, store, run, cluster, n, seed),
                       target=target, baseline=base, steps=steps, output=output, out=out,
                       render=not no_png, device=device, batch_size=batch_size,
-                      progress=progress)
+                      sanity=sanity, save_in=save_in or store, name=name, progress=progress)
     for e in results:
         flag = "" if e.converged else "  (not converged: raise --steps)"
+        rho = "" if e.randomised_rho is None else f"  randomised-model rho {e.randomised_rho:.2f}"
         typer.echo(f"{e.example.key}  {e.target_name}  f(x)-f(b) {e.f_x - e.f_baseline:+.4g}  "
-                   f"sum {e.attributions.sum():+.4g}  delta {e.delta:+.2g}{flag}")
-    typer.echo(f"{len(results)} example(s) -> {out}")
+                   f"sum {e.attributions.sum():+.4g}  delta {e.delta:+.2g}{rho}{flag}")
+    if sanity:
+        typer.echo(sanity_line(results))
+    typer.echo(f"{len(results)} example(s) -> {out}"
+               + (f" and {save_in or store}/attributions/{name}" if save_in or store else ""))
 
 
 def ablate_cmd(
@@ -112,6 +127,9 @@ def ablate_cmd(
     cluster: ClusterOpt = None,
     out: Annotated[Path, typer.Option("--out", help="directory for csv, md and png")
                    ] = Path("ablation"),
+    save_in: SaveInOpt = None,
+    name: Annotated[str, typer.Option("--name", help="saved as STORE/ablation/NAME.csv")
+                    ] = "ablation",
     device: DeviceOpt = "cpu",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="pileups per forward")
                           ] = 64,
@@ -122,7 +140,8 @@ def ablate_cmd(
 
     res = ablate(model, examples, select=_selection(locus, keys, store, run, cluster, n, seed),
                  n=n, neutral=neutral, shuffle=shuffle, bootstrap=bootstrap, seed=seed,
-                 out=out, device=device, batch_size=batch_size, progress=progress)
+                 out=out, device=device, batch_size=batch_size, save_in=save_in or store,
+                 name=name, progress=progress)
     typer.echo(markdown(res.table), nl=False)
     typer.echo(f"{len(res.keys)} example(s) -> {out}")
 
