@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_explain.py              # issue 24's sizes
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_explain.py --ig 5 --ablate 100 --tcav 100
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_explain.py --ig 0 --ablate 0 --tcav 0 \
-        --panels 0 --convergence 3 --steps-list 25,50,100,200        # the default's evidence
+        --panels 0 --convergence 2 --steps-list 25,50,100,200 --outputs probability
     .venv/bin/python bench/bench_explain.py --device cuda                  # on a GPU
 
 Model: the untrained reference bundle (seeded, DeepVariant's WGS input 100x221x7 unless
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--convergence", type=int, default=0, help="examples for the "
                     "convergence-vs-steps table (0: none)")
     ap.add_argument("--steps-list", default="25,50,100,200")
+    ap.add_argument("--outputs", default="probability,logit", help="outputs to converge")
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
 
@@ -116,7 +117,7 @@ def _convergence(model, spec, args) -> None:
 
     print("steps  output       median |delta|/change  worst  within 1 %  s/example")
     for steps in (int(v) for v in args.steps_list.split(",")):
-        for output in ("probability", "logit"):
+        for output in args.outputs.split(","):
             t0 = time.perf_counter()
             res = explain(model, spec, Selection(n=args.convergence), steps=steps,
                           output=output, device=args.device, batch_size=args.batch_size,

@@ -68,7 +68,9 @@ def explain_cmd(
         "--baseline", help="blank-reads (read rows empty, reference rows kept) | zeros "
         "(scaled 0 = pixel 128) | PATH.npy ([H, W, C] uint8 pixels or scaled floats)")
     ] = "blank-reads",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="integration steps")] = 50,
+    steps: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--steps", min=1, help="integration steps (default: probing.explain.DEFAULT_STEPS; "
+        "each example's convergence delta says whether they sufficed)")] = None,
     output: Annotated[str, typer.Option(
         "--output", help="probability (softmax) | logit (pre-softmax; does not saturate)")
     ] = "probability",
@@ -93,7 +95,8 @@ def explain_cmd(
 
     base = np.load(baseline, allow_pickle=False) if baseline.endswith(".npy") else baseline
     results = explain(model, examples, _selection(locus, keys, store, run, cluster, n, seed),
-                      target=target, baseline=base, steps=steps, output=output, out=out,
+                      target=target, baseline=base, output=output, out=out,
+                      **({} if steps is None else {"steps": steps}),
                       render=not no_png, device=device, batch_size=batch_size,
                       sanity=sanity, save_in=save_in or store, name=name, progress=progress)
     for e in results:

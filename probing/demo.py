@@ -96,7 +96,7 @@ class DemoConfig:
     k: int = 10
     multilayer_k: int = 12
     report_points: int = 20000
-    explain_steps: int = 50
+    explain_steps: int = 100  # probing.explain.DEFAULT_STEPS
     tcav_examples: int = 30
     sim_options: dict = field(default_factory=dict)
 

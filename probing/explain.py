@@ -65,17 +65,18 @@ from probing.store import Store, as_store
 GENOTYPES = ("hom_ref", "het", "hom_alt")
 BASELINES = ("blank-reads", "zeros")
 OUTPUTS = ("probability", "logit")
-#: Integration steps (Captum's Gauss-Legendre rule): Captum's and the IG paper's usual
-#: count, fast enough to explain a cluster sample on a CPU. How many steps completeness
-#: needs depends on how rough the model is along the path: the untrained reference
-#: architecture is very rough (along the blank-reads path of a pileup its logit's total
-#: variation is ~7x its net change), so at 50 steps its attributions missed f(x) - f(baseline)
-#: by 0.1-8 % of a large change (more of a small one) on seeded pileups, and it takes
-#: :data:`STEPS_WITHIN_1PC` steps to be within 1 % (tests/test_explain.py). Every example's convergence delta is reported and flagged
+#: Integration steps (Captum's Gauss-Legendre rule). Chosen from bench/bench_explain.py's
+#: convergence ladder at DeepVariant's input on the untrained reference model: the smallest
+#: count of the ladder at which every measured example's attributions summed to
+#: f(x) - f(baseline) within 1 % (the figures, the CPU and the command are in
+#: docs/performance.md, "Explaining calls"); Captum's usual 50 left about half of them
+#: outside. How many steps completeness needs depends on how rough the model is along the
+#: path, so every example's convergence delta is reported and flagged
 #: (``Explanation.converged``): raise ``steps`` for the ones that are not.
-DEFAULT_STEPS = 50
-#: Steps at which the reference architecture's attributions summed to f(x) - f(baseline)
-#: within 1 % (0.5 % at most) for every seeded pileup tried (tests/test_explain.py).
+DEFAULT_STEPS = 100
+#: Steps at which the reference architecture's *logit* attributions summed to f(x) -
+#: f(baseline) within 1 % for every seeded pileup the completeness test tries (a rough
+#: output, changes of tens of logits: tests/test_explain.py).
 STEPS_WITHIN_1PC = 800
 #: A relative convergence delta above this is flagged (``Explanation.converged``).
 DELTA_TOLERANCE = 0.01

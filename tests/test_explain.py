@@ -136,7 +136,7 @@ def test_attributions_sum_to_the_change_of_the_output_on_the_real_architecture(
 
 
 def test_probability_attributions_sum_to_the_change_at_the_default_steps(tmp_path):
-    """On a smooth model (softmax of tanh of a region mean) the default 50 steps already
+    """On a smooth model (softmax of tanh of a region mean) the default steps already
     make sum(attr) = p(x) - p(baseline) within 1 %, for each baseline."""
     spec = write_examples(tmp_path / "ex.tfrecord.gz", pileups(3, seed=11, alt_frac=0.8))
     for baseline in ("blank-reads", "zeros"):
