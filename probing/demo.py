@@ -21,7 +21,7 @@ one named stage each:
 8. ``probe`` -- a linear probe of every layer for every planted concept
    (:mod:`probing.probe`);
 9. ``explain`` -- integrated gradients of one mosaic call (a panel in ``out/explain``, saved
-   in the STORE for the report; :mod:`probing.explain`) and TCAV of the planted mosaic
+   in the STORE for the report; :mod:`probing.explain`, 50 steps) and TCAV of the planted mosaic
    concept at every layer (LINE when too few mosaic examples; :mod:`probing.tcav`): is
    what the probes decode *used* by the call? Sized to add <= 20 s on 2 CPU cores;
 10. ``report`` -- the offline HTML report.
@@ -96,7 +96,7 @@ class DemoConfig:
     k: int = 10
     multilayer_k: int = 12
     report_points: int = 20000
-    explain_steps: int = 100  # probing.explain.DEFAULT_STEPS
+    explain_steps: int = 50  # half the default: the 20 s budget (docs/performance.md)
     tcav_examples: int = 30
     sim_options: dict = field(default_factory=dict)
 
