@@ -416,6 +416,9 @@ def tcav(store: Store | str | os.PathLike, config: TcavConfig | None = None, *,
     p = plan(st, config)
     model_ref, warned = store_model(st, config.model)
     model, device = load_model(model_ref, config.device)
+    if (getattr(model, "bundle_meta", None) or {}).get("untrained"):
+        p.notes.append("the model is UNTRAINED (a seeded reference bundle): its scores say how "
+                       "a random network responds to the concepts, nothing about DeepVariant")
     exs = read_store_examples(st, p.rows.tolist(), config.examples,
                               examples_option="--examples")
     images = np.stack([exs[int(r)].image for r in p.rows])
