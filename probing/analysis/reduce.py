@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from probing.analysis.backends import PCAModel, canonical_signs
+from probing.analysis.backends import Backend, PCAModel, canonical_signs
 from probing.analysis.errors import AnalysisError
 
 log = logging.getLogger("dvprobe.analysis")
@@ -26,6 +26,14 @@ def clip_components(requested: int, n_rows: int, n_features: int, what: str) -> 
                     what, requested, limit, n_rows, n_features)
         return limit
     return requested
+
+
+def fit_pca(backend: Backend, x: np.ndarray, n_components: int, seed: int,
+            what: str = "pca") -> PCAModel:
+    """PCA of rows held in memory, by a backend (``bench/bench_analysis.py`` compares the
+    backends' PCAs); runs fit theirs from streamed moments (:func:`pca_from_moments`)."""
+    k = clip_components(n_components, x.shape[0], x.shape[1], what)
+    return backend.pca(np.ascontiguousarray(x, dtype=np.float32), k, seed)
 
 
 def pca_from_moments(mom, n_components: int, what: str = "pca") -> PCAModel:
