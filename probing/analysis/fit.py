@@ -275,8 +275,10 @@ def cluster_sizes(columns: dict[str, np.ndarray]) -> dict:
 
 def _log_rate(rows: int, seconds: float, left: int) -> None:
     rate = rows / max(seconds, 1e-9)
-    log.info("UMAP transform: %s rows in %.1fs (%s rows/s); the other %s rows need ~%.0f min",
-             f"{rows:,}", seconds, f"{rate:,.0f}", f"{left:,}", left / rate / 60)
+    eta = left / rate
+    log.info("UMAP transform: %s rows in %.1fs (%s rows/s); the other %s rows need ~%s",
+             f"{rows:,}", seconds, f"{rate:,.0f}", f"{left:,}",
+             f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.0f} min")
 
 
 def umap_every_row(read, n: int, be: Backend, blob: bytes, n_components: int,
