@@ -212,6 +212,8 @@ def _assert_parity(bundle: Path, candidates: set[str]) -> None:
     _, report = _report(bundle)
     print("\n" + report.table())
     _assert_full_parity(report, candidates)
+    softmax = [r for r in report.rows if r.layer == "classification"]
+    assert softmax and all(r.rel <= 1e-5 for r in softmax), softmax  # the bar
 
 
 def _verify_on_examples(bundle, spec: str) -> None:
