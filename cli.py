@@ -36,7 +36,7 @@ COMMAND_MODULES = (
     "probing.commands_analysis",  # reduce, cluster, apply
     "probing.commands_annotate",  # annotate, enrich, probe, report, show
     "probing.commands_sim",  # simulate, make-examples, demo
-    "probing.commands_explain",  # explain, ablate
+    "probing.commands_explain",  # explain, ablate, tcav
     "probing.commands_cvo",  # read-cvo
     "probing.commands_export",  # export (AnnData)
 )

@@ -39,12 +39,17 @@ from probing.explain import (
     ExplainError,
     Selection,
     channel_labels,
+    check_saved_name,
+    check_store_keys,
     load_model,
     model_channels,
     scaled,
     select_examples,
     split_options,
+    store_model,
 )
+from probing.report import ABLATION_DIR
+from probing.store import Store, as_store
 
 NEUTRALS = ("zeros", "mean")
 
@@ -52,7 +57,9 @@ NEUTRALS = ("zeros", "mean")
 @dataclass
 class AblateConfig:
     """``n`` examples (the first ``n`` unless ``select`` says otherwise), ``bootstrap``
-    resamples for the intervals (0: none), ``seed`` for the bootstrap and the shuffle."""
+    resamples for the intervals (0: none), ``seed`` for the bootstrap and the shuffle;
+    ``save_in``: a STORE whose examples these are, to save the table in as
+    ``ablation/<name>.csv`` for its report."""
 
     n: int = 1000
     neutral: str = "zeros"
@@ -62,8 +69,12 @@ class AblateConfig:
     batch_size: int = 64
     device: str = "cpu"
     out: str | os.PathLike | None = None
+    save_in: Store | str | os.PathLike | None = None
+    name: str = "ablation"
 
     def check(self) -> None:
+        if self.save_in is not None:
+            check_saved_name(self.name)
         if self.n < 1:
             raise ExplainError(f"n must be at least 1, got {self.n}")
         if self.neutral not in NEUTRALS:
@@ -191,6 +202,8 @@ def ablate(bundle_or_model: Any, examples: str | os.PathLike | None,
     config.check()
     select = replace(select, n=config.n)
     select.check()
+    if select.store is not None:
+        store_model(as_store(select.store), bundle_or_model)
     model, device = load_model(bundle_or_model, config.device)
     exs = select_examples(examples, select)
     images = np.stack([ex.image for ex in exs])
@@ -207,7 +220,21 @@ def ablate(bundle_or_model: Any, examples: str | os.PathLike | None,
                       summarise(p0, ablated, labels, names, config))
     if config.out is not None:
         write_ablation(result, Path(config.out))
+    if config.save_in is not None:
+        save_in_store(as_store(config.save_in), result, config.name)
     return result
+
+
+def save_in_store(store: Store, result: Ablation, name: str) -> Path:
+    """The table as ``STORE/ablation/<name>.csv``, written atomically; the examples must be
+    the STORE's."""
+    from dvtorch.files import atomic_write_bytes
+
+    check_store_keys(store, result.keys, "ablated")
+    (store.path / ABLATION_DIR).mkdir(exist_ok=True)
+    path = store.path / ABLATION_DIR / f"{check_saved_name(name)}.csv"
+    atomic_write_bytes(path, result.table.to_csv(index=False).encode("utf-8"))
+    return path
 
 
 def _bar(items: list, progress: bool):

@@ -25,6 +25,7 @@ from probing.analysis.methods import (
     get_method,
     method_names,
 )
+from probing.analysis.sample import DISPLAY_UMAP_ROWS, FIT_ROWS
 from probing.store import Run
 
 
@@ -61,6 +62,9 @@ def _summary(run: Run) -> str:
     m = run.meta
     lines = [f"run {run.name!r} ({m['kind']}, backend {m['backend']}, {m['n']} rows, "
              f"{m['n_fit']} fitted, {m['seconds']}s) -> {run.path}"]
+    fs = m.get("fit_sample")
+    if isinstance(fs, dict):
+        lines.append("  " + _describe_sample(fs))
     f = m["features"]
     lines.append(f"  features: layers={f['layers']} normalize={f['normalize']} "
                  f"pca={f['pca']} pca2={f['pca2']} -> {f['out_dim']} dims")
@@ -70,8 +74,17 @@ def _summary(run: Run) -> str:
         lines.append(f"  {c['method']} k={c['k']}" + (f" split={c['split']}" if "split" in c
                                                        else "") + f" sizes={sizes}")
     if m.get("umap"):
-        lines.append(f"  umap: {m['umap']['impl']} on {m['umap']['n_fit']} rows")
+        lines.append(f"  umap: {m['umap']['impl']} fitted on {m['umap']['n_fit']:,} rows, "
+                     "the others transformed")
     return "\n".join(lines)
+
+
+def _describe_sample(fs: dict) -> str:
+    if fs["rows"] >= fs["of"]:
+        return f"fit: all {fs['of']:,} rows ({fs['why']})"
+    how = f"stratified by {fs['stratified_by']}" if fs.get("stratified_by") else "uniform"
+    return (f"fit: a sample of {fs['rows']:,} of {fs['of']:,} rows (seed {fs['seed']}, {how}): "
+            f"{fs['why']}")
 
 
 def _given(ctx: typer.Context, **values) -> dict:
@@ -103,13 +116,16 @@ def _defaults_of(option: str, named: str = "{value} {who}", sep: str = ", ") -> 
 _RUN = RunSettings()
 _CLUSTERING = method_names(clusters=True)
 _REDUCING = method_names(clusters=False)
-_UMAP_BY_DEFAULT = [m for m in _CLUSTERING if _default(m, "umap")]
 
 StoreArg = Annotated[Path, typer.Argument(help="STORE directory")]
 Backend = Annotated[str, typer.Option(help="auto | cuml | sklearn")]
 Seed = Annotated[int, typer.Option()]
-FitSample = Annotated[int | None, typer.Option("--fit-sample",
-                                               help="fit on N random rows, then apply to all")]
+FitSample = Annotated[str | None, typer.Option(
+    "--fit-sample", metavar="N|all|auto",
+    help="rows the models are fitted on before every row is labelled: auto (default: a "
+         "seeded sample stratified by chrom above each method's row count, e.g. "
+         + ", ".join(f"{m} {FIT_ROWS[m]:,}" for m in ("kmeans", "hspectral", "umap"))
+         + "), N rows, or all")]
 Overwrite = Annotated[bool, typer.Option("--overwrite",
                                          help="replace an existing run of the same name")]
 
@@ -167,8 +183,8 @@ def cluster_cmd(
         help="none | l2 | standardize (default "
              + _defaults_of("normalize", "{who} {value}", "; ") + ")")] = None,
     umap: Annotated[bool | None, typer.Option(
-        "--umap/--no-umap", help=f"also fit a 2-D UMAP (default: {', '.join(_UMAP_BY_DEFAULT)} "
-                                 "only)")] = None,
+        "--umap/--no-umap", help="also fit a 2-D UMAP (default: multilayer only, up to "
+                                 f"{DISPLAY_UMAP_ROWS:,} rows on the CPU)")] = None,
     n_init: Annotated[int, typer.Option("--n-init", help="k-means restarts")
                       ] = _default("kmeans", "n_init"),
     landmarks: Annotated[int, typer.Option(help="spectral: k-means landmarks")
@@ -187,7 +203,8 @@ def cluster_cmd(
 
     get_method(method, clusters=True, option="--method")
     given = _given(ctx, layer=layer, k=k, split=split, layers=layers, pca=pca,
-                   layer_pca=layer_pca, normalize=normalize, umap=umap, n_init=n_init, landmarks=landmarks, run=run,
+                   layer_pca=layer_pca, normalize=normalize, umap=umap, n_init=n_init,
+                   landmarks=landmarks, run=run,
                    backend=backend, seed=seed, fit_sample=fit_sample)
     options = {_API_NAME.get(name, name): value for name, value in given.items()}
     if "pca" in options:

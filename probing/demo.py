@@ -20,7 +20,11 @@ one named stage each:
 7. ``enrich`` -- :mod:`probing.enrich` of every run against the planted concepts;
 8. ``probe`` -- a linear probe of every layer for every planted concept
    (:mod:`probing.probe`);
-9. ``report`` -- the offline HTML report.
+9. ``explain`` -- integrated gradients of one mosaic call (a panel in ``out/explain``, saved
+   in the STORE for the report; :mod:`probing.explain`, 50 steps) and TCAV of the planted mosaic
+   concept at every layer (LINE when too few mosaic examples; :mod:`probing.tcav`): is
+   what the probes decode *used* by the call? Sized to add <= 20 s on 2 CPU cores;
+10. ``report`` -- the offline HTML report.
 
 Every intermediate is an ordinary file the other commands accept (the STORE can be clustered
 again, the examples re-extracted with another model), so the demo doubles as a template.
@@ -92,6 +96,8 @@ class DemoConfig:
     k: int = 10
     multilayer_k: int = 12
     report_points: int = 20000
+    explain_steps: int = 50  # half the default: the 20 s budget (docs/performance.md)
+    tcav_examples: int = 30
     sim_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -153,6 +159,8 @@ class DemoResult:
     enrichment_files: list[Path] = field(default_factory=list)
     probes: pd.DataFrame | None = None  # per planted concept: best layer, score, last layer
     probe_header: str = ""
+    tcav: list[str] = field(default_factory=list)  # one line per layer (explain step)
+    panels: list[Path] = field(default_factory=list)  # attribution panels (explain step)
 
     def summary(self) -> str:
         """The one-screen summary the CLI prints."""
@@ -180,6 +188,11 @@ class DemoResult:
             lines.append(f"where each planted concept is decodable ({self.probe_header}):")
             lines.append(format_probes(self.probes))
             lines.append("")
+        if self.tcav:
+            lines += ["is the concept used? (TCAV of the called genotype's logit, "
+                      "dvprobe tcav):", *[f"  {t}" for t in self.tcav], ""]
+        if self.panels:
+            lines += [f"attribution panel (dvprobe explain): {p}" for p in self.panels]
         lines.append(f"mosaic truth set through {KMEANS_RUN!r}: {self.mosaic_landing}")
         total = sum(self.seconds.values())
         steps = ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items())
@@ -340,6 +353,10 @@ class _Paths:
     def enrichment(self) -> Path:
         return self.out / "enrichment"
 
+    @property
+    def explain(self) -> Path:
+        return self.out / "explain"
+
 
 @dataclass
 class _Demo:
@@ -403,6 +420,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
         enriched = _enrich(demo, store, columns, applied)
     with demo.stage("probe"):
         probes = _probe(demo, store, columns, enriched.files)
+    with demo.stage("explain"):
+        explained = _explain(demo, store, bundle)
     with demo.stage("report"):
         report = _report(demo, store, untrained)
     return DemoResult(
@@ -421,6 +440,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
         probes=probes.best() if probes is not None else None,
         probe_header=(f"linear probes, held-out AUROC over {probes.folds} folds by "
                       f"{probes.block_bp // 1000} kb block" if probes is not None else ""),
+        tcav=explained.tcav,
+        panels=explained.panels,
     )
 
 
@@ -575,6 +596,44 @@ def _probe(demo: _Demo, store, columns: list[str], written: list[Path]):
     for note in probes.notes:
         demo.log(f"probe note: {note}")
     return probes
+
+
+@dataclass
+class _Explained:
+    tcav: list[str]
+    panels: list[Path]
+
+
+def _explain(demo: _Demo, store, bundle: Path) -> _Explained:
+    """Integrated gradients of one mosaic call (the first mosaic example; any example when
+    there is none) and TCAV of the planted mosaic concept (LINE when mosaic is too rare),
+    both saved in the STORE for the report. A concept too rare for TCAV is said, not fatal."""
+    from probing.explain import Selection, explain
+    from probing.extract import resolve_device
+    from probing.tcav import TcavError, save_tcav, tcav
+
+    config, paths = demo.config, demo.paths
+    device = str(resolve_device(config.device))
+    obs = store.read_obs([c for c in ("key", "mosaic", "LINE") if c in store.obs_dtypes.index])
+    hits = obs["mosaic"].fillna(False).to_numpy(bool) if "mosaic" in obs else None
+    key = obs["key"].iat[int(hits.argmax()) if hits is not None and hits.any() else 0]
+    paths.explain.mkdir(parents=True, exist_ok=True)
+    keys = paths.explain / "keys.txt"
+    keys.write_text(f"{key}\n")
+    res = explain(bundle, paths.examples_spec, Selection(keys_file=keys),
+                  steps=config.explain_steps, device=device, out=paths.explain,
+                  save_in=store, name="mosaic", progress=False)
+    for concept in ("mosaic", "LINE"):
+        try:
+            found = tcav(store, concepts=[concept], layers=list(config.layers),
+                         n_examples=config.tcav_examples, seed=config.seed, device=device,
+                         block_bp=max(1_000, config.length // 20), progress=False)
+        except TcavError as exc:
+            demo.log(f"TCAV of {concept} skipped: {exc}")
+            continue
+        save_tcav(store, found, "planted")
+        return _Explained(found.lines(), [e.files["png"] for e in res])
+    return _Explained([], [e.files["png"] for e in res])
 
 
 def _report(demo: _Demo, store, untrained: bool) -> Path:

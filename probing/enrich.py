@@ -139,13 +139,60 @@ def _examples(s: pd.Series, vals: set, n: int = 5) -> str:
     return ", ".join(sorted(map(str, vals), key=_natural_key)[:n])
 
 
-def run_frame(store: Store, run: Run) -> pd.DataFrame:
+def run_frame(store: Store, run: Run, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """obs + annotation columns + the run's own columns (run wins on name clashes), one row
-    per STORE row: the run is joined by key, and refused if its keys are not the STORE's."""
-    obs = store.obs
+    per STORE row: the run is joined by key, and refused if its keys are not the STORE's.
+    ``columns``: only these obs columns are read (those the STORE has), not every one."""
     extra = store.run_obs(run).drop(columns=["key"], errors="ignore")
+    if columns is None:
+        obs = store.obs
+    else:
+        have = store.obs_dtypes.index
+        obs = store.read_obs([c for c in dict.fromkeys(columns)
+                              if c in have and c not in extra.columns])
     return pd.concat([obs.drop(columns=[c for c in extra.columns if c in obs.columns]), extra],
                      axis=1)
+
+
+def needed_columns(store: Store, by: Sequence[str], continuous: Sequence[str] | None
+                   ) -> list[str]:
+    """The obs columns ``enrich`` reads: those ``by`` and ``continuous`` may name, and every
+    boolean column (what an unknown attribute's message lists; one byte a row). Reading only
+    these keeps a large STORE's key and locus strings out of memory."""
+    dtypes = store.obs_dtypes
+    wanted = [c for c, t in dtypes.items() if pd.api.types.is_bool_dtype(t)]
+    for spec in by:
+        col = spec.partition("=")[0]
+        wanted += [col, f"rmsk_{col}"]
+    wanted += list(CONTINUOUS_DEFAULT if continuous is None else continuous)
+    return [c for c in dict.fromkeys(wanted) if c in dtypes.index]
+
+
+def label_codes(labels: pd.Series | np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Cluster labels as integer codes into their levels (strings, natural order): one
+    hash pass, not one string per row."""
+    codes, uniques = pd.factorize(np.asarray(labels))
+    names = [str(u) for u in uniques]
+    levels = sorted_levels(names)
+    rank = {name: i for i, name in enumerate(levels)}
+    remap = np.array([rank[name] for name in names], dtype=np.int64)
+    return (remap[codes] if len(codes) else codes.astype(np.int64)), levels
+
+
+#: rows per chunk of the counts behind the enrichment table
+COUNT_CHUNK = 1 << 20
+
+
+def counts_by_cluster(codes: np.ndarray, mask: np.ndarray | None, k: int,
+                      chunk: int = COUNT_CHUNK) -> np.ndarray:
+    """Rows (with ``mask``, when given) per cluster code, summed over row chunks: the
+    additive counts a chunked or distributed backend computes piece by piece."""
+    out = np.zeros(k, dtype=np.int64)
+    for s in range(0, len(codes), chunk):
+        c = codes[s:s + chunk]
+        out += np.bincount(c if mask is None else c[np.asarray(mask[s:s + chunk], bool)],
+                           minlength=k)
+    return out
 
 
 def continuous_columns(frame: pd.DataFrame, asked: Sequence[str] | None,
@@ -169,16 +216,14 @@ def continuous_columns(frame: pd.DataFrame, asked: Sequence[str] | None,
 
 def enrichment_table(labels: pd.Series | np.ndarray, attrs: dict[str, np.ndarray]) -> pd.DataFrame:
     """Per (attribute, cluster) counts, shares, fold, Fisher p and BH q (see module doc)."""
-    labels = pd.Series(np.asarray(labels)).astype(str)
-    levels = sorted_levels(labels.unique())
-    big_n = len(labels)
-    codes = pd.Categorical(labels, categories=levels).codes
-    sizes = np.bincount(codes, minlength=len(levels))
+    codes, levels = label_codes(labels)
+    big_n = len(codes)
+    sizes = counts_by_cluster(codes, None, len(levels))
     rows = []
     for name, mask in attrs.items():
         mask = np.asarray(mask, dtype=bool)
         total = int(mask.sum())
-        counts = np.bincount(codes[mask], minlength=len(levels))
+        counts = counts_by_cluster(codes, mask, len(levels))
         rate = total / big_n if big_n else np.nan
         for ci, cl in enumerate(levels):
             n, c = int(sizes[ci]), int(counts[ci])
@@ -200,12 +245,11 @@ def enrichment_table(labels: pd.Series | np.ndarray, attrs: dict[str, np.ndarray
 
 def continuous_table(labels: pd.Series | np.ndarray, values: dict[str, np.ndarray]) -> pd.DataFrame:
     """Per (attribute, cluster): n non-missing, mean, median, q1, q3, IQR."""
-    labels = pd.Series(np.asarray(labels)).astype(str)
-    levels = sorted_levels(labels.unique())
+    codes, levels = label_codes(labels)
     rows = []
     for name, v in values.items():
         s = pd.Series(np.asarray(v, dtype=float))
-        g = s.groupby(labels)
+        g = s.groupby(pd.Categorical.from_codes(codes, levels), observed=False)
         stats = pd.DataFrame({"n": g.count(), "mean": g.mean(), "median": g.median(),
                               "q1": g.quantile(0.25), "q3": g.quantile(0.75)})
         for cl in levels:
@@ -275,9 +319,9 @@ class Landing:
 
 def landing(labels: pd.Series | np.ndarray, mask: np.ndarray | None, name: str) -> Landing:
     """Counts of the set ``mask`` (all rows when None, e.g. an applied run) per cluster."""
-    labels = pd.Series(np.asarray(labels)).astype(str)
+    labels = np.asarray(labels)
     sel = labels if mask is None else labels[np.asarray(mask, dtype=bool)]
-    return landing_from_counts(sel.value_counts(), name)
+    return landing_from_counts(pd.Series(sel).astype(str).value_counts(), name)
 
 
 def landing_from_counts(counts: pd.Series, name: str) -> Landing:
@@ -323,8 +367,10 @@ def enrich(store: Store | str | os.PathLike, run: str, by: Sequence[str],
     if warn_partial:
         warn_if_partial(store, log)
     r = store.load_run(run)
-    labels = cluster_labels(store, r, level)
-    frame = run_frame(store, r)
+    if level not in run_levels(r):
+        cluster_labels(store, r, level)  # raises, naming the levels there are
+    frame = run_frame(store, r, needed_columns(store, by, continuous))
+    labels = frame[level].to_numpy()
     attrs = dict(resolve_attribute(frame, b) for b in by)
     cont_cols = continuous_columns(frame, continuous, str(store.path))
     cont = {c: frame[c].to_numpy(dtype=float) for c in cont_cols}

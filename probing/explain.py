@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,25 +55,28 @@ from typing import Any
 import numpy as np
 
 from dvtorch.errors import DvprobeError
+from dvtorch.files import bundle_fingerprint
 from probing.channels import REF_ROWS, WGS_CHANNELS
 from probing.examples import DVExample, read_example_info, read_examples
+from probing.report import ATTRIBUTIONS_DIR
 from probing.show import data_uri, describe, parse_locus, png_bytes, read_store_examples
 from probing.store import Store, as_store
 
 GENOTYPES = ("hom_ref", "het", "hom_alt")
 BASELINES = ("blank-reads", "zeros")
 OUTPUTS = ("probability", "logit")
-#: Integration steps (Captum's Gauss-Legendre rule): Captum's and the IG paper's usual
-#: count, fast enough to explain a cluster sample on a CPU. How many steps completeness
-#: needs depends on how rough the model is along the path: the untrained reference
-#: architecture is very rough (along the blank-reads path of a pileup its logit's total
-#: variation is ~7x its net change), so at 50 steps its attributions missed f(x) - f(baseline)
-#: by 0.1-8 % of a large change (more of a small one) on seeded pileups, and it takes
-#: :data:`STEPS_WITHIN_1PC` steps to be within 1 % (tests/test_explain.py). Every example's convergence delta is reported and flagged
+#: Integration steps (Captum's Gauss-Legendre rule). Chosen from bench/bench_explain.py's
+#: convergence ladder at DeepVariant's input on the untrained reference model: the smallest
+#: count of the ladder at which every measured example's attributions summed to
+#: f(x) - f(baseline) within 1 % (the figures, the CPU and the command are in
+#: docs/performance.md, "Explaining calls"); Captum's usual 50 left about half of them
+#: outside. How many steps completeness needs depends on how rough the model is along the
+#: path, so every example's convergence delta is reported and flagged
 #: (``Explanation.converged``): raise ``steps`` for the ones that are not.
-DEFAULT_STEPS = 50
-#: Steps at which the reference architecture's attributions summed to f(x) - f(baseline)
-#: within 1 % (0.5 % at most) for every seeded pileup tried (tests/test_explain.py).
+DEFAULT_STEPS = 100
+#: Steps at which the reference architecture's *logit* attributions summed to f(x) -
+#: f(baseline) within 1 % for every seeded pileup the completeness test tries (a rough
+#: output, changes of tens of logits: tests/test_explain.py).
 STEPS_WITHIN_1PC = 800
 #: A relative convergence delta above this is flagged (``Explanation.converged``).
 DELTA_TOLERANCE = 0.01
@@ -225,6 +229,40 @@ def load_model(bundle_or_model: Any, device: str = "cpu"):
     return dvtorch.load(bundle_or_model, device=device), torch.device(device)
 
 
+class StoreBundleWarning(UserWarning):
+    """The model given is not the one the STORE was extracted with."""
+
+
+def store_model(store: Store, given: Any) -> tuple[Any, list[str]]:
+    """``(model, warnings)``: the model to use with ``store``'s examples and activations.
+
+    ``given`` (a BUNDLE path or a module) wins; a BUNDLE whose bundle.json is not the one
+    the STORE recorded (``inputs.bundle_sha256``) is used with a
+    :class:`StoreBundleWarning` (clusters, CAVs and probabilities in the STORE are another
+    model's). Without ``given``, the STORE's own bundle, refused when it is missing or was
+    replaced since extraction. A module cannot be checked (no bundle.json).
+    """
+    recorded = store.meta.get("bundle")
+    sha = (store.meta.get("inputs") or {}).get("bundle_sha256")
+    if given is None:
+        if not recorded:
+            raise ExplainError(f"{store.path}: records no bundle; give the model with --model")
+        if not (Path(recorded) / "bundle.json").is_file():
+            raise ExplainError(f"{store.path}: its bundle {recorded} is missing (moved or "
+                               "deleted?); give it with --model BUNDLE")
+        if sha and bundle_fingerprint(recorded) != sha:
+            raise ExplainError(f"{store.path}: its bundle {recorded} was replaced since the "
+                               "extraction (bundle.json differs); give the bundle it was "
+                               "extracted with via --model BUNDLE")
+        return recorded, []
+    said = []
+    if isinstance(given, (str, os.PathLike)) and sha and bundle_fingerprint(given) != sha:
+        said.append(f"{given} is not the bundle {store.path} was extracted with ({recorded}): "
+                    "the STORE's activations, clusters and probabilities are another model's")
+        warnings.warn(said[-1], StoreBundleWarning, stacklevel=3)
+    return given, said
+
+
 def model_channels(model: Any, examples: str | os.PathLike | None, n_channels: int) -> list[int]:
     """Channel enum numbers for labels: the bundle's, else example_info.json's, else WGS."""
     meta = getattr(model, "bundle_meta", None) or {}
@@ -298,7 +336,9 @@ class ExplainConfig:
     """How to attribute: ``target`` None = the predicted genotype; ``output``
     ``"probability"`` (softmax, the default: what the call is made from) or ``"logit"``
     (pre-softmax: does not saturate for confident calls); ``batch_size`` = path points per
-    forward (Captum's ``internal_batch_size``)."""
+    forward (Captum's ``internal_batch_size``); ``save_in``: a STORE whose examples these
+    are, to save them in as ``attributions/<name>`` for its report; ``sanity``: also
+    attribute with a randomised copy of the model (:func:`randomisation_check`)."""
 
     target: str | None = None
     baseline: str | np.ndarray = "blank-reads"
@@ -309,8 +349,13 @@ class ExplainConfig:
     ref_rows: int = REF_ROWS
     out: str | os.PathLike | None = None
     render: bool = True
+    save_in: Store | str | os.PathLike | None = None
+    name: str = "explain"
+    sanity: bool = False
 
     def check(self) -> None:
+        if self.save_in is not None:
+            check_saved_name(self.name)
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ExplainError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.target is not None and self.target not in GENOTYPES:
@@ -340,6 +385,8 @@ class Explanation:
     f_baseline: float
     delta: float
     files: dict[str, Path] = field(default_factory=dict)
+    #: Spearman correlation with a randomised model's attributions (``sanity=True``)
+    randomised_rho: float | None = None
 
     @property
     def target_name(self) -> str:
@@ -390,6 +437,86 @@ def attribute(model, device, ex: DVExample, config: ExplainConfig,
                        float(f[0]), float(f[1]), float(delta[0]))
 
 
+#: a rank correlation of attributions with the randomised model's at or above this fails
+#: Adebayo et al.'s model-randomisation check (the map shows the input, not the model)
+RANDOMISATION_RHO = 0.5
+
+
+def randomised_copy(model, seed: int = 1):
+    """A copy of ``model`` with every weight re-drawn (Adebayo et al.'s full randomisation):
+    the Inception gets :func:`dvtorch.bundle.random_state_dict` (BN statistics calibrated,
+    so its output still depends on the input); any other module each floating tensor drawn
+    from a normal with that tensor's mean and spread."""
+    import copy
+
+    import torch
+
+    from dvtorch.inception import DeepVariantInceptionV3
+
+    twin = copy.deepcopy(model)
+    if isinstance(model, DeepVariantInceptionV3):
+        from dvtorch.bundle import random_state_dict
+
+        shape = tuple((getattr(model, "bundle_meta", None) or {}).get("input_shape") or ())
+        state = random_state_dict(seed, shape) if shape else None
+        if state is not None:
+            p = next(model.parameters())
+            twin.load_state_dict({k: v.to(p.device) for k, v in state.items()})
+            return twin.eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in list(twin.parameters()) + list(twin.buffers()):
+            if t.is_floating_point() and t.numel():
+                sd = float(t.float().std()) if t.numel() > 1 else 0.0
+                draw = torch.randn(t.shape, generator=gen) * (sd or 1.0) + float(t.float().mean())
+                t.copy_(draw.to(t.dtype).to(t.device))
+    return twin.eval()
+
+
+def randomisation_check(model, device, results: list[Explanation], config: ExplainConfig,
+                        forward: Callable) -> None:
+    """Set each explanation's ``randomised_rho``: the Spearman correlation of its
+    attributions with those of a randomised copy of the model (same example, target,
+    baseline and steps) over the pixels that differ from the baseline. Attributions that
+    explain the model must change when its weights do (Adebayo et al. 2018, "Sanity Checks
+    for Saliency Maps").
+
+    Why signed and only where ``x != baseline``: IG multiplies by ``x - baseline``, so
+    every pixel equal to the baseline gets 0 from any model; over all pixels the rank
+    correlation of ``|attributions|`` is then near 1 for any two models (0.996-0.998 for the
+    Inception against its randomised copy on seeded pileups, tests/test_explain.py), the
+    effect Adebayo et al. report for gradient x input and IG. Over the pixels that moved,
+    signed, the same pairs correlate at about 0 and a model with nothing learned (a fixed
+    region read through a bias) at 1."""
+    from scipy.stats import spearmanr
+
+    twin = randomised_copy(model)
+    twin_forward = logit_forward(twin) if config.output == "logit" else twin
+    fixed = [GENOTYPES[e.target] for e in results]
+    for e, target in zip(results, fixed, strict=True):
+        r = attribute(twin, device, e.example, replace(config, target=target), twin_forward)
+        moved = (e.example.image.astype(np.float32) - 128) / 128 != e.baseline
+        a, b = e.attributions[moved], r.attributions[moved]
+        alike = np.ptp(a) > 0 and np.ptp(b) > 0
+        e.randomised_rho = float(spearmanr(a, b)[0]) if alike else float(np.array_equal(a, b))
+
+
+def sanity_line(results: list[Explanation]) -> str:
+    """One line: the model-randomisation check's verdict over ``results``."""
+    rhos = np.array([e.randomised_rho for e in results if e.randomised_rho is not None])
+    if not len(rhos):
+        return "model randomisation: not checked"
+    alike = int((rhos >= RANDOMISATION_RHO).sum())
+    head = (f"model randomisation (Adebayo et al. 2018): rank correlation of |attributions| "
+            f"with a randomised copy of the model (signed, where x != baseline), median {np.median(rhos):.2f} "
+            f"(max {rhos.max():.2f}) over {len(rhos)} example(s): ")
+    if alike:
+        return head + (f"{alike} at or above {RANDOMISATION_RHO}: FAILED there, those maps "
+                       "change little when the weights are random, so they show the input "
+                       "more than what the model learned")
+    return head + "passed (the maps depend on the weights)"
+
+
 def explain(bundle_or_model: Any, examples: str | os.PathLike | None,
             select: Selection | None = None, config: ExplainConfig | None = None, *,
             progress: bool = True, **options: Any) -> list[Explanation]:
@@ -402,14 +529,20 @@ def explain(bundle_or_model: Any, examples: str | os.PathLike | None,
     config, select = split_options(config or ExplainConfig(), select or Selection(), options)
     config.check()
     select.check()
+    if select.store is not None:
+        store_model(as_store(select.store), bundle_or_model)
     model, device = load_model(bundle_or_model, config.device)
     forward = logit_forward(model) if config.output == "logit" else model
     exs = select_examples(examples, select)
     results = [attribute(model, device, ex, config, forward)
                for ex in _bar(exs, progress, "explain")]
+    channels = model_channels(model, examples, results[0].attributions.shape[2])
+    if config.sanity:
+        randomisation_check(model, device, results, config, forward)
     if config.out is not None:
-        channels = model_channels(model, examples, results[0].attributions.shape[2])
         write_explanations(results, Path(config.out), channels, config)
+    if config.save_in is not None:
+        save_in_store(as_store(config.save_in), results, channels, config)
     return results
 
 
@@ -455,6 +588,46 @@ def channel_labels(channels: Sequence[int], n: int) -> list[str]:
     return [f"{c} {channel_name(c)}" for c in channels]
 
 
+def check_saved_name(name: str) -> str:
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0") or len(name) > 200:
+        raise ExplainError(f"--name {name[:60]!r}: not a valid name (a directory in the STORE: "
+                           "at most 200 characters, no '/' or '\\', no leading '.')")
+    return name
+
+
+def check_store_keys(store: Store, keys: Sequence[str], what: str) -> None:
+    """Refuse to save results of examples that are not the STORE's (named by key)."""
+    import pandas as pd
+
+    missing = [k for k, ok in zip(keys, pd.Index(keys).isin(store.keys), strict=True) if not ok]
+    if missing:
+        raise ExplainError(f"{len(missing)} {what} example(s) are not in {store.path}, e.g. "
+                           f"{', '.join(missing[:3])}: results are saved only in the STORE "
+                           "whose examples they are")
+
+
+def save_in_store(store: Store, results: list[Explanation], channels: Sequence[int],
+                  config: ExplainConfig) -> Path:
+    """The explanations (npz + csv, no PNG) as ``STORE/attributions/<name>/``, swapped in
+    whole (a reader sees the old set or the new one); every example must be the STORE's."""
+    from dvtorch.files import swap_in_dir, sweep_dead_writers, writer_dir
+
+    check_store_keys(store, [e.example.key for e in results], "explained")
+    parent = store.path / ATTRIBUTIONS_DIR
+    parent.mkdir(exist_ok=True)
+    sweep_dead_writers(parent)
+    tmp = writer_dir(parent, config.name)
+    try:
+        write_explanations(results, tmp, channels, replace(config, render=False))
+        swap_in_dir(tmp, parent / config.name)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return parent / config.name
+
+
 def write_explanations(results: list[Explanation], out: Path, channels: Sequence[int],
                        config: ExplainConfig) -> Path:
     """npz + png per example, ``explain.csv`` and ``rows.csv`` in ``out`` (created)."""
@@ -466,10 +639,13 @@ def write_explanations(results: list[Explanation], out: Path, channels: Sequence
     for i, e in enumerate(results):
         s = stem(i, e.example)
         e.files["npz"] = out / f"{s}.npz"
+        shown = overlay_images(e, labels)
         np.savez_compressed(e.files["npz"], attributions=e.attributions, image=e.example.image,
                             baseline=e.baseline, channel_totals=e.channel_totals,
                             row_totals=e.row_totals, probs=e.probs, target=e.target,
-                            delta=e.delta, channels=np.asarray(channels))
+                            delta=e.delta, channels=np.asarray(channels),
+                            overlays=np.stack([img for _, img in shown]),
+                            overlay_labels=np.array([lbl for lbl, _ in shown]))
         if config.render:
             e.files["png"] = render_panel(e, labels, out / f"{s}.png", config)
         summary.append(_summary_row(e, labels, config))
@@ -488,7 +664,8 @@ def _summary_row(e: Explanation, labels: list[str], config: ExplainConfig) -> di
            "output": config.output, "baseline": base, "steps": config.steps,
            "f_x": e.f_x, "f_baseline": e.f_baseline,
            "attribution_sum": float(e.attributions.sum()), "delta": e.delta,
-           "relative_delta": e.relative_delta, "converged": e.converged}
+           "relative_delta": e.relative_delta, "converged": e.converged,
+           "randomised_rho": e.randomised_rho}
     row.update({f"channel:{lbl}": float(v) for lbl, v in zip(labels, e.channel_totals,
                                                              strict=True)})
     row.update({k: v.name for k, v in e.files.items()})
@@ -505,16 +682,24 @@ def overlay(gray: np.ndarray, attr: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(g * (1 - alpha) + color * alpha, 0, 255).astype(np.uint8)
 
 
-def panel_spec(e: Explanation, labels: list[str], config: ExplainConfig,
-               columns: int = 4) -> dict:
-    """Vega-Lite grid as :func:`probing.show.figure_spec` draws it, attribution overlaid."""
-    h, w, c = e.attributions.shape
+def overlay_images(e: Explanation, labels: list[str]) -> list[tuple[str, np.ndarray]]:
+    """Each channel with its attribution overlaid (one colour scale for all channels), then
+    the channels' sum on white (its own scale)."""
+    h, w, _ = e.attributions.shape
     scale = float(np.abs(e.attributions).max())
     images = [(lbl, overlay(e.example.image[:, :, i], e.attributions[:, :, i], scale))
               for i, lbl in enumerate(labels)]
-    images.append(("all channels (sum)", overlay(np.full((h, w), 255, np.uint8),
-                                                  e.attributions.sum(2),
-                                                  float(np.abs(e.attributions.sum(2)).max()))))
+    total = e.attributions.sum(2)
+    images.append(("all channels (sum)", overlay(np.full((h, w), 255, np.uint8), total,
+                                                  float(np.abs(total).max()))))
+    return images
+
+
+def panel_spec(e: Explanation, labels: list[str], config: ExplainConfig,
+               columns: int = 4) -> dict:
+    """Vega-Lite grid as :func:`probing.show.figure_spec` draws it, attribution overlaid."""
+    h, w, _ = e.attributions.shape
+    images = overlay_images(e, labels)
     panels = [{
         "title": {"text": lbl, "fontSize": 12}, "width": w, "height": h,
         "data": {"values": [{"u": data_uri(png_bytes(img))}]},

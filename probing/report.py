@@ -14,7 +14,13 @@ continuous attribute; attribute share per cluster (the blog's figure 2: "83.9 % 
 cluster; projection figures for runs made by ``apply`` (applied set over the source run's
 UMAP); a cross-tabulation for multi-layer runs; the saved ``dvprobe probe`` results
 (STORE/probes) as scores across layers, one line per concept. Clicking a point shows its pileup channels
-in a side panel when a thumbnail exists. Every figure has vega-embed's PNG/SVG export menu;
+in a side panel when a thumbnail exists.
+
+The attribution view shows what ``dvprobe explain``, ``ablate`` and ``tcav`` saved in the
+STORE: TCAV scores per layer beside the probes' AUROC ("encoded" and "used" side by side,
+STORE/tcav), channel importance bars (STORE/ablation), and, for a clicked point that was
+explained (STORE/attributions), its integrated-gradients attribution per channel beside
+its pileup (every explained example is plotted). Every figure has vega-embed's PNG/SVG export menu;
 ``export_dir`` also writes them with vl-convert.
 
 Large STOREs are subsampled for the browser (``max_points``); every row of a *rare*
@@ -42,7 +48,13 @@ from probing import enrich as en
 from probing.analysis.guard import partial_store_warning
 from probing.info import format_info, store_info
 from probing.probe import load_probes
-from probing.show import channel_pngs, data_uri, read_store_examples, store_channels
+from probing.show import (
+    channel_pngs,
+    data_uri,
+    png_bytes,
+    read_store_examples,
+    store_channels,
+)
 from probing.store import Run, Store, as_store, open_store
 
 log = logging.getLogger(__name__)
@@ -50,8 +62,14 @@ log = logging.getLogger(__name__)
 CONTINUOUS_DEFAULT = ("depth", "mean_mapq", "alt_fraction")
 #: the report section of saved ``dvprobe probe`` results (STORE/probes/*.json)
 PROBES_SECTION = "Linear probes (dvprobe probe)"
+#: the report section of what explain / ablate / tcav saved in the STORE
+ATTRIBUTION_SECTION = "Attribution: which inputs and concepts the call uses"
+#: where ``dvprobe tcav`` saves (``<name>.json`` + ``<name>.npz``), explain
+#: (``<name>/explain.csv`` + npz) and ablate (``<name>.csv``) in a STORE
+TCAV_DIR, ATTRIBUTIONS_DIR, ABLATION_DIR = "tcav", "attributions", "ablation"
+TCAV_FORMAT = "dvprobe-tcav"
 TOOLTIP_COLUMNS = ("locus", "alleles", "label", "pred_genotype", "p_hom_ref", "p_het",
-                   "p_hom_alt", "depth", "mean_mapq", "pileup")
+                   "p_hom_alt", "depth", "mean_mapq", "pileup", "attribution")
 _BASE_BOOL_EXCLUDE = {"key"}
 
 
@@ -367,10 +385,12 @@ def build_report(store: Store | str | os.PathLike, out: str | os.PathLike, *,
         if first_labels is None:
             first_labels = labels
     _probe_sections(data.probes, contents)
+    _attribution_sections(data, contents)
     thumb_rows = _pick_thumbnails(data.rows, data.obs, first_labels, data.rare, thumbnails)
     thumbs = _thumbs(data.store, thumb_rows, examples, thumbnail_downsample, data.warnings)
     pts["pileup"] = np.isin(pts["row"].to_numpy(), list(thumbs))
     exported = _export(contents.figures, pts, Path(export_dir)) if export_dir else []
+    pts["attribution"] = np.isin(pts["row"].to_numpy(), list(data.attribution.explained))
     page = _page(data, contents, pts, thumbs, title or f"dvprobe report: {data.store.path.name}")
     out = _write_text(Path(out), page)
     for w in data.warnings:
@@ -397,6 +417,7 @@ class _Data:
     max_points: int
     seed: int
     warnings: list[str]
+    attribution: Attribution
 
     @property
     def n(self) -> int:
@@ -424,7 +445,7 @@ def _gather(store: Store, runs: list[str] | None, attributes: list[str] | None,
     loaded = [store.load_run(r) for r in (runs if runs else store.runs)]
     loaded = [r for r in loaded if "umap" in r.arrays or "cluster" in r.obs.columns]
     probes = load_probes(store)
-    if not loaded and not probes:
+    if not loaded and not probes and not _has_attribution(store):
         raise ReportError(f"{store.path}: no analysis run with a UMAP or clusters, and no "
                           f"saved probes, to report (runs: {store.runs}); run `dvprobe "
                           "cluster` or `dvprobe probe` first")
@@ -443,10 +464,12 @@ def _gather(store: Store, runs: list[str] | None, attributes: list[str] | None,
         np.array([], np.int64)
     if len(keep) > max_points // 2:
         keep = np.sort(np.random.default_rng(seed).choice(keep, max_points // 2, replace=False))
-    rows = _subsample(len(obs), max_points, keep.astype(np.int64), seed)
     warnings = [w for w in [partial_store_warning(store)] if w]
+    attribution = load_attribution(store, obs, warnings)
+    keep = np.union1d(keep, np.fromiter(attribution.explained, np.int64)).astype(np.int64)
+    rows = _subsample(len(obs), max_points, keep, seed)
     return _Data(store, obs, loaded, probes, attrs, cont_cols, rare_cap, rare, keep, rows,
-                 max_points, seed, warnings)
+                 max_points, seed, warnings, attribution)
 
 
 def _points(data: _Data) -> pd.DataFrame:
@@ -621,6 +644,174 @@ def _probe_sections(probes: dict, contents: _Contents) -> None:
         contents.tables.append((f"{pname}: linear probes per layer", _table_html(pres.table)))
 
 
+# --------------------------------------------------------------------------------------
+# Attribution view: what explain / ablate / tcav saved in the STORE
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Attribution:
+    """Saved TCAV results (name -> document, ``table`` / ``scores`` as frames), ablation
+    tables (name -> frame) and explained rows (STORE row -> the side panel's images)."""
+
+    tcav: dict[str, dict] = field(default_factory=dict)
+    ablation: dict[str, pd.DataFrame] = field(default_factory=dict)
+    explained: dict[int, dict] = field(default_factory=dict)
+
+
+def _has_attribution(store: Store) -> bool:
+    return any(any((store.path / d).glob(pattern)) for d, pattern in
+               ((TCAV_DIR, "*.json"), (ABLATION_DIR, "*.csv"),
+                (ATTRIBUTIONS_DIR, "*/explain.csv")))
+
+
+def load_tcav(store: Store | str | os.PathLike) -> dict[str, dict]:
+    """Every saved TCAV result of the STORE by name: the JSON document, its ``table`` and
+    ``scores`` as DataFrames; unreadable or foreign files are skipped with a warning."""
+    st = as_store(store)
+    out = {}
+    for path in sorted((st.path / TCAV_DIR).glob("*.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("format") != TCAV_FORMAT:
+                raise ValueError(f"format is not {TCAV_FORMAT}")
+            if doc.get("n_store") != st.n:
+                log.warning("%s: made on %s examples, the STORE has %d; skipped", path,
+                            doc.get("n_store"), st.n)
+                continue
+            doc["table"] = pd.DataFrame.from_records(doc["table"])
+            doc["scores"] = pd.DataFrame.from_records(doc["scores"])
+            out[path.stem] = doc
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: not a readable TCAV result (%s); skipped", path, exc)
+    return out
+
+
+def load_attribution(store: Store, obs: pd.DataFrame, warnings: list[str]) -> Attribution:
+    """What explain / ablate / tcav saved in ``store`` (each unreadable file is a warning)."""
+    att = Attribution(tcav=load_tcav(store))
+    for path in sorted((store.path / ABLATION_DIR).glob("*.csv")):
+        try:
+            att.ablation[path.stem] = pd.read_csv(path)
+        except (OSError, ValueError) as exc:
+            warnings.append(f"{path}: not a readable ablation table ({exc}); skipped")
+    row_of = pd.Series(np.arange(len(obs)), index=obs["key"]) if "key" in obs.columns else None
+    for table in sorted((store.path / ATTRIBUTIONS_DIR).glob("*/explain.csv")):
+        try:
+            for r in pd.read_csv(table).itertuples(index=False):
+                if row_of is not None and r.key in row_of.index:
+                    att.explained[int(row_of[r.key])] = _explained_panel(table.parent, r)
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            warnings.append(f"{table.parent}: explanations unreadable ({exc}); skipped")
+    return att
+
+
+def _explained_panel(directory: Path, r) -> dict:
+    """The side panel's attribution images of one explained example (its npz's overlays)."""
+    with np.load(directory / r.npz, allow_pickle=False) as z:
+        images, labels = z["overlays"], [str(v) for v in z["overlay_labels"]]
+    what = "IG of " + (f"p({r.target})" if r.output == "probability" else f"logit({r.target})")
+    title = (f"{directory.name}: {what}, baseline {r.baseline}, {r.steps} steps, sum "
+             f"{r.attribution_sum:+.3g} = f(x) - f(b) {r.f_x - r.f_baseline:+.3g}; red raises "
+             "the call, blue lowers it (right of each channel)")
+    return {"title": title, "ch": [[f"attribution: {lbl}", data_uri(png_bytes(img))]
+                                   for lbl, img in zip(labels, images, strict=True)]}
+
+
+def tcav_profile(doc: dict, probes: dict) -> alt.FacetChart:
+    """Per layer: the probes' held-out AUROC ("encoded") beside the TCAV score ("used"),
+    one line per concept; 0.5 is chance for both. Random CAVs' mean score dashed; a filled
+    point is significant after Bonferroni; bars = ± sd over the CAVs or folds."""
+    t = doc["table"]
+    order = list(dict.fromkeys(t["layer"]))
+    used = t.assign(measure="used: TCAV score", series=t["concept"], mean=t["score_mean"],
+                    sd=t["score_sd"], significant=t["significant"].astype(bool))
+    rnd = t.assign(measure="used: TCAV score", series=t["concept"] + " (random CAVs)",
+                   mean=t["random_mean"], sd=t["random_sd"], significant=False)
+    parts = [used, rnd]
+    for pres in probes.values():
+        p = pres.table[pres.table["concept"].isin(set(t["concept"]))
+                       & pres.table["layer"].isin(order)]
+        if len(p):
+            parts.append(p.assign(measure="encoded: probe AUROC", series=p["concept"],
+                                  significant=True))
+            break
+    d = pd.concat(parts, ignore_index=True)[["layer", "measure", "series", "mean", "sd",
+                                             "significant"]]
+    d["sd"] = d["sd"].fillna(0.0)
+    d["lo"], d["hi"] = d["mean"] - d["sd"], d["mean"] + d["sd"]
+    d["random"] = d["series"].str.endswith("(random CAVs)")
+    tips = [alt.Tooltip("layer:N"), alt.Tooltip("series:N", title="concept"),
+            alt.Tooltip("measure:N"), alt.Tooltip("mean:Q", format=".3f"),
+            alt.Tooltip("sd:Q", format=".3f"), alt.Tooltip("significant:N")]
+    base = alt.Chart().encode(
+        x=alt.X("layer:N", sort=order, axis=alt.Axis(labelAngle=0)),
+        color=alt.Color("series:N", title="concept"),
+        strokeDash=alt.StrokeDash("random:N", legend=None))
+    lines = base.mark_line().encode(y=alt.Y("mean:Q", title="score (0.5 = chance)",
+                                            scale=alt.Scale(domain=[0, 1])))
+    dots = base.mark_point(size=60).encode(
+        y="mean:Q", fill=alt.condition("datum.significant", alt.Color("series:N"),
+                                       alt.value("white")), tooltip=tips)
+    bars = base.mark_rule(opacity=0.5).encode(y="lo:Q", y2="hi:Q")
+    chance = alt.Chart().mark_rule(color="#999", strokeDash=[2, 2]).encode(
+        y=alt.datum(0.5))
+    return (alt.layer(bars, lines, dots, chance, data=d)
+            .properties(width=max(260, 48 * len(order)), height=240)
+            .facet(column=alt.Column("measure:N", title=None,
+                                     sort=["encoded: probe AUROC", "used: TCAV score"]),
+                   title=f"{doc['name']}: encoded (probe) and used (TCAV) per layer"))
+
+
+def ablation_bars(table: pd.DataFrame, title: str) -> alt.FacetChart:
+    """Per channel: importance (mean total-variation change of the probabilities when the
+    channel is replaced) with its bootstrap 95 % interval, one panel per replacement."""
+    d = table[["channel", "mode", "importance", "importance_lo", "importance_hi",
+               "flip_fraction"]].copy()
+    for c in ("importance_lo", "importance_hi"):  # no bootstrap: a point, not an interval
+        d[c] = d[c].fillna(d["importance"])
+    y = alt.Y("channel:N", sort="-x", title=None)
+    tips = [alt.Tooltip("channel:N"), alt.Tooltip("mode:N"),
+            alt.Tooltip("importance:Q", format=".4f"),
+            alt.Tooltip("importance_lo:Q", format=".4f", title="95% CI low"),
+            alt.Tooltip("importance_hi:Q", format=".4f", title="95% CI high"),
+            alt.Tooltip("flip_fraction:Q", format=".3f", title="calls flipped")]
+    bars = alt.Chart().mark_bar().encode(
+        y=y, x=alt.X("importance:Q", title="mean total-variation change of p (95% CI)"),
+        tooltip=tips)
+    ci = alt.Chart().mark_rule(color="black").encode(y=y, x="importance_lo:Q",
+                                                     x2="importance_hi:Q")
+    return (alt.layer(bars, ci, data=d).properties(width=360)
+            .facet(row=alt.Row("mode:N", title="replaced by",
+                               sort=list(dict.fromkeys(d["mode"]))), title=title)
+            .resolve_scale(y="independent"))
+
+
+def _attribution_sections(data: _Data, contents: _Contents) -> None:
+    att = data.attribution
+    for name, doc in att.tcav.items():
+        p = doc.get("params", {})
+        sig = doc["table"].query("significant")
+        said = (", ".join(f"{r.concept} at {r.layer} ({r.score_mean:.2f})"
+                          for r in sig.itertuples()) or "none")
+        contents.figure(f"{name}: concepts encoded and used", tcav_profile(doc, data.probes),
+                        f"TCAV (Kim et al. 2018): share of {p.get('n_examples')} examples whose "
+                        f"{p.get('output')} of the {p.get('target')} genotype rises along the "
+                        f"concept's CAV, {p.get('n_random')} concept and random CAVs each; "
+                        f"filled = significant after Bonferroni (two-sided Welch t-test vs the "
+                        f"random CAVs, dashed). Significant: {said}. Decodable (left) is not "
+                        "used (right).", False, ATTRIBUTION_SECTION)
+        contents.tables.append((f"{name}: TCAV per layer and concept",
+                                _table_html(doc["table"])))
+    for name, table in att.ablation.items():
+        contents.figure(f"{name}: channel importance", ablation_bars(
+            table, f"{name}: what each channel is worth to the call"),
+            f"Channel ablation (dvprobe ablate) over {int(table['n'].iloc[0])} examples: each "
+            "channel replaced in turn; bars = mean total-variation change of the genotype "
+            "probabilities, lines = bootstrap 95% intervals.", False, ATTRIBUTION_SECTION)
+        contents.tables.append((f"{name}: channel ablation", _table_html(table)))
+
+
 def _write_text(out: Path, text: str) -> Path:
     """Write ``text`` to ``out`` atomically (a reader never sees half a page)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -707,7 +898,7 @@ h3{font-size:14px;margin:18px 0 4px} .cap{font-size:12px;color:#555;max-width:90
  border:1px solid #bbb} #panel figcaption{font-size:11px;color:#333}
 table.tbl{border-collapse:collapse;font-size:11px;margin:6px 0}
 table.tbl td,table.tbl th{border-bottom:1px solid #e4e4e4;padding:2px 8px;text-align:right}
-details{margin:6px 0}
+details{margin:6px 0} .pair{display:flex;gap:4px} .pair figure{flex:1}
 """
 
 _JS = r"""
@@ -738,20 +929,36 @@ function showPileup(row) {
     `p(hom-ref, het, hom-alt) = ${[p.p_hom_ref, p.p_het, p.p_hom_alt]
       .map(v => v == null ? "-" : v.toFixed(3)).join(", ")}` : "";
   box.appendChild(h);
-  if (!t) {
+  const a = ATTR[String(row)];
+  if (!t && !a) {
     const s = document.createElement("p");
     s.textContent = "No pileup thumbnail for this point (see the note above for which " +
       "points have one; they show pileup = true in the tooltip).";
     box.appendChild(s);
     return;
   }
-  for (const [label, uri] of t.ch) {
-    const f = document.createElement("figure");
-    const img = document.createElement("img");
-    img.src = uri; img.alt = label;
-    const c = document.createElement("figcaption");
-    c.textContent = label;
-    f.appendChild(img); f.appendChild(c); box.appendChild(f);
+  // The pileup and, when the point was explained, its attribution, channel by channel.
+  const shown = t ? t.ch : [];
+  for (let i = 0; i < Math.max(shown.length, a ? a.ch.length : 0); i++) {
+    const row = document.createElement("div");
+    row.className = "pair";
+    for (const item of [shown[i], a ? a.ch[i] : undefined]) {
+      if (!item) continue;
+      const [label, uri] = item;
+      const f = document.createElement("figure");
+      const img = document.createElement("img");
+      img.src = uri; img.alt = label;
+      const c = document.createElement("figcaption");
+      c.textContent = label;
+      f.appendChild(img); f.appendChild(c); row.appendChild(f);
+    }
+    box.appendChild(row);
+  }
+  if (a) {
+    const s = document.createElement("p");
+    s.className = "cap";
+    s.textContent = a.title;
+    box.insertBefore(s, box.children[1]);
   }
 }
 for (const f of FIGURES) {
@@ -772,7 +979,7 @@ for (const f of FIGURES) {
     console.error(err);
   });
 }
-const first = Object.keys(THUMBS)[0];
+const first = Object.keys(ATTR)[0] ?? Object.keys(THUMBS)[0];  // an explained point first
 if (first !== undefined) showPileup(Number(first));
 status();
 """
@@ -812,6 +1019,8 @@ def _contents_line(figures: list[Figure]) -> str:
                              if f.section.startswith("Run ")}))
     if any(f.section == PROBES_SECTION for f in figures):
         line += "; linear probes"
+    if any(f.section == ATTRIBUTION_SECTION for f in figures):
+        line += "; attribution"
     return line
 
 
@@ -863,6 +1072,7 @@ def _page(data: _Data, contents: _Contents, pts: pd.DataFrame, thumbs: dict[int,
 <script>
 const POINTS = {_json_for_script(_records(pts))};
 const THUMBS = {_json_for_script(thumbs_js)};
+const ATTR = {_json_for_script({str(k): v for k, v in data.attribution.explained.items()})};
 const FIGURES = {_json_for_script(fig_specs)};
 {_JS}
 </script>

@@ -40,7 +40,8 @@ def blob_store(tmp_path, blob_data):
 def test_kmeans_blobs_recovers_truth(blob_store, blob_data):
     r = pa.kmeans(blob_store, "mixed5", k=4, pca=8, seed=0, run="km", **SK)
     assert ari(blob_data[1], r.obs["cluster"]) == 1.0
-    assert r.arrays["pca"].shape == (400, 8)
+    assert "pca" not in r.arrays  # a clustering run keeps no per-row features ...
+    assert pa.features(blob_store, "km").shape == (400, 8)  # ... they are recomputed
     assert r.arrays["flat.protos"].shape == (4, 8)
     assert sum(r.meta["cluster"]["sizes"].values()) == 400
     assert list(r.obs["key"][:2]) == ["chr1:0:A>C:1", "chr1:1:A>C:1"]
@@ -56,15 +57,19 @@ def test_kmeans_matches_sklearn(blob_store, blob_data):
 
 
 def test_pca_matches_sklearn_up_to_sign(blob_store, blob_data):
+    """The streamed covariance PCA is scikit-learn's full PCA: the same coordinates where
+    components are well defined (the 3 between 4 blobs; the others span isotropic noise, 2000x
+    smaller, where any float32 PCA picks its own basis) and the same variances."""
     x = blob_data[0]
     r = pa.pca(blob_store, "mixed5", n_components=6, **SK)
-    ref = PCA(n_components=6).fit(x)
+    ref = PCA(n_components=6, svd_solver="full").fit(x)
     z, zr = r.arrays["pca"], ref.transform(x)
-    for j in range(6):
+    for j in range(3):
         s = np.sign(z[:, j] @ zr[:, j])
-        np.testing.assert_allclose(z[:, j], s * zr[:, j], rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(r.arrays["feat.mixed5.pca.explained_variance"],
-                               ref.explained_variance_, rtol=1e-5)
+        np.testing.assert_allclose(z[:, j], s * zr[:, j], rtol=1e-4, atol=1e-4)
+    exact = np.linalg.eigvalsh(np.cov(x.astype(np.float64).T))[::-1][:6]
+    np.testing.assert_allclose(r.arrays["feat.mixed5.pca.explained_variance"], exact,
+                               rtol=1e-4)
     comp = r.arrays["feat.mixed5.pca.components"]
     big = comp[np.arange(6), np.abs(comp).argmax(axis=1)]
     assert (big > 0).all()  # canonical sign rule
@@ -168,12 +173,12 @@ def test_multilayer_dimensions_and_clipping(tmp_path, caplog):
                           umap=False, run="ml", **SK)
     f = r.meta["features"]
     assert f["pca"] == {"mixed3": 12, "mixed5": 18, "mixed7": 40}  # clipped to each layer
-    assert f["pca2"] == 70 and r.arrays["pca"].shape == (150, 70)  # 12+18+40 concatenated
+    assert f["pca2"] == 70 and pa.features(st, "ml").shape == (150, 70)  # 12+18+40 concatenated
     assert "clipped" in caplog.text
     r = pa.multilayer(st, ["mixed3", "mixed5", "mixed7"], per_layer_pca=10, pca=12, k=3,
                       umap=False, run="ml2", **SK)
     assert r.arrays["feat.concat.pca.components"].shape == (12, 30)
-    assert r.arrays["pca"].shape == (150, 12)
+    assert pa.features(st, "ml2").shape == (150, 12)
     assert len(set(r.obs["cluster"])) == 3
 
 
@@ -195,7 +200,7 @@ def test_apply_to_training_store_reproduces_labels(blob_store, method, monkeypat
     res = pa.apply(blob_store, "r", blob_store, name="again", **SK)
     fitted = blob_store.load_run("r")
     np.testing.assert_array_equal(res.run.obs["cluster"], fitted.obs["cluster"])
-    np.testing.assert_array_equal(res.run.arrays["pca"], fitted.arrays["pca"])
+    assert sorted(res.run.arrays) == sorted(fitted.arrays.keys() & {"umap"})
     assert int(res.counts["n"].sum()) == 400
 
 
@@ -240,7 +245,7 @@ def test_run_round_trip_is_plain_arrays(blob_store):
     fm = FeatureModel.from_run(again.meta, again.arrays)
     h = Hierarchy.from_arrays(again.arrays)
     feats = fm.transform(blob_store)
-    np.testing.assert_array_equal(feats, r.arrays["pca"])
+    np.testing.assert_array_equal(feats, pa.features(blob_store, "h"))
     np.testing.assert_array_equal(h.predict(feats)[2], r.obs["cluster"])
 
 
@@ -359,25 +364,20 @@ def test_scale_guard(blob_store, monkeypatch, caplog):
     assert guard.available_memory() > 0
     # the API consults the guard before reading or fitting anything
     monkeypatch.setattr(guard, "available_memory", lambda: 1000)
-    with pytest.raises(ScaleError, match="--fit-sample"):
+    with pytest.raises(ScaleError, match="needs ~"):
         pa.kmeans(blob_store, "mixed5", k=4, **SK)
     assert "kmeans10-mixed5" not in blob_store.runs
 
 
-def test_scale_guard_counts_every_rows_features_and_suggests_with_margin(blob_store,
-                                                                        monkeypatch):
-    """--fit-sample bounds the fit, not the [n, d] features of all rows computed after it."""
-    # 100 fitted rows x 24 x 4 B x 3 = 28.8 kB pass; all 400 rows x 24 x 4 B x 1.5 = 57.6 kB not
-    monkeypatch.setattr(guard, "available_memory", lambda: 50_000)
-    with pytest.raises(ScaleError, match=r"24 features of all 400 rows .*\(--pca 50"):
-        pa.kmeans(blob_store, "mixed5", k=4, pca=None, fit_sample=100, **SK)
-    pa.kmeans(blob_store, "mixed5", k=4, pca=8, fit_sample=100, run="ok", **SK)  # 400 x 8 fits
-    with pytest.raises(ScaleError) as info:
-        guard.check_scale(10_000_000, 768, "kmeans", "sklearn", available=2**34)
-    suggested = int(re.search(r"--fit-sample (\d+)", str(info.value)).group(1))
-    # following the advice passes, with room to spare (it used to sit at the very edge)
-    assert guard.check_scale(suggested, 768, "kmeans", "sklearn", available=2**34) == []
-    assert guard.estimate_bytes(suggested, 768, "kmeans") <= 0.41 * 2**34
+def test_scale_guard_counts_the_clustering_space_not_the_layer(blob_store, monkeypatch):
+    """Features are streamed: the fit holds the sample in the space it clusters in (8 PCA
+    dimensions here), so what the raw 24-wide layer would need is no reason to refuse."""
+    # 400 rows x 24 x 4 B x 3 = 115 kB would not pass; 400 x 8 x 4 B x 3 = 38 kB does
+    fixed = guard.fixed_bytes(400, [24])
+    monkeypatch.setattr(guard, "available_memory", lambda: int((fixed + 60_000) / 0.8))
+    with pytest.raises(ScaleError, match="--fit-sample"):
+        pa.kmeans(blob_store, "mixed5", k=4, pca=None, **SK)
+    pa.kmeans(blob_store, "mixed5", k=4, pca=8, run="ok", **SK)
 
 
 def test_a_reordered_obs_cannot_scramble_a_runs_keys(blob_store):

@@ -97,6 +97,7 @@ def test_cluster_kmeans_multilayer_and_reduce(app, tmp_path):
     )
     r = st.load_run("kmeans3-mixed5")
     assert r.meta["n_fit"] == 150 and ari(y, r.obs["cluster"]) == 1.0
+    assert r.meta["fit_sample"]["why"] == "--fit-sample 150"
     out = _ok(
         app,
         [
@@ -120,7 +121,8 @@ def test_cluster_kmeans_multilayer_and_reduce(app, tmp_path):
         ],
     )
     assert "pca2=4" in out
-    assert st.load_run("ml").arrays["pca"].shape == (200, 4)
+    assert "pca" not in st.load_run("ml").arrays  # recomputed by pa.features, not kept
+    assert "fit: all 200 rows" in out
     _ok(
         app,
         [

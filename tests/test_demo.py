@@ -38,6 +38,8 @@ TINY = dict(
     k=4,
     multilayer_k=4,
     sim_options=TINY_SIM,
+    explain_steps=8,
+    tcav_examples=12,
 )
 
 
@@ -76,6 +78,7 @@ def test_demo_runs_the_whole_pipeline(demo) -> None:
     assert store.n == demo.n_examples > 50
     assert {"mixed2", "mixed5", "mixed8"} <= set(store.layers)
     assert {KMEANS_RUN, MULTILAYER_RUN, "hkmeans3-mixed5"} <= set(store.runs)
+    assert demo.seconds["explain"] > 0 and (demo.out / "explain" / "explain.csv").is_file()
     # every planted concept became an obs column
     assert {col for col, _ in CONCEPT_COLUMNS.values()} <= set(store.obs.columns)
     assert store.obs["germline"].sum() > 0 and store.obs["LINE"].sum() > 0

@@ -17,12 +17,15 @@ import dvtorch
 from probing.ablate import AblateConfig, ablate, derangement
 from probing.examples import encode_example, example_key
 from probing.explain import (
+    RANDOMISATION_RHO,
     STEPS_WITHIN_1PC,
     ExplainError,
     Selection,
     explain,
     logit_forward,
     make_baseline,
+    randomised_copy,
+    sanity_line,
     scaled,
     select_examples,
 )
@@ -133,7 +136,7 @@ def test_attributions_sum_to_the_change_of_the_output_on_the_real_architecture(
 
 
 def test_probability_attributions_sum_to_the_change_at_the_default_steps(tmp_path):
-    """On a smooth model (softmax of tanh of a region mean) the default 50 steps already
+    """On a smooth model (softmax of tanh of a region mean) the default steps already
     make sum(attr) = p(x) - p(baseline) within 1 %, for each baseline."""
     spec = write_examples(tmp_path / "ex.tfrecord.gz", pileups(3, seed=11, alt_frac=0.8))
     for baseline in ("blank-reads", "zeros"):
@@ -211,6 +214,35 @@ def _clustered_store(tmp_path, spec: str, n: int):
     st.save_run("k", meta={"method": "test"},
                 obs=pd.DataFrame({"key": keys, "cluster": np.arange(n) % 2}))
     return st
+
+
+def test_model_randomisation_changes_the_real_architectures_attributions(ref_model,
+                                                                          tmp_path):
+    """Adebayo et al.'s check: the Inception's attributions and those of a randomised copy
+    (re-drawn weights, calibrated BN) are unlike each other; the model that reads a fixed
+    region through a bias only (nothing learned to randomise) fails it, as it should."""
+    spec = write_examples(tmp_path / "ex.tfrecord.gz", pileups(1, seed=12))
+    x = scaled(pileups(1, seed=12))
+    with torch.no_grad():
+        before = ref_model(x)
+    res = explain(ref_model, spec, steps=4, output="logit", sanity=True, progress=False)
+    with torch.no_grad():
+        assert torch.equal(ref_model(x), before)  # the check randomised a copy
+    assert all(abs(e.randomised_rho) < 0.2 for e in res)
+    assert "passed" in sanity_line(res)
+    fixed = explain(RegionModel(), spec, steps=4, sanity=True, progress=False)
+    assert all(e.randomised_rho > 0.9 >= RANDOMISATION_RHO for e in fixed)
+    assert "FAILED" in sanity_line(fixed)
+    assert sanity_line(explain(RegionModel(), spec, steps=2, progress=False)) == \
+        "model randomisation: not checked"
+
+
+def test_a_randomised_copy_is_seeded_and_leaves_the_original_alone():
+    region = RegionModel()
+    twin = randomised_copy(region)
+    assert torch.equal(twin.bias, randomised_copy(region).bias)  # seeded
+    assert not torch.equal(twin.bias, region.bias)
+    assert torch.equal(region.bias, RegionModel().bias)
 
 
 # --------------------------------------------------------------------------------------

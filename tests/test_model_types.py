@@ -212,6 +212,8 @@ def _assert_parity(bundle: Path, candidates: set[str]) -> None:
     _, report = _report(bundle)
     print("\n" + report.table())
     _assert_full_parity(report, candidates)
+    softmax = [r for r in report.rows if r.layer == "classification"]
+    assert softmax and all(r.rel <= 1e-5 for r in softmax), softmax  # the bar
 
 
 def _verify_on_examples(bundle, spec: str) -> None:
@@ -291,7 +293,7 @@ def test_deeptrio_nested_savedmodel_fetched_converted_and_run_by_name(
     assert loaded.bundle_meta["source"]["download"]["name"] == entry.name
 
     spec = write_examples(tmp_path / "ex", shape, channels, n=12, version="1.6.0")
-    _verify_on_examples(bundle, spec)
+    # `verify` on examples is the PacBio test's: one more TensorFlow pass here buys nothing
     store = run_chain(entry.release, spec, tmp_path / "chain", channels)
     got = store.obs[["p_hom_ref", "p_het", "p_hom_alt"]].to_numpy()
     np.testing.assert_allclose(got, _keras_probabilities(model, spec), rtol=1e-4, atol=1e-5)

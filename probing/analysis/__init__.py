@@ -10,6 +10,7 @@ from probing.analysis.api import (
     ApplyResult,
     apply,
     cluster,
+    features,
     hierarchical_kmeans,
     hierarchical_spectral,
     kmeans,
@@ -25,6 +26,6 @@ from probing.analysis.methods import METHODS, method_names
 
 __all__ = [
     "METHODS", "AnalysisError", "ApplyResult", "BackendError", "ScaleError", "apply", "cluster",
-    "get_backend", "hierarchical_kmeans", "hierarchical_spectral", "kmeans", "method_names",
+    "features", "get_backend", "hierarchical_kmeans", "hierarchical_spectral", "kmeans", "method_names",
     "multilayer", "pca", "reduce", "spectral", "umap",
 ]

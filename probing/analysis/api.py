@@ -17,10 +17,14 @@ A run holds (see ``probing/store.py``):
 
 * ``obs``: ``key`` plus per-example results: ``cluster`` (flat int); for hierarchical runs
   also ``level1``, ``level2`` and ``node`` (``"2.1"``).
-* ``arrays``: ``pca`` ``[n, k]`` (the space clusters were fitted in, when PCA ran), ``umap``
-  ``[n, 2]``, ``fit_rows`` (rows the models were fitted on), and the fitted models as plain
-  arrays: ``feat.*`` (normalisers, PCAs), ``flat.*`` (k-means centres or spectral landmarks +
-  their labels), ``h.*`` (hierarchy nodes).
+* ``arrays``: ``pca`` ``[n, k]`` (a PCA run's coordinates), ``umap`` ``[n, 2]``,
+  ``fit_rows`` (rows the models were fitted on; ``umap_fit_rows`` when the UMAP fitted on
+  fewer), and the fitted models as plain arrays: ``feat.*`` (normalisers, PCAs), ``flat.*``
+  (k-means centres or spectral landmarks + their labels), ``h.*`` (hierarchy nodes). A
+  clustering run keeps no per-row features: :func:`features` recomputes them exactly.
+* ``meta["fit_sample"]``: how many rows the models were fitted on, of how many, the seed,
+  stratification and why (above a per-method row count a run fits on a sample by default:
+  :mod:`probing.analysis.sample`).
 * ``files``: ``umap_model`` (the one pickle: UMAP has no array form; its sha256 is recorded and
   checked before it is unpickled).
 * ``meta["params"]``: the method and every option it ran with (defaults included).
@@ -53,12 +57,17 @@ from probing.analysis.fit import (
     ENGINE_VERSION,
     check_new_run,
     check_run_name,
+    cluster_sizes,
     fit_run,
+    flat_predict,
     keyed_obs,
     open_for_analysis,
+    run_features,
     step,
+    tree_predict,
+    umap_every_row,
 )
-from probing.analysis.guard import check_all_rows
+from probing.analysis.guard import check_scale, fixed_bytes
 from probing.analysis.hierarchical import Hierarchy
 from probing.analysis.methods import (
     DEFAULT_CLUSTER_METHOD,
@@ -69,6 +78,7 @@ from probing.analysis.methods import (
     get_method,
     options_for,
 )
+from probing.analysis.stream import Predict, label_rows
 from probing.store import Run, Store
 
 log = logging.getLogger("dvprobe.analysis")
@@ -222,27 +232,30 @@ def _check_target(tgt: Store, out_name: str, label_col: str | None, overwrite: b
     """What about the target can be refused before a row is read."""
     if tgt.n == 0:
         raise AnalysisError(f"{tgt.path}: the STORE has no examples")
-    if label_col is not None and label_col not in tgt.obs.columns:
+    if label_col is not None and label_col not in tgt.obs_dtypes.index:
         raise AnalysisError(f"{tgt.path}: no obs column {label_col!r} for --label-col; "
-                            f"columns: {list(tgt.obs.columns)}")
+                            f"columns: {list(tgt.obs_dtypes.index)}")
     check_new_run(tgt, out_name, overwrite, "--name")
 
 
-def _predict_clusters(r: Run, feats: np.ndarray, obs: pd.DataFrame) -> tuple[str, list[str]]:
-    """Label ``feats`` with the run's fitted clusterer into ``obs``; returns the column that
-    names a cluster (``cluster``, or ``node`` for hierarchies) and every fitted cluster."""
+def _predictor(r: Run) -> tuple[Predict | None, str, list[str]]:
+    """How the run's fitted clusterer labels feature rows, the column that names a cluster
+    (``cluster``, or ``node`` for hierarchies) and every fitted cluster."""
     cm = r.meta.get("cluster")
     if cm is None:
-        return "", []
+        return None, "", []
     if cm["method"] in ("kmeans", "spectral"):
         model = Prototypes(r.arrays["flat.protos"], r.arrays["flat.labels"], int(cm["k"]))
-        obs["cluster"] = model.predict(feats)
-        return "cluster", [str(i) for i in range(model.k)]
+        return flat_predict(model), "cluster", [str(i) for i in range(model.k)]
     h = Hierarchy.from_arrays(r.arrays)
-    l1, l2, flat = h.predict(feats)
-    obs["level1"], obs["level2"], obs["cluster"] = l1, l2, flat
-    obs["node"] = [f"{a}.{b}" for a, b in zip(l1, l2, strict=True)]
-    return "node", [f"{a}.{b}" for a, b in h.nodes]
+    return tree_predict(h), "node", [f"{a}.{b}" for a, b in h.nodes]
+
+
+def features(store, run: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """The features run ``run`` clustered in (normalised / PCA space) for ``rows`` (sorted
+    row indices; None = every row), recomputed exactly from its stored models: runs keep
+    labels and coordinates per row, not their ``[n, out_dim]`` features."""
+    return run_features(store, run, rows)
 
 
 def _landed(tgt: Store, obs: pd.DataFrame, column: str, clusters: list[str],
@@ -250,13 +263,13 @@ def _landed(tgt: Store, obs: pd.DataFrame, column: str, clusters: list[str],
     """Examples per fitted cluster (every one listed), and ``label_col`` x cluster."""
     if not column:
         return pd.DataFrame({"n": []}), None
-    vc = obs[column].astype(str).value_counts()
+    vc = pd.Series(obs[column]).astype(str).value_counts()
     counts = pd.DataFrame({"n": [int(vc.get(c, 0)) for c in clusters]},
                           index=pd.Index(clusters, name=column))
     counts["fraction"] = counts["n"] / max(1, tgt.n)
     crosstab = None
     if label_col is not None:
-        crosstab = pd.crosstab(tgt.obs[label_col].to_numpy(),
+        crosstab = pd.crosstab(tgt.read_obs([label_col])[label_col].to_numpy(),
                                obs[column].astype(str).to_numpy(),
                                rownames=[label_col], colnames=[column])
     return counts, crosstab
@@ -283,17 +296,22 @@ def apply(store, run: str, target, *, name: str | None = None, backend: str = "a
     fm = FeatureModel.from_run(r.meta, r.arrays)
     for w in check_applicable(src, tgt, run, fm.layers):
         log.warning(w)
-    check_all_rows(tgt.n, fm.out_dim)
-    with step(f"apply {run!r}: transform {tgt.n} rows of {tgt.path}"):
-        feats = fm.transform(tgt)
+    kept = fm.out_dim if r.meta["kind"] == "pca" and fm.reduced else 0
+    check_scale(0, fm.out_dim, "pca", "sklearn",
+                fixed=fixed_bytes(tgt.n, list(fm.dims.values()), kept=kept))
+    predict, column, clusters = _predictor(r)
+    read = fm.reader(tgt)
+    with step(f"apply {run!r}: label {tgt.n} rows of {tgt.path}"):
+        out = label_rows(tgt.n, read, predict, kept or None, progress="label rows")
     obs = keyed_obs(tgt)
-    arrays: dict[str, np.ndarray] = {"pca": feats} if fm.reduced else {}
-    column, clusters = _predict_clusters(r, feats, obs)
+    for col, values in out.columns.items():
+        obs[col] = values
+    arrays: dict[str, np.ndarray] = dict(out.arrays)
     if r.meta.get("umap"):
         blob = r.file_bytes("umap_model")  # sha256-checked before anything is unpickled
         be = backend_for_umap(r.meta["umap"]["impl"], get_backend(backend))
-        with step(f"UMAP transform of {tgt.n} rows [{be.name}]"):
-            arrays["umap"] = be.umap_transform(blob, feats)
+        arrays["umap"] = umap_every_row(read, tgt.n, be, blob,
+                                        int(r.meta["umap"]["n_components"]), None)
     counts, crosstab = _landed(tgt, obs, column, clusters, label_col)
     meta = {
         "engine": "dvprobe.analysis", "engine_version": ENGINE_VERSION, "kind": r.meta["kind"],
@@ -304,5 +322,6 @@ def apply(store, run: str, target, *, name: str | None = None, backend: str = "a
     }
     if column:
         meta["landed"] = {c: int(v) for c, v in counts["n"].items() if v}
+        meta["cluster"] = {**(meta["cluster"] or {}), **cluster_sizes(out.columns)}
     saved = tgt.save_run(out_name, meta=meta, obs=obs, arrays=arrays)
     return ApplyResult(saved, column, counts, crosstab)

@@ -158,7 +158,7 @@ class SklearnBackend:
 
     def umap_transform(self, blob: bytes, x: np.ndarray) -> np.ndarray:
         import_umap()  # the pickle references umap.umap_; import it the safe way first
-        model = pickle.loads(blob)  # noqa: S301 - sha256-checked by Run.file_bytes
+        model = _unpickled(self, blob, pickle.loads)
         return np.asarray(model.transform(x), dtype=np.float32)
 
 
@@ -215,7 +215,7 @@ class CumlBackend:
 
     def umap_transform(self, blob: bytes, x: np.ndarray) -> np.ndarray:
         try:
-            model = pickle.loads(blob)  # noqa: S301 - sha256-checked by Run.file_bytes
+            model = _unpickled(self, blob, pickle.loads)
         except Exception as exc:  # a pickle of another cuML version, a missing class ...
             raise BackendError(f"cannot load this run's cuML UMAP with {self.version} "
                                f"({type(exc).__name__}: {exc}); refit it") from exc
@@ -225,6 +225,18 @@ class CumlBackend:
                 part = x[s:s + CUML_TRANSFORM_CHUNK]
                 out[s:s + len(part)] = np.asarray(model.transform(part), dtype=np.float32)
         return out
+
+
+def _unpickled(backend, blob: bytes, loads):
+    """The model pickled in ``blob``, unpickled once per backend for a run of chunked
+    ``umap_transform`` calls with the same blob (the same object, sha256-checked by
+    ``Run.file_bytes`` or just pickled by ``umap_fit``)."""
+    cached = getattr(backend, "_umap_cache", None)
+    if cached is not None and cached[0] is blob:
+        return cached[1]
+    model = loads(blob)  # noqa: S301 - see above
+    backend._umap_cache = (blob, model)
+    return model
 
 
 def gpu_available() -> bool:

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from probing.analysis.backends import Backend, PCAModel
+from probing.analysis.backends import PCAModel
 from probing.analysis.errors import AnalysisError
-from probing.analysis.normalize import NormParams, apply_normalizer, fit_normalizer
-from probing.analysis.reduce import fit_pca, pca_from_arrays, pca_to_arrays, pca_transform
+from probing.analysis.normalize import NormParams, apply_normalizer, normalizer_from_moments
+from probing.analysis.reduce import pca_from_arrays, pca_from_moments, pca_to_arrays, pca_transform
+from probing.analysis.stream import ROW_CHUNK, Moments, chunks, read_rows
 from probing.store import Store
 
 log = logging.getLogger("dvprobe.analysis")
-
-ROW_CHUNK = 16384
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,24 @@ class FeatureModel:
                                     f"features, the run was fitted on {self.dims[name]} "
                                     "(different pooling?)")
 
-    def transform(self, store: Store, rows: np.ndarray | None = None,
-                  chunk: int = ROW_CHUNK) -> np.ndarray:
-        """Features of ``store`` rows (all rows, or sorted indices ``rows``) in fixed chunks."""
+    def reader(self, store: Store) -> Callable[[slice | np.ndarray], np.ndarray]:
+        """``sel -> features`` of the STORE rows ``sel`` (a slice or sorted indices): what
+        the chunked passes call once per chunk."""
         self.check_store(store)
         mats = {name: store.layer(name) for name in self.layers}
+        return lambda sel: self.transform_blocks({k: read_rows(m, sel)
+                                                  for k, m in mats.items()})
+
+    def transform(self, store: Store, rows: np.ndarray | None = None,
+                  chunk: int = ROW_CHUNK) -> np.ndarray:
+        """Features of ``store`` rows (all rows, or sorted indices ``rows``) in fixed chunks,
+        as one ``[rows, out_dim]`` array (for a sample; every row of a large STORE goes
+        through :func:`probing.analysis.stream.label_rows` instead)."""
+        read = self.reader(store)
         n = store.n if rows is None else len(rows)
         out = np.empty((n, self.out_dim), dtype=np.float32)
-        for s in range(0, n, chunk):
-            sel = slice(s, s + chunk) if rows is None else rows[s:s + chunk]
-            out[s:s + chunk] = self.transform_blocks(
-                {k: np.asarray(m[sel], dtype=np.float32) for k, m in mats.items()})
+        for where, sel in chunks(store.n, rows, chunk):
+            out[where] = read(sel)
         return out
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -100,6 +107,7 @@ class FeatureModel:
                     for ly, p in self.pca.items()},
             "pca2": None if self.pca2 is None else int(self.pca2.components.shape[0]),
             "out_dim": self.out_dim,
+            "pca_solver": "covariance eigendecomposition (exact, streamed over row chunks)",
             "explained_variance_ratio": {
                 **{ly: float(p.explained_variance_ratio.sum())
                    for ly, p in self.pca.items() if p is not None},
@@ -136,37 +144,53 @@ def check_layers(store: Store, layers: list[str]) -> None:
 
 
 def fit_features(store: Store, layers: list[str], *, normalize: str, pca: int | None,
-                 pca2: int | None, backend: Backend, seed: int,
-                 rows: np.ndarray | None = None) -> FeatureModel:
-    """Fit the feature pipeline on ``rows`` (sorted indices; None = all rows) of ``store``."""
+                 pca2: int | None, rows: np.ndarray | None = None,
+                 chunk: int = ROW_CHUNK) -> FeatureModel:
+    """Fit the feature pipeline on ``rows`` (sorted indices; None = all rows) of ``store``.
+
+    Streamed: one pass over the rows per stage that needs one (standardiser moments,
+    per-layer covariances, the concatenation's covariance), each holding one chunk and the
+    ``d x d`` accumulators, never the rows themselves. The PCAs are exact (eigenvectors of
+    the covariance), as scikit-learn's full-SVD PCA of the same rows.
+    """
     check_layers(store, layers)
     specs = store.layer_specs
-    norm: dict[str, NormParams] = {}
-    pcas: dict[str, PCAModel | None] = {}
-    parts = []
-    for name in layers:
-        t = time.perf_counter()
-        m = store.layer(name)
-        x = np.asarray(m if rows is None else m[rows], dtype=np.float32)
-        norm[name] = fit_normalizer(x, normalize)
-        z = apply_normalizer(x, norm[name])
-        del x
-        if pca is not None:
-            pcas[name] = fit_pca(backend, z, pca, seed, what=f"{name}")
-            z = pca_transform(z, pcas[name])
-        else:
-            pcas[name] = None
-        parts.append(z)
-        log.info("features: %s [%d x %d] normalize=%s pca=%s (%.1fs)", name, z.shape[0],
-                 specs[name].dim, normalize,
-                 None if pcas[name] is None else pcas[name].components.shape[0],
-                 time.perf_counter() - t)
-    p2 = None
-    if pca2 is not None:
-        t = time.perf_counter()
-        cat = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-        p2 = fit_pca(backend, cat, pca2, seed, what="concatenated layers")
-        log.info("features: concat %d -> PCA(%d) (%.1fs)", cat.shape[1],
-                 p2.components.shape[0], time.perf_counter() - t)
-    return FeatureModel(list(layers), {ly: specs[ly].dim for ly in layers}, normalize, norm,
-                        pcas, p2)
+    mats = {ly: store.layer(ly) for ly in layers}
+    dims = {ly: specs[ly].dim for ly in layers}
+    t = time.perf_counter()
+    if normalize == "standardize":
+        moms = _moments(store.n, rows, chunk, {ly: (lambda sel, ly=ly: read_rows(mats[ly], sel))
+                                               for ly in layers}, products=False)
+        norm = {ly: normalizer_from_moments(normalize, m.mean, m.var()) for ly, m in moms.items()}
+    else:
+        norm = {ly: normalizer_from_moments(normalize, np.zeros(0), np.zeros(0)) for ly in layers}
+    pcas: dict[str, PCAModel | None] = dict.fromkeys(layers)
+    if pca is not None:
+        moms = _moments(store.n, rows, chunk, {
+            ly: (lambda sel, ly=ly: apply_normalizer(read_rows(mats[ly], sel), norm[ly]))
+            for ly in layers})
+        pcas = {ly: pca_from_moments(m, pca, what=ly) for ly, m in moms.items()}
+    for ly in layers:
+        log.info("features: %s [%d rows x %d] normalize=%s pca=%s", ly,
+                 store.n if rows is None else len(rows), dims[ly], normalize,
+                 None if pcas[ly] is None else pcas[ly].components.shape[0])
+    fm = FeatureModel(list(layers), dims, normalize, norm, pcas, None)
+    if pca2 is None:
+        return fm
+    read = fm.reader(store)
+    cat = _moments(store.n, rows, chunk, {"concat": read})["concat"]
+    p2 = pca_from_moments(cat, pca2, what="concatenated layers")
+    log.info("features: concat %d -> PCA(%d) (%.1fs)", fm.out_dim, p2.components.shape[0],
+             time.perf_counter() - t)
+    return replace(fm, pca2=p2)
+
+
+def _moments(n: int, rows: np.ndarray | None, chunk: int,
+             sources: dict[str, Callable[[slice | np.ndarray], np.ndarray]],
+             products: bool = True) -> dict[str, Moments]:
+    """One pass over the rows: :class:`Moments` of what each source makes of a chunk."""
+    moms = {name: Moments() for name in sources}
+    for _, sel in chunks(n, rows, chunk):
+        for name, src in sources.items():
+            moms[name].add(src(sel), products=products)
+    return moms

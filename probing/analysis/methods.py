@@ -38,14 +38,17 @@ def at_least_one(value: int | None, option: str) -> None:
 class RunSettings:
     """How a run is named, fitted and saved, whatever the method: ``run`` (default
     ``<method><k>-<layer>``), ``overwrite`` (``False`` refuses to replace a run of that
-    name), ``backend`` (auto | cuml | sklearn), ``seed``, ``fit_sample`` (fit on that many
-    random rows, then apply the fitted models to every row)."""
+    name), ``backend`` (auto | cuml | sklearn), ``seed``, ``fit_sample``: the rows the
+    models are fitted on before every row is labelled with them; ``None``/``"auto"``: all
+    rows up to the method's default sample size, a seeded chromosome-stratified sample of
+    that size above it (:mod:`probing.analysis.sample`); ``N``: N rows; ``"all"``: every
+    row."""
 
     run: str | None = None
     overwrite: bool = True
     backend: str = "auto"
     seed: int = 0
-    fit_sample: int | None = None
+    fit_sample: int | str | None = None
 
 
 #: options every method takes (keyword arguments of :func:`probing.analysis.cluster`)
@@ -96,15 +99,14 @@ class Plan:
     cluster: ClusterSpec | None = None
     umap: UmapSpec | None = None
     pca_option: str = "--pca"
+    #: the UMAP is the default's (multilayer), not asked for: dropped on a large STORE
+    umap_by_default: bool = False
 
     @property
-    def scale_method(self) -> str:
-        """The method whose memory factor the scale guard applies."""
-        if self.kind == "multilayer":
-            return "multilayer"
-        if self.umap is not None:
-            return "umap"
-        return self.cluster.method if self.cluster else "pca"
+    def cluster_method(self) -> str:
+        """The name the fit-sample sizes and the scale guard know this fit's clusterer by."""
+        return "multilayer" if self.kind == "multilayer" else (
+            self.cluster.method if self.cluster else self.kind)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,7 +231,9 @@ class HierarchicalSpectralOptions(_Hierarchical):
 @dataclass(frozen=True, kw_only=True)
 class MultiLayerOptions(MethodOptions):
     """The blog's multi-layer pipeline: per-layer normalise + PCA(``per_layer_pca``), concat,
-    PCA(``pca``), k-means(``k``) (+ UMAP for display).
+    PCA(``pca``), k-means(``k``) (+ UMAP for display: ``umap=None``, the default, adds
+    one up to :data:`probing.analysis.sample.DISPLAY_UMAP_ROWS` rows on the CPU, where the
+    UMAP transform of every row is still short; ``True`` always, ``False`` never).
 
     ``normalize="l2"`` so each layer enters the concatenation with the same row norm
     (otherwise wide or high-activation layers dominate the second PCA). PCA sizes are
@@ -242,7 +246,7 @@ class MultiLayerOptions(MethodOptions):
     k: int = 12
     normalize: str = "l2"
     n_init: int = ClusterSpec.n_init
-    umap: bool = True
+    umap: bool | None = None
 
     def plan(self) -> Plan:
         if not self.layers or isinstance(self.layers, str):
@@ -253,7 +257,8 @@ class MultiLayerOptions(MethodOptions):
                                 "layers are clustered in their PCA space")
         return Plan("multilayer", tuple(self.layers), self.normalize, self.per_layer_pca,
                     pca2=self.pca, cluster=ClusterSpec("kmeans", self.k, n_init=self.n_init),
-                    umap=UmapSpec() if self.umap else None, pca_option="--layer-pca")
+                    umap=UmapSpec() if self.umap is not False else None,
+                    pca_option="--layer-pca", umap_by_default=self.umap is None)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,19 @@ def fit_normalizer(x: np.ndarray, kind: str) -> NormParams:
     return NormParams(kind, mean.astype(np.float32), scale.astype(np.float32))
 
 
+def normalizer_from_moments(kind: str, mean: np.ndarray, var: np.ndarray) -> NormParams:
+    """``kind`` fitted from streamed column moments (:class:`probing.analysis.stream.Moments`,
+    ``ddof=0`` like :func:`fit_normalizer`): the same parameters, without holding the rows."""
+    if kind not in NORMALIZE:
+        raise AnalysisError(f"--normalize must be one of {', '.join(NORMALIZE)}, not {kind!r}")
+    empty = np.zeros(0, dtype=np.float32)
+    if kind != "standardize":
+        return NormParams(kind, empty, empty)
+    scale = np.sqrt(np.asarray(var, dtype=np.float64))
+    scale[scale < 1e-12] = 1.0
+    return NormParams(kind, np.asarray(mean, np.float32), scale.astype(np.float32))
+
+
 def apply_normalizer(x: np.ndarray, p: NormParams) -> np.ndarray:
     """Apply fitted params to rows ``x``; returns a new float32 array."""
     x = np.asarray(x, dtype=np.float32)

@@ -1,4 +1,4 @@
-"""PCA fitting (through a backend) and the pure-numpy transform shared by fit and ``apply``."""
+"""Exact PCA from streamed moments and the pure-numpy transform shared by fit and ``apply``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from probing.analysis.backends import Backend, PCAModel
+from probing.analysis.backends import Backend, PCAModel, canonical_signs
 from probing.analysis.errors import AnalysisError
 
 log = logging.getLogger("dvprobe.analysis")
@@ -30,9 +30,27 @@ def clip_components(requested: int, n_rows: int, n_features: int, what: str) -> 
 
 def fit_pca(backend: Backend, x: np.ndarray, n_components: int, seed: int,
             what: str = "pca") -> PCAModel:
-    """Fit PCA with at most ``n_components`` (clipped to the data) on rows ``x``."""
+    """PCA of rows held in memory, by a backend (``bench/bench_analysis.py`` compares the
+    backends' PCAs); runs fit theirs from streamed moments (:func:`pca_from_moments`)."""
     k = clip_components(n_components, x.shape[0], x.shape[1], what)
     return backend.pca(np.ascontiguousarray(x, dtype=np.float32), k, seed)
+
+
+def pca_from_moments(mom, n_components: int, what: str = "pca") -> PCAModel:
+    """The exact PCA of the rows fed to ``mom`` (:class:`probing.analysis.stream.Moments`):
+    the top eigenvectors of their ``d x d`` covariance, as scikit-learn's full PCA gives
+    (``explained_variance`` with ``ddof=1``, the ratio to the total variance, canonical
+    signs). Memory is ``d x d``, whatever the rows."""
+    cov = mom.cov(ddof=1)
+    d = cov.shape[0]
+    k = clip_components(n_components, mom.n, d, what)
+    values, vectors = np.linalg.eigh(cov)
+    order = np.argsort(values)[::-1][:k]
+    ev = np.maximum(values[order], 0)
+    total = float(np.trace(cov))
+    ratio = ev / total if total > 0 else np.zeros_like(ev)
+    return PCAModel(canonical_signs(vectors[:, order].T), mom.mean.astype(np.float32),
+                    ev.astype(np.float64), ratio.astype(np.float64))
 
 
 def pca_transform(x: np.ndarray, m: PCAModel) -> np.ndarray:
