@@ -14,10 +14,10 @@ Two kinds of test:
   name the bundle's channels (never the WGS default);
 * with TensorFlow (``tf``, ``slow``; two tests, minutes each on 2 cores): a Keras model built
   as DeepVariant builds it, every weight randomised, through convert → verify → extract →
-  cluster → report, once per checkpoint layout: a PacBio model in the *flat* layout written
-  the way DeepVariant 1.10's train.py writes checkpoints, and a DeepTrio model in the
-  *nested* layout served as a SavedModel from a loopback mirror and made a BUNDLE by
-  ``dvprobe weights fetch NAME --convert``.
+  cluster → report, once per checkpoint layout: a DeepTrio-sized model in the *flat* layout
+  written the way DeepVariant's train.py writes checkpoints, and a PacBio model in the
+  *nested* layout served as DeepVariant 1.10.0's PacBio SavedModel from a loopback mirror and
+  made a BUNDLE by ``dvprobe weights fetch NAME --convert``.
 """
 
 from __future__ import annotations
@@ -226,33 +226,33 @@ def _verify_on_examples(bundle, spec: str) -> None:
 
 @pytest.mark.tf
 @pytest.mark.slow
-def test_pacbio_flat_checkpoint_converts_and_runs_the_whole_chain(tmp_path):
+def test_deeptrio_flat_checkpoint_converts_and_runs_the_whole_chain(tmp_path):
     """Flat layout, keys ``model/layer_with_weights-N/...`` (``Checkpoint(model=m)``, as
-    DeepVariant's train.py saves), PacBio's [100,147,10] input."""
+    DeepVariant's train.py saves), DeepTrio's taller [140,221,9] input."""
     from dvtorch import keras_dv
     from dvtorch.convert import convert
 
     tf = keras_dv.import_tf()
-    shape, channels = PACBIO
-    model = _keras_model(shape, "flat", seed=147)
-    d = tmp_path / "checkpoints" / "pacbio"
+    shape, channels = TRIO
+    model = _keras_model(shape, "flat", seed=140)
+    d = tmp_path / "checkpoints" / "trio"
     d.mkdir(parents=True)
-    prefix = tf.train.Checkpoint(model=model).write(str(d / "deepvariant.pacbio.ckpt"))
-    write_example_info(d / "example_info.json", shape, channels, "1.10.0")
+    prefix = tf.train.Checkpoint(model=model).write(str(d / "deepvariant.wgs_child.ckpt"))
+    write_example_info(d / "example_info.json", shape, channels, "1.6.0")
     keys = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
     first = "model/layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE"
-    assert keys[first] == [3, 3, 10, 32]  # the name keras_modeling reads the channels from
+    assert keys[first] == [3, 3, 9, 32]  # the name keras_modeling reads the channels from
     assert not any("layer_with_weights-0/layer_with_weights-0" in k for k in keys)
     layout = keras_dv.inspect_checkpoint(prefix)
-    assert (layout.layout, layout.root, layout.num_channels) == ("flat", "model/", 10)
+    assert (layout.layout, layout.root, layout.num_channels) == ("flat", "model/", 9)
 
     bundle = convert(prefix, tmp_path / "bundle")
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["input_shape"] == list(shape) and meta["channels"] == list(channels)
-    assert meta["deepvariant_version"] == "1.10.0"
+    assert meta["deepvariant_version"] == "1.6.0"
     _assert_parity(bundle, {"onnxruntime", "torch", "torch-unfused", "onnx2torch"})
 
-    spec = write_examples(tmp_path / "ex", shape, channels, n=12)
+    spec = write_examples(tmp_path / "ex", shape, channels, n=12, version="1.6.0")
     _verify_on_examples(bundle, spec)
     store = run_chain(bundle, spec, tmp_path / "chain", channels)
     got = store.obs[["p_hom_ref", "p_het", "p_hom_alt"]].to_numpy()
@@ -261,24 +261,25 @@ def test_pacbio_flat_checkpoint_converts_and_runs_the_whole_chain(tmp_path):
 
 @pytest.mark.tf
 @pytest.mark.slow
-def test_deeptrio_nested_savedmodel_fetched_converted_and_run_by_name(
+def test_pacbio_1_10_nested_savedmodel_fetched_converted_and_run_by_name(
         loopback_mirror, tmp_path):  # noqa: F811
-    """Nested layout (the backbone called as a layer) in a SavedModel of DeepTrio's taller
-    input, published on a loopback mirror at the registry's DeepTrio path: ``weights fetch
-    NAME --convert`` checks it and makes the BUNDLE, which then runs by its release name."""
+    """Nested layout (the backbone called as a layer) in a SavedModel of PacBio's
+    [100,147,10] input, published on a loopback mirror at the registry's path of
+    DeepVariant 1.10.0's PacBio model: ``weights fetch NAME --convert`` checks it and makes
+    the BUNDLE, which then runs by its release name."""
     from dvtorch import keras_dv
 
     tf = keras_dv.import_tf()
-    shape, channels = TRIO
-    model = _keras_model(shape, "nested", seed=140)
-    saved = tmp_path / "deepvariant.wgs_child.savedmodel"
+    shape, channels = PACBIO
+    model = _keras_model(shape, "nested", seed=147)
+    saved = tmp_path / "deepvariant.pacbio.savedmodel"
     tf.saved_model.save(model, str(saved))
-    write_example_info(saved / "example_info.json", shape, channels, "1.6.0")
+    write_example_info(saved / "example_info.json", shape, channels, "1.10.0")
     layout = keras_dv.inspect_checkpoint(saved / "variables" / "variables")
-    assert (layout.layout, layout.num_channels) == ("nested", 9)
+    assert (layout.layout, layout.num_channels) == ("nested", 10)
 
     base, state = loopback_mirror
-    entry = weights.get("deeptrio-1.6.0-wgs_child-savedmodel")
+    entry = weights.get("deepvariant-1.10.0-pacbio-savedmodel")
     for file in entry.files:
         state.files["/" + entry.bucket_path + file] = (saved / file).read_bytes()
     res = CliRunner().invoke(__import__("cli").app, [
@@ -292,8 +293,8 @@ def test_deeptrio_nested_savedmodel_fetched_converted_and_run_by_name(
     assert loaded.input_shape == shape
     assert loaded.bundle_meta["source"]["download"]["name"] == entry.name
 
-    spec = write_examples(tmp_path / "ex", shape, channels, n=12, version="1.6.0")
-    # `verify` on examples is the PacBio test's: one more TensorFlow pass here buys nothing
+    spec = write_examples(tmp_path / "ex", shape, channels, n=12, version="1.10.0")
+    # `verify` on examples is the flat test's: one more TensorFlow pass here buys nothing
     store = run_chain(entry.release, spec, tmp_path / "chain", channels)
     got = store.obs[["p_hom_ref", "p_het", "p_hom_alt"]].to_numpy()
     np.testing.assert_allclose(got, _keras_probabilities(model, spec), rtol=1e-4, atol=1e-5)
