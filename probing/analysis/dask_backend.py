@@ -60,6 +60,9 @@ TASK_ROWS = 2 * ROW_CHUNK
 #: "dask-ml"
 KMEANS_ENGINE = "faiss"
 KMEANS_ENGINES = ("faiss", "dask-ml")
+#: FAISS k-means runs a fixed number of iterations (it has no tolerance): 50 Lloyd steps
+#: per restart, where scikit-learn stops at convergence (tens of steps on separated data)
+FAISS_NITER = 50
 
 
 def _import_distributed():
@@ -164,10 +167,11 @@ def _faiss():
 
 def faiss_kmeans(x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int) -> np.ndarray:
     """FAISS k-means on every row of ``x`` (FAISS would subsample to 256 rows per centre),
-    best of ``n_init`` restarts by inertia; k-means++ is not FAISS's init (random rows)."""
+    best of ``n_init`` restarts by inertia, at most :data:`FAISS_NITER` steps each;
+    k-means++ is not FAISS's init (random rows)."""
     faiss = _faiss()
     x = np.ascontiguousarray(x, dtype=np.float32)
-    km = faiss.Kmeans(x.shape[1], k, niter=max_iter, nredo=max(1, n_init), seed=seed,
+    km = faiss.Kmeans(x.shape[1], k, niter=min(max_iter, FAISS_NITER), nredo=max(1, n_init), seed=seed,
                       max_points_per_centroid=max(1, -(-len(x) // k)), verbose=False)
     km.train(x)
     return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
