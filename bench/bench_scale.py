@@ -245,12 +245,16 @@ def compare_kmeans(rows: int, seed: int, k: int = 8, d: int = 50, n_init: int = 
         ari = adjusted_rand_score(truth, nearest(x, centres))
         print(f"| {name} | {time.perf_counter() - t:.1f} | {ari:.3f} |", flush=True)
 
-    timed("faiss (in-process)", lambda: faiss_kmeans(x, k, seed, n_init, 300))
+    timed("faiss (in-process, 1 thread: the default)",
+          lambda: faiss_kmeans(x, k, seed, n_init, 300))
     timed("scikit-learn (in-process)", lambda: SklearnBackend().kmeans(x, k, seed, n_init))
     with LocalCluster(n_workers=local_workers(), threads_per_worker=1,
                       dashboard_address=None) as lc, Client(lc):
         timed(f"dask-ml ({local_workers()} workers, k-means||, 1 init)",
               lambda: dask_ml_kmeans(x, k, seed, 300))
+    cores = local_workers()
+    timed(f"faiss (in-process, {cores} threads)",
+          lambda: faiss_kmeans(x, k, seed, n_init, 300, threads=cores))
 
 
 def main() -> None:

@@ -60,9 +60,18 @@ TASK_ROWS = 2 * ROW_CHUNK
 #: "dask-ml"
 KMEANS_ENGINE = "faiss"
 KMEANS_ENGINES = ("faiss", "dask-ml")
-#: FAISS k-means runs a fixed number of iterations (it has no tolerance): 50 Lloyd steps
-#: per restart, where scikit-learn stops at convergence (tens of steps on separated data)
-FAISS_NITER = 50
+#: the LocalCluster's workers are processes (numpy, FAISS and umap-learn hold the GIL in
+#: places; a crashing worker takes only itself down)
+LOCAL_PROCESSES = True
+#: how long to wait for ``--scheduler``
+CONNECT_TIMEOUT = "10s"
+#: FAISS k-means runs a fixed number of iterations (it has no tolerance): FAISS's default
+#: of 25 Lloyd steps per restart (scikit-learn stops at convergence, often sooner)
+FAISS_NITER = 25
+#: FAISS's OpenMP threads: 1. On a loaded machine OpenMP threads spin (measured: 2 threads
+#: 391 s, 1 thread 21 s for the same fit on 2 busy cores); a fit sample is bounded (200,000
+#: rows by default), so one thread fits it in seconds anyway
+FAISS_THREADS = 1
 
 
 def _import_distributed():
@@ -112,7 +121,7 @@ class DaskBackend:
         _, distributed = _import_distributed()
         if self.scheduler:
             try:
-                client = distributed.Client(self.scheduler, timeout="10s")
+                client = distributed.Client(self.scheduler, timeout=CONNECT_TIMEOUT)
             except OSError as exc:
                 raise BackendError(f"--scheduler {self.scheduler}: cannot connect ({exc})") \
                     from None
@@ -122,8 +131,9 @@ class DaskBackend:
                 yield client
             return
         n = local_workers()
-        log.info("dask: starting a LocalCluster of %d worker processes (1 thread each)", n)
-        with distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+        log.info("dask: starting a LocalCluster of %d workers (1 thread each)", n)
+        with distributed.LocalCluster(n_workers=n, threads_per_worker=1,
+                                      processes=LOCAL_PROCESSES,
                                       dashboard_address=None) as lc, \
                 distributed.Client(lc) as client:
             yield client
@@ -165,16 +175,36 @@ def _faiss():
     return faiss
 
 
-def faiss_kmeans(x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int) -> np.ndarray:
-    """FAISS k-means on every row of ``x`` (FAISS would subsample to 256 rows per centre),
-    best of ``n_init`` restarts by inertia, at most :data:`FAISS_NITER` steps each;
-    k-means++ is not FAISS's init (random rows)."""
+def faiss_kmeans(x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int,
+                 threads: int | None = None) -> np.ndarray:
+    """FAISS k-means on every row of ``x`` (FAISS would subsample to 256 rows per centre):
+    ``n_init`` restarts from k-means++ seeds (scikit-learn's; FAISS's own init is random
+    rows, which on planted clusters ends in worse optima), at most :data:`FAISS_NITER` Lloyd
+    steps each, the lowest inertia kept; ``threads``: FAISS's (default
+    :data:`FAISS_THREADS`)."""
     faiss = _faiss()
     x = np.ascontiguousarray(x, dtype=np.float32)
-    km = faiss.Kmeans(x.shape[1], k, niter=min(max_iter, FAISS_NITER), nredo=max(1, n_init), seed=seed,
-                      max_points_per_centroid=max(1, -(-len(x) // k)), verbose=False)
-    km.train(x)
-    return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads or FAISS_THREADS)
+    try:
+        return _best_of(faiss, x, k, seed, n_init, max_iter)
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _best_of(faiss, x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int
+             ) -> np.ndarray:
+    from sklearn.cluster import kmeans_plusplus
+
+    best, best_obj = None, np.inf
+    for i in range(max(1, n_init)):
+        init, _ = kmeans_plusplus(x, k, random_state=seed + i)
+        km = faiss.Kmeans(x.shape[1], k, niter=min(max_iter, FAISS_NITER), seed=seed + i,
+                          max_points_per_centroid=max(1, -(-len(x) // k)), verbose=False)
+        km.train(x, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
+        if km.obj[-1] < best_obj:
+            best, best_obj = np.array(km.centroids, dtype=np.float32), km.obj[-1]
+    return best.reshape(k, x.shape[1])
 
 
 def dask_ml_kmeans(x: np.ndarray, k: int, seed: int, max_iter: int) -> np.ndarray:
@@ -185,6 +215,7 @@ def dask_ml_kmeans(x: np.ndarray, k: int, seed: int, max_iter: int) -> np.ndarra
 
     xa = da.from_array(np.ascontiguousarray(x, dtype=np.float32),
                        chunks=(max(1, -(-len(x) // (2 * local_workers()))), x.shape[1]))
+    xa = xa.persist()  # on the workers once, not re-sent with every iteration's graph
     km = KMeans(n_clusters=k, random_state=seed, max_iter=max_iter).fit(xa)
     return np.asarray(km.cluster_centers_, dtype=np.float32)
 
