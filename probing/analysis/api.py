@@ -48,9 +48,10 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from probing.analysis.backends import backend_for_umap, get_backend
+from probing.analysis.backends import backend_for_umap
 from probing.analysis.cluster import Prototypes
 from probing.analysis.compat import check_applicable
+from probing.analysis.engines import get_engine
 from probing.analysis.errors import AnalysisError
 from probing.analysis.features import FeatureModel
 from probing.analysis.fit import (
@@ -304,7 +305,7 @@ def apply(store, run: str, target, *, name: str | None = None, backend: str = "a
     kept = fm.out_dim if r.meta["kind"] == "pca" and fm.reduced else 0
     check_scale(0, fm.out_dim, "pca", "sklearn",
                 fixed=fixed_bytes(tgt.n, list(fm.dims.values()), kept=kept))
-    be = get_backend(backend, scheduler)
+    be = get_engine(backend, scheduler)
     umap_be = backend_for_umap(r.meta["umap"]["impl"], be) if r.meta.get("umap") else None
     with open_passes(be) as passes:
         out, arrays = _apply_every_row(r, tgt, fm, passes, umap_be, kept)

@@ -283,23 +283,16 @@ def cuml_usable() -> bool:
 
 
 def get_backend(name: str = "auto", scheduler: str | None = None) -> Backend:
-    """Resolve ``auto|cuml|sklearn|dask|dask-cuda`` to a backend instance and log which one
-    runs; ``scheduler``: a Dask scheduler address (the Dask backends only)."""
+    """Resolve ``auto|cuml|sklearn`` to an in-process backend and log which one runs (the
+    Dask backends: :func:`probing.analysis.engines.get_engine`)."""
     if name not in BACKENDS:
         raise AnalysisError(f"--backend must be one of {', '.join(BACKENDS)}, not {name!r}")
-    if scheduler and name not in DASK_BACKENDS:
+    if name in DASK_BACKENDS:
+        raise AnalysisError(f"--backend {name} runs on Dask: resolve it with "
+                            "probing.analysis.engines.get_engine")
+    if scheduler:
         raise AnalysisError(f"--scheduler is for --backend {' or '.join(DASK_BACKENDS)}, "
                             f"not {name}")
-    if name == "dask":
-        from probing.analysis.dask_backend import DaskBackend
-
-        log.info("backend dask (%s)", scheduler or "a LocalCluster for this run")
-        return DaskBackend(scheduler)
-    if name == "dask-cuda":
-        from probing.analysis.dask_cuda import DaskCudaBackend
-
-        log.info("backend dask-cuda (%s)", scheduler or "a LocalCUDACluster for this run")
-        return DaskCudaBackend(scheduler)
     if name == "auto":
         if cuml_usable():
             log.info("backend auto -> cuml (cuML importable, CUDA GPU present)")

@@ -19,8 +19,8 @@ import numpy as np
 from probing.analysis.backends import PCAModel
 from probing.analysis.errors import AnalysisError
 from probing.analysis.normalize import NormParams, apply_normalizer, normalizer_from_moments
-from probing.analysis.reduce import pca_from_arrays, pca_from_moments, pca_to_arrays, pca_transform
 from probing.analysis.passes import LocalPasses, Passes
+from probing.analysis.reduce import pca_from_arrays, pca_from_moments, pca_to_arrays, pca_transform
 from probing.analysis.stream import ROW_CHUNK, chunks, read_rows
 from probing.store import Store
 

@@ -25,8 +25,9 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from probing.analysis.backends import Backend, get_backend
+from probing.analysis.backends import Backend
 from probing.analysis.cluster import Prototypes, fit_kmeans, fit_spectral
+from probing.analysis.engines import get_engine
 from probing.analysis.errors import AnalysisError
 from probing.analysis.features import FeatureModel, check_layers, fit_features
 from probing.analysis.guard import (
@@ -38,6 +39,7 @@ from probing.analysis.guard import (
 from probing.analysis.hierarchical import Hierarchy, check_split, fit_hierarchy
 from probing.analysis.methods import ClusterSpec, Plan, RunSettings, UmapSpec, at_least_one
 from probing.analysis.normalize import NORMALIZE
+from probing.analysis.passes import Passes, open_passes
 from probing.analysis.sample import (
     DISPLAY_UMAP_ROWS,
     FitSample,
@@ -46,7 +48,6 @@ from probing.analysis.sample import (
     parse_fit_sample,
     subsample,
 )
-from probing.analysis.passes import Passes, open_passes
 from probing.analysis.stream import Predict
 from probing.store import Run, Store, as_store
 
@@ -191,7 +192,7 @@ def prepare(store: Store, plan: Plan, settings: RunSettings) -> Job:
     name = check_run_name(settings.run) if settings.run is not None else default_name(plan)
     parse_fit_sample(settings.fit_sample)
     check_new_run(store, name, settings.overwrite)
-    be = get_backend(settings.backend, settings.scheduler)
+    be = get_engine(settings.backend, settings.scheduler)
     check_layers(store, list(plan.layers))
     plan = _display_umap(plan, store.n, be.name)
     sample = choose_fit_rows(store, plan.cluster_method, settings.fit_sample, settings.seed)
