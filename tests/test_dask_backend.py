@@ -8,6 +8,7 @@ and the CLI test lets the backend start (and close) its own LocalCluster.
 from __future__ import annotations
 
 import json
+import sys
 
 import dask
 import numpy as np
@@ -16,6 +17,7 @@ import typer
 from distributed import LocalCluster
 from sklearn.metrics import adjusted_rand_score as ari
 from test_analysis_support import blobs, make_store
+from test_cuml_contract import UMAP, VERSION, cuml  # noqa: F401 - cuml: the stand-in fixture
 from typer.testing import CliRunner
 
 from probing import analysis as pa
@@ -256,3 +258,93 @@ def test_ctrl_c_while_saving_leaves_no_run(store, monkeypatch):
         pa.kmeans(store, "mixed5", k=4, pca=6, run="ctrl-c-save", backend="sklearn",
                   fit_sample=3000, n_init=2)
     _no_partial_run(store, "ctrl-c-save")
+
+
+# -- dask-cuda against a strict stand-in (no GPU here) -------------------------------------
+
+class _DaskKMeans:
+    """``cuml.dask.cluster.KMeans`` as documented: keyword-only, a dask array to ``fit``,
+    ``cluster_centers_`` on the device unless numpy output is in force."""
+
+    def __init__(self, *, client=None, verbose=False, n_clusters=8, random_state=1,
+                 max_iter=300, tol=1e-4, n_init=1, init="scalable-k-means++",
+                 oversampling_factor=2.0, max_samples_per_batch=1 << 15, output_type=None):
+        from distributed import Client
+
+        if init not in ("scalable-k-means++", "k-means||", "random"):
+            raise ValueError(f"init {init!r}")
+        if client is not None and not isinstance(client, Client):
+            raise TypeError("client must be a distributed.Client")
+        self.k, self.seed, self.n_init, self.output_type = n_clusters, random_state, n_init, \
+            output_type
+
+    def fit(self, x):
+        import dask.array as da
+        from sklearn.cluster import KMeans
+
+        if not isinstance(x, da.Array):
+            raise TypeError("cuml.dask KMeans fits a dask array or dataframe")
+        self._c = KMeans(self.k, n_init=self.n_init, random_state=self.seed).fit(
+            x.compute()).cluster_centers_
+        return self
+
+    @property
+    def cluster_centers_(self):
+        from test_cuml_contract import _GLOBAL, _Device
+
+        wanted = _GLOBAL["output_type"] or self.output_type
+        return np.asarray(self._c) if wanted == "numpy" else _Device(self._c)
+
+
+class StrictUMAP(UMAP):
+    """cuML's UMAP stand-in, refusing a ``build_algo`` cuML does not know."""
+
+    def __init__(self, *, build_algo="auto", **kw):
+        if build_algo not in ("auto", "brute_force_knn", "nn_descent"):
+            raise ValueError(f"build_algo {build_algo!r}")
+        self.build_algo = build_algo
+        super().__init__(**kw)
+
+
+@pytest.fixture
+def dask_cuda(cuml, monkeypatch):  # noqa: F811 - the fixture imported above
+    import types
+
+    import distributed
+
+    cuml.UMAP = StrictUMAP
+    cdask, ccluster = types.ModuleType("cuml.dask"), types.ModuleType("cuml.dask.cluster")
+    ccluster.KMeans, cdask.cluster, cuml.dask = _DaskKMeans, ccluster, cdask
+    module = types.ModuleType("dask_cuda")
+    module.__version__ = "25.10.00"
+
+    def local_cuda_cluster(*, CUDA_VISIBLE_DEVICES=None, n_workers=None,  # noqa: N803
+                           threads_per_worker=1, dashboard_address=":8787", **kw):
+        module.started = True
+        return distributed.LocalCluster(n_workers=n_workers or 2, processes=False,
+                                        threads_per_worker=threads_per_worker,
+                                        dashboard_address=dashboard_address)
+
+    module.LocalCUDACluster = local_cuda_cluster
+    for name, mod in (("cuml.dask", cdask), ("cuml.dask.cluster", ccluster),
+                      ("dask_cuda", module)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return module
+
+
+def test_dask_cuda_runs_cuml_dask_and_keeps_the_contract(store, dask_cuda):
+    common = {"k": 4, "pca": 6, "fit_sample": 3000, "n_init": 2}
+    local = pa.kmeans(store, "mixed5", run="km-cpu", backend="sklearn", **common)
+    gpu = pa.kmeans(store, "mixed5", run="km-gpu", backend="dask-cuda", umap=True, **common)
+    assert dask_cuda.started
+    assert gpu.meta["backend"] == "dask-cuda"
+    assert f"cuml.dask {VERSION}" in gpu.meta["backend_version"]
+    assert gpu.meta["umap"]["impl"] == f"cuml {VERSION}"
+    import pickle
+
+    assert pickle.loads(gpu.file_bytes("umap_model")).build_algo == "nn_descent"
+    assert gpu.obs["cluster"].dtype == local.obs["cluster"].dtype
+    assert gpu.arrays["umap"].dtype == np.float32 and gpu.arrays["umap"].shape == (N, 2)
+    assert ari(local.obs["cluster"], gpu.obs["cluster"]) >= 0.99
+    again = pa.apply(store, "km-gpu", store, name="km-gpu-again", backend="dask-cuda")
+    np.testing.assert_array_equal(again.run.obs["cluster"], gpu.obs["cluster"])
