@@ -348,3 +348,24 @@ def test_dask_cuda_runs_cuml_dask_and_keeps_the_contract(store, dask_cuda):
     assert ari(local.obs["cluster"], gpu.obs["cluster"]) >= 0.99
     again = pa.apply(store, "km-gpu", store, name="km-gpu-again", backend="dask-cuda")
     np.testing.assert_array_equal(again.run.obs["cluster"], gpu.obs["cluster"])
+
+
+def _real_gpu_stack() -> bool:
+    import importlib.util
+
+    from probing.analysis.backends import gpu_available
+
+    return all(importlib.util.find_spec(m) for m in ("cuml", "dask_cuda")) and gpu_available()
+
+
+@pytest.mark.skipif(not _real_gpu_stack(), reason="needs cuml, dask-cuda and a CUDA GPU")
+def test_dask_cuda_on_a_real_gpu_gives_the_cpu_clusters(tmp_path):
+    x, y = blobs(40_000, 16, 4, seed=7)
+    st = make_store(tmp_path / "s", {"mixed5": x}, {"truth": y}, batch=8192)
+    common = {"k": 4, "pca": 8, "fit_sample": 20_000}
+    cpu = pa.kmeans(st, "mixed5", run="cpu", backend="sklearn", **common)
+    gpu = pa.kmeans(st, "mixed5", run="gpu", backend="dask-cuda", umap=True, **common)
+    assert ari(cpu.obs["cluster"], gpu.obs["cluster"]) >= 0.99
+    assert gpu.arrays["umap"].shape == (40_000, 2) and np.isfinite(gpu.arrays["umap"]).all()
+    again = pa.apply(st, "gpu", st, name="gpu-again", backend="dask-cuda")
+    np.testing.assert_array_equal(again.run.obs["cluster"], gpu.obs["cluster"])
