@@ -145,8 +145,8 @@ def write_bed(path: Path, n: int, seed: int) -> int:
     return int(hit.sum())
 
 
-def commands(store: Path, work: Path) -> dict[str, list[str]]:
-    s, sk = str(store), ["--backend", "sklearn"]
+def commands(store: Path, work: Path, backend: list[str]) -> dict[str, list[str]]:
+    s, sk = str(store), backend
     return {
         "info": ["info", s],
         "annotate --bed": ["annotate", s, "--bed", str(work / "planted.bed"), "--name",
@@ -222,6 +222,41 @@ def checks(store: Path, leaf: np.ndarray) -> dict:
     return out
 
 
+def compare_kmeans(rows: int, seed: int, k: int = 8, d: int = 50, n_init: int = 10) -> None:
+    """k-means engines of ``--backend dask`` on one in-memory fit sample (planted blobs):
+    FAISS in-process (what ``--backend dask`` runs) vs dask-ml on a LocalCluster of one
+    worker per core, with scikit-learn (the in-process backend) for reference."""
+    from distributed import Client, LocalCluster
+    from sklearn.metrics import adjusted_rand_score
+
+    from probing.analysis.backends import SklearnBackend
+    from probing.analysis.cluster import nearest
+    from probing.analysis.dask_backend import dask_ml_kmeans, faiss_kmeans, local_workers
+
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, k, rows)
+    x = (rng.normal(0, 4, (k, d))[truth] + rng.normal(size=(rows, d))).astype(np.float32)
+    print(f"\nk-means k={k} on {rows:,} x {d} (n_init {n_init} where the engine has it)\n")
+    print("| engine | time (s) | ARI vs planted |\n|---|---|---|")
+
+    def timed(name, fit):
+        t = time.perf_counter()
+        centres = fit()
+        ari = adjusted_rand_score(truth, nearest(x, centres))
+        print(f"| {name} | {time.perf_counter() - t:.1f} | {ari:.3f} |", flush=True)
+
+    timed("faiss (in-process, 1 thread: the default)",
+          lambda: faiss_kmeans(x, k, seed, n_init, 300))
+    timed("scikit-learn (in-process)", lambda: SklearnBackend().kmeans(x, k, seed, n_init))
+    with LocalCluster(n_workers=local_workers(), threads_per_worker=1,
+                      dashboard_address=None) as lc, Client(lc):
+        timed(f"dask-ml ({local_workers()} workers, k-means||, 1 init)",
+              lambda: dask_ml_kmeans(x, k, seed, 300))
+    cores = local_workers()
+    timed(f"faiss (in-process, {cores} threads)",
+          lambda: faiss_kmeans(x, k, seed, n_init, 300, threads=cores))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=200_000)
@@ -231,8 +266,19 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse a STORE already in --work")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per command")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--backend", default="sklearn",
+                    help="analysis backend of cluster/reduce/apply: sklearn (in-process) or "
+                         "dask (a LocalCluster of one worker per core, or --scheduler)")
+    ap.add_argument("--scheduler", help="--backend dask: a running scheduler's address")
+    ap.add_argument("--kmeans-engines", action="store_true",
+                    help="only compare k-means engines (FAISS, dask-ml, scikit-learn) on a "
+                         "--rows x 50 fit sample, then exit")
     a = ap.parse_args()
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); python {platform.python_version()}")
+    if a.kmeans_engines:
+        compare_kmeans(a.rows, a.seed)
+        return
+    backend = ["--backend", a.backend] + (["--scheduler", a.scheduler] if a.scheduler else [])
     work = a.work / f"rows{a.rows}"
     store = work / "STORE"
     if not (a.reuse and (store / "store.json").is_file()):
@@ -244,7 +290,7 @@ def main() -> None:
     planted = write_bed(work / "planted.bed", a.rows, a.seed)
     chrom, pos = genome(a.rows)
     leaf = leaves_of(chrom, pos, a.seed)
-    cmds = commands(store, work)
+    cmds = commands(store, work, backend)
     names = a.only.split(",") if a.only else list(cmds)
     results = {}
     print(f"\n{a.rows:,} rows, planted BED covers {planted:,}\n")

@@ -118,7 +118,12 @@ _CLUSTERING = method_names(clusters=True)
 _REDUCING = method_names(clusters=False)
 
 StoreArg = Annotated[Path, typer.Argument(help="STORE directory")]
-Backend = Annotated[str, typer.Option(help="auto | cuml | sklearn")]
+Backend = Annotated[str, typer.Option(
+    help="auto | cuml | sklearn (in this process) | dask | dask-cuda (row passes on a Dask "
+         "cluster: --scheduler, or a local one for the run)")]
+Scheduler = Annotated[str | None, typer.Option(
+    metavar="ADDRESS", help="--backend dask/dask-cuda: a running Dask scheduler (e.g. "
+                            "tcp://host:8786) that sees the STORE at the same path")]
 Seed = Annotated[int, typer.Option()]
 FitSample = Annotated[str | None, typer.Option(
     "--fit-sample", metavar="N|all|auto",
@@ -145,6 +150,7 @@ def reduce_cmd(
     run: Annotated[str | None, typer.Option(help="run name (default: <method>-<layer>)")
                    ] = None,
     backend: Backend = _RUN.backend,
+    scheduler: Scheduler = None,
     seed: Seed = _RUN.seed,
     fit_sample: FitSample = None,
     overwrite: Overwrite = False,
@@ -155,7 +161,8 @@ def reduce_cmd(
 
     r = pa.reduce(store, method=method, overwrite=overwrite,
                   **_given(ctx, layer=layer, n_components=n_components, normalize=normalize,
-                           run=run, backend=backend, seed=seed, fit_sample=fit_sample),
+                           run=run, backend=backend, scheduler=scheduler, seed=seed,
+                           fit_sample=fit_sample),
                   **{k: v or None for k, v in _given(ctx, pca=pca).items()})
     typer.echo(_summary(r))
 
@@ -193,6 +200,7 @@ def cluster_cmd(
         help="run name (default <method><k>-<layer>, e.g. kmeans10-mixed5, "
              "multilayer12-3layers)")] = None,
     backend: Backend = _RUN.backend,
+    scheduler: Scheduler = None,
     seed: Seed = _RUN.seed,
     fit_sample: FitSample = None,
     overwrite: Overwrite = False,
@@ -205,7 +213,7 @@ def cluster_cmd(
     given = _given(ctx, layer=layer, k=k, split=split, layers=layers, pca=pca,
                    layer_pca=layer_pca, normalize=normalize, umap=umap, n_init=n_init,
                    landmarks=landmarks, run=run,
-                   backend=backend, seed=seed, fit_sample=fit_sample)
+                   backend=backend, scheduler=scheduler, seed=seed, fit_sample=fit_sample)
     options = {_API_NAME.get(name, name): value for name, value in given.items()}
     if "pca" in options:
         options["pca"] = options["pca"] or None  # --pca 0: no PCA
@@ -225,6 +233,7 @@ def apply_cmd(
     label_col: Annotated[str | None, typer.Option(
         "--label-col", help="target obs column to cross-tabulate, e.g. mosaic")] = None,
     backend: Backend = _RUN.backend,
+    scheduler: Scheduler = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="replace an existing run of the same name in the target (never "
                             "the applied run itself)")] = False,
@@ -234,7 +243,7 @@ def apply_cmd(
     from probing import analysis as pa
 
     res = pa.apply(store, run, to, name=name, backend=backend, label_col=label_col,
-                   overwrite=overwrite)
+                   overwrite=overwrite, scheduler=scheduler)
     typer.echo(str(res))
 
 

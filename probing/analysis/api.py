@@ -48,9 +48,10 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from probing.analysis.backends import backend_for_umap, get_backend
+from probing.analysis.backends import backend_for_umap
 from probing.analysis.cluster import Prototypes
 from probing.analysis.compat import check_applicable
+from probing.analysis.engines import get_engine
 from probing.analysis.errors import AnalysisError
 from probing.analysis.features import FeatureModel
 from probing.analysis.fit import (
@@ -78,7 +79,8 @@ from probing.analysis.methods import (
     get_method,
     options_for,
 )
-from probing.analysis.stream import Predict, label_rows
+from probing.analysis.passes import open_passes
+from probing.analysis.stream import Predict, RowOutputs
 from probing.store import Run, Store
 
 log = logging.getLogger("dvprobe.analysis")
@@ -276,7 +278,8 @@ def _landed(tgt: Store, obs: pd.DataFrame, column: str, clusters: list[str],
 
 
 def apply(store, run: str, target, *, name: str | None = None, backend: str = "auto",
-          label_col: str | None = None, overwrite: bool = True) -> ApplyResult:
+          label_col: str | None = None, overwrite: bool = True,
+          scheduler: str | None = None) -> ApplyResult:
     """Push ``target``'s examples through run ``run`` of ``store`` (same fitted models).
 
     Normalisers, PCAs, k-means centres / hierarchy nodes / spectral landmarks and the UMAP are
@@ -284,7 +287,9 @@ def apply(store, run: str, target, *, name: str | None = None, backend: str = "a
     (default ``"<run>-applied"``) into ``target`` and returns counts per cluster. Refused
     before any work: a ``target`` extracted with another model or pooling (see
     :mod:`probing.analysis.compat`), a ``name`` that is ``run`` itself in the same STORE, an
-    existing ``name`` unless ``overwrite``, and a missing ``label_col``.
+    existing ``name`` unless ``overwrite``, and a missing ``label_col``. ``backend="dask"``
+    (``scheduler``: a cluster's address) labels the rows on Dask workers, with the same
+    result.
     """
     src = open_for_analysis(store)
     tgt = open_for_analysis(target, warn=False)
@@ -294,24 +299,20 @@ def apply(store, run: str, target, *, name: str | None = None, backend: str = "a
     r = _fitted_run(src, run)
     _check_target(tgt, out_name, label_col, overwrite)
     fm = FeatureModel.from_run(r.meta, r.arrays)
+    fm.check_store(tgt)
     for w in check_applicable(src, tgt, run, fm.layers):
         log.warning(w)
     kept = fm.out_dim if r.meta["kind"] == "pca" and fm.reduced else 0
     check_scale(0, fm.out_dim, "pca", "sklearn",
                 fixed=fixed_bytes(tgt.n, list(fm.dims.values()), kept=kept))
-    predict, column, clusters = _predictor(r)
-    read = fm.reader(tgt)
-    with step(f"apply {run!r}: label {tgt.n} rows of {tgt.path}"):
-        out = label_rows(tgt.n, read, predict, kept or None, progress="label rows")
+    be = get_engine(backend, scheduler)
+    umap_be = backend_for_umap(r.meta["umap"]["impl"], be) if r.meta.get("umap") else None
+    with open_passes(be) as passes:
+        out, arrays = _apply_every_row(r, tgt, fm, passes, umap_be, kept)
     obs = keyed_obs(tgt)
     for col, values in out.columns.items():
         obs[col] = values
-    arrays: dict[str, np.ndarray] = dict(out.arrays)
-    if r.meta.get("umap"):
-        blob = r.file_bytes("umap_model")  # sha256-checked before anything is unpickled
-        be = backend_for_umap(r.meta["umap"]["impl"], get_backend(backend))
-        arrays["umap"] = umap_every_row(read, tgt.n, be, blob,
-                                        int(r.meta["umap"]["n_components"]), None)
+    _, column, clusters = _predictor(r)
     counts, crosstab = _landed(tgt, obs, column, clusters, label_col)
     meta = {
         "engine": "dvprobe.analysis", "engine_version": ENGINE_VERSION, "kind": r.meta["kind"],
@@ -319,9 +320,24 @@ def apply(store, run: str, target, *, name: str | None = None, backend: str = "a
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "store": str(tgt.path), "n": tgt.n, "features": r.meta["features"],
         "cluster": r.meta.get("cluster"), "umap": r.meta.get("umap"),
+        "backend": be.name, "backend_version": be.version,
     }
     if column:
         meta["landed"] = {c: int(v) for c, v in counts["n"].items() if v}
         meta["cluster"] = {**(meta["cluster"] or {}), **cluster_sizes(out.columns)}
     saved = tgt.save_run(out_name, meta=meta, obs=obs, arrays=arrays)
     return ApplyResult(saved, column, counts, crosstab)
+
+
+def _apply_every_row(r: Run, tgt: Store, fm: FeatureModel, passes, umap_be,
+                     kept: int) -> tuple[RowOutputs, dict[str, np.ndarray]]:
+    """Every target row labelled (and UMAP-transformed) by run ``r``'s models."""
+    predict, _, _ = _predictor(r)
+    with step(f"apply {r.name!r}: label {tgt.n} rows of {tgt.path} [{passes.name}]"):
+        out = passes.label(tgt, fm, predict, kept or None)
+    arrays: dict[str, np.ndarray] = dict(out.arrays)
+    if umap_be is not None:
+        blob = r.file_bytes("umap_model")  # sha256-checked before anything is unpickled
+        arrays["umap"] = umap_every_row(passes, tgt, fm, umap_be, blob,
+                                        int(r.meta["umap"]["n_components"]), None)
+    return out, arrays

@@ -50,7 +50,9 @@ from probing.analysis.errors import AnalysisError, BackendError
 
 log = logging.getLogger("dvprobe.analysis")
 
-BACKENDS = ("auto", "cuml", "sklearn")
+BACKENDS = ("auto", "cuml", "sklearn", "dask", "dask-cuda")
+#: backends whose row passes run on a Dask cluster
+DASK_BACKENDS = ("dask", "dask-cuda")
 
 
 @dataclass(frozen=True)
@@ -204,12 +206,16 @@ class CumlBackend:
             return np.asarray(km.cluster_centers_, dtype=np.float32)
 
     def umap_fit(self, x: np.ndarray, n_components: int, n_neighbors: int, min_dist: float,
-                 seed: int) -> tuple[np.ndarray, bytes, str]:
+                 seed: int, build_algo: str | None = None) -> tuple[np.ndarray, bytes, str]:
+        """``build_algo``: cuML's kNN graph builder ("nn_descent" for large fits; None =
+        cuML's default)."""
         log.info("cuML UMAP seeded (random_state=%d): reproducible, with exact neighbours "
                  "(slower than cuML's unseeded mode)", seed)
+        extra = {} if build_algo is None else {"build_algo": build_algo}
         with self._numpy():
             model = self._cuml.UMAP(n_components=n_components, n_neighbors=n_neighbors,
-                                    min_dist=min_dist, random_state=seed, output_type="numpy")
+                                    min_dist=min_dist, random_state=seed, output_type="numpy",
+                                    **extra)
             emb = np.asarray(model.fit_transform(x), dtype=np.float32)
         return emb, pickle.dumps(model, protocol=5), self.version
 
@@ -276,10 +282,17 @@ def cuml_usable() -> bool:
     return gpu_available()
 
 
-def get_backend(name: str = "auto") -> Backend:
-    """Resolve ``auto|cuml|sklearn`` to a backend instance and log which one runs."""
+def get_backend(name: str = "auto", scheduler: str | None = None) -> Backend:
+    """Resolve ``auto|cuml|sklearn`` to an in-process backend and log which one runs (the
+    Dask backends: :func:`probing.analysis.engines.get_engine`)."""
     if name not in BACKENDS:
         raise AnalysisError(f"--backend must be one of {', '.join(BACKENDS)}, not {name!r}")
+    if name in DASK_BACKENDS:
+        raise AnalysisError(f"--backend {name} runs on Dask: resolve it with "
+                            "probing.analysis.engines.get_engine")
+    if scheduler:
+        raise AnalysisError(f"--scheduler is for --backend {' or '.join(DASK_BACKENDS)}, "
+                            f"not {name}")
     if name == "auto":
         if cuml_usable():
             log.info("backend auto -> cuml (cuML importable, CUDA GPU present)")
@@ -296,21 +309,23 @@ def get_backend(name: str = "auto") -> Backend:
 
 def umap_impl_compatible(impl: str, backend: Backend) -> bool:
     """A pickled UMAP can only be re-applied by the library that pickled it."""
-    return impl.split(" ", 1)[0] == ("cuml" if backend.name == "cuml" else "umap-learn")
+    return impl.split(" ", 1)[0] == ("cuml" if backend.name in ("cuml", "dask-cuda")
+                                     else "umap-learn")
 
 
 def backend_for_umap(impl: str, preferred: Backend) -> Backend:
     """The backend able to transform with a stored UMAP of implementation ``impl``."""
     if impl.startswith("cuml"):
-        if preferred.name == "cuml":
+        if preferred.name in ("cuml", "dask-cuda"):
             chosen = preferred
         elif not cuml_usable():
             raise BackendError(f"this run's UMAP was fitted with {impl}; re-applying it needs "
                                "cuML on a CUDA GPU (or refit with --backend sklearn)")
         else:
             chosen = CumlBackend()
-        if chosen.version != impl:  # cuML: "requires the same cuML version used for training"
-            raise BackendError(f"this run's UMAP was fitted with {impl}, but {chosen.version} "
+        have = getattr(chosen, "umap_impl", chosen.version)  # dask-cuda: its cuML's version
+        if have != impl:  # cuML: "requires the same cuML version used for training"
+            raise BackendError(f"this run's UMAP was fitted with {impl}, but {have} "
                                f"is installed; cuML loads only its own version's models: "
                                f"install {impl.replace(' ', '==')} or refit the run")
         return chosen

@@ -12,14 +12,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 
 from probing.analysis.backends import PCAModel
 from probing.analysis.errors import AnalysisError
 from probing.analysis.normalize import NormParams, apply_normalizer, normalizer_from_moments
+from probing.analysis.passes import LocalPasses, Passes
 from probing.analysis.reduce import pca_from_arrays, pca_from_moments, pca_to_arrays, pca_transform
-from probing.analysis.stream import ROW_CHUNK, Moments, chunks, read_rows
+from probing.analysis.stream import ROW_CHUNK, chunks, read_rows
 from probing.store import Store
 
 log = logging.getLogger("dvprobe.analysis")
@@ -145,30 +147,30 @@ def check_layers(store: Store, layers: list[str]) -> None:
 
 def fit_features(store: Store, layers: list[str], *, normalize: str, pca: int | None,
                  pca2: int | None, rows: np.ndarray | None = None,
-                 chunk: int = ROW_CHUNK) -> FeatureModel:
+                 chunk: int = ROW_CHUNK, passes: Passes | None = None) -> FeatureModel:
     """Fit the feature pipeline on ``rows`` (sorted indices; None = all rows) of ``store``.
 
     Streamed: one pass over the rows per stage that needs one (standardiser moments,
     per-layer covariances, the concatenation's covariance), each holding one chunk and the
     ``d x d`` accumulators, never the rows themselves. The PCAs are exact (eigenvectors of
-    the covariance), as scikit-learn's full-SVD PCA of the same rows.
+    the covariance), as scikit-learn's full-SVD PCA of the same rows. ``passes``: where the
+    passes run (default: here, in chunks of ``chunk`` rows; :mod:`probing.analysis.passes`).
     """
     check_layers(store, layers)
+    passes = passes or LocalPasses(chunk)
     specs = store.layer_specs
-    mats = {ly: store.layer(ly) for ly in layers}
     dims = {ly: specs[ly].dim for ly in layers}
     t = time.perf_counter()
     if normalize == "standardize":
-        moms = _moments(store.n, rows, chunk, {ly: (lambda sel, ly=ly: read_rows(mats[ly], sel))
-                                               for ly in layers}, products=False)
+        moms = passes.moments(store, layers, rows, {ly: partial(_layer_rows, ly)
+                                                    for ly in layers}, products=False)
         norm = {ly: normalizer_from_moments(normalize, m.mean, m.var()) for ly, m in moms.items()}
     else:
         norm = {ly: normalizer_from_moments(normalize, np.zeros(0), np.zeros(0)) for ly in layers}
     pcas: dict[str, PCAModel | None] = dict.fromkeys(layers)
     if pca is not None:
-        moms = _moments(store.n, rows, chunk, {
-            ly: (lambda sel, ly=ly: apply_normalizer(read_rows(mats[ly], sel), norm[ly]))
-            for ly in layers})
+        moms = passes.moments(store, layers, rows, {
+            ly: partial(_normalised_rows, ly, norm[ly]) for ly in layers})
         pcas = {ly: pca_from_moments(m, pca, what=ly) for ly, m in moms.items()}
     for ly in layers:
         log.info("features: %s [%d rows x %d] normalize=%s pca=%s", ly,
@@ -177,20 +179,17 @@ def fit_features(store: Store, layers: list[str], *, normalize: str, pca: int | 
     fm = FeatureModel(list(layers), dims, normalize, norm, pcas, None)
     if pca2 is None:
         return fm
-    read = fm.reader(store)
-    cat = _moments(store.n, rows, chunk, {"concat": read})["concat"]
+    fm.check_store(store)
+    cat = passes.moments(store, layers, rows, {"concat": fm.transform_blocks})["concat"]
     p2 = pca_from_moments(cat, pca2, what="concatenated layers")
     log.info("features: concat %d -> PCA(%d) (%.1fs)", fm.out_dim, p2.components.shape[0],
              time.perf_counter() - t)
     return replace(fm, pca2=p2)
 
 
-def _moments(n: int, rows: np.ndarray | None, chunk: int,
-             sources: dict[str, Callable[[slice | np.ndarray], np.ndarray]],
-             products: bool = True) -> dict[str, Moments]:
-    """One pass over the rows: :class:`Moments` of what each source makes of a chunk."""
-    moms = {name: Moments() for name in sources}
-    for _, sel in chunks(n, rows, chunk):
-        for name, src in sources.items():
-            moms[name].add(src(sel), products=products)
-    return moms
+def _layer_rows(layer: str, blocks: dict[str, np.ndarray]) -> np.ndarray:
+    return blocks[layer]
+
+
+def _normalised_rows(layer: str, norm: NormParams, blocks: dict[str, np.ndarray]) -> np.ndarray:
+    return apply_normalizer(blocks[layer], norm)

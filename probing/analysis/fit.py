@@ -25,8 +25,9 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from probing.analysis.backends import Backend, get_backend
+from probing.analysis.backends import Backend
 from probing.analysis.cluster import Prototypes, fit_kmeans, fit_spectral
+from probing.analysis.engines import get_engine
 from probing.analysis.errors import AnalysisError
 from probing.analysis.features import FeatureModel, check_layers, fit_features
 from probing.analysis.guard import (
@@ -38,6 +39,7 @@ from probing.analysis.guard import (
 from probing.analysis.hierarchical import Hierarchy, check_split, fit_hierarchy
 from probing.analysis.methods import ClusterSpec, Plan, RunSettings, UmapSpec, at_least_one
 from probing.analysis.normalize import NORMALIZE
+from probing.analysis.passes import Passes, open_passes
 from probing.analysis.sample import (
     DISPLAY_UMAP_ROWS,
     FitSample,
@@ -46,7 +48,7 @@ from probing.analysis.sample import (
     parse_fit_sample,
     subsample,
 )
-from probing.analysis.stream import Predict, label_rows, umap_rows
+from probing.analysis.stream import Predict
 from probing.store import Run, Store, as_store
 
 log = logging.getLogger("dvprobe.analysis")
@@ -142,7 +144,7 @@ def _check_plan(plan: Plan, n_fit: int) -> None:
 
 def _display_umap(plan: Plan, n: int, backend: str) -> Plan:
     """Drop multilayer's default UMAP on a large STORE on the CPU (saying so)."""
-    if plan.umap is None or not plan.umap_by_default or backend == "cuml" \
+    if plan.umap is None or not plan.umap_by_default or backend in ("cuml", "dask-cuda") \
             or n <= DISPLAY_UMAP_ROWS:
         return plan
     log.warning("multilayer: no display UMAP by default above %s rows on the CPU (%s here): "
@@ -168,7 +170,8 @@ def _out_dim(store: Store, plan: Plan) -> int:
 
 def _check_memory(job: Job) -> None:
     """The scale guard, for the clusterer's sample and the UMAP's (see :mod:`guard`)."""
-    plan, store, be = job.plan, job.store, job.backend.name
+    plan, store = job.plan, job.store
+    be = "cuml" if job.backend.name in ("cuml", "dask-cuda") else "sklearn"  # where fits run
     out_dim = _out_dim(store, plan)
     fixed = fixed_bytes(store.n, [store.layer_specs[ly].dim for ly in plan.layers],
                         kept=out_dim if plan.kind == "pca" else 0)
@@ -189,7 +192,7 @@ def prepare(store: Store, plan: Plan, settings: RunSettings) -> Job:
     name = check_run_name(settings.run) if settings.run is not None else default_name(plan)
     parse_fit_sample(settings.fit_sample)
     check_new_run(store, name, settings.overwrite)
-    be = get_backend(settings.backend)
+    be = get_engine(settings.backend, settings.scheduler)
     check_layers(store, list(plan.layers))
     plan = _display_umap(plan, store.n, be.name)
     sample = choose_fit_rows(store, plan.cluster_method, settings.fit_sample, settings.seed)
@@ -281,18 +284,19 @@ def _log_rate(rows: int, seconds: float, left: int) -> None:
              f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.0f} min")
 
 
-def umap_every_row(read, n: int, be: Backend, blob: bytes, n_components: int,
-                   fitted: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+def umap_every_row(passes: Passes, store: Store, fm: FeatureModel, be: Backend, blob: bytes,
+                   n_components: int, fitted: tuple[np.ndarray, np.ndarray] | None
+                   ) -> np.ndarray:
     """UMAP coordinates of every row: the fitted rows' embedding, the others transformed in
-    fixed calls (:func:`probing.analysis.stream.umap_rows`), the rate logged after the
-    first."""
-    left = n - (0 if fitted is None else len(fitted[0]))
+    fixed calls (:func:`probing.analysis.stream.umap_rows`, here or on Dask workers), the
+    rate logged after the first."""
+    left = store.n - (0 if fitted is None else len(fitted[0]))
     with step(f"UMAP transform of {left} rows [{be.name}]"):
-        return umap_rows(n, read, lambda x: be.umap_transform(blob, x), n_components, fitted,
-                         on_first=_log_rate, progress="UMAP transform")
+        return passes.umap(store, fm, be, blob, n_components, fitted, on_first=_log_rate)
 
 
-def fit_umap(job: Job, fitted: np.ndarray, read, arrays: dict, files: dict) -> dict:
+def fit_umap(job: Job, fitted: np.ndarray, passes: Passes, fm: FeatureModel, arrays: dict,
+             files: dict) -> dict:
     """UMAP fitted on its rows, then every other row transformed; the model is the run's
     one pickle (``files["umap_model"]``)."""
     u: UmapSpec = job.plan.umap
@@ -303,7 +307,7 @@ def fit_umap(job: Job, fitted: np.ndarray, read, arrays: dict, files: dict) -> d
         emb_fit, blob, impl = be.umap_fit(x, u.n_components, u.n_neighbors, u.min_dist,
                                           job.settings.seed)
     where = np.arange(job.store.n) if urows is None else urows
-    arrays["umap"] = umap_every_row(read, job.store.n, be, blob, u.n_components,
+    arrays["umap"] = umap_every_row(passes, job.store, fm, be, blob, u.n_components,
                                     (where, emb_fit))
     files["umap_model"] = blob
     return {"n_components": u.n_components, "n_neighbors": u.n_neighbors,
@@ -331,7 +335,10 @@ def run_features(store: Store | str | os.PathLike, run: str,
 
 def fit_run(store: Store | str | os.PathLike, plan: Plan, settings: RunSettings,
             params: dict | None = None) -> Run:
-    """Fit ``plan`` on ``store`` (features, + clusters, + UMAP) and save it as one run."""
+    """Fit ``plan`` on ``store`` (features, + clusters, + UMAP) and save it as one run.
+
+    Nothing is saved until every pass is done: an error, a lost Dask worker or Ctrl-C
+    before that leaves no ``runs/<name>`` (and ``Store.save_run`` itself is atomic)."""
     t0 = time.perf_counter()
     store = open_for_analysis(store)
     job = prepare(store, plan, settings)
@@ -339,9 +346,20 @@ def fit_run(store: Store | str | os.PathLike, plan: Plan, settings: RunSettings,
     log.info("%s on %s: %d rows (%d fitted) x %d features, backend %s", plan.kind,
              list(plan.layers), store.n, job.n_fit,
              sum(store.layer_specs[ly].dim for ly in plan.layers), job.backend.name)
+    with open_passes(job.backend) as passes:
+        meta, obs, arrays, files = _fit_every_row(job, passes)
+    meta.update({"params": params or {}, "seconds": round(time.perf_counter() - t0, 2)})
+    saved = store.save_run(job.name, meta=meta, obs=obs, arrays=arrays, files=files)
+    log.info("saved run %r in %s (%.1fs)", job.name, store.path, time.perf_counter() - t0)
+    return saved
+
+
+def _fit_every_row(job: Job, passes: Passes) -> tuple[dict, pd.DataFrame, dict, dict]:
+    """The run's models fitted and every row labelled: (meta, obs, arrays, files)."""
+    store, plan, settings = job.store, job.plan, job.settings
     with step(f"fit features (normalize={plan.normalize}, pca={plan.pca}, pca2={plan.pca2})"):
         fm = fit_features(store, list(plan.layers), normalize=plan.normalize, pca=plan.pca,
-                          pca2=plan.pca2, rows=job.rows)
+                          pca2=plan.pca2, rows=job.rows, passes=passes)
     fitted = fm.transform(store, job.rows) if plan.cluster or plan.umap else None
     arrays: dict[str, np.ndarray] = dict(fm.to_arrays())
     arrays["fit_rows"] = (np.arange(store.n, dtype=np.int64) if job.rows is None
@@ -349,16 +367,14 @@ def fit_run(store: Store | str | os.PathLike, plan: Plan, settings: RunSettings,
     if plan.umap is not None and job.umap_rows is not job.rows and job.umap_rows is not None:
         arrays["umap_fit_rows"] = job.umap_rows.astype(np.int64)
     predict, cmeta = fit_clusters(job, fitted, arrays) if plan.cluster else (None, None)
-    read = fm.reader(store)
-    with step(f"label {store.n} rows -> {fm.out_dim} features"):
-        out = label_rows(store.n, read, predict,
-                         fm.out_dim if plan.kind == "pca" and fm.reduced else None,
-                         progress="label rows")
+    with step(f"label {store.n} rows -> {fm.out_dim} features [{passes.name}]"):
+        out = passes.label(store, fm, predict,
+                           fm.out_dim if plan.kind == "pca" and fm.reduced else None)
     if cmeta is not None:
         cmeta.update(cluster_sizes(out.columns))
     arrays.update(out.arrays)
     files: dict[str, bytes] = {}
-    umeta = fit_umap(job, fitted, read, arrays, files) if plan.umap else None
+    umeta = fit_umap(job, fitted, passes, fm, arrays, files) if plan.umap else None
     del fitted
     obs = keyed_obs(store)
     for name, values in out.columns.items():
@@ -369,9 +385,6 @@ def fit_run(store: Store | str | os.PathLike, plan: Plan, settings: RunSettings,
         "store": str(store.path), "n": store.n, "n_fit": job.n_fit,
         "fit_sample": job.sample.to_meta(), "seed": settings.seed,
         "backend": job.backend.name, "backend_version": job.backend.version,
-        "features": fm.to_meta(), "cluster": cmeta, "umap": umeta, "params": params or {},
-        "seconds": round(time.perf_counter() - t0, 2),
+        "features": fm.to_meta(), "cluster": cmeta, "umap": umeta,
     }
-    saved = store.save_run(job.name, meta=meta, obs=obs, arrays=arrays, files=files)
-    log.info("saved run %r in %s (%.1fs)", job.name, store.path, time.perf_counter() - t0)
-    return saved
+    return meta, obs, arrays, files

@@ -38,17 +38,19 @@ def at_least_one(value: int | None, option: str) -> None:
 class RunSettings:
     """How a run is named, fitted and saved, whatever the method: ``run`` (default
     ``<method><k>-<layer>``), ``overwrite`` (``False`` refuses to replace a run of that
-    name), ``backend`` (auto | cuml | sklearn), ``seed``, ``fit_sample``: the rows the
-    models are fitted on before every row is labelled with them; ``None``/``"auto"``: all
-    rows up to the method's default sample size, a seeded chromosome-stratified sample of
-    that size above it (:mod:`probing.analysis.sample`); ``N``: N rows; ``"all"``: every
-    row."""
+    name), ``backend`` (auto | cuml | sklearn | dask | dask-cuda), ``scheduler`` (a Dask
+    scheduler address for ``dask`` / ``dask-cuda``; None starts a local cluster for the
+    run), ``seed``, ``fit_sample``: the rows the models are fitted on before every row is
+    labelled with them; ``None``/``"auto"``: all rows up to the method's default sample
+    size, a seeded chromosome-stratified sample of that size above it
+    (:mod:`probing.analysis.sample`); ``N``: N rows; ``"all"``: every row."""
 
     run: str | None = None
     overwrite: bool = True
     backend: str = "auto"
     seed: int = 0
     fit_sample: int | str | None = None
+    scheduler: str | None = None
 
 
 #: options every method takes (keyword arguments of :func:`probing.analysis.cluster`)

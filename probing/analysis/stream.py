@@ -81,6 +81,24 @@ class Moments:
         if self._cross is not None:
             self._cross += xc.T @ xc
 
+    def merge(self, other: Moments) -> Moments:
+        """Add the rows ``other`` saw (moments of another partition, e.g. from a Dask
+        worker): its sums are moved to this shift exactly (``x - a = (x - b) + (b - a)``),
+        so the merged moments equal those of one pass over both up to float64 rounding."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            self.n, self._shift = other.n, other._shift.copy()
+            self._sum, self._sq = other._sum.copy(), other._sq.copy()
+            self._cross = None if other._cross is None else other._cross.copy()
+            return self
+        delta = other._shift - self._shift
+        self._cross = _merged_cross(self._cross, other, delta)
+        self._sq += other._sq + 2 * delta * other._sum + other.n * delta * delta
+        self._sum += other._sum + other.n * delta
+        self.n += other.n
+        return self
+
     @property
     def mean(self) -> np.ndarray:
         return self._shift + self._sum / self.n
@@ -93,6 +111,16 @@ class Moments:
         m = self._sum / self.n
         c = (self._cross - self.n * np.outer(m, m)) / max(self.n - ddof, 1)
         return (c + c.T) / 2
+
+
+def _merged_cross(mine: np.ndarray | None, other: Moments, delta: np.ndarray
+                  ) -> np.ndarray | None:
+    """``other``'s cross-products moved by ``delta`` and added to ``mine`` (None when
+    either side kept no cross-products)."""
+    if mine is None or other._cross is None:
+        return None
+    shift = np.outer(delta, other._sum)
+    return mine + other._cross + shift + shift.T + other.n * np.outer(delta, delta)
 
 
 @dataclass
