@@ -588,7 +588,8 @@ def test_an_unknown_option_is_refused_with_the_methods_options(blob_store, monke
         pa.cluster(blob_store, "kmeans", n_clusters=3, **SK)
     assert str(err.value) == (
         "method 'kmeans' has no option 'n_clusters' (kmeans options: layer, normalize, pca, "
-        "umap, k, n_init; every method: run, overwrite, backend, seed, fit_sample)")
+        "umap, k, n_init; every method: run, overwrite, backend, seed, fit_sample, "
+        "scheduler)")
     # an option of another method says which methods take it
     with pytest.raises(AnalysisError, match=r"^--split is for --method hkmeans or hspectral, "
                                             r"not kmeans \(kmeans options: layer,"):
