@@ -85,7 +85,8 @@ def _part(store: Store, p: PartState) -> dict[str, Any]:
     return {"index": p.index, "name": p.name, "state": p.state, "n": p.n,
             "cursor": None if p.complete or p.meta is None else p.meta.get("cursor"),
             "writer": describe_claim(p.writer) if p.writer is not None else None,
-            "command": None if p.complete else finish_command(store.root_meta, p.index)}
+            "command": None if p.complete else finish_command(store.root_meta, p.index,
+                                                                 store.path)}
 
 
 def _damage(store: Store, info: dict[str, Any]) -> list[str]:

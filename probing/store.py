@@ -699,14 +699,20 @@ def part_states(root: Path, meta: Mapping[str, Any]) -> list[PartState]:
     return out
 
 
-def finish_command(meta: Mapping[str, Any], index: int) -> str:
-    """The command that (re)runs task ``index`` of a parted STORE, as store.json records it."""
+def finish_command(meta: Mapping[str, Any], index: int,
+                   root: str | os.PathLike | None = None) -> str:
+    """The command that (re)runs task ``index`` of a parted STORE, as store.json records it,
+    writing into ``root`` (where the STORE is now: it may have moved, or be mounted
+    elsewhere on this node, since its first task ran)."""
     template = meta.get("task_command")
     if not template:
         count = meta.get("parts", {}).get("count")
         return (f"the extraction that wrote it, with task {index} of {count} "
                 "(the same inputs and options)")
-    return shlex.join(str(t).replace("{task}", str(index)) for t in template)
+    argv = [str(t).replace("{task}", str(index)) for t in template]
+    if root is not None and "--out" in argv[:-1]:
+        argv[argv.index("--out") + 1] = os.path.abspath(root)
+    return shlex.join(argv)
 
 
 def _refuse_unfinished(root: Path, meta: Mapping[str, Any], parts: list[PartState]) -> None:
@@ -724,7 +730,7 @@ def _refuse_unfinished(root: Path, meta: Mapping[str, Any], parts: list[PartStat
     if p.writer is not None:
         how = f"{describe_claim(p.writer)} is writing it: wait for it to finish"
     else:
-        how = f"finish it with: {finish_command(meta, p.index)}"
+        how = f"finish it with: {finish_command(meta, p.index, root)}"
     raise StoreError(f"{root}: part {p.index} of {p.count} ({PARTS_DIR}/{p.name}) is "
                      f"{said}{others}; {how}")
 
