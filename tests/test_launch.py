@@ -116,3 +116,27 @@ def test_overwrite_never_removes_a_directory_dvprobe_did_not_write(tmp_path):
     with pytest.raises(LaunchError, match="not a dvprobe STORE"):
         la._remove_for_overwrite(tmp_path / "s")
     assert (tmp_path / "s" / "store.json").is_file()
+
+
+def test_cli_interrupted_launch_says_how_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C on ``--procs``: the launcher's bar prints nothing, so the command must say
+    what is committed and how to resume, with and without progress."""
+    import typer
+    from typer.testing import CliRunner
+
+    from probing import commands_extract
+    from probing.extract import ExtractionInterrupted
+
+    said = "interrupted: 8 examples are committed in the parts of X; run the same command"
+
+    def interrupted(*args, **kwargs):
+        raise ExtractionInterrupted(said)
+
+    monkeypatch.setattr(la, "launch", interrupted)
+    app = typer.Typer()
+    commands_extract.register(app)
+    for quiet in (["--no-progress"], []):
+        r = CliRunner().invoke(app, ["extract", str(tmp_path / "b"), "ex.gz", "--out",
+                                     str(tmp_path / "o"), "--procs", "2", *quiet])
+        assert r.exit_code != 0
+        assert said in r.output, r.output
