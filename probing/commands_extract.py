@@ -149,9 +149,16 @@ def _say_extracted(store, parted: Path | None) -> None:
 
 def _launch(config, procs: int | None, gpus: str | None, *, progress: bool) -> None:
     """``--procs`` / ``--gpus``: the tasks as local processes (:mod:`probing.launch`)."""
+    from probing.extract import ExtractionInterrupted
     from probing.launch import LaunchConfig, launch
 
-    store = launch(LaunchConfig(config, procs=procs, gpus=gpus), progress=progress)
+    try:
+        store = launch(LaunchConfig(config, procs=procs, gpus=gpus), progress=progress)
+    except ExtractionInterrupted as exc:
+        # the children's own messages are captured: what is committed and how to resume
+        # is the launcher's to say, with or without a progress bar
+        typer.echo(str(exc), err=True)
+        raise
     typer.echo(f"{store.path}: {store.n} examples in {len(store.parts)} parts, layers "
                f"{', '.join(store.layers)}")
 

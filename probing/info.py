@@ -20,8 +20,8 @@ from dvtorch.files import BUNDLE_META_FILE, bundle_fingerprint
 from probing.pileup import ATTRIBUTES
 from probing.probe import PROBES_DIR, PROBES_FORMAT
 from probing.schema import META_COLUMNS, MODEL_COLUMNS
-from probing.store import PartState, Store, finish_command
-from probing.tasks import describe_claim
+from probing.store import PartState, Store, claim_path, finish_command
+from probing.tasks import claim_state, describe_claim
 
 
 def store_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -85,7 +85,11 @@ def _part(store: Store, p: PartState) -> dict[str, Any]:
     return {"index": p.index, "name": p.name, "state": p.state, "n": p.n,
             "cursor": None if p.complete or p.meta is None else p.meta.get("cursor"),
             "writer": describe_claim(p.writer) if p.writer is not None else None,
-            "command": None if p.complete else finish_command(store.root_meta, p.index)}
+            # another machine's claim: nobody here can tell whether its process still runs
+            "claim": (str(claim_path(p.path)) if p.writer is not None
+                      and claim_state(p.writer) != "live" else None),
+            "command": None if p.complete else finish_command(store.root_meta, p.index,
+                                                                 store.path)}
 
 
 def _damage(store: Store, info: dict[str, Any]) -> list[str]:
@@ -301,11 +305,13 @@ def _parts_lines(info: dict[str, Any]) -> list[str]:
         cursor = p["cursor"] or {}
         where = (f", resumes at shard {cursor.get('shard', 0)} record "
                  f"{cursor.get('record', 0)}" if p["state"] == "partial" and cursor else "")
-        who = f"; {p['writer']} is writing it" if p["writer"] else ""
+        who = (f"; claimed by {p['writer']}; if that process is gone, delete {p['claim']}"
+               if p.get("claim") else f"; {p['writer']} is writing it" if p["writer"] else "")
         lines.append(f"  {p['name']}  {p['state']:<8} {p['n']:>10,} examples{where}{who}")
     if len(shown) < len(parts):
         lines.append(f"  ... and {len(parts) - len(shown)} more ({done} complete in all)")
-    todo = [p for p in parts if p["state"] != "complete" and not p["writer"]]
+    todo = [p for p in parts if p["state"] != "complete" and (p.get("claim")
+                                                              or not p["writer"])]
     if todo:
         others = ", ".join(str(p["index"]) for p in todo[1:8]) + (
             ", ..." if len(todo) > 8 else "")

@@ -36,7 +36,7 @@ from typing import Any
 
 from dvtorch.errors import DvprobeError
 from probing.extract import ExtractConfig, ExtractionInterrupted, command_line
-from probing.store import FORMAT, Store
+from probing.store import FORMAT, Store, finish_command
 from probing.tasks import part_name
 
 #: seconds a stopped child has to commit and exit before it is killed (killing is safe:
@@ -224,6 +224,7 @@ def launch(lc: LaunchConfig, *, progress: bool = True) -> Store:
         _remove_for_overwrite(out)
         lc = replace(lc, extract=replace(lc.extract, overwrite=False))
     children = plan_children(lc)
+    _check_resumable(out, len(children), lc)
     bar = _bar(lc, len(children)) if progress else None
     try:
         for child in children:
@@ -241,6 +242,30 @@ def launch(lc: LaunchConfig, *, progress: bool = True) -> Store:
     if failed is not None:
         raise LaunchError(_failure(failed, children, out))
     return Store(out)
+
+
+def _check_resumable(out: Path, n: int, lc: LaunchConfig) -> None:
+    """Refuse, before any task starts, a STORE at ``out`` that ``n`` tasks cannot resume:
+    one written in another number of parts, or in one. Every task would fail on it, and
+    "rerun the same command" would fail again; say what can finish it instead."""
+    try:
+        old = json.loads((out / "store.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # nothing there yet (or unreadable: the tasks say what is wrong)
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        return
+    count = (old.get("parts") or {}).get("count")
+    if count is None:
+        raise LaunchError(f"{out} holds a one-task extraction; --procs / --gpus write a "
+                          "STORE in parts: choose another --out, or pass --overwrite to "
+                          "replace it")
+    if count != n:
+        same = (f"--procs {count}" if lc.procs is not None
+                else f"--gpus naming {count} GPUs")
+        raise LaunchError(
+            f"{out} holds an extraction split into {count} tasks, not {n}: resume it with "
+            f"{same}, or run its tasks one by one ({finish_command(old, 'I', out)} for "
+            f"I = 0..{count - 1}), or pass --overwrite to replace it")
 
 
 def _bar(lc: LaunchConfig, n: int) -> Any:

@@ -743,7 +743,7 @@ def part_states(root: Path, meta: Mapping[str, Any]) -> list[PartState]:
     out = []
     for i in range(count):
         path = root / PARTS_DIR / part_name(i, count)
-        claim = read_claim(path.with_name(path.name + ".claim"))
+        claim = read_claim(claim_path(path))
         writer = claim if claim_state(claim) in ("live", "unknown") else None
         if not (path / _META).is_file():
             out.append(PartState(i, count, path, "missing", writer=writer))
@@ -758,14 +758,25 @@ def part_states(root: Path, meta: Mapping[str, Any]) -> list[PartState]:
     return out
 
 
-def finish_command(meta: Mapping[str, Any], index: int) -> str:
-    """The command that (re)runs task ``index`` of a parted STORE, as store.json records it."""
+def claim_path(part: Path) -> Path:
+    """The claim file of the part at ``part`` (beside it: the part may not exist yet)."""
+    return part.with_name(part.name + ".claim")
+
+
+def finish_command(meta: Mapping[str, Any], index: int,
+                   root: str | os.PathLike | None = None) -> str:
+    """The command that (re)runs task ``index`` of a parted STORE, as store.json records it,
+    writing into ``root`` (where the STORE is now: it may have moved, or be mounted
+    elsewhere on this node, since its first task ran)."""
     template = meta.get("task_command")
     if not template:
         count = meta.get("parts", {}).get("count")
         return (f"the extraction that wrote it, with task {index} of {count} "
                 "(the same inputs and options)")
-    return shlex.join(str(t).replace("{task}", str(index)) for t in template)
+    argv = [str(t).replace("{task}", str(index)) for t in template]
+    if root is not None and "--out" in argv[:-1]:
+        argv[argv.index("--out") + 1] = os.path.abspath(root)
+    return shlex.join(argv)
 
 
 def _refuse_unfinished(root: Path, meta: Mapping[str, Any], parts: list[PartState]) -> None:
@@ -780,10 +791,14 @@ def _refuse_unfinished(root: Path, meta: Mapping[str, Any], parts: list[PartStat
     others = (f"; {len(bad) - 1} more part(s) are not complete either "
               f"({', '.join(str(q.index) for q in bad[1:6])}{', ...' if len(bad) > 6 else ''})"
               if len(bad) > 1 else "")
-    if p.writer is not None:
+    finish = f"finish it with: {finish_command(meta, p.index, root)}"
+    if p.writer is not None and claim_state(p.writer) == "live":
         how = f"{describe_claim(p.writer)} is writing it: wait for it to finish"
+    elif p.writer is not None:  # another machine's claim: only it can tell if it runs
+        how = (f"it is claimed by {describe_claim(p.writer)}; if that process is gone, "
+               f"delete {claim_path(p.path)} and {finish}")
     else:
-        how = f"finish it with: {finish_command(meta, p.index)}"
+        how = finish
     raise StoreError(f"{root}: part {p.index} of {p.count} ({PARTS_DIR}/{p.name}) is "
                      f"{said}{others}; {how}")
 

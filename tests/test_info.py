@@ -163,6 +163,30 @@ def test_info_lists_the_parts_of_a_store_written_by_tasks_and_how_to_finish_them
         "parts/part-00000-of-00003/layers/l.bin holds 0 bytes, 64 expected for 4 rows"]
 
 
+def test_a_part_claimed_on_another_machine_is_not_said_to_be_written_there(tmp_path):
+    """A SLURM task killed on its node leaves its claim: nobody here can tell whether it
+    still runs, so info and the refusal say how to clear it, not only 'wait for it'."""
+    from test_store import make_parted_store
+
+    from probing.store import StoreError, open_store
+
+    x = np.ones((6, 4), np.float32)
+    store = make_parted_store(tmp_path / "p", {"l": x}, [4, 2], ["complete", "missing"])
+    claim = store.path / "parts" / "part-00001-of-00002.claim"
+    claim.write_text(json.dumps({"host": "another-machine", "hostname": "node7",
+                                  "pid": 4242, "start": 5, "since": "2026-12-07 01:00:00"}))
+    text = format_info(store_info(store.path))
+    assert "is writing it" not in text
+    assert f"claimed by pid 4242 on node7 (since 2026-12-07 01:00:00); if that process is " \
+           f"gone, delete {claim}" in text
+    assert f"finish with: dvprobe extract B E --out {store.path} --task 1 --num-tasks 2" in text
+    with pytest.raises(StoreError) as refused:
+        open_store(store.path)
+    said = str(refused.value)
+    assert "wait for it to finish" not in said and f"delete {claim}" in said
+    assert "finish it with: dvprobe extract B E" in said
+
+
 def test_the_small_models_calls_beside_the_examples_are_said_at_extraction_and_by_info(
         tmp_path, caplog):
     """Since 1.8 DeepVariant's small model genotypes easy sites without writing an example:

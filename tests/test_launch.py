@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,50 @@ def test_overwrite_never_removes_a_directory_dvprobe_did_not_write(tmp_path):
     with pytest.raises(LaunchError, match="not a dvprobe STORE"):
         la._remove_for_overwrite(tmp_path / "s")
     assert (tmp_path / "s" / "store.json").is_file()
+
+
+def test_cli_interrupted_launch_says_how_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C on ``--procs``: the launcher's bar prints nothing, so the command must say
+    what is committed and how to resume, with and without progress."""
+    import typer
+    from typer.testing import CliRunner
+
+    from probing import commands_extract
+    from probing.extract import ExtractionInterrupted
+
+    said = "interrupted: 8 examples are committed in the parts of X; run the same command"
+
+    def interrupted(*args, **kwargs):
+        raise ExtractionInterrupted(said)
+
+    monkeypatch.setattr(la, "launch", interrupted)
+    app = typer.Typer()
+    commands_extract.register(app)
+    for quiet in (["--no-progress"], []):
+        r = CliRunner().invoke(app, ["extract", str(tmp_path / "b"), "ex.gz", "--out",
+                                     str(tmp_path / "o"), "--procs", "2", *quiet])
+        assert r.exit_code != 0
+        assert said in r.output, r.output
+
+
+def test_a_store_of_another_task_count_is_refused_before_any_task_starts(tmp_path,
+                                                                         monkeypatch):
+    """Rerunning with another --procs (or another number of GPUs) cannot resume the parts:
+    the launcher says so with the commands that can, instead of starting tasks that fail
+    and then advising to 'rerun the same command'."""
+    spec = _examples(tmp_path)
+    bundle = dvtorch.reference_bundle(tmp_path / "bundle", seed=0)
+    config = ExtractConfig(bundle, spec, tmp_path / "s", layers=LAYERS, batch_size=4,
+                           workers=0, device="cpu", limit=3)
+    extract(replace(config, task=0, num_tasks=3), progress=False)
+    extract(ExtractConfig(bundle, spec, tmp_path / "one", layers=LAYERS, batch_size=4,
+                          workers=0, device="cpu", limit=3), progress=False)
+    # a task that did start would fail as "exit 3", which neither refusal matches
+    monkeypatch.setattr(la, "child_argv", lambda config, i, n: [
+        sys.executable, "-c", "import sys; sys.exit(3)"])
+    with pytest.raises(LaunchError, match=r"split into 3 tasks, not 2: resume it with "
+                                          r"--procs 3, .*--task I --num-tasks 3 for I = 0..2"):
+        la.launch(LaunchConfig(config, procs=2, poll_s=0.05), progress=False)
+    with pytest.raises(LaunchError, match=r"one-task extraction.*--overwrite"):
+        la.launch(LaunchConfig(replace(config, out=tmp_path / "one"), procs=2, poll_s=0.05),
+                  progress=False)

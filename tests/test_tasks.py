@@ -230,6 +230,22 @@ def test_a_missing_or_partial_part_is_named_with_the_command_that_finishes_it(da
     _assert_same_rows(open_store(out), data["whole"])
 
 
+def test_a_moved_parted_store_names_itself_in_the_command_that_finishes_it(data, tmp_path):
+    """Cluster nodes mount one STORE at different paths, and users move STOREs: the hint
+    must write into the STORE that was opened, not where its first task ran."""
+    _extract(data, tmp_path / "first", task=0, num_tasks=2)
+    moved = tmp_path / "moved"
+    (tmp_path / "first").rename(moved)
+    with pytest.raises(StoreError) as refused:
+        open_store(moved)
+    command = str(refused.value).split("finish it with: ", 1)[1]
+    assert f"--out {moved} " in command and str(tmp_path / "first") not in command
+    from probing.info import store_info
+
+    (part,) = [p for p in store_info(moved)["parts"] if p["state"] != "complete"]
+    assert f"--out {moved} " in part["command"]
+
+
 def test_a_task_with_other_inputs_or_task_count_is_refused_naming_the_difference(data,
                                                                                  tmp_path):
     out = tmp_path / "s"
