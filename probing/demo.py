@@ -102,7 +102,7 @@ class DemoConfig:
     # The explain step's sizes: together <= 20 s on 2 CPU cores (docs/performance.md, "The
     # demo's explain step"). IG at half its default steps: each panel states its delta.
     explain: bool = True
-    ablate_examples: int = 100
+    ablate_examples: int = 64
     explain_panels: int = 3
     explain_steps: int = 50
     tcav_examples: int = 0  # 0: no TCAV in the demo (over the budget); `dvprobe tcav` does it
