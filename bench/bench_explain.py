@@ -98,10 +98,11 @@ def main() -> None:
 
 
 def _yardstick(model, shape, device: str) -> str:
-    """The load average and the model's forward rate now (fp32, batch 32, two calls)."""
+    """The load average and the model's forward rate now (fp32, batch 32, two calls after
+    one untimed call of the same batch: the first call of a batch size prepares kernels)."""
     x = torch.zeros(32, *shape, device=device)
     with torch.no_grad():
-        model(x[:4])
+        model(x)
         t0 = time.perf_counter()
         model(x)
         model(x)
