@@ -13,7 +13,10 @@ reference rows, 15-95 reads, alt reads differing at the centre) written as a gzi
 IG: ``--ig`` examples at the default steps, the predicted genotype's probability, the
 blank-reads baseline, no PNG panels (rendering is timed apart: ``--panels``). Ablation:
 ``--ablate`` examples x every channel, zero neutral, 1,000 bootstrap resamples. Prints the
-CPU (dvtorch.engine.cpu_features.describe()), each time and examples per second. TCAV:
+CPU (dvtorch.engine.cpu_features.describe()), each time and examples per second, and, first
+and last, the load average and the plain model's forward rate (fp32, batch 32) as a yardstick:
+on a shared machine the times scale with it (docs/performance.md has the rate of a free
+machine), so a figure taken under load can be read against it. TCAV:
 ``--tcav`` examples extracted into a STORE (mixed5 and mixed7, max-pooled), two planted
 yes/no concepts, 10 random CAVs each, derivatives counted on every example; the time of the
 extraction is not counted. Convergence: ``--convergence`` examples at each of
@@ -63,6 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = dvtorch.reference_bundle(Path(tmp) / "b", seed=0, input_shape=shape)
         model = dvtorch.load(bundle, device=args.device)
+        print(_yardstick(model, shape, args.device), flush=True)
         n = max(args.ig, args.ablate, args.tcav, args.convergence, args.panels)
         spec = write_examples(Path(tmp) / "ex.tfrecord.gz", pileups(n, seed=0, shape=shape))
         if args.ig:
@@ -71,12 +75,12 @@ def main() -> None:
             s = time.perf_counter() - t0
             bad = sum(not e.converged for e in res)
             print(f"IG: {len(res)} examples x {args.steps} steps {shape}: {s:.1f} s, "
-                  f"{len(res) / s:.3f} examples/s ({bad} with |delta| > 1 % of the change)")
+                  f"{len(res) / s:.3f} examples/s ({bad} with |delta| > 1 % of the change)", flush=True)
         if args.panels:
             t0 = time.perf_counter()
             _ig(model, spec, args, n=args.panels, out=Path(tmp) / "panels", steps=1)
             s = time.perf_counter() - t0
-            print(f"panels: {args.panels} (IG at 1 step + npz + PNG): {s:.1f} s")
+            print(f"panels: {args.panels} (IG at 1 step + npz + PNG): {s:.1f} s", flush=True)
         if args.ablate:
             t0 = time.perf_counter()
             r = ablate(model, spec, n=args.ablate, device=args.device, progress=False,
@@ -85,11 +89,28 @@ def main() -> None:
             c = len(r.channels)
             print(f"ablation: {len(r.keys)} examples x {c} channels {shape}: {s:.1f} s, "
                   f"{len(r.keys) / s:.1f} examples/s ({len(r.keys) * (c + 1) / s:.1f} "
-                  "forwards/s)")
+                  "forwards/s)", flush=True)
         if args.tcav:
             _tcav(bundle, spec, Path(tmp) / "store", args)
         if args.convergence:
             _convergence(model, spec, args)
+        print(_yardstick(model, shape, args.device), flush=True)
+
+
+def _yardstick(model, shape, device: str) -> str:
+    """The load average and the model's forward rate now (fp32, batch 32, two calls after
+    one untimed call of the same batch: the first call of a batch size prepares kernels)."""
+    x = torch.zeros(32, *shape, device=device)
+    with torch.no_grad():
+        model(x)
+        t0 = time.perf_counter()
+        model(x)
+        model(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    rate = 64 / (time.perf_counter() - t0)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return f"load average {load}; plain-model forward {rate:.1f} examples/s (fp32, batch 32)"
 
 
 def _tcav(bundle, spec, store_path, args) -> None:
@@ -107,7 +128,7 @@ def _tcav(bundle, spec, store_path, args) -> None:
                block_bp=0, device=args.device, batch_size=16, progress=False)
     s = time.perf_counter() - t0
     print(f"TCAV: 2 layers x 2 concepts x 10 random CAVs, {st.n} examples: {s:.1f} s, "
-          f"{st.n / s:.2f} examples/s ({len(res.scores)} CAV scores)")
+          f"{st.n / s:.2f} examples/s ({len(res.scores)} CAV scores)", flush=True)
 
 
 def _convergence(model, spec, args) -> None:

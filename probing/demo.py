@@ -20,10 +20,13 @@ one named stage each:
 7. ``enrich`` -- :mod:`probing.enrich` of every run against the planted concepts;
 8. ``probe`` -- a linear probe of every layer for every planted concept
    (:mod:`probing.probe`);
-9. ``explain`` -- integrated gradients of one mosaic call (a panel in ``out/explain``, saved
-   in the STORE for the report; :mod:`probing.explain`, 50 steps) and TCAV of the planted mosaic
-   concept at every layer (LINE when too few mosaic examples; :mod:`probing.tcav`): is
-   what the probes decode *used* by the call? Sized to add <= 20 s on 2 CPU cores;
+9. ``explain`` -- what the calls depend on: channel ablation over a seeded sample of the
+   examples (:mod:`probing.ablate`, each channel in turn set to zero signal; a table and bar
+   chart in ``out/explain/ablation`` and in the report) and integrated-gradients panels of a
+   few mosaic truth calls (:mod:`probing.explain`, PNGs in ``out/explain``, saved in the STORE
+   so the report shows them beside the pileup). Sized to add <= 20 s on 2 CPU cores
+   (docs/performance.md, "The demo's explain step"); TCAV (:mod:`probing.tcav`) is off by
+   default for that budget (``tcav_examples``), ``explain=False`` skips the step;
 10. ``report`` -- the offline HTML report.
 
 Every intermediate is an ordinary file the other commands accept (the STORE can be clustered
@@ -96,8 +99,14 @@ class DemoConfig:
     k: int = 10
     multilayer_k: int = 12
     report_points: int = 20000
-    explain_steps: int = 50  # half the default: the 20 s budget (docs/performance.md)
-    tcav_examples: int = 30
+    # The explain step's sizes: together <= 20 s on 2 CPU cores (docs/performance.md, "The
+    # demo's explain step"): two panels at IG's default steps rather than three at half
+    # (half left every measured panel of the demo over 1 % of completeness).
+    explain: bool = True
+    ablate_examples: int = 64
+    explain_panels: int = 2
+    explain_steps: int = 100
+    tcav_examples: int = 0  # 0: no TCAV in the demo (over the budget); `dvprobe tcav` does it
     sim_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -112,6 +121,11 @@ class DemoConfig:
             raise DvprobeError(
                 f"the demo clusters mixed5 (as the blog); --layers {list(self.layers)} lacks it"
             )
+        for name in ("ablate_examples", "explain_panels", "tcav_examples"):
+            if getattr(self, name) < 0:
+                raise DvprobeError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.explain_steps < 1:
+            raise DvprobeError(f"explain_steps must be >= 1, got {self.explain_steps}")
         self.simulation(self.out / "sim")
 
     def simulation(self, out: Path):
@@ -159,8 +173,13 @@ class DemoResult:
     enrichment_files: list[Path] = field(default_factory=list)
     probes: pd.DataFrame | None = None  # per planted concept: best layer, score, last layer
     probe_header: str = ""
-    tcav: list[str] = field(default_factory=list)  # one line per layer (explain step)
-    panels: list[Path] = field(default_factory=list)  # attribution panels (explain step)
+    # the explain step (empty when it was skipped)
+    channels: pd.DataFrame | None = None  # channel ablation, one row per channel
+    channels_header: str = ""
+    panels: list[Path] = field(default_factory=list)  # attribution panels (PNG)
+    panel_lines: list[str] = field(default_factory=list)  # one line per panel
+    panel_header: str = ""
+    tcav: list[str] = field(default_factory=list)  # one line per layer
 
     def summary(self) -> str:
         """The one-screen summary the CLI prints."""
@@ -188,11 +207,15 @@ class DemoResult:
             lines.append(f"where each planted concept is decodable ({self.probe_header}):")
             lines.append(format_probes(self.probes))
             lines.append("")
+        if self.channels is not None:
+            lines += [f"which channels the calls depend on ({self.channels_header}):",
+                      format_channels(self.channels), ""]
+        if self.panel_lines:
+            lines += [f"attribution panels ({self.panel_header}):",
+                      *[f"  {t}" for t in self.panel_lines], ""]
         if self.tcav:
             lines += ["is the concept used? (TCAV of the called genotype's logit, "
                       "dvprobe tcav):", *[f"  {t}" for t in self.tcav], ""]
-        if self.panels:
-            lines += [f"attribution panel (dvprobe explain): {p}" for p in self.panels]
         lines.append(f"mosaic truth set through {KMEANS_RUN!r}: {self.mosaic_landing}")
         total = sum(self.seconds.values())
         steps = ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items())
@@ -248,6 +271,16 @@ def format_probes(best: pd.DataFrame) -> str:
     return _fixed_width(rows)
 
 
+def format_channels(table: pd.DataFrame) -> str:
+    """Fixed-width text of a :class:`probing.ablate.Ablation` table (one mode)."""
+    rows = [("channel", "importance", "95% CI", "calls flipped", "label agreement")]
+    rows += [(r.channel, f"{r.importance:.4f}", f"{r.importance_lo:.4f}-{r.importance_hi:.4f}",
+              f"{r.flip_fraction:.1%}",
+              "-" if pd.isna(r.agreement_change) else f"{r.agreement_change:+.1%}")
+             for r in table.itertuples(index=False)]
+    return _fixed_width(rows)
+
+
 def annotate_planted(store, truth_dir: str | os.PathLike,
                      concepts: Iterable[str] | None = None) -> list[str]:
     """Annotate ``store`` with the planted concepts of a simulation (all of them, or those
@@ -272,7 +305,8 @@ def annotate_planted(store, truth_dir: str | os.PathLike,
     return cols
 
 
-OWNED = ("sim", "examples", "mosaic_examples", "model", "store", "mosaic_store", "enrichment")
+OWNED = ("sim", "examples", "mosaic_examples", "model", "store", "mosaic_store", "enrichment",
+         "explain")
 
 
 def _done(path: Path) -> bool:
@@ -420,8 +454,10 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
         enriched = _enrich(demo, store, columns, applied)
     with demo.stage("probe"):
         probes = _probe(demo, store, columns, enriched.files)
-    with demo.stage("explain"):
-        explained = _explain(demo, store, bundle)
+    explained = _Explained()
+    if config.explain:
+        with demo.stage("explain"):
+            explained = _explain(demo, store, bundle)
     with demo.stage("report"):
         report = _report(demo, store, untrained)
     return DemoResult(
@@ -440,8 +476,12 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
         probes=probes.best() if probes is not None else None,
         probe_header=(f"linear probes, held-out AUROC over {probes.folds} folds by "
                       f"{probes.block_bp // 1000} kb block" if probes is not None else ""),
-        tcav=explained.tcav,
+        channels=explained.channels,
+        channels_header=explained.channels_header,
         panels=explained.panels,
+        panel_lines=explained.panel_lines,
+        panel_header=explained.panel_header,
+        tcav=explained.tcav,
     )
 
 
@@ -600,29 +640,112 @@ def _probe(demo: _Demo, store, columns: list[str], written: list[Path]):
 
 @dataclass
 class _Explained:
-    tcav: list[str]
-    panels: list[Path]
+    channels: pd.DataFrame | None = None
+    channels_header: str = ""
+    panels: list[Path] = field(default_factory=list)
+    panel_lines: list[str] = field(default_factory=list)
+    panel_header: str = ""
+    tcav: list[str] = field(default_factory=list)
 
 
 def _explain(demo: _Demo, store, bundle: Path) -> _Explained:
-    """Integrated gradients of one mosaic call (the first mosaic example; any example when
-    there is none) and TCAV of the planted mosaic concept (LINE when mosaic is too rare),
-    both saved in the STORE for the report. A concept too rare for TCAV is said, not fatal."""
-    from probing.explain import Selection, explain
+    """What the calls depend on: channel ablation over a seeded sample of the examples,
+    integrated-gradients panels of a few mosaic truth calls (the first examples when the
+    STORE has none), and TCAV when ``tcav_examples`` asks for it; each saved in the STORE
+    for the report. Each part's time is logged (the step's sizes are a 20 s budget)."""
     from probing.extract import resolve_device
-    from probing.tcav import TcavError, save_tcav, tcav
 
     config, paths = demo.config, demo.paths
     device = str(resolve_device(config.device))
-    obs = store.read_obs([c for c in ("key", "mosaic", "LINE") if c in store.obs_dtypes.index])
-    hits = obs["mosaic"].fillna(False).to_numpy(bool) if "mosaic" in obs else None
-    key = obs["key"].iat[int(hits.argmax()) if hits is not None and hits.any() else 0]
-    paths.explain.mkdir(parents=True, exist_ok=True)
-    keys = paths.explain / "keys.txt"
-    keys.write_text(f"{key}\n")
+    if paths.explain.exists():  # the demo's own (OWNED): no stale panels of another run
+        shutil.rmtree(paths.explain)
+    paths.explain.mkdir(parents=True)
+    obs = store.read_obs([c for c in ("key", "mosaic") if c in store.obs_dtypes.index])
+    done = _Explained()
+    t = time.perf_counter()
+    if config.ablate_examples:
+        _ablate_channels(demo, store, bundle, obs, device, done)
+    if config.explain_panels:
+        _attribution_panels(demo, store, bundle, obs, device, done)
+    if config.tcav_examples:
+        done.tcav = _tcav(demo, store, device)
+    demo.log(f"explain: {time.perf_counter() - t:.1f}s")
+    return done
+
+
+def _keys_file(path: Path, keys: Sequence[str]) -> Path:
+    path.write_text("".join(f"{k}\n" for k in keys))
+    return path
+
+
+def _ablate_channels(demo: _Demo, store, bundle: Path, obs: pd.DataFrame, device: str,
+                     done: _Explained) -> None:
+    """Zero-signal ablation of every channel over a seeded sample of the STORE's examples
+    (a sample, not the first ones: those are one end of the genome)."""
+    import numpy as np
+
+    from probing.ablate import ablate
+    from probing.explain import Selection
+
+    config, paths = demo.config, demo.paths
+    t = time.perf_counter()
+    n = min(config.ablate_examples, store.n)
+    rows = np.sort(np.random.default_rng(config.seed).choice(store.n, n, replace=False))
+    keys = _keys_file(paths.explain / "ablation_keys.txt", obs["key"].to_numpy()[rows])
+    res = ablate(bundle, paths.examples_spec, select=Selection(keys_file=keys), n=n,
+                 seed=config.seed, device=device, out=paths.explain / "ablation",
+                 save_in=store, name="demo", progress=False)
+    done.channels = res.table
+    done.channels_header = (
+        f"dvprobe ablate: {n} examples, each channel in turn set to zero signal; importance "
+        "= mean change of the genotype probabilities (total variation) with its 95% "
+        f"bootstrap interval; table and chart: {paths.explain / 'ablation'}")
+    demo.log(f"explain: ablation of {len(res.channels)} channels over {n} examples "
+             f"{time.perf_counter() - t:.1f}s")
+
+
+def _attribution_panels(demo: _Demo, store, bundle: Path, obs: pd.DataFrame, device: str,
+                        done: _Explained) -> None:
+    """Integrated gradients of the called genotype's probability for a seeded few of the
+    mosaic truth examples (the first examples when there is none), a PNG panel each."""
+    import numpy as np
+
+    from probing.explain import Selection, explain
+
+    config, paths = demo.config, demo.paths
+    t = time.perf_counter()
+    hits = obs["mosaic"].fillna(False).to_numpy(bool) if "mosaic" in obs else np.zeros(0, bool)
+    pool = np.flatnonzero(hits)
+    what = "mosaic truth calls"
+    if not len(pool):
+        pool, what = np.arange(store.n), "the first examples (no mosaic truth call here)"
+    rng = np.random.default_rng(config.seed)
+    rows = np.sort(rng.choice(pool, min(config.explain_panels, len(pool)), replace=False))
+    keys = _keys_file(paths.explain / "keys.txt", obs["key"].to_numpy()[rows])
     res = explain(bundle, paths.examples_spec, Selection(keys_file=keys),
                   steps=config.explain_steps, device=device, out=paths.explain,
                   save_in=store, name="mosaic", progress=False)
+    done.panels = [e.files["png"] for e in res]
+    done.panel_lines = [_panel_line(e) for e in res]
+    done.panel_header = (f"dvprobe explain: integrated gradients of {what} at "
+                         f"{config.explain_steps} steps against the reads-blanked pileup; "
+                         "delta = how far the attributions miss f(x) - f(baseline)")
+    demo.log(f"explain: {len(res)} panel(s) {time.perf_counter() - t:.1f}s")
+
+
+def _panel_line(e) -> str:
+    verdict = "" if e.converged else ", over 1 %: raise explain_steps"
+    return (f"{e.example.key} {e.target_name} p={e.probs[e.target]:.3f}, delta "
+            f"{e.relative_delta:.1%} of the change{verdict}: {e.files['png']}")
+
+
+def _tcav(demo: _Demo, store, device: str) -> list[str]:
+    """TCAV of the planted mosaic concept (LINE when mosaic is too rare) at every layer,
+    saved in the STORE; a concept too rare for TCAV is said, not fatal."""
+    from probing.tcav import TcavError, save_tcav, tcav
+
+    config = demo.config
+    t = time.perf_counter()
     for concept in ("mosaic", "LINE"):
         try:
             found = tcav(store, concepts=[concept], layers=list(config.layers),
@@ -632,8 +755,9 @@ def _explain(demo: _Demo, store, bundle: Path) -> _Explained:
             demo.log(f"TCAV of {concept} skipped: {exc}")
             continue
         save_tcav(store, found, "planted")
-        return _Explained(found.lines(), [e.files["png"] for e in res])
-    return _Explained([], [e.files["png"] for e in res])
+        demo.log(f"explain: TCAV of {concept} {time.perf_counter() - t:.1f}s")
+        return found.lines()
+    return []
 
 
 def _report(demo: _Demo, store, untrained: bool) -> Path:

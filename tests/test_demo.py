@@ -38,6 +38,8 @@ TINY = dict(
     k=4,
     multilayer_k=4,
     sim_options=TINY_SIM,
+    ablate_examples=16,
+    explain_panels=2,
     explain_steps=8,
     tcav_examples=12,
 )
@@ -78,7 +80,7 @@ def test_demo_runs_the_whole_pipeline(demo) -> None:
     assert store.n == demo.n_examples > 50
     assert {"mixed2", "mixed5", "mixed8"} <= set(store.layers)
     assert {KMEANS_RUN, MULTILAYER_RUN, "hkmeans3-mixed5"} <= set(store.runs)
-    assert demo.seconds["explain"] > 0 and (demo.out / "explain" / "explain.csv").is_file()
+    assert demo.seconds["explain"] > 0
     # every planted concept became an obs column
     assert {col for col, _ in CONCEPT_COLUMNS.values()} <= set(store.obs.columns)
     assert store.obs["germline"].sum() > 0 and store.obs["LINE"].sum() > 0
@@ -116,6 +118,32 @@ def test_demo_probes_every_layer_for_the_planted_concepts(demo) -> None:
     assert (demo.out / "enrichment" / "probes.md") in demo.enrichment_files
 
 
+def test_demo_explains_which_channels_the_calls_use_and_a_few_mosaic_calls(demo) -> None:
+    import pandas as pd
+
+    store = open_store(demo.store)
+    # channel ablation over a sample of the examples: every channel once, most important
+    # first, each importance inside its bootstrap interval; saved for the report
+    t = demo.channels
+    assert len(t) == 7 and (t["n"] == TINY["ablate_examples"]).all()
+    assert list(t["importance"]) == sorted(t["importance"], reverse=True)
+    assert ((t["importance_lo"] <= t["importance"]) & (t["importance"] <= t["importance_hi"])).all()
+    saved = pd.read_csv(demo.store / "ablation" / "demo.csv")
+    assert list(saved["channel"]) == list(t["channel"])
+    assert (demo.out / "explain" / "ablation" / "ablation.png").is_file()
+    # attribution panels of mosaic truth calls, saved in the STORE for the report's view
+    mosaic_keys = set(store.obs.loc[store.obs["mosaic"].fillna(False).astype(bool), "key"])
+    explained = pd.read_csv(demo.store / "attributions" / "mosaic" / "explain.csv")
+    assert len(explained) == len(demo.panels) == min(2, len(mosaic_keys)) > 0
+    assert set(explained["key"]) <= mosaic_keys and (explained["steps"] == 8).all()
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in demo.panels)
+    text = demo.summary()
+    assert "which channels the calls depend on (dvprobe ablate: 16 examples" in text
+    assert "attribution panels (dvprobe explain: integrated gradients of mosaic truth" in text
+    assert all(str(p) in text for p in demo.panels)
+    assert demo.tcav and "is the concept used? (TCAV" in text  # tcav_examples=12 asks for it
+
+
 def test_demo_recovery_tables_are_consistent_with_the_enrichment(demo) -> None:
     store = open_store(demo.store)
     run = store.load_run(KMEANS_RUN)
@@ -139,9 +167,12 @@ def test_demo_rerun_reuses_finished_steps(demo) -> None:
                *(demo.out / "mosaic_store" / "layers").iterdir()]
     assert len(written) >= 3
     before = [p.stat().st_mtime_ns for p in written]
-    again = run_demo(DemoConfig(demo.out, **TINY), progress=False)
+    again = run_demo(DemoConfig(demo.out, **{**TINY, "explain": False}), progress=False)
     assert [p.stat().st_mtime_ns for p in written] == before
     assert again.mosaic_landing == demo.mosaic_landing  # seeded: same clusters
+    # explain=False skips the step (its time is what the demo's budget counts)
+    assert "explain" not in again.seconds and again.channels is None
+    assert "which channels" not in again.summary() and "attribution panels" not in again.summary()
 
 
 def test_best_clusters_picks_the_f1_maximum() -> None:
@@ -177,6 +208,8 @@ def test_demo_does_not_warn_about_its_own_expected_case(demo_run) -> None:
     [
         ({"layers": ("mixed1",)}, r"the demo clusters mixed5 .*--layers \['mixed1'\] lacks it"),
         ({"length": 1000}, "--length 1000 is too small"),
+        ({"ablate_examples": -1}, "ablate_examples must be >= 0, got -1"),
+        ({"explain_steps": 0}, "explain_steps must be >= 1, got 0"),
         ({"sim_options": {"n_strs": -1}}, r"must be >= 0, got \{'n_strs': -1\}"),
         ({"sim_options": {"n_lines": 3}}, "sim_options: .*unexpected keyword argument 'n_lines'"),
         ({"sim_options": {"seed": 3}}, "sim_options: .*multiple values for keyword argument"),

@@ -1,5 +1,5 @@
-"""Specification of ``dvprobe explain`` / ``dvprobe ablate`` (:mod:`probing.explain`,
-:mod:`probing.ablate`): planted truth, so each property can fail."""
+"""Specification of ``dvprobe explain`` (:mod:`probing.explain`; ``dvprobe ablate`` in
+tests/test_ablate.py): planted truth, so each property can fail."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from torch import nn
 from typer.testing import CliRunner
 
 import dvtorch
-from probing.ablate import AblateConfig, ablate, derangement
 from probing.examples import encode_example, example_key
 from probing.explain import (
     RANDOMISATION_RHO,
@@ -300,58 +299,6 @@ def test_a_baseline_array_of_another_shape_or_unscaled_floats_is_refused():
     with pytest.raises(ExplainError, match="scaled pixels in"):
         make_baseline(x, np.full(SHAPE, 128.0))
     assert torch.all(make_baseline(x, np.full(SHAPE, 128, np.uint8)) == 0)
-
-
-# --------------------------------------------------------------------------------------
-# Channel ablation
-# --------------------------------------------------------------------------------------
-
-
-def test_ablation_ranks_the_used_channel_first_and_the_rest_at_zero(tmp_path):
-    images = pileups(60, seed=6)
-    labels = RegionModel()(scaled(images)).argmax(1).numpy()
-    spec = write_examples(tmp_path / "ex.tfrecord.gz", images, labels=labels)
-    res = ablate(RegionModel(), spec, n=60, bootstrap=200, shuffle=True, progress=False,
-                 out=tmp_path / "abl")
-    for mode in ("zeros", "shuffle"):
-        t = res.table[res.table["mode"] == mode].set_index("channel")
-        assert res.ranking(mode)[0] == "5 read_supports_variant"
-        used = t.loc["5 read_supports_variant"]
-        assert used["importance"] > 0.05 and used["importance_lo"] > 0
-        rest = t.drop(index="5 read_supports_variant")
-        assert (rest[["importance", "flip_fraction", "agreement_change"]].abs() < 1e-6).all().all()
-    used = res.table.query("mode == 'zeros' and index == 4").iloc[0]
-    assert used["flip_fraction"] > 0 and used["agreement_change"] == -used["flip_fraction"]
-    assert used["importance_lo"] <= used["importance"] <= used["importance_hi"]
-    assert (tmp_path / "abl" / "ablation.png").read_bytes().startswith(b"\x89PNG")
-    md = (tmp_path / "abl" / "ablation.md").read_text()
-    assert md.index("| 1 | 5 read_supports_variant | zeros |") < md.index("| 1 | 5 read_supports_variant | shuffle |")
-
-
-def test_ablation_agrees_with_captums_feature_ablation(tmp_path):
-    """Zero ablation of each channel: the target column of our Δp is Captum's
-    ``FeatureAblation`` with one feature per channel (its sign: f(x) - f(ablated))."""
-    from captum.attr import FeatureAblation
-
-    images = pileups(8, seed=7)
-    spec = write_examples(tmp_path / "ex.tfrecord.gz", images)
-    model = RegionModel(k=2, r1=5, r2=40)
-    res = ablate(model, spec, n=8, bootstrap=0, progress=False)
-    mask = torch.arange(7).expand(1, 1, 1, 7)
-    theirs = FeatureAblation(model).attribute(scaled(images), target=2, feature_mask=mask)
-    ours = res.probs[:, 2][None] - res.ablated["zeros"][:, :, 2]  # [C, N]
-    assert np.allclose(ours.T, theirs[:, 0, 0, :].numpy(), atol=1e-6)
-
-
-def test_mean_ablation_uses_the_sample_mean_and_shuffling_never_keeps_an_example(tmp_path):
-    perm = derangement(50, seed=3)
-    assert sorted(perm) == list(range(50)) and not np.any(perm == np.arange(50))
-    images = pileups(10, seed=8)
-    images[..., 4] = 152  # channel 4 identical everywhere: its mean ablation changes nothing
-    spec = write_examples(tmp_path / "ex.tfrecord.gz", images)
-    res = ablate(RegionModel(), spec, AblateConfig(n=10, neutral="mean", bootstrap=0),
-                 progress=False)
-    assert np.allclose(res.ablated["mean"][4], res.probs, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------
