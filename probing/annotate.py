@@ -464,12 +464,14 @@ def _require_examples(store: Store, path: Path) -> None:
                               f"nothing to annotate with {path}")
 
 
-def _require_obs(store: Store, cols: Sequence[str]) -> pd.DataFrame:
-    obs = store.obs
-    missing = [c for c in cols if c not in obs.columns]
+def _require_obs(store: Store, cols: Sequence[str], optional: Sequence[str] = ()) -> pd.DataFrame:
+    """Only the obs columns an annotation matches on (plus those of ``optional`` the STORE
+    has): a whole-genome STORE's every key and allele string would take gigabytes."""
+    have = store.obs_dtypes.index
+    missing = [c for c in cols if c not in have]
     if missing:
         raise AnnotationError(f"{store.path}: obs lacks {missing} (was it written by extract?)")
-    return obs
+    return store.read_obs([*cols, *(c for c in optional if c in have)])
 
 
 def default_name(kind: str, path: str | os.PathLike,
@@ -505,11 +507,10 @@ def check_name(store: Store, name: str, *, overwrite: bool = False,
     if name in RUN_COLUMNS:
         raise AnnotationError(f"column name {name!r}{origin}: reserved for analysis runs' "
                               "per-example columns; choose another --name")
-    base = set(store._base_obs().columns) if store.n else set()
-    if name in base:
+    if name in store.extraction_columns:
         raise AnnotationError(f"column name {name!r}{origin}: an extraction column of "
                               f"{store.path} (read-only); choose another --name")
-    if not overwrite and name in store.obs.columns:
+    if not overwrite and name in store.obs_dtypes.index:
         raise AnnotationError(f"column {name!r} already exists in {store.path}; pass "
                               "--overwrite to replace it, or choose another --name")
     return name
@@ -541,15 +542,19 @@ def _annotate_intervals(store: Store, iv: Intervals, column: str, by: str,
                             len(obs) - n_true, mapping, warns, unplaced)
 
 
+def _chrom_names(store: Store) -> set[str]:
+    return set(_require_obs(store, ["chrom"])["chrom"].astype(str).unique())
+
+
 def _write_bed(store: Store, src: Bed, column: str) -> AnnotationResult:
     path = Path(src.path)
-    chroms = _query_names(path, set(store.obs["chrom"].astype(str)))
+    chroms = _query_names(path, _chrom_names(store))
     return _annotate_intervals(store, read_bed(path, chroms), column, src.by, f"bed {path}")
 
 
 def _write_rmsk(store: Store, src: RepeatMasker, column: str) -> AnnotationResult:
     path = Path(src.path)
-    chroms = _query_names(path, set(store.obs["chrom"].astype(str)))
+    chroms = _query_names(path, _chrom_names(store))
     iv = read_rmsk(path, repeat_class=src.repeat_class, repeat_family=src.repeat_family,
                    chroms=chroms)
     return _annotate_intervals(store, iv, column, src.by, f"rmsk {path}")
@@ -612,7 +617,7 @@ def _agreement(obs: pd.DataFrame, probs: np.ndarray, called: np.ndarray,
 def _write_cvo(store: Store, src: Cvo, prefix: str) -> AnnotationResult:
     from probing.cvo import read_cvo
 
-    obs = _require_obs(store, ["key"])
+    obs = _require_obs(store, ["key"], optional=[*PROB_COLUMNS, "pred_genotype"])
     source = f"cvo {src.path}"
     table = _cvo_by_key(read_cvo(src.path), source)
     where = pd.Index(table["key"]).get_indexer(obs["key"].astype(str))

@@ -369,6 +369,12 @@ class Store:
         base, added = self._dtypes_on_disk()
         return pd.concat([base, added])
 
+    @property
+    def extraction_columns(self) -> frozenset[str]:
+        """The obs columns extraction wrote (read-only; ``add_obs`` refuses them), read from
+        the parquet footers alone. Empty while nothing is committed."""
+        return frozenset(self._dtypes_on_disk()[0].index) if self.n else frozenset()
+
     def read_obs(self, columns: Sequence[str]) -> pd.DataFrame:
         """Only ``columns`` of ``obs`` (in that order), reading no other column from disk.
 

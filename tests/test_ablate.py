@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_explain import RegionModel, pileups, write_examples
 
 from probing.ablate import AblateConfig, ablate, derangement
 from probing.explain import ExplainError, scaled
-from tests.test_explain import RegionModel, pileups, write_examples
 
 
 def test_ablation_ranks_the_used_channel_first_and_the_rest_at_zero(tmp_path):

@@ -430,3 +430,21 @@ def test_a_clash_in_a_later_source_writes_nothing(store, tmp_path):
         with pytest.raises(an.AnnotationError, match=re.escape(message)):
             an.annotate(store, sources, overwrite=False)
     assert list(_annotations(store).columns) == ["taken"]
+
+
+def test_annotating_reads_only_the_columns_it_matches_on(store, tmp_path, monkeypatch):
+    # A whole genome's obs (every key and allele string) takes gigabytes; a BED or VCF
+    # annotation needs a few columns of it, so the whole frame must never be loaded.
+    def whole_obs(self):
+        raise AssertionError("annotate loaded every obs column")
+
+    monkeypatch.setattr(type(store), "obs", property(whole_obs))
+    bed = write(tmp_path / "segdup.bed", "chr20\t100\t200\n")
+    vcf = write(tmp_path / "truth.vcf", "##fileformat=VCFv4.2\n"
+                "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                "chr20\t5001\t.\tA\tG\t.\tPASS\t.\n")
+    assert an.annotate_bed(store, bed).n_true == 2
+    an.annotate_vcf(store, vcf, by="locus")
+    monkeypatch.undo()
+    assert col(store, "segdup") == [False, True, True, False, False, False]
+    assert "truth" in store.obs.columns

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_analysis_support import make_store
 from torch import nn
 from typer.testing import CliRunner
 
@@ -30,7 +31,6 @@ from probing.explain import (
 )
 from probing.store import open_store
 from probing.tfrecord import write_records
-from tests.test_analysis_support import make_store
 
 SHAPE = (75, 80, 7)
 COLORS = np.array([250, 180, 100, 30], np.uint8)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from test_analysis_support import make_store
 from typer.testing import CliRunner
 
 from probing import probe as pr
 from probing.probe import ProbeError, genomic_folds, probe_layers, resolve_concepts
-from tests.test_analysis_support import make_store
 
 N = 1200
 DIM = 64

@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 import pandas as pd
 import pytest
+from test_analysis_support import blobs, make_store
 
 import dvtorch
 import probing.extract as ex
@@ -32,7 +33,6 @@ from probing.extract import ExtractConfig, ExtractionInterrupted, extract
 from probing.info import format_info, store_info
 from probing.store import LayerSpec, StoreError, StoreWriter, cast_rows, open_store
 from probing.tfrecord import TFRecordWriter, shard_name
-from tests.test_analysis_support import blobs, make_store
 
 SHARDS = (6, 4)
 N = sum(SHARDS)

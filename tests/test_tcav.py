@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_analysis_support import make_store
+from test_explain import SHAPE, pileups, write_examples
 from torch import nn
 from typer.testing import CliRunner
 
@@ -26,8 +28,6 @@ from probing.tcav import (
     significance,
     tcav,
 )
-from tests.test_analysis_support import make_store
-from tests.test_explain import SHAPE, pileups, write_examples
 
 K, R1, R2 = 4, 10, 30  # the planted model reads channel K in rows R1..R2, nothing else
 
@@ -220,7 +220,7 @@ def test_the_cli_takes_the_stores_bundle_and_refuses_it_missing_or_replaced(tmp_
 
 def test_explain_from_a_store_cluster_warns_when_the_bundle_is_not_the_stores(tmp_path,
                                                                               ref_bundle):
-    from tests.test_explain import _clustered_store
+    from test_explain import _clustered_store
 
     spec = write_examples(tmp_path / "ex.tfrecord.gz", pileups(4, seed=4))
     st = _clustered_store(tmp_path, spec, 4)
@@ -244,11 +244,12 @@ def test_explain_from_a_store_cluster_warns_when_the_bundle_is_not_the_stores(tm
 def attributed_store(tmp_path_factory):
     """The report tests' STORE, with what explain, ablate and tcav save in it: a cluster's
     examples explained and ablated (the planted-region model), and a TCAV result."""
+    from test_explain import RegionModel
+    from test_report import build_store
+
     from probing.ablate import ablate
     from probing.explain import Selection, explain
     from probing.tcav import TcavResult
-    from tests.test_explain import RegionModel
-    from tests.test_report import build_store
 
     st = build_store(tmp_path_factory.mktemp("attributed"), n=60)
     pick = Selection(store=st, run="kmeans5-mixed5", cluster="2", n=3)
@@ -299,8 +300,9 @@ def test_the_report_draws_tcav_beside_the_probes_ablation_bars_and_attributions(
 
 def test_results_of_examples_not_in_the_store_are_not_saved_there(attributed_store,
                                                                    tmp_path):
+    from test_explain import RegionModel
+
     from probing.explain import explain
-    from tests.test_explain import RegionModel
 
     spec = write_examples(tmp_path / "ex.tfrecord.gz", pileups(1, seed=1))
     with pytest.raises(ExplainError, match=r"1 explained example\(s\) are not in"):
@@ -308,8 +310,9 @@ def test_results_of_examples_not_in_the_store_are_not_saved_there(attributed_sto
 
 
 def test_the_attribution_view_renders_offline_in_chromium(attributed_store, tmp_path):
+    from test_report import CHROMIUM, _chromium
+
     from probing import report as rp
-    from tests.test_report import CHROMIUM, _chromium
 
     if CHROMIUM is None:
         pytest.skip("Chromium not installed (apt-get install chromium; scripts/test.sh "
