@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model  # bench/machine.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -76,15 +77,6 @@ DEFAULT_CONFIGS = (
 
 
 # -- machine ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:

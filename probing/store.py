@@ -44,6 +44,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dvtorch.errors import DvprobeError
@@ -257,6 +258,22 @@ class RunArrays(Mapping[str, np.ndarray]):
             npz.close()
 
 
+def read_keyed_parquet(path: Path | pa.Table, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """A parquet file (or a table read from one) as a DataFrame whose ``key`` column stays
+    in Arrow memory (``string[pyarrow]``): 2,000,000 keys take 47 MB there and 650 MB as
+    Python strings, the largest thing a whole-genome analysis would otherwise hold."""
+    table = path if isinstance(path, pa.Table) else pq.read_table(
+        path, columns=None if columns is None else list(columns))
+    at = table.column_names.index("key") if "key" in table.column_names else -1
+    if at < 0 or not (pa.types.is_string(table.schema.field(at).type)
+                      or pa.types.is_large_string(table.schema.field(at).type)):
+        return table.to_pandas()
+    key = pd.arrays.ArrowStringArray(table.column(at))
+    df = table.remove_column(at).to_pandas()
+    df.insert(at, "key", key)
+    return df
+
+
 def _in_row_order(index: pd.Index, n: int) -> bool:
     """Whether ``index`` is still ``0..n-1`` in order (cheap for the usual RangeIndex)."""
     if isinstance(index, pd.RangeIndex):
@@ -340,7 +357,7 @@ class Store:
 
     def _base_obs(self, columns: list[str] | None = None) -> pd.DataFrame:
         """The extraction's obs rows (only ``columns``, when given: parquet reads no others)."""
-        parts = [pd.read_parquet(p, columns=columns) for p in self._base_files()]
+        parts = [read_keyed_parquet(p, columns) for p in self._base_files()]
         df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
         if len(df) != self.n:
             raise StoreError(f"{self.path}: obs has {len(df)} rows but {self.n} are committed")
@@ -350,7 +367,7 @@ class Store:
         """dtypes of the extraction's obs columns and of the annotation columns (those an
         extraction column shadows left out), read from the parquet footers alone."""
         def dtypes(path: Path) -> pd.Series:
-            return pq.read_schema(path).empty_table().to_pandas().dtypes
+            return read_keyed_parquet(pq.read_schema(path).empty_table()).dtypes
 
         files = self._base_files()
         base = dtypes(files[0]) if files else pd.Series(dtype=object)
@@ -445,7 +462,7 @@ class Store:
         twice = sorted(new.columns[new.columns.duplicated()].unique())
         if twice:
             raise StoreError(f"add_obs: columns {twice} are given more than once")
-        base_cols = set(self._base_obs().columns)
+        base_cols = self.extraction_columns
         clash = base_cols.intersection(new.columns)
         if clash:
             raise StoreError(f"add_obs: {sorted(clash)} are extraction columns and are read-only")
@@ -582,7 +599,7 @@ class Store:
         loop, so it stays fast for millions of rows.
         """
         mine, theirs = self.keys, pd.Index(keys)
-        if mine.equals(theirs):
+        if len(mine) == len(theirs) and bool((mine == theirs).all()):  # any string dtypes
             return np.arange(len(mine), dtype=np.int64)
         codes, uniques = pd.factorize(pd.concat([pd.Series(mine), pd.Series(theirs)],
                                                 ignore_index=True))
@@ -688,7 +705,7 @@ class Store:
         if "key" not in self.obs_dtypes:
             return obs  # a STORE without keys (not made by extract): nothing to add
         keyed = obs.reset_index(drop=True)
-        keyed.insert(0, "key", self.keys.to_numpy())
+        keyed.insert(0, "key", self.keys.array)
         return keyed
 
     def load_run(self, name: str) -> Run:
@@ -700,7 +717,7 @@ class Store:
         except (OSError, ValueError) as e:
             raise StoreError(f"{p / 'run.json'}: unreadable ({e}); rerun the analysis that "
                              f"wrote run {name!r}") from e
-        obs = pd.read_parquet(p / "obs.parquet") if (p / "obs.parquet").is_file() else pd.DataFrame()
+        obs = read_keyed_parquet(p / "obs.parquet") if (p / "obs.parquet").is_file() else pd.DataFrame()
         npz = p / "arrays.npz"
         arrays: Mapping[str, np.ndarray] = RunArrays(npz) if npz.is_file() else {}
         return Run(name, meta, obs, arrays, p)

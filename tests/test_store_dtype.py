@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from test_analysis_support import blobs, make_store
+from test_tasks import _config, _extract  # the same small extraction
 
 import dvtorch
 import probing.extract as ex
@@ -29,7 +30,7 @@ from dvtorch.errors import DvprobeError
 from probing import analysis as pa
 from probing.channels import WGS_CHANNELS, WGS_SHAPE
 from probing.examples import encode_example, write_example_info
-from probing.extract import ExtractConfig, ExtractionInterrupted, extract
+from probing.extract import ExtractConfig, ExtractionInterrupted
 from probing.info import format_info, store_info
 from probing.store import LayerSpec, StoreError, StoreWriter, cast_rows, open_store
 from probing.tfrecord import TFRecordWriter, shard_name
@@ -93,16 +94,6 @@ def data(tmp_path_factory):
             d[name] = _extract(d, root / name, store_dtype=name)
         d["f32"] = d["float32"]
         yield d
-
-
-def _config(data, out, **options) -> ExtractConfig:
-    return ExtractConfig(data["bundle"], data["spec"], out,
-                         **{"layers": LAYERS, "batch_size": 4, "workers": 0, "device": "cpu",
-                            "commit_interval_s": 0, **options})
-
-
-def _extract(data, out, on_batch=None, **options):
-    return extract(_config(data, out, **options), progress=False, on_batch=on_batch)
 
 
 def _stop_after_first_batch(n: int) -> None:

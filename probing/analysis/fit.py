@@ -319,7 +319,7 @@ def keyed_obs(store: Store) -> pd.DataFrame:
     column of obs is read)."""
     obs = pd.DataFrame(index=range(store.n))
     if "key" in store.obs_dtypes.index:
-        obs["key"] = store.keys.to_numpy()
+        obs["key"] = store.keys.array
     return obs
 
 
