@@ -369,3 +369,20 @@ def test_dask_cuda_on_a_real_gpu_gives_the_cpu_clusters(tmp_path):
     assert gpu.arrays["umap"].shape == (40_000, 2) and np.isfinite(gpu.arrays["umap"]).all()
     again = pa.apply(st, "gpu", st, name="gpu-again", backend="dask-cuda")
     np.testing.assert_array_equal(again.run.obs["cluster"], gpu.obs["cluster"])
+
+
+def test_a_second_pass_over_the_same_rows_is_computed_again(store, scheduler):
+    # A standardiser's pass keeps no cross-products; the PCA pass after it over the same
+    # rows must not be handed the first pass's results (Dask reuses a finished task's result
+    # for any task of the same name: the PCA then failed on a missing covariance).
+    from distributed import Client
+
+    with Client(scheduler) as client:
+        passes = dask_backend.DaskPasses(client)
+        make = {"mixed5": lambda blocks: blocks["mixed5"]}
+        first = passes.moments(store, ["mixed5"], None, make, products=False)["mixed5"]
+        again = passes.moments(store, ["mixed5"], None, make, products=True)["mixed5"]
+    one = Moments()
+    one.add(np.asarray(store.layer("mixed5")))
+    assert first.n == again.n == N
+    np.testing.assert_allclose(again.cov(), one.cov(), rtol=1e-9, atol=1e-9)

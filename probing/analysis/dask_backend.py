@@ -30,10 +30,11 @@ saved, so no half run is written. Ctrl-C cancels the run's tasks and closes the 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -228,10 +229,15 @@ class DaskPasses:
     def __init__(self, client) -> None:
         self.client = client
         self._run = uuid.uuid4().hex[:8]
+        self._passes = itertools.count()
         self._layers: dict = {}
 
-    def _key(self, what: str, i: int) -> str:
-        return f"dvprobe-{what}-{self._run}-{i}"
+    def _keys(self, what: str) -> Callable[[int | str], str]:
+        """Task names for one pass over the rows. Every pass gets its own: Dask hands back a
+        finished task's result to any task of the same name, so a standardiser's moments
+        (no cross-products) came back to the PCA pass after it when names were per run."""
+        tag = f"dvprobe-{what}-{self._run}-{next(self._passes)}"
+        return lambda i: f"{tag}-{i}"
 
     def _blocks(self, store: Store, layers: list[str], sel) -> dict:
         """Rows ``sel`` of each layer as dask arrays (read on the worker, by file path)."""
@@ -245,17 +251,17 @@ class DaskPasses:
         import dask
 
         total = store.n if rows is None else len(rows)
+        key = self._keys("moments")
         parts = []
         for i, s in enumerate(range(0, total, TASK_ROWS)):
             sel = slice(s, min(s + TASK_ROWS, total)) if rows is None else rows[s:s + TASK_ROWS]
             parts.append(dask.delayed(block_moments)(self._blocks(store, layers, sel), make,
-                                                     products, dask_key_name=self._key(
-                                                         "moments", i)))
+                                                     products, dask_key_name=key(i)))
         level = 0
         while len(parts) > 1:  # a fixed pairwise tree: the same sums whatever finishes first
             level += 1
-            parts = [dask.delayed(merge_moments)(*parts[j:j + 2], dask_key_name=self._key(
-                f"merge{level}", j)) if j + 1 < len(parts) else parts[j]
+            parts = [dask.delayed(merge_moments)(*parts[j:j + 2], dask_key_name=key(
+                f"merge{level}-{j}")) if j + 1 < len(parts) else parts[j]
                 for j in range(0, len(parts), 2)]
         (moms,) = self._results({0: parts[0]}, "moments", total).values()
         return moms
@@ -265,11 +271,12 @@ class DaskPasses:
         import dask
 
         n = store.n
+        key = self._keys("label")
         tasks = {}
         for i, block in enumerate(task_blocks(n, TASK_ROWS)):
             tasks[block.start] = dask.delayed(block_labels)(
                 self._blocks(store, fm.layers, block), fm, predict, keep,
-                dask_key_name=self._key("label", i))
+                dask_key_name=key(i))
         out = RowOutputs()
         for s, part in self._results(tasks, "label rows", n).items():
             where = slice(s, s + _rows_of(part))
@@ -294,8 +301,9 @@ class DaskPasses:
         model = self.client.scatter(blob, broadcast=True, hash=True)
         parts = umap_chunks(todo)
         name = umap_backend_name(be)
+        key = self._keys("umap")
         tasks = {i: dask.delayed(umap_block)(self._blocks(store, fm.layers, part), fm, name,
-                                             model, dask_key_name=self._key("umap", i))
+                                             model, dask_key_name=key(i))
                  for i, part in enumerate(parts)}
         for i, coords in self._results(tasks, "UMAP transform", len(todo)).items():
             emb[parts[i]] = coords  # by the rows of call i, not by arrival order
