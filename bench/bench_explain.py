@@ -34,14 +34,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test fixtures
 
 import torch  # noqa: E402
+from test_explain import pileups, write_examples  # noqa: E402  (tests/ on sys.path)
 
 import dvtorch  # noqa: E402
 from dvtorch.engine.cpu_features import describe  # noqa: E402
 from probing.ablate import ablate  # noqa: E402
 from probing.explain import DEFAULT_STEPS, explain  # noqa: E402
-from tests.test_explain import pileups, write_examples  # noqa: E402
 
 
 def main() -> None:

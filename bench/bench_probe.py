@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test fixtures
+
+from test_analysis_support import make_store  # noqa: E402  (tests/ on sys.path)
 
 from probing.probe import probe_layers, profile_markdown  # noqa: E402
-from tests.test_analysis_support import make_store  # noqa: E402
 
 
 def main() -> None:
