@@ -516,9 +516,8 @@ def check_name(store: Store, name: str, *, overwrite: bool = False,
     return name
 
 
-def _annotate_intervals(store: Store, iv: Intervals, column: str, by: str,
+def _annotate_intervals(store: Store, obs: pd.DataFrame, iv: Intervals, column: str, by: str,
                         source: str) -> AnnotationResult:
-    obs = _require_obs(store, ["chrom", "pos", "end"])
     qs, qe = _query_window(store, obs, by)
     chrom_obs = obs["chrom"].astype(str).to_numpy()
     mapping, warns = reconcile_chroms(set(iv.chrom), set(chrom_obs), source)
@@ -542,22 +541,26 @@ def _annotate_intervals(store: Store, iv: Intervals, column: str, by: str,
                             len(obs) - n_true, mapping, warns, unplaced)
 
 
-def _chrom_names(store: Store) -> set[str]:
-    return set(_require_obs(store, ["chrom"])["chrom"].astype(str).unique())
+def _interval_obs(store: Store) -> tuple[pd.DataFrame, set[str]]:
+    """The obs columns an interval annotation matches on, read once, and the chromosome
+    names among them (which an indexed file is queried for)."""
+    obs = _require_obs(store, ["chrom", "pos", "end"])
+    return obs, set(obs["chrom"].astype(str).unique())
 
 
 def _write_bed(store: Store, src: Bed, column: str) -> AnnotationResult:
     path = Path(src.path)
-    chroms = _query_names(path, _chrom_names(store))
-    return _annotate_intervals(store, read_bed(path, chroms), column, src.by, f"bed {path}")
+    obs, chroms = _interval_obs(store)
+    iv = read_bed(path, _query_names(path, chroms))
+    return _annotate_intervals(store, obs, iv, column, src.by, f"bed {path}")
 
 
 def _write_rmsk(store: Store, src: RepeatMasker, column: str) -> AnnotationResult:
     path = Path(src.path)
-    chroms = _query_names(path, _chrom_names(store))
+    obs, chroms = _interval_obs(store)
     iv = read_rmsk(path, repeat_class=src.repeat_class, repeat_family=src.repeat_family,
-                   chroms=chroms)
-    return _annotate_intervals(store, iv, column, src.by, f"rmsk {path}")
+                   chroms=_query_names(path, chroms))
+    return _annotate_intervals(store, obs, iv, column, src.by, f"rmsk {path}")
 
 
 def _write_vcf(store: Store, src: Vcf, column: str) -> AnnotationResult:
