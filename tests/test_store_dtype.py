@@ -15,25 +15,21 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pandas as pd
 import pytest
 from test_analysis_support import blobs, make_store
-from test_tasks import _config, _extract  # the same small extraction
+from test_tasks import _config, _examples, _extract, models_built_once
 
 import dvtorch
 import probing.extract as ex
 from dvtorch.errors import DvprobeError
 from probing import analysis as pa
-from probing.channels import WGS_CHANNELS, WGS_SHAPE
-from probing.examples import encode_example, write_example_info
 from probing.extract import ExtractConfig, ExtractionInterrupted
 from probing.info import format_info, store_info
 from probing.store import LayerSpec, StoreError, StoreWriter, cast_rows, open_store
-from probing.tfrecord import TFRecordWriter, shard_name
 
 SHARDS = (6, 4)
 N = sum(SHARDS)
@@ -41,55 +37,14 @@ LAYERS = ["mixed0", "mixed10"]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def _examples(d: Path) -> str:
-    rng = np.random.default_rng(3)
-    h, w, c = WGS_SHAPE
-    base, i = str(d / "ex.tfrecord"), 0
-    for s, size in enumerate(SHARDS):
-        path = shard_name(base, s, len(SHARDS), ".gz")
-        with TFRecordWriter(path, compress=True) as out:
-            for _ in range(size):
-                img = np.zeros((h, w, c), dtype=np.uint8)
-                img[: 12 + 8 * i] = rng.integers(1, 255, size=(12 + 8 * i, w, c),
-                                                 dtype=np.uint8)
-                out.write(encode_example(img, chrom="chr20", start=1000 + 50 * i,
-                                         end=1001 + 50 * i, ref="A", alts=("G",),
-                                         alt_allele_indices=(0,), label=i % 3))
-                i += 1
-        write_example_info(path, WGS_SHAPE, WGS_CHANNELS, "1.6.0")
-    return f"{base}@{len(SHARDS)}.gz"
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The examples, the model, the float32 STORE every other one is compared with, and
     the same extraction stored as float16 and as bfloat16."""
     root = tmp_path_factory.mktemp("store_dtype")
-    d = {"root": root, "spec": _examples(root),
+    d = {"root": root, "spec": _examples(root, SHARDS, seed=3, rows=(12, 8)),
          "bundle": dvtorch.reference_bundle(root / "bundle", seed=0)}
-    engines: dict = {}
-    make_engine, load, layer_specs = ex.make_engine, dvtorch.load, ex._layer_specs
-    models: dict = {}
-
-    def cached_engine(model, layers, pool, **kw):
-        key = (tuple(layers), pool, kw.get("dtype"), kw.get("batch_size"))
-        return engines[key] if key in engines else engines.setdefault(
-            key, make_engine(model, layers, pool, **kw))
-
-    def cached_model(bundle, device="cpu"):
-        key = (str(bundle), device)
-        return models[key] if key in models else models.setdefault(
-            key, load(bundle, device=device))
-
-    def cached_specs(model, shape, layers, pool):
-        key = (tuple(layers), pool)
-        return models[key] if key in models else models.setdefault(
-            key, layer_specs(model, shape, layers, pool))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ex, "make_engine", cached_engine)
-        mp.setattr(dvtorch, "load", cached_model)
-        mp.setattr(ex, "_layer_specs", cached_specs)
+    with models_built_once():
         for name in ("float32", "float16", "bfloat16"):
             d[name] = _extract(d, root / name, store_dtype=name)
         d["f32"] = d["float32"]

@@ -9,10 +9,12 @@ and making them takes seconds per task on a busy 2-core runner.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +46,10 @@ LAYERS = ["mixed0", "mixed10"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _examples(d: Path, sizes=SHARDS) -> str:
-    rng = np.random.default_rng(7)
+def _examples(d: Path, sizes=SHARDS, *, seed: int = 7, rows: tuple[int, int] = (10, 7)) -> str:
+    """Gzipped WGS-shaped shards of ``sizes`` examples; example ``i`` has ``rows[0] + rows[1]
+    * i`` random read rows, so every example differs."""
+    rng = np.random.default_rng(seed)
     h, w, c = WGS_SHAPE
     base, i = str(d / "ex.tfrecord"), 0
     for s, size in enumerate(sizes):
@@ -53,7 +57,8 @@ def _examples(d: Path, sizes=SHARDS) -> str:
         with TFRecordWriter(path, compress=True) as out:
             for _ in range(size):
                 img = np.zeros((h, w, c), dtype=np.uint8)
-                img[: 10 + 7 * i] = rng.integers(1, 255, size=(10 + 7 * i, w, c), dtype=np.uint8)
+                filled = rows[0] + rows[1] * i
+                img[:filled] = rng.integers(1, 255, size=(filled, w, c), dtype=np.uint8)
                 out.write(encode_example(img, chrom="chr20", start=1000 + 50 * i,
                                          end=1001 + 50 * i, ref="A", alts=("G",),
                                          alt_allele_indices=(0,), label=i % 3))
@@ -62,13 +67,13 @@ def _examples(d: Path, sizes=SHARDS) -> str:
     return f"{base}@{len(sizes)}.gz"
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tasks")
-    spec = _examples(root)
-    bundle = dvtorch.reference_bundle(root / "bundle", seed=0)
+@contextlib.contextmanager
+def models_built_once() -> Iterator[None]:
+    """Every extraction inside loads the model, its layer specs and each engine once (a
+    module's many small extractions would otherwise rebuild them each time)."""
     engines: dict = {}
-    make_engine = ex.make_engine
+    models: dict = {}
+    make_engine, load, layer_specs = ex.make_engine, dvtorch.load, ex._layer_specs
 
     def cached_engine(model, layers, pool, **kw):
         key = (tuple(layers), pool, kw.get("dtype"), kw.get("batch_size"))
@@ -76,11 +81,11 @@ def data(tmp_path_factory):
             engines[key] = make_engine(model, layers, pool, **kw)
         return engines[key]
 
-    models: dict = {}
-    load, layer_specs = dvtorch.load, ex._layer_specs
-
     def cached_model(bundle, device="cpu"):
-        return models.setdefault(("model", str(bundle), device), load(bundle, device=device))
+        key = ("model", str(bundle), device)
+        if key not in models:
+            models[key] = load(bundle, device=device)
+        return models[key]
 
     def cached_specs(model, shape, layers, pool):
         key = ("specs", tuple(layers), pool)
@@ -92,7 +97,15 @@ def data(tmp_path_factory):
         mp.setattr(ex, "make_engine", cached_engine)
         mp.setattr(dvtorch, "load", cached_model)
         mp.setattr(ex, "_layer_specs", cached_specs)
-        d = {"root": root, "spec": spec, "bundle": bundle}
+        yield
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    d = {"root": root, "spec": _examples(root),
+         "bundle": dvtorch.reference_bundle(root / "bundle", seed=0)}
+    with models_built_once():
         d["whole"] = _extract(d, root / "whole")
         yield d
 
